@@ -23,7 +23,7 @@ from avface.assets import FACE_LANDMARKER, read_bundle_member
 from avface.errors import ModelFileError
 
 from .base import FaceModel, FaceOutput, FaceParams
-from .lbs import lbs, vertices2landmarks
+from .lbs import lbs
 
 GEOMETRY_MEMBER = "geometry_pipeline_metadata_landmarks.binarypb"
 N_VERTICES = 468
@@ -223,7 +223,7 @@ class CanonicalModel(FaceModel):
         w = np.stack([1.0 - self.weights_jaw, self.weights_jaw], axis=1)
         t = lambda a: torch.as_tensor(a, device=device, dtype=dtype)  # noqa: E731
         self._t_neutral = t(self._neutral)
-        self._t_basis = t(basis.transpose(1, 2, 0))  # (V, 3, E)
+        self._t_basis = t(basis.reshape(len(basis), -1))  # (E, V*3)
         self._t_weights = t(w)
         self._t_joints = t(self.joints_rest)
         self._parents = torch.tensor([-1, 0])
@@ -252,12 +252,11 @@ class CanonicalModel(FaceModel):
         b = params.batch
         shaped = self._t_neutral.expand(b, -1, -1)
         if self.n_expression:
-            shaped = shaped + torch.einsum("be,vke->bvk", params.expression, self._t_basis)
+            shaped = shaped + (params.expression @ self._t_basis).view(b, N_VERTICES, 3)
         pose = torch.stack([params.global_orient, params.jaw_pose], dim=1)
         verts, joints = lbs(shaped, pose, None, self._parents, self._t_weights,
                             joints=self._t_joints.expand(b, -1, -1))
         verts = verts + params.transl[:, None]
         joints = joints + params.transl[:, None]
-        lmk = vertices2landmarks(verts, self._t_faces, torch.as_tensor(self.landmark_faces),
-                                 torch.as_tensor(self.landmark_bary, dtype=verts.dtype))
-        return FaceOutput(verts, lmk, joints)
+        # landmark i is vertex i (one-hot barycentric coordinates), so no gather is needed
+        return FaceOutput(verts, verts, joints)

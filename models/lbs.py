@@ -93,10 +93,10 @@ def lbs(
         pose_feature = (rot_mats[:, 1:] - eye).reshape(batch, -1)  # (B, (J-1)*9)
         shaped = shaped + torch.matmul(pose_feature, posedirs).view(batch, n_verts, 3)
     posed_joints, rel = rigid_transform_chain(rot_mats, joints, parents)
-    # per-vertex transform T[b, v] = sum_j weights[v, j] * rel[b, j]
-    t = torch.einsum("vj,bjmn->bvmn", weights, rel)
-    homo = torch.cat([shaped, torch.ones_like(shaped[..., :1])], dim=-1)[..., None]  # (B, V, 4, 1)
-    verts = torch.matmul(t, homo)[..., :3, 0]
+    # verts[b, v] = sum_j weights[v, j] * (R[b, j] @ shaped[b, v] + t[b, j]); transforming the
+    # points once per joint is far cheaper than forming a 4x4 matrix per vertex.
+    per_joint = torch.einsum("bjmn,bvn->bjvm", rel[:, :, :3, :3], shaped)  # (B, J, V, 3)
+    verts = torch.einsum("vj,bjvm->bvm", weights, per_joint) + torch.einsum("vj,bjm->bvm", weights, rel[:, :, :3, 3])
     return verts, posed_joints
 
 

@@ -1,0 +1,365 @@
+"""Coarse fit: one identity per clip, per-frame head pose, camera, expression and jaw, fitted
+to the tracker's landmarks with temporal smoothness. This is the initialisation that the
+AVFace networks build on.
+
+Frames and axes. The face model lives in its own frame (y up, z towards the viewer). The
+camera sits at the origin of that frame looking down -z, so the world-to-camera rotation is
+F = diag(1, -1, -1) for every frame and camera-frame vertices (OpenCV: x right, y down,
+z forward) are ``v_cam = F @ v_world``. Intrinsics come from an assumed vertical field of view
+(MediaPipe's own geometry pipeline assumes 63 degrees): with a single monocular view, focal
+length and depth trade off, and the fitted 3D shape barely depends on the choice.
+
+Steps (default model):
+1. per frame, a weighted similarity (Procrustes) of the canonical mesh onto the tracker's
+   weak-perspective 3D landmarks, on skull-rigid points only, gives pose and depth;
+2. the clip's neutral identity is the per-vertex median of the rigidly aligned shapes;
+3. jaw rotation per frame by linearised least squares on the jaw-skinned vertices;
+4. an expression basis (at most 50 components) is the PCA of what remains;
+5. a joint refinement of all frames at once minimises perspective reprojection error plus a
+   weak depth term and second-difference smoothness; undetected frames get no data term and
+   are filled from their neighbours (and flagged).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+from scipy.spatial.transform import Rotation
+
+from avface.models.base import FaceModel, FaceParams
+from avface.models.canonical import (
+    LIPS, N_VERTICES, OUTER_EYE_CORNERS, RIGID, CanonicalModel, load_canonical_mesh,
+)
+
+from .arkit import fill_missing
+from .errors import CancelledError, NoFaceError
+from .tracking import Tracking
+
+log = logging.getLogger(__name__)
+
+DEG = 180.0 / math.pi
+WORLD_TO_CAMERA = np.diag([1.0, -1.0, -1.0]).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    """Options of the coarse fit."""
+
+    fov_deg: float = 63.0
+    """Assumed vertical field of view of the camera, degrees."""
+    max_expression: int = 50
+    """Upper bound on the per-clip expression basis size (FLAME uses 50)."""
+    explained_variance: float = 0.999
+    """Keep the fewest expression components that explain this fraction of the variance."""
+    iterations: int = 40
+    """Joint refinement steps (L-BFGS iterations)."""
+    w_depth: float = 0.05
+    """Weight of the tracker's relative depth against 2D reprojection (both in percent of
+    the inter-ocular distance, squared)."""
+    w_smooth_pose: float = 0.5
+    """Second-difference penalty on pose, in degrees and millimetres per frame squared."""
+    w_smooth_expression: float = 0.1
+    """Second-difference penalty on expression coefficients (unit variance over the clip)
+    and jaw (degrees)."""
+    w_expression: float = 1e-3
+    """L2 prior on expression coefficients."""
+
+
+@dataclass
+class CoarseFit:
+    model: FaceModel
+    params: FaceParams  #: (T, ...) detached, float32, CPU
+    intrinsics: np.ndarray  #: (3, 3)
+    filled: np.ndarray  #: (T,) bool: no detection, filled by interpolation
+    explained_variance: float
+    seconds: float
+
+    def world_vertices(self, batch: int = 256) -> np.ndarray:
+        """(T, V, 3) float32 posed vertices in the model/world frame."""
+        out = []
+        T = self.params.batch
+        for s in range(0, T, batch):
+            p = _slice_params(self.params, slice(s, s + batch))
+            with torch.no_grad():
+                out.append(self.model.forward(p).vertices.numpy())
+        return np.concatenate(out) if out else np.zeros((0, self.model.n_vertices, 3), np.float32)
+
+    def camera_vertices(self) -> np.ndarray:
+        """(T, V, 3) float32 vertices in the OpenCV camera frame, metres."""
+        return self.world_vertices() @ WORLD_TO_CAMERA.T
+
+    def projected_landmarks(self) -> np.ndarray:
+        """(T, M, 2) model landmarks projected into the frame, pixels."""
+        with torch.no_grad():
+            lmk = self.model.forward(self.params, full=False).landmarks.numpy()
+        return project(lmk @ WORLD_TO_CAMERA.T, self.intrinsics)
+
+
+def _slice_params(p: FaceParams, s) -> FaceParams:
+    return FaceParams(*(getattr(p, f)[s] for f in p.__dataclass_fields__))
+
+
+def intrinsics_for(width: int, height: int, fov_deg: float) -> np.ndarray:
+    f = (height / 2.0) / math.tan(math.radians(fov_deg) / 2.0)
+    return np.array([[f, 0, width / 2.0], [0, f, height / 2.0], [0, 0, 1]], np.float32)
+
+
+def project(points_cam: np.ndarray, k: np.ndarray) -> np.ndarray:
+    """(..., 3) camera-frame points to (..., 2) pixels."""
+    z = np.maximum(points_cam[..., 2:3], 1e-6)
+    return points_cam[..., :2] / z * np.array([k[0, 0], k[1, 1]]) + np.array([k[0, 2], k[1, 2]])
+
+
+def similarity(src: np.ndarray, dst: np.ndarray, w: np.ndarray | None = None):
+    """Weighted Umeyama: scale s, rotation R, translation t minimising
+    sum w |s R src + t - dst|^2. src, dst: (N, 3)."""
+    w = np.ones(len(src)) if w is None else np.asarray(w, np.float64)
+    w = w / w.sum()
+    mu_s = (w[:, None] * src).sum(0)
+    mu_d = (w[:, None] * dst).sum(0)
+    a = src - mu_s
+    b = dst - mu_d
+    cov = (w[:, None] * b).T @ a
+    u, sig, vt = np.linalg.svd(cov)
+    d = np.sign(np.linalg.det(u @ vt))
+    dmat = np.diag([1.0, 1.0, d])
+    r = u @ dmat @ vt
+    var = (w * (a ** 2).sum(1)).sum()
+    s = float((sig * np.diag(dmat)).sum() / var)
+    t = mu_d - s * r @ mu_s
+    return s, r, t
+
+
+def weak_perspective_points(tracking: Tracking) -> np.ndarray:
+    """(T, 468, 3) tracker landmarks as pixel-unit points oriented like the model frame
+    (x right, y up, z towards the viewer)."""
+    p = tracking.landmarks[:, :N_VERTICES].astype(np.float64)
+    return p * np.array([1.0, -1.0, -1.0])
+
+
+def rigid(src: np.ndarray, dst: np.ndarray, w: np.ndarray):
+    """Weighted Kabsch: R, t minimising sum w |R src + t - dst|^2."""
+    w = w / w.sum()
+    mu_s = (w[:, None] * src).sum(0)
+    mu_d = (w[:, None] * dst).sum(0)
+    cov = (w[:, None] * (dst - mu_d)).T @ (src - mu_s)
+    u, _, vt = np.linalg.svd(cov)
+    d = np.sign(np.linalg.det(u @ vt))
+    r = u @ np.diag([1.0, 1.0, d]) @ vt
+    return r, mu_d - r @ mu_s
+
+
+def backproject(tracking: Tracking, k: np.ndarray, template: np.ndarray, rigid_w: np.ndarray) -> np.ndarray:
+    """(T, 468, 3) metric world-frame points from the tracker's landmarks under camera `k`.
+
+    The scale of a similarity onto the template gives the head's distance (pixels per metre
+    = focal / depth); each landmark then gets its own depth from MediaPipe's relative z, and
+    is back-projected through its pixel, so projecting the points gives the tracker's 2D
+    landmarks exactly.
+    """
+    wp = weak_perspective_points(tracking)
+    out = np.full(wp.shape, np.nan)
+    focal = float(k[0, 0])
+    for i in np.nonzero(tracking.detected)[0]:
+        s, _, _ = similarity(template, wp[i], rigid_w)
+        depth = focal / s + tracking.landmarks[i, :N_VERTICES, 2] / s  # (V,) metres, z grows away
+        u = tracking.landmarks[i, :N_VERTICES, 0]
+        v = tracking.landmarks[i, :N_VERTICES, 1]
+        cam = np.stack([(u - k[0, 2]) * depth / focal, (v - k[1, 2]) * depth / focal, depth], axis=1)
+        out[i] = cam @ WORLD_TO_CAMERA  # camera -> world (F is its own inverse)
+    return out
+
+
+def _initial_alignment(points: np.ndarray, template: np.ndarray, rigid_w: np.ndarray, iterations: int = 3):
+    """Per-frame rigid pose onto an identity re-estimated as the per-vertex median of the
+    aligned shapes. points: (T, V, 3) metric. Returns (neutral (V,3), rotations (T,3,3),
+    translations (T,3), aligned shapes (T,V,3)) with points[t] = R_t aligned[t] + t_t."""
+    neutral = template.astype(np.float64)
+    n = len(points)
+    r = np.zeros((n, 3, 3))
+    t = np.zeros((n, 3))
+    for _ in range(iterations):
+        for i in range(n):
+            r[i], t[i] = rigid(neutral, points[i], rigid_w)
+        # aligned[i] = R_i^T (points_i - t_i)
+        aligned = np.einsum("tji,tvj->tvi", r, points - t[:, None])
+        neutral = np.median(aligned, axis=0)
+    return neutral, r, t, aligned
+
+
+def _jaw_direction(model: CanonicalModel, neutral: np.ndarray) -> np.ndarray:
+    """(V, 3) d(vertices)/d(jaw angle about x) at zero, for the given identity."""
+    j = model.joints_rest[1]
+    axis = np.array([1.0, 0.0, 0.0])
+    return model.weights_jaw[:, None] * np.cross(axis, neutral - j)
+
+
+def fit_default(
+    tracking: Tracking,
+    config: FitConfig = FitConfig(),
+    *,
+    progress: Callable[[float, str], None] | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+) -> CoarseFit:
+    """Fit the embedded default model to a clip's tracking."""
+    t_start = time.perf_counter()
+    det = np.asarray(tracking.detected, bool)
+    if not det.any():
+        raise NoFaceError(
+            "no face was detected in any frame; check that the clip shows a face turned towards the camera, "
+            "large enough (at least about 80 pixels across) and lit"
+        )
+    mesh = load_canonical_mesh()
+    template = mesh.vertices.astype(np.float64)
+    k = intrinsics_for(tracking.width, tracking.height, config.fov_deg)
+    rigid_w = np.full(N_VERTICES, 0.02)
+    rigid_w[list(RIGID)] = 1.0
+    if progress:
+        progress(0.05, "rigid alignment")
+    pts = backproject(tracking, k, template, rigid_w)[det]
+    neutral, r, t, aligned = _initial_alignment(pts, template, rigid_w)
+    if should_cancel is not None and should_cancel():
+        raise CancelledError("cancelled during the fit")
+
+    # Jaw: linearised least squares of the aligned residual on the jaw direction.
+    base_model = CanonicalModel(neutral.astype(np.float32))
+    jdir = _jaw_direction(base_model, neutral)
+    resid = aligned - neutral  # (Td, V, 3)
+    jaw_angle = np.einsum("tvk,vk->t", resid, jdir) / max((jdir ** 2).sum(), 1e-12)
+    with torch.no_grad():
+        p = base_model.zero_params(len(pts), dtype=torch.float64 if False else torch.float32)
+        jaw = torch.zeros(len(pts), 3)
+        jaw[:, 0] = torch.as_tensor(jaw_angle, dtype=torch.float32)
+        p = FaceParams(p.betas, p.expression, p.global_orient, p.neck_pose, jaw, p.leye_pose, p.reye_pose, p.transl)
+        jaw_verts = base_model.forward(p).vertices.numpy().astype(np.float64)
+    resid = aligned - jaw_verts  # what the expression basis must explain
+
+    if progress:
+        progress(0.2, "expression basis")
+    flat = resid.reshape(len(resid), -1)
+    mean = flat.mean(0)
+    neutral = neutral + mean.reshape(N_VERTICES, 3)  # fold the mean expression into the identity
+    centred = flat - mean
+    n_comp = 0
+    explained = 1.0
+    basis = np.zeros((0, N_VERTICES, 3))
+    coeffs = np.zeros((len(resid), 0))
+    if len(resid) >= 2:
+        u, sig, vt = np.linalg.svd(centred, full_matrices=False)
+        var = sig ** 2
+        total = var.sum()
+        if total > 0:
+            cum = np.cumsum(var) / total
+            n_comp = int(min(config.max_expression, np.searchsorted(cum, config.explained_variance) + 1, len(sig)))
+            explained = float(cum[n_comp - 1])
+            # scale components so coefficients have unit variance over the clip
+            scale = sig[:n_comp] / math.sqrt(max(len(resid) - 1, 1))
+            basis = (vt[:n_comp] * scale[:, None]).reshape(n_comp, N_VERTICES, 3)
+            coeffs = u[:, :n_comp] * math.sqrt(max(len(resid) - 1, 1))
+    log.info("expression basis: %d components explain %.4f of the variance", n_comp, explained)
+    model = CanonicalModel(neutral.astype(np.float32), basis.astype(np.float32))
+
+    # Pose: points = R x + t, while LBS rotates about the root joint j0 and then adds transl:
+    # R (x - j0) + j0 + transl, so transl = t + R j0 - j0.
+    n_all = len(det)
+    rot_d = Rotation.from_matrix(r).as_rotvec()
+    j0 = model.joints_rest[0].astype(np.float64)
+    transl_d = t + r @ j0 - j0
+
+    def spread(x):
+        full = np.zeros((n_all,) + x.shape[1:])
+        full[det] = x
+        return fill_missing(full, det)
+
+    rot0, transl0 = spread(rot_d), spread(transl_d)
+    jaw0 = spread(np.stack([jaw_angle, np.zeros_like(jaw_angle), np.zeros_like(jaw_angle)], 1))
+    expr0 = spread(coeffs)
+
+    if progress:
+        progress(0.3, "joint refinement")
+    params = _refine(model, tracking, k, rot0, transl0, jaw0, expr0, det, config, progress, should_cancel)
+    fit = CoarseFit(model, params, k, ~det, explained, time.perf_counter() - t_start)
+    return fit
+
+
+def _second_diff(x: torch.Tensor) -> torch.Tensor:
+    return x[2:] - 2 * x[1:-1] + x[:-2] if len(x) > 2 else x[:0]
+
+
+def _refine(model, tracking, k, rot0, transl0, jaw0, expr0, det, config, progress, should_cancel) -> FaceParams:
+    n = len(det)
+    dt = torch.float32
+    f_cam = torch.as_tensor(WORLD_TO_CAMERA, dtype=dt)
+    kt = torch.as_tensor(k, dtype=dt)
+    target = torch.as_tensor(np.nan_to_num(tracking.landmarks[:, :N_VERTICES]), dtype=dt)  # (T, V, 3) px
+    mask = torch.as_tensor(det, dtype=dt)
+    iod = torch.linalg.norm(target[:, OUTER_EYE_CORNERS[0], :2] - target[:, OUTER_EYE_CORNERS[1], :2], dim=-1)
+    iod = torch.where(mask > 0, iod.clamp(min=1.0), torch.ones_like(iod))
+    lip_w = torch.ones(N_VERTICES, dtype=dt)
+    lip_w[list(LIPS)] = 2.0  # lips matter most for a talking face
+
+    rot = torch.tensor(rot0, dtype=dt, requires_grad=True)
+    transl = torch.tensor(transl0, dtype=dt, requires_grad=True)
+    jaw = torch.tensor(jaw0[:, :1], dtype=dt, requires_grad=True)
+    expr = torch.tensor(expr0, dtype=dt, requires_grad=True)
+    zeros3 = torch.zeros(n, 3, dtype=dt)
+    opt = torch.optim.LBFGS([rot, transl, jaw, expr], lr=1.0, max_iter=config.iterations,
+                            history_size=20, line_search_fn="strong_wolfe", tolerance_grad=1e-9,
+                            tolerance_change=1e-12)
+    n_det = float(mask.sum().clamp(min=1.0))
+    state = {"it": 0}
+
+    def params_now():
+        jaw3 = torch.cat([jaw, torch.zeros(n, 2, dtype=dt)], dim=1)
+        return FaceParams(torch.zeros(n, 0, dtype=dt), expr, rot, zeros3, jaw3, zeros3, zeros3, transl)
+
+    def closure():
+        if should_cancel is not None and should_cancel():
+            raise CancelledError("cancelled during the fit")
+        opt.zero_grad()
+        out = model.forward(params_now(), full=False)
+        cam = out.landmarks @ f_cam.T  # (T, M, 3)
+        z = cam[..., 2:3].clamp(min=1e-3)
+        uv = cam[..., :2] / z * torch.stack([kt[0, 0], kt[1, 1]]) + torch.stack([kt[0, 2], kt[1, 2]])
+        # errors in percent of the inter-ocular distance, so that weights read as NME
+        err2d = (100.0 * (uv - target[..., :2]) / iod[:, None, None]).pow(2).sum(-1)  # (T, M)
+        data = (err2d * lip_w).mean(1)
+        # relative depth: the tracker's z (pixels) against the model's, both centred per frame
+        zc = cam[..., 2] * kt[0, 0] / z[..., 0].mean(1, keepdim=True)
+        zc = zc - zc.mean(1, keepdim=True)
+        tz = target[..., 2] - target[..., 2].mean(1, keepdim=True)
+        depth = (100.0 * (zc - tz) / iod[:, None]).pow(2).mean(1)
+        loss = ((data + config.w_depth * depth) * mask).sum() / n_det
+        # smoothness in degrees and millimetres per frame^2
+        loss = loss + config.w_smooth_pose * (_second_diff(rot * DEG).pow(2).sum() + _second_diff(transl * 1000).pow(2).sum()) / n
+        loss = loss + config.w_smooth_expression * (_second_diff(expr).pow(2).sum() + _second_diff(jaw * DEG).pow(2).sum()) / n
+        loss = loss + config.w_expression * expr.pow(2).sum() / n
+        loss.backward()
+        state["it"] += 1
+        if progress and state["it"] % 10 == 0:
+            progress(0.3 + 0.7 * min(state["it"] / max(config.iterations, 1), 1.0), f"refine {state['it']}")
+        return loss
+
+    opt.step(closure)
+    return params_now().detach()
+
+
+def fit_metrics(fit: CoarseFit, tracking: Tracking) -> dict[str, float]:
+    """NME of all and of the lip landmarks (percent of the inter-ocular distance), on frames
+    the tracker detected."""
+    det = np.asarray(tracking.detected, bool)
+    if not det.any():
+        return {"nme": float("nan"), "nme_lips": float("nan")}
+    pred = fit.projected_landmarks()[det]
+    ids = fit.model.landmark_ids
+    gt = tracking.landmarks[det][:, ids, :2]
+    iod = np.linalg.norm(tracking.landmarks[det][:, OUTER_EYE_CORNERS[0], :2]
+                         - tracking.landmarks[det][:, OUTER_EYE_CORNERS[1], :2], axis=-1)
+    err = np.linalg.norm(pred - gt, axis=-1) / iod[:, None] * 100.0
+    lips = np.isin(ids, LIPS)
+    return {"nme": float(err.mean()), "nme_lips": float(err[:, lips].mean())}
