@@ -43,6 +43,8 @@ from .tracking import Tracking
 log = logging.getLogger(__name__)
 
 DEG = 180.0 / math.pi
+NO_FACE_MESSAGE = ("no face was detected in any frame; check that the clip shows a face turned towards the "
+                   "camera, large enough (at least about 80 pixels across) and lit")
 WORLD_TO_CAMERA = np.diag([1.0, -1.0, -1.0]).astype(np.float32)
 
 
@@ -68,6 +70,8 @@ class FitConfig:
     and jaw (degrees)."""
     w_expression: float = 1e-3
     """L2 prior on expression coefficients."""
+    w_shape: float = 1e-2
+    """L2 prior on identity coefficients (FLAME betas)."""
 
 
 @dataclass
@@ -210,10 +214,7 @@ def fit_default(
     t_start = time.perf_counter()
     det = np.asarray(tracking.detected, bool)
     if not det.any():
-        raise NoFaceError(
-            "no face was detected in any frame; check that the clip shows a face turned towards the camera, "
-            "large enough (at least about 80 pixels across) and lit"
-        )
+        raise NoFaceError(NO_FACE_MESSAGE)
     mesh = load_canonical_mesh()
     template = mesh.vertices.astype(np.float64)
     k = intrinsics_for(tracking.width, tracking.height, config.fov_deg)
@@ -282,7 +283,7 @@ def fit_default(
 
     if progress:
         progress(0.3, "joint refinement")
-    params = _refine(model, tracking, k, rot0, transl0, jaw0, expr0, det, config, progress, should_cancel)
+    params = _refine(model, tracking, k, rot0, transl0, jaw0, expr0, det, config, progress, should_cancel, jaw_dof=1)
     fit = CoarseFit(model, params, k, ~det, explained, time.perf_counter() - t_start)
     return fit
 
@@ -291,32 +292,44 @@ def _second_diff(x: torch.Tensor) -> torch.Tensor:
     return x[2:] - 2 * x[1:-1] + x[:-2] if len(x) > 2 else x[:0]
 
 
-def _refine(model, tracking, k, rot0, transl0, jaw0, expr0, det, config, progress, should_cancel) -> FaceParams:
+def _refine(model, tracking, k, rot0, transl0, jaw0, expr0, det, config, progress, should_cancel, *,
+            jaw_dof: int = 1, n_betas: int = 0, device: str = "cpu", p0: float = 0.3) -> FaceParams:
+    """Joint refinement of all frames at once: perspective reprojection of the model's
+    landmarks onto the tracker's, a weak relative-depth term, second-difference smoothness
+    and priors. Undetected frames have no data term, so smoothness fills them.
+
+    jaw_dof: 1 rotates the jaw about x only (the default model's hinge), 3 is a full
+    ball joint (FLAME). n_betas > 0 fits one identity shared by all frames.
+    """
     n = len(det)
     dt = torch.float32
-    f_cam = torch.as_tensor(WORLD_TO_CAMERA, dtype=dt)
-    kt = torch.as_tensor(k, dtype=dt)
-    target = torch.as_tensor(np.nan_to_num(tracking.landmarks[:, :N_VERTICES]), dtype=dt)  # (T, V, 3) px
-    mask = torch.as_tensor(det, dtype=dt)
-    iod = torch.linalg.norm(target[:, OUTER_EYE_CORNERS[0], :2] - target[:, OUTER_EYE_CORNERS[1], :2], dim=-1)
-    iod = torch.where(mask > 0, iod.clamp(min=1.0), torch.ones_like(iod))
-    lip_w = torch.ones(N_VERTICES, dtype=dt)
-    lip_w[list(LIPS)] = 2.0  # lips matter most for a talking face
+    dev = torch.device(device)
+    f_cam = torch.as_tensor(WORLD_TO_CAMERA, dtype=dt, device=dev)
+    kt = torch.as_tensor(k, dtype=dt, device=dev)
+    ids = np.asarray(model.landmark_ids)
+    target = torch.as_tensor(np.nan_to_num(tracking.landmarks[:, ids]), dtype=dt, device=dev)  # (T, M, 3) px
+    full = np.nan_to_num(tracking.landmarks)
+    mask = torch.as_tensor(det, dtype=dt, device=dev)
+    iod_np = np.linalg.norm(full[:, OUTER_EYE_CORNERS[0], :2] - full[:, OUTER_EYE_CORNERS[1], :2], axis=-1)
+    iod = torch.as_tensor(np.where(det, np.maximum(iod_np, 1.0), 1.0), dtype=dt, device=dev)
+    lip_w = torch.ones(len(ids), dtype=dt, device=dev)
+    lip_w[torch.as_tensor(np.isin(ids, LIPS))] = 2.0  # lips matter most for a talking face
 
-    rot = torch.tensor(rot0, dtype=dt, requires_grad=True)
-    transl = torch.tensor(transl0, dtype=dt, requires_grad=True)
-    jaw = torch.tensor(jaw0[:, :1], dtype=dt, requires_grad=True)
-    expr = torch.tensor(expr0, dtype=dt, requires_grad=True)
-    zeros3 = torch.zeros(n, 3, dtype=dt)
-    opt = torch.optim.LBFGS([rot, transl, jaw, expr], lr=1.0, max_iter=config.iterations,
-                            history_size=20, line_search_fn="strong_wolfe", tolerance_grad=1e-9,
-                            tolerance_change=1e-12)
+    rot = torch.tensor(rot0, dtype=dt, device=dev, requires_grad=True)
+    transl = torch.tensor(transl0, dtype=dt, device=dev, requires_grad=True)
+    jaw = torch.tensor(jaw0[:, :jaw_dof], dtype=dt, device=dev, requires_grad=True)
+    expr = torch.tensor(expr0, dtype=dt, device=dev, requires_grad=True)
+    betas = torch.zeros(1, n_betas, dtype=dt, device=dev, requires_grad=True)
+    zeros3 = torch.zeros(n, 3, dtype=dt, device=dev)
+    variables = [rot, transl, jaw, expr] + ([betas] if n_betas else [])
+    opt = torch.optim.LBFGS(variables, lr=1.0, max_iter=config.iterations, history_size=20,
+                            line_search_fn="strong_wolfe", tolerance_grad=1e-9, tolerance_change=1e-12)
     n_det = float(mask.sum().clamp(min=1.0))
     state = {"it": 0}
 
     def params_now():
-        jaw3 = torch.cat([jaw, torch.zeros(n, 2, dtype=dt)], dim=1)
-        return FaceParams(torch.zeros(n, 0, dtype=dt), expr, rot, zeros3, jaw3, zeros3, zeros3, transl)
+        jaw3 = torch.cat([jaw, torch.zeros(n, 3 - jaw_dof, dtype=dt, device=dev)], dim=1)
+        return FaceParams(betas.expand(n, -1), expr, rot, zeros3, jaw3, zeros3, zeros3, transl)
 
     def closure():
         if should_cancel is not None and should_cancel():
@@ -339,14 +352,66 @@ def _refine(model, tracking, k, rot0, transl0, jaw0, expr0, det, config, progres
         loss = loss + config.w_smooth_pose * (_second_diff(rot * DEG).pow(2).sum() + _second_diff(transl * 1000).pow(2).sum()) / n
         loss = loss + config.w_smooth_expression * (_second_diff(expr).pow(2).sum() + _second_diff(jaw * DEG).pow(2).sum()) / n
         loss = loss + config.w_expression * expr.pow(2).sum() / n
+        if n_betas:
+            loss = loss + config.w_shape * betas.pow(2).sum()
         loss.backward()
         state["it"] += 1
-        if progress and state["it"] % 10 == 0:
-            progress(0.3 + 0.7 * min(state["it"] / max(config.iterations, 1), 1.0), f"refine {state['it']}")
+        if progress and state["it"] % 5 == 0:
+            progress(p0 + (1 - p0) * min(state["it"] / max(config.iterations, 1), 1.0), f"refine {state['it']}")
         return loss
 
-    opt.step(closure)
-    return params_now().detach()
+    # The problem is many tiny tensors: on a CPU, one thread beats several (no hand-offs),
+    # and it stays fast when other processes load the cores.
+    threads = torch.get_num_threads()
+    if dev.type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        opt.step(closure)
+    finally:
+        torch.set_num_threads(threads)
+    return params_now().detach().to("cpu")
+
+
+def fit_model(
+    model: FaceModel,
+    tracking: Tracking,
+    config: FitConfig = FitConfig(),
+    *,
+    device: str = "cpu",
+    progress: Callable[[float, str], None] | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+) -> CoarseFit:
+    """Fit a fixed-basis model (FLAME) to a clip: identity (betas) shared by the clip,
+    per-frame expression, jaw, head pose and translation."""
+    t_start = time.perf_counter()
+    det = np.asarray(tracking.detected, bool)
+    if not det.any():
+        raise NoFaceError(NO_FACE_MESSAGE)
+    mesh = load_canonical_mesh()
+    k = intrinsics_for(tracking.width, tracking.height, config.fov_deg)
+    rigid_w = np.full(N_VERTICES, 0.02)
+    rigid_w[list(RIGID)] = 1.0
+    if progress:
+        progress(0.05, "rigid alignment")
+    pts = backproject(tracking, k, mesh.vertices.astype(np.float64), rigid_w)
+    ids = np.asarray(model.landmark_ids)
+    with torch.no_grad():
+        rest = model.forward(model.zero_params(1), full=False).landmarks[0].numpy().astype(np.float64)
+    w = np.where(np.isin(ids, RIGID), 1.0, 0.1)
+    n_all = len(det)
+    rot = np.zeros((n_all, 3))
+    transl = np.zeros((n_all, 3))
+    j0 = model.rest_joints()[0].astype(np.float64)
+    for i in np.nonzero(det)[0]:
+        r, t = rigid(rest, pts[i, ids], w)
+        rot[i] = Rotation.from_matrix(r).as_rotvec()
+        transl[i] = t + r @ j0 - j0
+    rot, transl = fill_missing(np.where(det[:, None], rot, 0), det), fill_missing(np.where(det[:, None], transl, 0), det)
+    if progress:
+        progress(0.1, "joint refinement")
+    params = _refine(model, tracking, k, rot, transl, np.zeros((n_all, 3)), np.zeros((n_all, model.n_expression)),
+                     det, config, progress, should_cancel, jaw_dof=3, n_betas=model.n_shape, device=device, p0=0.1)
+    return CoarseFit(model, params, k, ~det, float("nan"), time.perf_counter() - t_start)
 
 
 def fit_metrics(fit: CoarseFit, tracking: Tracking) -> dict[str, float]:

@@ -66,6 +66,10 @@ class FaceModel(abc.ABC):
     landmark_ids: np.ndarray  #: (M,) MediaPipe landmark index of each embedded landmark
     landmark_faces: np.ndarray  #: (M,) triangle index
     landmark_bary: np.ndarray  #: (M, 3) barycentric coordinates
+    #: the skeleton the add-on builds bones from
+    joint_names: tuple  #: (J,)
+    parents: np.ndarray  #: (J,) parent index, -1 for the root
+    skin_weights: np.ndarray  #: (V, J)
 
     @property
     @abc.abstractmethod
@@ -91,6 +95,10 @@ class FaceModel(abc.ABC):
     @abc.abstractmethod
     def expression_basis(self) -> np.ndarray:
         """(E, V, 3) offsets per unit expression coefficient (for shape keys)."""
+
+    @abc.abstractmethod
+    def rest_joints(self, betas: torch.Tensor | None = None) -> np.ndarray:
+        """(J, 3) joint locations of the identity at rest."""
 
     def zero_params(self, batch: int, *, device="cpu", dtype=torch.float32) -> FaceParams:
         return FaceParams.zeros(batch, self.n_shape, self.n_expression, device=device, dtype=dtype)

@@ -191,6 +191,8 @@ class CanonicalModel(FaceModel):
     """
 
     name = "mediapipe_canonical"
+    joint_names = ("root", "jaw")
+    parents = np.array([-1, 0])
 
     def __init__(self, neutral: np.ndarray | None = None, basis: np.ndarray | None = None,
                  *, device="cpu", dtype=torch.float32):
@@ -221,9 +223,10 @@ class CanonicalModel(FaceModel):
         self.weights_jaw = jaw_weights(mesh)
         self.joints_rest = joint_locations(mesh)
         w = np.stack([1.0 - self.weights_jaw, self.weights_jaw], axis=1)
+        self.skin_weights = w.astype(np.float32)  #: (V, 2), for the add-on's bones
         t = lambda a: torch.as_tensor(a, device=device, dtype=dtype)  # noqa: E731
         self._t_neutral = t(self._neutral)
-        self._t_basis = t(basis.reshape(len(basis), -1))  # (E, V*3)
+        self._t_basis = t(basis.reshape(len(basis), N_VERTICES * 3))  # (E, V*3); -1 fails for E = 0
         self._t_weights = t(w)
         self._t_joints = t(self.joints_rest)
         self._parents = torch.tensor([-1, 0])
@@ -246,6 +249,9 @@ class CanonicalModel(FaceModel):
 
     def expression_basis(self) -> np.ndarray:
         return self._basis.copy()
+
+    def rest_joints(self, betas=None) -> np.ndarray:
+        return self.joints_rest.copy()
 
     def forward(self, params: FaceParams, *, full: bool = True) -> FaceOutput:
         # Every vertex is a landmark here, so `full` changes nothing: the subset is the mesh.

@@ -1,0 +1,179 @@
+"""The `avface` command line."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from . import __version__
+from .errors import AVFaceError, InputError
+
+log = logging.getLogger("avface")
+
+
+class StageBars:
+    """One tqdm progress bar per stage, on stderr."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+        self.stage = None
+        self.bar = None
+
+    def __call__(self, stage: str, fraction: float, message: str = "") -> None:
+        if not self.enabled:
+            return
+        from tqdm import tqdm
+
+        if stage != self.stage:
+            self.close()
+            self.stage = stage
+            self.bar = tqdm(total=100, desc=f"{stage:>9}", unit="%", file=sys.stderr, leave=True,
+                            bar_format="{desc} |{bar}| {n:3.0f}% {elapsed} {postfix}")
+        target = int(round(100 * min(max(fraction, 0.0), 1.0)))
+        if target > self.bar.n:
+            self.bar.update(target - self.bar.n)
+        if message:
+            self.bar.set_postfix_str(message, refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _options_from_args(args):
+    from .pipeline import ReconstructOptions
+
+    overrides = dict(
+        model=args.model, flame_dir=args.flame_dir, audio=args.audio, transcript=args.transcript,
+        device=args.device, frame_start=args.start, frame_end=args.end, preview=args.preview or None,
+        write_vertices=False if args.no_vertices else None, fov_deg=args.fov, cache_dir=args.cache_dir,
+    )
+    if args.config:
+        return ReconstructOptions.from_yaml(Path(args.config), **overrides)
+    return ReconstructOptions.from_dict({k: v for k, v in overrides.items() if v is not None})
+
+
+def cmd_reconstruct(args) -> int:
+    from .pipeline import reconstruct
+    from .result import load_result, summary
+
+    options = _options_from_args(args)
+    out = Path(args.output)
+    bars = StageBars(not args.quiet)
+    t0 = time.perf_counter()
+    try:
+        path = reconstruct(Path(args.video), out, options, progress=bars)
+    finally:
+        bars.close()
+    print(summary(load_result(path)))
+    print(f"wrote {path} in {time.perf_counter() - t0:.1f} s" + (f" and {out / 'preview.mp4'}" if options.preview else ""))
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from .result import load_result, summary
+
+    print(summary(load_result(Path(args.result))))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    return run_demo(Path(args.output), seed=args.seed, duration_s=args.duration, preview=not args.no_preview,
+                    progress=StageBars(not args.quiet))
+
+
+def cmd_models(args) -> int:
+    from .pipeline import available_models
+
+    models = available_models(args.flame_dir)
+    for name, st in models.items():
+        print(f"{name:8s} {'available' if st['available'] else 'not available'}" + (f": {st['reason']}" if st["reason"] else ""))
+    if args.check:
+        from .assets import FACE_LANDMARKER, HAND_LANDMARKER, locate
+
+        for asset in (FACE_LANDMARKER, HAND_LANDMARKER):
+            print(f"{asset.name:22s} ok ({locate(asset)})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="avface", description="Audio-visual 4D face reconstruction for Blender (AVFace).")
+    p.add_argument("--version", action="version", version=f"avface {__version__}")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    r = sub.add_parser("reconstruct", help="reconstruct a talking face from a video and its speech")
+    r.add_argument("video", help="the video file (its own audio track is used unless --audio is given)")
+    r.add_argument("-o", "--output", default="out", help="output folder (default: ./out)")
+    r.add_argument("--model", choices=("default", "flame"), default=None, help="face model (default: the embedded canonical face)")
+    r.add_argument("--flame-dir", help="folder with FLAME's generic_model.pkl or flame2023.pkl and mediapipe_landmark_embedding.npz")
+    r.add_argument("--audio", help="a separate audio file (wav, mp3, or any media file with audio)")
+    r.add_argument("--transcript", help="a text file with what is said: forced alignment instead of phone recognition")
+    r.add_argument("--device", choices=("cpu", "cuda"), default=None)
+    r.add_argument("--start", type=int, help="first frame (default 0)")
+    r.add_argument("--end", type=int, help="frame after the last one (default: the end)")
+    r.add_argument("--preview", action="store_true", help="also write preview.mp4, the mesh over the frames with the audio")
+    r.add_argument("--no-vertices", action="store_true", help="do not store the per-frame mesh in result.npz")
+    r.add_argument("--fov", type=float, help="vertical field of view of the camera in degrees")
+    r.add_argument("--config", help="YAML file of options (command-line flags override it)")
+    r.add_argument("--cache-dir", help="tracking cache folder (default ~/.cache/avface)")
+    r.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    r.set_defaults(func=cmd_reconstruct)
+
+    i = sub.add_parser("inspect", help="validate a result.npz and print a summary")
+    i.add_argument("result")
+    i.set_defaults(func=cmd_inspect)
+
+    d = sub.add_parser("demo", help="make a synthetic talking-face clip with ground truth, reconstruct it, print the 3D error")
+    d.add_argument("-o", "--output", default="out/demo")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--duration", type=float, default=6.0, help="seconds of speech")
+    d.add_argument("--no-preview", action="store_true")
+    d.add_argument("-q", "--quiet", action="store_true")
+    d.set_defaults(func=cmd_demo)
+
+    m = sub.add_parser("models", help="list the face models this backend can run")
+    m.add_argument("--flame-dir")
+    m.add_argument("--check", action="store_true", help="also verify the pretrained MediaPipe files (exit 5 if damaged)")
+    m.set_defaults(func=cmd_models)
+
+    try:
+        from .service import cli as service_cli
+    except ImportError as e:  # pragma: no cover - the service is part of the package
+        log.debug("service commands unavailable: %s", e)
+    else:
+        service_cli.register(sub)
+    return p
+
+
+def main(argv=None) -> int:
+    # MediaPipe's native code logs through glog; keep its start-up chatter off the terminal.
+    os.environ.setdefault("GLOG_minloglevel", "2")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.WARNING - 10 * min(args.verbose, 2)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except AVFaceError as e:
+        print(f"avface: error [{e.code}]: {e}", file=sys.stderr)
+        if e.detail and args.verbose:
+            print(e.detail, file=sys.stderr)
+        return e.exit_status
+    except KeyboardInterrupt:
+        print("avface: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
