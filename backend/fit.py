@@ -33,7 +33,7 @@ from scipy.spatial.transform import Rotation
 
 from avface.models.base import FaceModel, FaceParams
 from avface.models.canonical import (
-    LIPS, N_VERTICES, OUTER_EYE_CORNERS, RIGID, CanonicalModel, load_canonical_mesh,
+    LIPS, N_VERTICES, OUTER_EYE_CORNERS, RIGID, CanonicalModel, load_canonical_mesh, lower_face_ids,
 )
 
 from .arkit import fill_missing
@@ -72,6 +72,10 @@ class FitConfig:
     """L2 prior on expression coefficients."""
     w_shape: float = 1e-2
     """L2 prior on identity coefficients (FLAME betas)."""
+    use_visual_confidence: bool = True
+    """Weight the lower-face landmarks of each frame by the mouth's visual confidence, so
+    that occluded spans are filled from their visible neighbours instead of fitted to a
+    tracker that is guessing."""
 
 
 @dataclass
@@ -196,6 +200,16 @@ def _initial_alignment(points: np.ndarray, template: np.ndarray, rigid_w: np.nda
     return neutral, r, t, aligned
 
 
+def _mouth_confidence(mouth_conf, det: np.ndarray, config: FitConfig) -> np.ndarray:
+    """(T,) confidence in the mouth's landmarks, 0 where nothing was detected."""
+    if mouth_conf is None or not config.use_visual_confidence:
+        return det.astype(np.float64)
+    mouth_conf = np.asarray(mouth_conf, np.float64)
+    if mouth_conf.shape != det.shape:
+        raise ValueError(f"expected ({len(det)},) mouth confidences, got {mouth_conf.shape}")
+    return np.where(det, np.clip(mouth_conf, 0.0, 1.0), 0.0)
+
+
 def _jaw_direction(model: CanonicalModel, neutral: np.ndarray) -> np.ndarray:
     """(V, 3) d(vertices)/d(jaw angle about x) at zero, for the given identity."""
     j = model.joints_rest[1]
@@ -207,6 +221,7 @@ def fit_default(
     tracking: Tracking,
     config: FitConfig = FitConfig(),
     *,
+    mouth_conf: np.ndarray | None = None,
     progress: Callable[[float, str], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
 ) -> CoarseFit:
@@ -224,6 +239,11 @@ def fit_default(
         progress(0.05, "rigid alignment")
     pts = backproject(tracking, k, template, rigid_w)[det]
     neutral, r, t, aligned = _initial_alignment(pts, template, rigid_w)
+    conf = _mouth_confidence(mouth_conf, det, config)
+    # frames whose mouth is seen: they alone shape the expression basis
+    seen = (conf >= 0.5)[det]
+    if seen.sum() < 2:
+        seen = np.ones(len(pts), bool)
     if should_cancel is not None and should_cancel():
         raise CancelledError("cancelled during the fit")
 
@@ -251,7 +271,9 @@ def fit_default(
     basis = np.zeros((0, N_VERTICES, 3))
     coeffs = np.zeros((len(resid), 0))
     if len(resid) >= 2:
-        u, sig, vt = np.linalg.svd(centred, full_matrices=False)
+        # basis from the frames whose mouth is seen; coefficients of all frames by projection
+        _, sig, vt = np.linalg.svd(centred[seen], full_matrices=False)
+        u = centred @ vt.T / np.maximum(sig, 1e-12)
         var = sig ** 2
         total = var.sum()
         if total > 0:
@@ -259,9 +281,10 @@ def fit_default(
             n_comp = int(min(config.max_expression, np.searchsorted(cum, config.explained_variance) + 1, len(sig)))
             explained = float(cum[n_comp - 1])
             # scale components so coefficients have unit variance over the clip
-            scale = sig[:n_comp] / math.sqrt(max(len(resid) - 1, 1))
+            dof = math.sqrt(max(int(seen.sum()) - 1, 1))
+            scale = sig[:n_comp] / dof
             basis = (vt[:n_comp] * scale[:, None]).reshape(n_comp, N_VERTICES, 3)
-            coeffs = u[:, :n_comp] * math.sqrt(max(len(resid) - 1, 1))
+            coeffs = u[:, :n_comp] * dof
     log.info("expression basis: %d components explain %.4f of the variance", n_comp, explained)
     model = CanonicalModel(neutral.astype(np.float32), basis.astype(np.float32))
 
@@ -277,13 +300,20 @@ def fit_default(
         full[det] = x
         return fill_missing(full, det)
 
+    def spread_seen(x):
+        full = np.zeros((n_all,) + x.shape[1:])
+        full[det] = x
+        return fill_missing(full, conf >= 0.5)
+
     rot0, transl0 = spread(rot_d), spread(transl_d)
-    jaw0 = spread(np.stack([jaw_angle, np.zeros_like(jaw_angle), np.zeros_like(jaw_angle)], 1))
-    expr0 = spread(coeffs)
+    # the mouth of an occluded frame starts from its visible neighbours, not from the guess
+    jaw0 = spread_seen(np.stack([jaw_angle, np.zeros_like(jaw_angle), np.zeros_like(jaw_angle)], 1))
+    expr0 = spread_seen(coeffs)
 
     if progress:
         progress(0.3, "joint refinement")
-    params = _refine(model, tracking, k, rot0, transl0, jaw0, expr0, det, config, progress, should_cancel, jaw_dof=1)
+    params = _refine(model, tracking, k, rot0, transl0, jaw0, expr0, det, config, progress, should_cancel,
+                     jaw_dof=1, mouth_conf=conf)
     fit = CoarseFit(model, params, k, ~det, explained, time.perf_counter() - t_start)
     return fit
 
@@ -293,7 +323,8 @@ def _second_diff(x: torch.Tensor) -> torch.Tensor:
 
 
 def _refine(model, tracking, k, rot0, transl0, jaw0, expr0, det, config, progress, should_cancel, *,
-            jaw_dof: int = 1, n_betas: int = 0, device: str = "cpu", p0: float = 0.3) -> FaceParams:
+            jaw_dof: int = 1, n_betas: int = 0, device: str = "cpu", p0: float = 0.3,
+            mouth_conf: np.ndarray | None = None) -> FaceParams:
     """Joint refinement of all frames at once: perspective reprojection of the model's
     landmarks onto the tracker's, a weak relative-depth term, second-difference smoothness
     and priors. Undetected frames have no data term, so smoothness fills them.
@@ -312,8 +343,12 @@ def _refine(model, tracking, k, rot0, transl0, jaw0, expr0, det, config, progres
     mask = torch.as_tensor(det, dtype=dt, device=dev)
     iod_np = np.linalg.norm(full[:, OUTER_EYE_CORNERS[0], :2] - full[:, OUTER_EYE_CORNERS[1], :2], axis=-1)
     iod = torch.as_tensor(np.where(det, np.maximum(iod_np, 1.0), 1.0), dtype=dt, device=dev)
-    lip_w = torch.ones(len(ids), dtype=dt, device=dev)
-    lip_w[torch.as_tensor(np.isin(ids, LIPS))] = 2.0  # lips matter most for a talking face
+    lip_w = np.where(np.isin(ids, LIPS), 2.0, 1.0)  # lips matter most for a talking face
+    # (T, M) landmark weights: the lower face of a frame counts as much as its mouth is seen
+    conf = np.ones(n) if mouth_conf is None else np.asarray(mouth_conf, np.float64)
+    lower = np.isin(ids, lower_face_ids())
+    weights = np.where(lower[None, :], conf[:, None], 1.0) * lip_w[None, :]
+    lmk_w = torch.as_tensor(weights, dtype=dt, device=dev)
 
     rot = torch.tensor(rot0, dtype=dt, device=dev, requires_grad=True)
     transl = torch.tensor(transl0, dtype=dt, device=dev, requires_grad=True)
@@ -341,7 +376,7 @@ def _refine(model, tracking, k, rot0, transl0, jaw0, expr0, det, config, progres
         uv = cam[..., :2] / z * torch.stack([kt[0, 0], kt[1, 1]]) + torch.stack([kt[0, 2], kt[1, 2]])
         # errors in percent of the inter-ocular distance, so that weights read as NME
         err2d = (100.0 * (uv - target[..., :2]) / iod[:, None, None]).pow(2).sum(-1)  # (T, M)
-        data = (err2d * lip_w).mean(1)
+        data = (err2d * lmk_w).mean(1)
         # relative depth: the tracker's z (pixels) against the model's, both centred per frame
         zc = cam[..., 2] * kt[0, 0] / z[..., 0].mean(1, keepdim=True)
         zc = zc - zc.mean(1, keepdim=True)
@@ -378,6 +413,7 @@ def fit_model(
     config: FitConfig = FitConfig(),
     *,
     device: str = "cpu",
+    mouth_conf: np.ndarray | None = None,
     progress: Callable[[float, str], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
 ) -> CoarseFit:
@@ -410,7 +446,8 @@ def fit_model(
     if progress:
         progress(0.1, "joint refinement")
     params = _refine(model, tracking, k, rot, transl, np.zeros((n_all, 3)), np.zeros((n_all, model.n_expression)),
-                     det, config, progress, should_cancel, jaw_dof=3, n_betas=model.n_shape, device=device, p0=0.1)
+                     det, config, progress, should_cancel, jaw_dof=3, n_betas=model.n_shape, device=device, p0=0.1,
+                     mouth_conf=_mouth_confidence(mouth_conf, det, config))
     return CoarseFit(model, params, k, ~det, float("nan"), time.perf_counter() - t_start)
 
 

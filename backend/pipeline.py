@@ -139,12 +139,42 @@ def _load_model(options: ReconstructOptions):
     return None
 
 
+def appearance_anomaly(tracking: Tracking) -> np.ndarray:
+    """(T,) how unlike its usual self the lower face looks in each frame, in units of its own
+    typical variation (about 1 on ordinary frames; 0 where no face).
+
+    Colours under the outer-lip, chin and lower-cheek landmarks are compared in Lab with the
+    clip's per-landmark median, after removing each frame's global colour shift measured on
+    the skull-rigid upper-face points (lighting and white balance change both alike; a hand
+    or a microphone over the mouth changes only the lower face).
+    """
+    import cv2
+
+    from avface.models.canonical import LIPS_LOWER_INNER, LIPS_UPPER_INNER, RIGID, lower_face_ids
+
+    det = np.asarray(tracking.detected, bool)
+    score = np.zeros(len(det))
+    if det.sum() < 5 or not hasattr(tracking, "colors"):
+        return score
+    lab = cv2.cvtColor(tracking.colors[det].astype(np.float32).reshape(-1, 1, 3) / 255.0,
+                       cv2.COLOR_RGB2LAB).reshape(-1, 468, 3)
+    lower = np.array([i for i in lower_face_ids() if i not in set(LIPS_UPPER_INNER + LIPS_LOWER_INNER)])
+    ref = np.array([i for i in RIGID if i not in set(lower)])
+    d = lab - np.median(lab, axis=0)  # (Td, 468, 3)
+    d = d - d[:, ref].mean(axis=1, keepdims=True)  # global colour shift of the frame
+    dist = np.linalg.norm(d[:, lower], axis=-1)  # (Td, L)
+    typical = np.median(dist, axis=0) + 2.0  # Lab units; the floor keeps flat regions from exploding
+    score[det] = np.median(dist / typical, axis=1)
+    return score
+
+
 def visual_confidence(tracking: Tracking) -> tuple[np.ndarray, np.ndarray]:
     """Per-frame confidence of the video evidence for the mouth, and an occluded flag.
 
-    Evidence: no detection (0); a hand over the mouth (1 - the covered fraction of the lip
-    landmarks); lip landmarks that jump against their temporal neighbours (a tracker
-    that lost the mouth), measured in inter-ocular distances.
+    Evidence (DESIGN.md section 3): no detection (0); a hand over the mouth (1 - the
+    covered fraction of the lip landmarks); lip landmarks that jump against their temporal
+    neighbours (a tracker that lost the mouth), in inter-ocular distances; and an
+    appearance anomaly of the lower face (an object over the mouth).
     """
     from avface.models.canonical import LIPS, OUTER_EYE_CORNERS
 
@@ -162,8 +192,16 @@ def visual_confidence(tracking: Tracking) -> tuple[np.ndarray, np.ndarray]:
         jump[1:-1] = np.where(ok, dev, 0.0)
         # 5 % of the IOD off the neighbours' midpoint for the whole mouth is not speech
         conf *= np.clip(1.0 - (np.nan_to_num(jump) - 0.05) / 0.10, 0.0, 1.0)
+    anomaly = appearance_anomaly(tracking)
+    conf *= np.clip(1.0 - (anomaly - ANOMALY_ONSET) / ANOMALY_RANGE, 0.0, 1.0)
     conf = np.clip(conf, 0.0, 1.0).astype(np.float32)
     return conf, conf < 0.5
+
+
+#: Lower-face appearance anomaly (in typical deviations) where confidence starts to drop,
+#: and how much more takes it to zero.
+ANOMALY_ONSET = 2.0
+ANOMALY_RANGE = 2.0
 
 
 def reconstruct(
@@ -237,18 +275,19 @@ def reconstruct(
         else:
             log.warning("%s has no audio track and no --audio was given: reconstructing from video only", video)
 
+    conf, occluded = visual_confidence(tracking)
     with timed("fit"):
         fit_cfg = options.fit if options.fov_deg is None else dataclasses.replace(options.fit, fov_deg=options.fov_deg)
         if model is None:
-            fit = fit_default(tracking, fit_cfg, progress=lambda f, m: report("fit", f, m), should_cancel=should_cancel)
+            fit = fit_default(tracking, fit_cfg, mouth_conf=conf, progress=lambda f, m: report("fit", f, m),
+                              should_cancel=should_cancel)
         else:
-            fit = fit_model(model, tracking, fit_cfg, device=options.device,
+            fit = fit_model(model, tracking, fit_cfg, device=options.device, mouth_conf=conf,
                             progress=lambda f, m: report("fit", f, m), should_cancel=should_cancel)
         metrics = fit_metrics(fit, tracking)
     log.info("coarse fit: NME %.2f %% (lips %.2f %%) of the inter-ocular distance", metrics["nme"], metrics["nme_lips"])
 
     with timed("export"):
-        conf, occluded = visual_confidence(tracking)
         occluded = occluded | fit.filled
         arkit = arkit_curves(tracking.blendshapes, tracking.blendshape_names, ~occluded, info.fps)
         activity = features.activity if features is not None else np.zeros(n, np.float32)

@@ -28,7 +28,7 @@ N_BLENDSHAPES = 52
 N_HAND_LANDMARKS = 21
 MAX_HANDS = 2
 #: Bumped whenever what is cached changes meaning.
-TRACKER_VERSION = 1
+TRACKER_VERSION = 2
 #: Regions whose hand cover is measured: MediaPipe landmark ids per region.
 REGIONS = ("mouth", "eyes", "face")
 
@@ -60,6 +60,7 @@ class Tracking:
     detected: np.ndarray  #: (T,) bool
     hands: np.ndarray  #: (T, 2, 21, 2) float32 pixels; NaN where no hand
     hand_cover: np.ndarray  #: (T, 3) fraction of the mouth / eyes / face landmarks under a hand
+    colors: np.ndarray  #: (T, 468, 3) uint8 RGB of the (lightly blurred) frame at each landmark; 0 where no face
     fps: float
     width: int
     height: int
@@ -89,6 +90,19 @@ class Tracking:
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("AVFACE_CACHE_DIR", Path.home() / ".cache" / "avface")) / "tracking"
+
+
+def sample_colors(frame: np.ndarray, points: np.ndarray, radius_px: int = 2) -> np.ndarray:
+    """(N, 3) uint8 mean colour of a small box around each 2D point (N, 2) of an RGB frame:
+    the appearance evidence for occlusion (a hand or an object over the mouth changes the
+    colour under the lip and chin landmarks even when the tracker keeps drawing a mouth)."""
+    import cv2
+
+    h, w = frame.shape[:2]
+    k = 2 * radius_px + 1
+    blurred = cv2.blur(frame, (k, k))
+    xy = np.clip(np.round(np.nan_to_num(points)).astype(int), 0, [w - 1, h - 1])
+    return blurred[xy[:, 1], xy[:, 0]]
 
 
 def _region_ids() -> dict[str, np.ndarray]:
@@ -201,6 +215,7 @@ def track(
     det = np.zeros(n, bool)
     hands = np.full((n, MAX_HANDS, N_HAND_LANDMARKS, 2), np.nan, np.float32)
     cover = np.zeros((n, len(REGIONS)), np.float32)
+    colors = np.zeros((n, 468, 3), np.uint8)
     names: tuple = ()
     regions = _region_ids()
     lm = _Landmarkers(config)
@@ -226,6 +241,7 @@ def track(
                     bs[i] = [c.score for c in cats]
                     if not names:
                         names = tuple(c.category_name for c in cats)
+                colors[i] = sample_colors(frame, lmk[i, :468, :2])
                 if res.facial_transformation_matrixes:
                     tf[i] = np.asarray(res.facial_transformation_matrixes[0], np.float32)
             if lm.hand is not None:
@@ -247,7 +263,7 @@ def track(
         log.warning("video delivered %d of %d expected frames; the rest are treated as missing", got, n)
     if not names:
         names = _BLENDSHAPE_NAMES
-    out = Tracking(lmk[:got], bs[:got], names, tf[:got], det[:got], hands[:got], cover[:got],
+    out = Tracking(lmk[:got], bs[:got], names, tf[:got], det[:got], hands[:got], cover[:got], colors[:got],
                    float(info.fps), w, h, start, time.perf_counter() - t0)
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)

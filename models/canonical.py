@@ -173,6 +173,13 @@ def jaw_weights(mesh: CanonicalMesh) -> np.ndarray:
     return harmonic_weights(mesh.faces, len(y), ones, zeros).astype(np.float32)
 
 
+@lru_cache(maxsize=1)
+def lower_face_ids(threshold: float = 0.05) -> tuple[int, ...]:
+    """Vertices that move with the jaw or are lips: what a hand over the mouth hides."""
+    w = jaw_weights(load_canonical_mesh())
+    return tuple(sorted(set(np.nonzero(w > threshold)[0].tolist()) | set(LIPS)))
+
+
 def joint_locations(mesh: CanonicalMesh) -> np.ndarray:
     """(2, 3) rest locations of the root joint (between the ears, at eye height) and the jaw
     joint (the temporomandibular axis, just in front of the ears, below eye level)."""
