@@ -1,0 +1,149 @@
+"""The coarse fit on tracking synthesised from known models: it must reproduce the
+landmarks, recover the 3D shape, fill occluded and undetected spans from their neighbours,
+and do the same for FLAME."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from avface.evaluate import aligned_vertex_error
+from avface.fit import WORLD_TO_CAMERA, FitConfig, fit_default, fit_metrics, fit_model, intrinsics_for, similarity
+from avface.models.base import FaceParams
+from avface.models.canonical import LIPS, LIPS_LOWER_INNER, LIPS_LOWER_OUTER, CanonicalModel, load_canonical_mesh
+from avface.tracking import Tracking
+
+W, H = 320, 320
+LIPS_IDS = list(LIPS)
+FOV = 40.0
+
+
+def synthetic_tracking(points_world: np.ndarray, k: np.ndarray, detected=None) -> Tracking:
+    """A Tracking whose 478 landmarks are the projections of `points_world` (T, 478, 3),
+    with MediaPipe-like relative depth: (Z - mean Z) in pixels at the face's distance."""
+    cam = points_world @ WORLD_TO_CAMERA.T
+    t = len(cam)
+    z = cam[..., 2]
+    uv = cam[..., :2] / z[..., None] * np.array([k[0, 0], k[1, 1]]) + np.array([k[0, 2], k[1, 2]])
+    zc = z[:, :468].mean(1, keepdims=True)
+    zpx = (z - zc) * k[0, 0] / zc
+    lmk = np.concatenate([uv, zpx[..., None]], -1).astype(np.float32)
+    det = np.ones(t, bool) if detected is None else np.asarray(detected, bool)
+    lmk[~det] = np.nan
+    return Tracking(lmk, np.zeros((t, 52), np.float32), tuple(f"b{i}" for i in range(52)),
+                    np.tile(np.eye(4, dtype=np.float32), (t, 1, 1)), det,
+                    np.full((t, 2, 21, 2), np.nan, np.float32), np.zeros((t, 3), np.float32),
+                    np.zeros((t, 468, 3), np.uint8), 25.0, W, H, 0)
+
+
+def _with_iris(v468: np.ndarray) -> np.ndarray:
+    """Pad (T, 468, 3) to the tracker's 478 points (iris points at the eye corners)."""
+    return np.concatenate([v468, v468[:, [33] * 5 + [263] * 5]], axis=1)
+
+
+def _canonical_truth(t=40, seed=0):
+    rng = np.random.default_rng(seed)
+    mesh = load_canonical_mesh()
+    # a clip-specific basis: a few smooth deformations (mouth stretch, pucker, brows)
+    y = mesh.vertices[:, 1]
+    basis = np.zeros((3, 468, 3), np.float32)
+    basis[0, :, 0] = 0.004 * mesh.vertices[:, 0] / 0.07 * np.exp(-((y + 0.045) / 0.02) ** 2)
+    basis[1, :, 2] = 0.003 * np.exp(-((y + 0.045) / 0.015) ** 2 - (mesh.vertices[:, 0] / 0.02) ** 2)
+    basis[2, :, 1] = 0.003 * np.exp(-((y - 0.045) / 0.015) ** 2)
+    model = CanonicalModel(mesh.vertices, basis)
+    s = np.linspace(0, 2 * np.pi, t)
+    p = model.zero_params(t)
+    expr = torch.tensor(np.stack([np.sin(2 * s), np.cos(3 * s), np.sin(s)], 1), dtype=torch.float32)
+    jaw = torch.zeros(t, 3)
+    jaw[:, 0] = torch.tensor(0.15 * (1 + np.sin(4 * s)) / 2, dtype=torch.float32)
+    rot = torch.tensor(np.stack([0.05 * np.sin(s), 0.1 * np.cos(s), 0.02 * np.sin(2 * s)], 1), dtype=torch.float32)
+    transl = torch.tensor([[0.0, 0.0, -0.6]]).repeat(t, 1)
+    gt = FaceParams(p.betas, expr, rot, p.neck_pose, jaw, p.leye_pose, p.reye_pose, transl)
+    with torch.no_grad():
+        verts = model.forward(gt).vertices.numpy().astype(np.float64)
+    return model, gt, verts
+
+
+def test_canonical_fit_recovers_known_motion():
+    k = intrinsics_for(W, H, FOV)
+    _, gt, verts = _canonical_truth()
+    tr = synthetic_tracking(_with_iris(verts), k)
+    fit = fit_default(tr, FitConfig(fov_deg=FOV))
+    m = fit_metrics(fit, tr)
+    assert m["nme"] < 0.3 and m["nme_lips"] < 0.3, m
+    err_mm = aligned_vertex_error(fit.world_vertices(), verts).mean() * 1000
+    assert err_mm < 0.5, err_mm
+    # the jaw parameter follows the true jaw (same hinge, so the same sign and timing)
+    assert np.corrcoef(fit.params.jaw_pose[:, 0].numpy(), gt.jaw_pose[:, 0].numpy())[0, 1] > 0.9
+    # head pose: the per-clip identity fixes the gauge only up to a small constant rotation, so
+    # compare the motion relative to the first frame (and the absolute pose more loosely)
+    from scipy.spatial.transform import Rotation as R
+    fr, gr = R.from_rotvec(fit.params.global_orient.numpy()), R.from_rotvec(gt.global_orient.numpy())
+    rel_err = ((fr * fr[0].inv()) * (gr * gr[0].inv()).inv()).magnitude()
+    assert rel_err.max() < 0.02, rel_err.max()  # about 1 degree: the brow motion touches the forehead
+    assert (fr * gr.inv()).magnitude().max() < 0.03
+
+
+def test_occluded_and_undetected_spans_are_filled_from_neighbours():
+    k = intrinsics_for(W, H, FOV)
+    _, gt, verts = _canonical_truth(t=50)
+    occluded = np.zeros(50, bool)
+    occluded[20:28] = True
+    missing = np.zeros(50, bool)
+    missing[35:38] = True
+    corrupted = verts.copy()
+    # a tracker guessing under a hand: the lower lip drops 1 cm (a wide-open mouth that is not there)
+    lower_lip = list(LIPS_LOWER_OUTER + LIPS_LOWER_INNER)
+    corrupted[np.ix_(occluded, lower_lip)] += np.array([0.0, -0.01, 0.0])
+    tr = synthetic_tracking(_with_iris(corrupted), k, detected=~missing)
+    conf = np.where(occluded, 0.0, 1.0)
+    blind = fit_default(tr, FitConfig(fov_deg=FOV, use_visual_confidence=False), mouth_conf=conf)
+    aware = fit_default(tr, FitConfig(fov_deg=FOV), mouth_conf=conf)
+    def lip_error_mm(fit):  # align on the whole face, measure the lips
+        out = []
+        for t in np.nonzero(occluded)[0]:
+            v = fit.world_vertices()[t].astype(np.float64)
+            sc, r, tr_ = similarity(v, verts[t])
+            out.append(np.linalg.norm((sc * v @ r.T + tr_ - verts[t])[LIPS_IDS], axis=-1).mean() * 1000)
+        return float(np.mean(out))
+
+    err_blind, err_aware = lip_error_mm(blind), lip_error_mm(aware)
+    print(f"lip error on occluded frames: {err_blind:.2f} mm blind, {err_aware:.2f} mm aware")
+    assert err_blind > 2.0, err_blind  # fitting the guess puts the lips millimetres off
+    assert err_aware < 0.5 * err_blind, (err_aware, err_blind)
+    assert aware.filled[35:38].all() and not aware.filled[:35].any()
+    err_missing = aligned_vertex_error(aware.world_vertices(), verts, missing).mean() * 1000
+    assert err_missing < 2.0, err_missing
+
+
+def test_flame_fit_reproduces_landmarks(tmp_path):
+    from avface.models.flame import load_flame
+    from flame_fixture import write_synthetic_flame
+
+    write_synthetic_flame(tmp_path)
+    model = load_flame(tmp_path, n_shape=10, n_expression=10)
+    t = 12
+    rng = np.random.default_rng(1)
+    p = model.zero_params(t)
+    s = np.linspace(0, np.pi, t)
+    gt = FaceParams(torch.tensor(rng.normal(size=(1, 10)) * 0.5, dtype=torch.float32).repeat(t, 1),
+                    torch.tensor(np.outer(np.sin(s), rng.normal(size=10)) * 0.5, dtype=torch.float32),
+                    torch.tensor(np.stack([0.05 * s, 0.1 * np.sin(s), 0 * s], 1), dtype=torch.float32),
+                    p.neck_pose, torch.tensor(np.stack([0.1 * np.sin(s), 0 * s, 0 * s], 1), dtype=torch.float32),
+                    p.leye_pose, p.reye_pose, torch.tensor([[0.0, 0.0, -0.7]]).repeat(t, 1))
+    with torch.no_grad():
+        lmk = model.forward(gt, full=False).landmarks.numpy().astype(np.float64)  # (T, 105, 3)
+    # the tracker's other landmarks: the canonical face placed on FLAME's by a similarity
+    canon = load_canonical_mesh().vertices.astype(np.float64)
+    ids = model.landmark_ids
+    pts = np.zeros((t, 468, 3))
+    for i in range(t):
+        sc, r, tr_ = similarity(canon[ids], lmk[i])
+        pts[i] = sc * canon @ r.T + tr_
+        pts[i, ids] = lmk[i]
+    k = intrinsics_for(W, H, FOV)
+    tracking = synthetic_tracking(_with_iris(pts), k)
+    fit = fit_model(model, tracking, FitConfig(fov_deg=FOV, iterations=80))
+    m = fit_metrics(fit, tracking)
+    assert m["nme"] < 1.0 and m["nme_lips"] < 1.0, m
+    assert fit.params.betas.shape == (t, 10) and torch.allclose(fit.params.betas[0], fit.params.betas[-1])
