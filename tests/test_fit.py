@@ -55,7 +55,7 @@ def _canonical_truth(t=40, seed=0):
     p = model.zero_params(t)
     expr = torch.tensor(np.stack([np.sin(2 * s), np.cos(3 * s), np.sin(s)], 1), dtype=torch.float32)
     jaw = torch.zeros(t, 3)
-    jaw[:, 0] = torch.tensor(0.15 * (1 + np.sin(4 * s)) / 2, dtype=torch.float32)
+    jaw[:, 0] = torch.tensor(0.15 * (1 + np.sin(2 * s)) / 2, dtype=torch.float32)
     rot = torch.tensor(np.stack([0.05 * np.sin(s), 0.1 * np.cos(s), 0.02 * np.sin(2 * s)], 1), dtype=torch.float32)
     transl = torch.tensor([[0.0, 0.0, -0.6]]).repeat(t, 1)
     gt = FaceParams(p.betas, expr, rot, p.neck_pose, jaw, p.leye_pose, p.reye_pose, transl)
@@ -88,7 +88,7 @@ def test_occluded_and_undetected_spans_are_filled_from_neighbours():
     k = intrinsics_for(W, H, FOV)
     _, gt, verts = _canonical_truth(t=50)
     occluded = np.zeros(50, bool)
-    occluded[20:28] = True
+    occluded[20:24] = True
     missing = np.zeros(50, bool)
     missing[35:38] = True
     corrupted = verts.copy()
