@@ -159,7 +159,9 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    # a long-running server's log needs times; one-shot commands keep it short
+    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s" if args.command == "serve" else "%(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=level, format=fmt)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

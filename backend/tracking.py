@@ -11,6 +11,7 @@ import dataclasses
 import json
 import logging
 import os
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -75,7 +76,8 @@ class Tracking:
         arrays = {k: v for k, v in dataclasses.asdict(self).items() if isinstance(v, np.ndarray)}
         meta = {k: v for k, v in dataclasses.asdict(self).items() if not isinstance(v, np.ndarray)}
         meta["blendshape_names"] = list(self.blendshape_names)
-        tmp = path.with_suffix(".tmp.npz")
+        # a unique temporary name: two workers tracking the same clip must not share one
+        tmp = path.with_name(f".{path.stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp.npz")
         np.savez_compressed(tmp, meta=json.dumps(meta), **arrays)
         os.replace(tmp, path)
 

@@ -1,0 +1,107 @@
+"""A controllable stand-in for ``avface.pipeline``, for the service tests only.
+
+Selected in worker processes by ``AVFACE_PIPELINE=fake_pipeline`` (with this folder on
+PYTHONPATH; see tests/service_util.py). The "video" is a JSON file that says how the job
+behaves, so that the kill, cancel, restart and load tests get jobs that are slow, fail or
+crash exactly when they need to::
+
+    {"stages": ["decode", "track", "fit"], "steps": 4, "step_s": 0.01,
+     "gate": "/tmp/x/go",            # wait in stage "wait" until this file exists
+     "fail": "no_face" | "bad_media" | "exception" | "crash" | "crash_once",
+     "marker": "/tmp/x/crashed",     # crash_once: crash only while this file is absent
+     "ignore_term": true,            # ignore SIGTERM (cancel must escalate to SIGKILL)
+     "n_detail": 3, "seed": 7}
+
+A file that is not such JSON raises MediaError, as a corrupt video would.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from avface.errors import MediaError, NoFaceError, SchemaError
+
+GATE_TIMEOUT_S = 120.0
+
+
+@dataclass(frozen=True)
+class ReconstructOptions:
+    model: str = "default"
+    flame_dir: str | None = None
+    audio: str | None = None
+    transcript: str | None = None
+    device: str = "cpu"
+    frame_start: int | None = None
+    frame_end: int | None = None
+    preview: bool = False
+    write_vertices: bool = True
+
+
+def available_models(flame_dir=None) -> dict:
+    return {"default": {"available": True},
+            "flame": {"available": False, "reason": "fake pipeline: no FLAME files"}}
+
+
+def expected_frames(spec: dict) -> np.ndarray:
+    """What a job with this spec writes as ``frames`` (the tests check it)."""
+    rng = np.random.default_rng(int(spec.get("seed", 0)))
+    return rng.standard_normal((8, 3)).astype(np.float32)
+
+
+def reconstruct(video, out_dir, options, *, progress=None, should_cancel=None) -> Path:
+    raw = Path(video).read_bytes()
+    try:
+        spec = json.loads(raw)
+        assert isinstance(spec, dict)
+    except (ValueError, AssertionError, UnicodeDecodeError) as e:
+        raise MediaError(f"{video} is not a readable video", detail=str(e)) from e
+    progress = progress or (lambda *a: None)
+    if spec.get("ignore_term"):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    fail = spec.get("fail")
+    if fail == "bad_media":
+        raise MediaError("fake: the video stream is truncated", detail="ffmpeg: moov atom not found")
+    steps, step_s = int(spec.get("steps", 4)), float(spec.get("step_s", 0.01))
+    for stage in spec.get("stages", ["decode", "track", "fit"]):
+        for k in range(steps + 1):
+            progress(stage, k / steps, f"{stage} {k}/{steps}")
+            if k < steps:
+                time.sleep(step_s)
+        if stage == "decode" and fail == "no_face":
+            raise NoFaceError("fake: no face was detected in any frame")
+    if spec.get("gate"):
+        end = time.monotonic() + GATE_TIMEOUT_S
+        while not Path(spec["gate"]).exists() and time.monotonic() < end:
+            progress("wait", 0.5, "waiting for the gate")
+            time.sleep(0.02)
+        progress("wait", 1.0, "gate open")
+    if fail == "exception":
+        raise RuntimeError("fake: CUDA out of memory")
+    if fail == "crash" or (fail == "crash_once" and not Path(spec["marker"]).exists()):
+        if fail == "crash_once":
+            Path(spec["marker"]).touch()
+        os.kill(os.getpid(), signal.SIGKILL)
+    out_dir = Path(out_dir)
+    (out_dir / "detail").mkdir(parents=True, exist_ok=True)
+    for i in range(int(spec.get("n_detail", 3))):
+        (out_dir / "detail" / f"{i:06d}.png").write_bytes(hashlib.sha256(raw + bytes([i])).digest() * 100)
+    audio_sha = hashlib.sha256(Path(options.audio).read_bytes()).hexdigest() if options.audio else ""
+    meta = {"schema_version": "fake-1", "video_sha256": hashlib.sha256(raw).hexdigest(), "audio_sha256": audio_sha,
+            "options": {"model": options.model, "device": options.device, "preview": options.preview}}
+    np.savez(out_dir / "result.npz", meta=np.array(json.dumps(meta)), frames=expected_frames(spec))
+    (out_dir / "config.yaml").write_text(f"model: {options.model}\n")
+    return out_dir / "result.npz"
+
+
+def validate(path) -> dict:
+    with np.load(path) as z:
+        if "meta" not in z or "frames" not in z:
+            raise SchemaError(f"{path}: not a fake result")
+        return json.loads(str(z["meta"]))
