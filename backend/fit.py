@@ -262,10 +262,8 @@ def fit_default(
     resid = aligned - neutral  # (Td, V, 3)
     jaw_angle = np.einsum("tvk,vk->t", resid, jdir) / max((jdir ** 2).sum(), 1e-12)
     with torch.no_grad():
-        p = base_model.zero_params(len(pts), dtype=torch.float64 if False else torch.float32)
-        jaw = torch.zeros(len(pts), 3)
-        jaw[:, 0] = torch.as_tensor(jaw_angle, dtype=torch.float32)
-        p = FaceParams(p.betas, p.expression, p.global_orient, p.neck_pose, jaw, p.leye_pose, p.reye_pose, p.transl)
+        p = base_model.zero_params(len(pts))
+        p.jaw_pose[:, 0] = torch.as_tensor(jaw_angle, dtype=torch.float32)
         jaw_verts = base_model.forward(p).vertices.numpy().astype(np.float64)
     resid = aligned - jaw_verts  # what the expression basis must explain
 
