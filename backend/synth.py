@@ -66,6 +66,7 @@ import scipy.sparse.linalg as spla
 from scipy.spatial.transform import Rotation
 
 from .errors import InputError, OutputError
+from avface.models.canonical import mesh_laplacian
 
 log = logging.getLogger(__name__)
 
@@ -246,14 +247,6 @@ def _opening_faces(faces: np.ndarray) -> np.ndarray:
     return out
 
 
-def _laplacian(faces: np.ndarray, n: int) -> sp.csr_matrix:
-    e = np.concatenate([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]])
-    e = np.concatenate([e, e[:, ::-1]])
-    a = sp.coo_matrix((np.ones(len(e)), (e[:, 0], e[:, 1])), shape=(n, n)).tocsr()
-    a.data[:] = 1.0
-    return (sp.diags(np.asarray(a.sum(1)).ravel()) - a).tocsr()
-
-
 def _harmonic_field(lap: sp.csr_matrix, fixed: dict[int, np.ndarray], zero: np.ndarray) -> np.ndarray:
     """(V, 3) displacement, equal to ``fixed[i]`` on its keys, 0 on ``zero`` (bool mask) and
     harmonic (as smooth as the mesh graph allows) elsewhere."""
@@ -393,7 +386,7 @@ def _expression_basis(v: np.ndarray, faces_drawn: np.ndarray) -> np.ndarray:
                                          LIPS_UPPER_INNER, LIPS_UPPER_OUTER, RIGHT_EYE, RIGHT_EYEBROW)
 
     n = len(v)
-    lap = _laplacian(faces_drawn, n)
+    lap = mesh_laplacian(faces_drawn, n)
     lips = np.asarray(LIPS)
     mouth = v[lips].mean(0)
     half_width = 0.5 * abs(v[291, 0] - v[61, 0])
