@@ -132,24 +132,42 @@ def project(points_cam: np.ndarray, k: np.ndarray) -> np.ndarray:
     return points_cam[..., :2] / z * np.array([k[0, 0], k[1, 1]]) + np.array([k[0, 2], k[1, 2]])
 
 
+def _umeyama(src: np.ndarray, dst: np.ndarray, w: np.ndarray | None, with_scale: bool):
+    """Weighted Umeyama/Kabsch of src (N, 3) onto dst (..., N, 3), batched over the leading
+    axes of dst in one SVD call. Returns s (...), R (..., 3, 3), t (..., 3)."""
+    src = np.asarray(src, np.float64)
+    dst = np.asarray(dst, np.float64)
+    w = np.ones(src.shape[0]) if w is None else np.asarray(w, np.float64)
+    w = w / w.sum()
+    mu_s = w @ src  # (3,)
+    mu_d = np.einsum("n,...nk->...k", w, dst)  # (..., 3)
+    a = src - mu_s
+    b = dst - mu_d[..., None, :]
+    cov = np.einsum("n,...ni,nj->...ij", w, b, a)  # (..., 3, 3)
+    u, sig, vt = np.linalg.svd(cov)
+    d = np.sign(np.linalg.det(u @ vt))
+    u = u.copy()
+    u[..., :, 2] *= d[..., None]  # u @ diag(1, 1, d): a rotation, never a reflection
+    sig = sig.copy()
+    sig[..., 2] *= d
+    r = u @ vt
+    scale = sig.sum(-1) / (w * (a ** 2).sum(1)).sum() if with_scale else np.ones(d.shape)
+    t = mu_d - scale[..., None] * np.einsum("...ij,j->...i", r, mu_s)
+    return scale, r, t
+
+
 def similarity(src: np.ndarray, dst: np.ndarray, w: np.ndarray | None = None):
     """Weighted Umeyama: scale s, rotation R, translation t minimising
     sum w |s R src + t - dst|^2. src, dst: (N, 3)."""
-    w = np.ones(len(src)) if w is None else np.asarray(w, np.float64)
-    w = w / w.sum()
-    mu_s = (w[:, None] * src).sum(0)
-    mu_d = (w[:, None] * dst).sum(0)
-    a = src - mu_s
-    b = dst - mu_d
-    cov = (w[:, None] * b).T @ a
-    u, sig, vt = np.linalg.svd(cov)
-    d = np.sign(np.linalg.det(u @ vt))
-    dmat = np.diag([1.0, 1.0, d])
-    r = u @ dmat @ vt
-    var = (w * (a ** 2).sum(1)).sum()
-    s = float((sig * np.diag(dmat)).sum() / var)
-    t = mu_d - s * r @ mu_s
-    return s, r, t
+    s, r, t = _umeyama(src, dst, w, True)
+    return float(s), r, t
+
+
+def rigid(src: np.ndarray, dst: np.ndarray, w: np.ndarray):
+    """Weighted Kabsch: R, t minimising sum w |R src + t - dst|^2; dst may be batched
+    (..., N, 3)."""
+    _, r, t = _umeyama(src, dst, w, False)
+    return r, t
 
 
 def weak_perspective_points(tracking: Tracking) -> np.ndarray:
@@ -158,17 +176,6 @@ def weak_perspective_points(tracking: Tracking) -> np.ndarray:
     p = tracking.landmarks[:, :N_VERTICES].astype(np.float64)
     return p * np.array([1.0, -1.0, -1.0])
 
-
-def rigid(src: np.ndarray, dst: np.ndarray, w: np.ndarray):
-    """Weighted Kabsch: R, t minimising sum w |R src + t - dst|^2."""
-    w = w / w.sum()
-    mu_s = (w[:, None] * src).sum(0)
-    mu_d = (w[:, None] * dst).sum(0)
-    cov = (w[:, None] * (dst - mu_d)).T @ (src - mu_s)
-    u, _, vt = np.linalg.svd(cov)
-    d = np.sign(np.linalg.det(u @ vt))
-    r = u @ np.diag([1.0, 1.0, d]) @ vt
-    return r, mu_d - r @ mu_s
 
 
 def backproject(tracking: Tracking, k: np.ndarray, template: np.ndarray, rigid_w: np.ndarray) -> np.ndarray:
@@ -182,13 +189,14 @@ def backproject(tracking: Tracking, k: np.ndarray, template: np.ndarray, rigid_w
     wp = weak_perspective_points(tracking)
     out = np.full(wp.shape, np.nan)
     focal = float(k[0, 0])
-    for i in np.nonzero(tracking.detected)[0]:
-        s, _, _ = similarity(template, wp[i], rigid_w)
-        depth = focal / s + tracking.landmarks[i, :N_VERTICES, 2] / s  # (V,) metres, z grows away
-        u = tracking.landmarks[i, :N_VERTICES, 0]
-        v = tracking.landmarks[i, :N_VERTICES, 1]
-        cam = np.stack([(u - k[0, 2]) * depth / focal, (v - k[1, 2]) * depth / focal, depth], axis=1)
-        out[i] = cam @ WORLD_TO_CAMERA  # camera -> world (F is its own inverse)
+    det = np.nonzero(tracking.detected)[0]
+    if len(det) == 0:
+        return out
+    s, _, _ = _umeyama(template, wp[det], rigid_w, True)  # (Td,) pixels per metre
+    lm = tracking.landmarks[det, :N_VERTICES].astype(np.float64)
+    depth = (focal + lm[..., 2]) / s[:, None]  # (Td, V) metres, z grows away
+    cam = np.stack([(lm[..., 0] - k[0, 2]) * depth / focal, (lm[..., 1] - k[1, 2]) * depth / focal, depth], axis=-1)
+    out[det] = cam @ WORLD_TO_CAMERA  # camera -> world (F is its own inverse)
     return out
 
 
@@ -197,12 +205,8 @@ def _initial_alignment(points: np.ndarray, template: np.ndarray, rigid_w: np.nda
     aligned shapes. points: (T, V, 3) metric. Returns (neutral (V,3), rotations (T,3,3),
     translations (T,3), aligned shapes (T,V,3)) with points[t] = R_t aligned[t] + t_t."""
     neutral = template.astype(np.float64)
-    n = len(points)
-    r = np.zeros((n, 3, 3))
-    t = np.zeros((n, 3))
     for _ in range(iterations):
-        for i in range(n):
-            r[i], t[i] = rigid(neutral, points[i], rigid_w)
+        r, t = rigid(neutral, points, rigid_w)
         # aligned[i] = R_i^T (points_i - t_i)
         aligned = np.einsum("tji,tvj->tvi", r, points - t[:, None])
         neutral = np.median(aligned, axis=0)
@@ -456,11 +460,10 @@ def fit_model(
     rot = np.zeros((n_all, 3))
     transl = np.zeros((n_all, 3))
     j0 = model.rest_joints()[0].astype(np.float64)
-    for i in np.nonzero(det)[0]:
-        r, t = rigid(rest, pts[i, ids], w)
-        rot[i] = Rotation.from_matrix(r).as_rotvec()
-        transl[i] = t + r @ j0 - j0
-    rot, transl = fill_missing(np.where(det[:, None], rot, 0), det), fill_missing(np.where(det[:, None], transl, 0), det)
+    r, t = rigid(rest, pts[det][:, ids], w)
+    rot[det] = Rotation.from_matrix(r).as_rotvec()
+    transl[det] = t + r @ j0 - j0
+    rot, transl = fill_missing(rot, det), fill_missing(transl, det)
     if progress:
         progress(0.1, "joint refinement")
     params = _refine(model, tracking, k, rot, transl, np.zeros((n_all, 3)), np.zeros((n_all, model.n_expression)),

@@ -10,7 +10,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import contextlib
 import os
+import sys
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,6 +143,27 @@ def _hand_hulls(hand_pts: np.ndarray, margin_px: float) -> list[np.ndarray]:
     return hulls
 
 
+@contextlib.contextmanager
+def quiet_native_stderr():
+    """Silence file descriptor 2 for a moment: MediaPipe's native graph prints start-up
+    chatter (absl warnings about delegates and feedback tensors) that no flag turns off and
+    that buries the progress bars. Python-level errors still raise as usual."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no real stderr (embedded interpreters): nothing to silence
+        yield
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 class _Landmarkers:
     """The MediaPipe task objects for one clip (VIDEO mode needs increasing timestamps)."""
 
@@ -220,7 +243,8 @@ def track(
     colors = np.zeros((n, 468, 3), np.uint8)
     names: tuple = ()
     regions = _region_ids()
-    lm = _Landmarkers(config)
+    with quiet_native_stderr():
+        lm = _Landmarkers(config)
     mp = lm.mp
     i = -1
     try:
@@ -233,7 +257,13 @@ def track(
                 raise CancelledError("cancelled during tracking")
             image = mp.Image(image_format=mp.ImageFormat.SRGB, data=np.ascontiguousarray(frame))
             ts_ms = int(round((start + i) * 1000.0 / info.fps))
-            res = lm.face.detect_for_video(image, ts_ms)
+            if i == 0:  # the graphs finish starting on the first frame, with more chatter
+                with quiet_native_stderr():
+                    res = lm.face.detect_for_video(image, ts_ms)
+                    hres = lm.hand.detect_for_video(image, ts_ms) if lm.hand is not None else None
+            else:
+                res = lm.face.detect_for_video(image, ts_ms)
+                hres = lm.hand.detect_for_video(image, ts_ms) if lm.hand is not None else None
             if res.face_landmarks:
                 pts = res.face_landmarks[0]
                 lmk[i] = [(p.x * w, p.y * h, p.z * w) for p in pts]
@@ -246,8 +276,7 @@ def track(
                 colors[i] = sample_colors(frame, lmk[i, :468, :2])
                 if res.facial_transformation_matrixes:
                     tf[i] = np.asarray(res.facial_transformation_matrixes[0], np.float32)
-            if lm.hand is not None:
-                hres = lm.hand.detect_for_video(image, ts_ms)
+            if hres is not None:
                 for k, hand in enumerate(hres.hand_landmarks[:MAX_HANDS]):
                     hands[i, k] = [(p.x * w, p.y * h) for p in hand]
                 if det[i] and hres.hand_landmarks:
