@@ -143,12 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--check", action="store_true", help="also verify the pretrained MediaPipe files (exit 5 if damaged)")
     m.set_defaults(func=cmd_models)
 
-    try:
-        from .service import cli as service_cli
-    except ImportError as e:  # pragma: no cover - the service is part of the package
-        log.debug("service commands unavailable: %s", e)
-    else:
-        service_cli.register(sub)
+    from .bench import cli as bench_cli
+    from .service import cli as service_cli
+
+    service_cli.register(sub)
+    bench_cli.register(sub)
     return p
 
 

@@ -1,0 +1,712 @@
+"""``avface bench``: every registered method on every clip, side by side, in one run.
+
+For each real clip: probe, a decode-only pass, the clean clip's tracking (always run, since
+it is timed), the speech features, the occlusion plan (:mod:`avface.bench.occlusion`), the
+variants (``hand``, ``object``, ``audio_only``) written in one decode pass and tracked
+(cached by content in ``OUT/cache``), then every method on the clean clip and on each
+variant. For each synthetic clip (the demo generator, with its own hand occluder): the
+methods against the ground truth. Then metrics.json, report.md and the plots.
+
+Everything random is seeded from ``--seed`` and the clip's id; with the same seed, the same
+clips and the same code, a second run gives the same occlusions and the same figures (the
+timing and memory figures aside).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import platform
+import resource
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from avface import __version__, media
+from avface.clips import Clip, discover_clips
+from avface.errors import AVFaceError, InputError
+from avface.fit import FitConfig, project
+from avface.models.canonical import LIPS
+from avface.tracking import Tracking, TrackingConfig, track
+
+from . import metrics as M
+from .methods import (REFERENCE_METHOD, Method, MethodInput, MethodOutput, available_methods, get_method,
+                      load_plugins, run_method)
+from .occlusion import OCCLUDER_VARIANTS, VARIANTS, OcclusionPlan, make_plan, occluded_frames, write_variants
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+"""Version of metrics.json's layout; bumped when a reader would have to change."""
+
+STAGES = ("probe", "decode", "tracking", "audio", "fit", "networks", "export")
+"""Stages whose real-time factor is reported. ``decode`` is a decode-only pass shown for
+reference: the pipeline decodes while it tracks, so ``tracking`` already includes it and
+``decode`` never counts towards a total. ``networks`` has no method yet."""
+
+UNOCCLUDED_DISTANCE_S = 1.0
+"""Frames at least this far from every occluder span measure how much an occlusion
+disturbs the rest of the clip (the fit is global over the clip) plus the re-encoding floor."""
+
+STRIP_MARGIN_S = 0.4
+"""The side-by-side strip shows this much before and after its occluded span."""
+
+TIMING_METRICS_PREFIXES = ("rtf_", "cpu_rtf_")
+TIMING_METRICS = ("ratio_to_tracking", "peak_rss_mb", "cuda_peak_mb")
+
+METRIC_DEFINITIONS = {
+    "nme_visible": "NME (% of the inter-ocular distance) of all 468 projected vertices against the tracker's "
+                   "landmarks on the clean clip's visible frames (detected, mouth confidence >= 0.5)",
+    "nme_lips_visible": "the same NME over the 40 lip landmarks",
+    "auc_visible": "area under the cumulative per-frame NME curve from 0 to 10 %, divided by 10 % (1 is perfect)",
+    "lip_err_occluded": "mm: mean lip-vertex error on occluded frames (both occluders pooled), the method on the "
+                        "occluded clip against the same method on the clean clip, after rigid alignment on the "
+                        "skull vertices",
+    "lip_err_occluded_hand": "lip_err_occluded with the hand occluder only",
+    "lip_err_occluded_object": "lip_err_occluded with the plain object (bar or microphone) only",
+    "lip_err_occluded_ratio": "lip_err_occluded / coarse_video's on the same clip (< 1 is better than the video-only fit)",
+    "nme_lips_occluded": "lips NME (%) of the occluded clip's projection against the clean clip's, occluded frames",
+    "lip_err_unoccluded": "mm: lip-vertex error of the hand variant against the clean clip on frames >= 1 s from "
+                          "every occluder (how far an occlusion leaks into the rest of the clip, plus the "
+                          "re-encoding floor)",
+    "lip_err_audio_only": "mm: the lip-vertex error on audio-only spans (black frames, speech kept)",
+    "lip_err_audio_only_ratio": "lip_err_audio_only / coarse_video's on the same clip",
+    "nme_lips_audio_only": "lips NME (%) on audio-only spans against the clean clip",
+    "jitter": "mm/frame^2: mean vertex acceleration |x[t+1] - 2x[t] + x[t-1]| over all vertices, rigid head "
+              "motion removed, on frames where the head is still, clean clip",
+    "mm_synth_visible": "mm: mean vertex error against ground truth after a per-frame similarity alignment, "
+                        "synthetic clips, frames with no occluder",
+    "mm_synth_occluded": "the same on the synthetic clips' occluded frames (hand over >= 30 % of the lips)",
+    "mm_synth_lips_visible": "mm: lip-vertex error against ground truth (similarity on the skull vertices), "
+                             "synthetic clips, frames with no occluder",
+    "mm_synth_lips_occluded": "the same on occluded frames",
+    "rtf_<stage>": "seconds of that stage per second of video (real-time factor)",
+    "rtf_total": "the sum of the real-time factors of the stages the method needs (decode excluded)",
+    "cpu_rtf_total": "process CPU seconds (ffmpeg children included) of those stages per second of video",
+    "ratio_to_tracking": "rtf_total / rtf_tracking, measured in the same run",
+    "peak_rss_mb": "peak resident memory of the benchmark process so far (MiB)",
+    "cuda_peak_mb": "peak CUDA memory allocated by torch (MiB), where a GPU is present",
+}
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """Options of a benchmark run."""
+
+    seed: int = 0
+    """Seeds the occlusion spans, the occluders' motion and the synthetic clips."""
+    methods: tuple[str, ...] | None = None
+    """Methods to run, by registered name; None runs all. ``coarse_video`` always runs (the
+    ratios are to it)."""
+    clip_ids: tuple[str, ...] | None = None
+    """Only these clips of the folder (by id); None: all."""
+    synth_clips: int = 3
+    """Synthetic clips with ground truth (seeds seed, seed+1, ...); 0 skips them."""
+    synth_duration_s: float = 4.0
+    synth_size: int = 256
+    """Frame size of the synthetic clips, pixels (square)."""
+    plots: bool = True
+    strip: bool = True
+    """Also write the side-by-side strip video (one occluded span, every method's mesh)."""
+    cache_dir: str | None = None
+    """Tracking and variant cache; None: OUT/cache."""
+    plugins: tuple[str, ...] = ()
+    """Extra modules that register methods."""
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    fit: FitConfig = field(default_factory=FitConfig)
+
+
+# --------------------------------------------------------------------------- timing
+
+
+def _cpu_seconds() -> float:
+    s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, MiB (ru_maxrss is KiB on Linux, bytes on
+    macOS). Children are left out: a child's ru_maxrss counts the parent's pages it was
+    forked with before it exec'd ffmpeg, so it says nothing about ffmpeg."""
+    k = 1024.0 if platform.system() != "Darwin" else 1024.0 * 1024.0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / k
+
+
+@contextmanager
+def _timed(store: dict, key: str):
+    t0, c0 = time.perf_counter(), _cpu_seconds()
+    try:
+        yield
+    finally:
+        wall, cpu = store.get(key, (0.0, 0.0))
+        store[key] = (wall + time.perf_counter() - t0, cpu + _cpu_seconds() - c0)
+
+
+def _cuda_peak_mb() -> float | None:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.cuda.max_memory_allocated() / 2**20
+    except Exception:  # pragma: no cover - torch import problems are not the benchmark's
+        return None
+    return None
+
+
+# --------------------------------------------------------------------------- per-clip work
+
+
+@dataclass
+class ClipResult:
+    clip_id: str
+    kind: str  #: real | synth
+    records: list[dict]
+    info: dict
+    series: dict[str, np.ndarray] = field(default_factory=dict)
+    strip: dict | None = None
+
+
+def _rec(out: list, clip: str, method: str, metric: str, value) -> None:
+    v = float(value) if value is not None else float("nan")
+    out.append({"clip": clip, "method": method, "metric": metric, "value": v})
+
+
+def _read_speech(path: Path | None, n_frames: int, fps: float):
+    """(wave, AudioFeatures) of a clip's speech, (None, None) without audio."""
+    from avface import audio as audio_mod
+
+    if path is None:
+        return None, None
+    try:
+        wave = media.read_audio(path)
+    except AVFaceError as e:
+        log.warning("no speech for %s (%s): spans are placed without speech activity", path, e)
+        return None, None
+    return wave, audio_mod.extract_features(wave, media.SAMPLE_RATE_HZ, n_frames, fps)
+
+
+def _time_export(out: MethodOutput, tracking: Tracking, features, info: "media.VideoInfo", tmp: Path) -> tuple[float, float]:
+    """(wall, cpu) seconds of the pipeline's export stage on a method's fit."""
+    from avface.arkit import arkit_curves
+    from avface.pipeline import result_arrays, visual_confidence
+    from avface.result import SCHEMA_VERSION as RESULT_SCHEMA
+    from avface.result import write_result
+
+    conf, occluded = visual_confidence(tracking)
+    store: dict = {}
+    with _timed(store, "export"):
+        fit = out.fit
+        occluded = occluded | fit.filled
+        arkit = arkit_curves(tracking.blendshapes, tracking.blendshape_names, ~occluded, info.fps)
+        activity = features.activity if features is not None else np.zeros(tracking.n_frames, np.float32)
+        arrays = result_arrays(fit, arkit, conf, occluded, activity)
+        meta = {"schema_version": RESULT_SCHEMA, "model": fit.model.name, "fps": float(info.fps),
+                "n_frames": int(tracking.n_frames), "width": int(info.width), "height": int(info.height),
+                "source": {"path": str(info.path)}, "audio_present": features is not None,
+                "stages_run": ["tracking", "fit", "export"], "stage_seconds": {}, "backend_version": __version__,
+                "lip_pca_residual": 0.0,
+                "detail": {"n_maps": 0, "folder": "detail", "map_size": 0, "metres_per_unit": 0.0, "format": "png16"}}
+        write_result(tmp / "result.npz", arrays, meta)
+    (tmp / "result.npz").unlink(missing_ok=True)
+    return store["export"]
+
+
+def _variant_paths(cache: Path, clip_id: str) -> dict[str, Path]:
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in clip_id)
+    return {v: cache / "variants" / safe / f"{v}.mp4" for v in VARIANTS}
+
+
+def _ensure_variants(info: "media.VideoInfo", plan: OcclusionPlan, paths: dict[str, Path]) -> bool:
+    """Write the variants unless the cache holds them for this exact plan; True if written."""
+    stamp = next(iter(paths.values())).parent / "plan.json"
+    key = {"digest": plan.digest(), "source": str(info.path), "source_size": info.path.stat().st_size,
+           "n_frames": info.n_frames, "fps": info.fps, "plan": plan.describe()}
+    if stamp.is_file() and all(p.is_file() for p in paths.values()):
+        try:
+            if json.loads(stamp.read_text()).get("digest") == key["digest"]:
+                return False
+        except (OSError, json.JSONDecodeError):
+            pass
+    stamp.unlink(missing_ok=True)
+    write_variants(info, plan, paths)
+    stamp.write_text(json.dumps(key, indent=1))
+    return True
+
+
+def _track_variant(path: Path, n_frames: int, cfg: BenchConfig, cache: Path) -> Tracking:
+    info = media.probe(path)
+    if abs(info.n_frames - n_frames) > 1:
+        raise AVFaceError(f"variant {path} has {info.n_frames} frames, the clean clip {n_frames}")
+    tr = track(info, 0, min(info.n_frames, n_frames), config=cfg.tracking, cache_dir=cache / "tracking")
+    if tr.n_frames < n_frames:  # one frame short from rounding at the end: repeat the last
+        tr = _pad_tracking(tr, n_frames)
+    return tr
+
+
+def _pad_tracking(tr: Tracking, n: int) -> Tracking:
+    k = n - tr.n_frames
+    arrays = {f.name: getattr(tr, f.name) for f in dataclasses.fields(tr)}
+    for name, val in arrays.items():
+        if isinstance(val, np.ndarray) and val.ndim >= 1 and len(val) == tr.n_frames:
+            arrays[name] = np.concatenate([val, np.repeat(val[-1:], k, axis=0)])
+    return Tracking(**arrays)
+
+
+def _run_all(methods: list[Method], inputs: dict[str, MethodInput]) -> dict[str, dict[str, MethodOutput | None]]:
+    outs: dict[str, dict[str, MethodOutput | None]] = {}
+    for m in methods:
+        outs[m.name] = {}
+        for v, inp in inputs.items():
+            try:
+                outs[m.name][v] = run_method(m, inp)
+            except AVFaceError as e:
+                log.warning("%s on %s/%s failed: %s", m.name, inp.clip_id, v, e)
+                outs[m.name][v] = None
+    return outs
+
+
+def _frames_far_from(spans, n: int, distance: int) -> np.ndarray:
+    far = np.ones(n, bool)
+    for a, b in spans:
+        far[max(0, a - distance):min(n, b + distance)] = False
+    return far
+
+
+def bench_real_clip(clip: Clip, methods: list[Method], cfg: BenchConfig, cache: Path) -> ClipResult:
+    """Everything the benchmark measures on one real clip."""
+    stage: dict[str, tuple[float, float]] = {}
+    bench_time: dict[str, tuple[float, float]] = {}
+    with _timed(stage, "probe"):
+        info = media.probe(clip.video)
+    n, fps = info.n_frames, float(info.fps)
+    duration = n / fps
+    log.info("%s: %d frames %dx%d at %.3f fps (%.2f s)", clip.id, n, info.width, info.height, fps, duration)
+    with _timed(stage, "decode"):
+        for _ in media.iter_frames(info):
+            pass
+    with tempfile.TemporaryDirectory(dir=cache) as fresh:  # timed, so never read from the cache
+        with _timed(stage, "tracking"):
+            clean = track(info, config=cfg.tracking, cache_dir=Path(fresh))
+    n = clean.n_frames
+    with _timed(stage, "audio"):
+        audio_path = clip.audio if clip.audio is not None else (clip.video if info.has_audio else None)
+        wave, features = _read_speech(audio_path, n, fps)
+    if not clean.detected.any():
+        log.warning("%s: no face detected in any frame; skipped", clip.id)
+        return ClipResult(clip.id, "real", [], {"kind": "real", "skipped": "no face detected"})
+
+    plan = make_plan(clip.id, cfg.seed, clean, features.activity if features is not None else None)
+    paths = _variant_paths(cache, clip.id)
+    with _timed(bench_time, "variants"):
+        written = _ensure_variants(info, plan, paths)
+    log.info("%s: variants %s (%s)", clip.id, "written" if written else "from the cache", plan.describe())
+    trackings = {"clean": clean}
+    with _timed(bench_time, "variant_tracking"):
+        for v in VARIANTS:
+            trackings[v] = _track_variant(paths[v], n, cfg, cache)
+
+    inputs = {v: MethodInput(clip.id, v, tr, features, wave, fps, cfg.fit) for v, tr in trackings.items()}
+    _warm_up(clean, cfg.fit)
+    with _timed(bench_time, "methods"):
+        outs = _run_all(methods, inputs)
+
+    records: list[dict] = []
+    from avface.pipeline import visual_confidence
+
+    conf_clean, _ = visual_confidence(clean)
+    visible = clean.detected & (conf_clean >= 0.5)
+    ref2d = clean.landmarks[:, :468, :2].astype(np.float64)
+    iod = M.inter_ocular(ref2d)
+    occ_frames = {v: occluded_frames(plan, v) for v in VARIANTS}
+    far = _frames_far_from(plan.occluder_spans, n, int(round(UNOCCLUDED_DISTANCE_S * fps)))
+    # one stillness mask for every method: the tracker's own metric points on the clean clip
+    tracker_pts = _tracker_points(clean, cfg.fit)
+    still = M.still_frames(tracker_pts, fps, clean.detected)
+    flagged = {v: float((visual_confidence(trackings[v])[0] < 0.5)[occ_frames[v]].mean()) if occ_frames[v].any()
+               else float("nan") for v in VARIANTS}
+    flagged["clean_false_positive"] = float((conf_clean < 0.5)[clean.detected].mean())
+
+    rss = peak_rss_mb()
+    cuda = _cuda_peak_mb()
+    series: dict[str, np.ndarray] = {"fps": np.array(fps), "n_frames": np.array(n)}
+    for v in VARIANTS:
+        series[f"spans_{v}"] = np.asarray(plan.spans(v), np.int64).reshape(-1, 2)
+        series[f"occluded_{v}"] = occ_frames[v]
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:
+        for m in methods:
+            o = outs[m.name]
+            base = o.get("clean")
+            if base is None:
+                continue
+            vc = base.vertices
+            p_clean = project(vc.astype(np.float64), base.intrinsics)
+            e_all = M.nme_frames(p_clean[visible], ref2d[visible], iod[visible])
+            e_lips = M.nme_frames(p_clean[visible], ref2d[visible], iod[visible], LIPS)
+            series[f"nme_{m.name}"] = e_all
+            _rec(records, clip.id, m.name, "nme_visible", M.safe_mean(e_all))
+            _rec(records, clip.id, m.name, "nme_lips_visible", M.safe_mean(e_lips))
+            _rec(records, clip.id, m.name, "auc_visible", M.auc(e_all))
+            pooled, pooled_nme = [], []
+            for v in OCCLUDER_VARIANTS:
+                ov = o.get(v)
+                if ov is None or not occ_frames[v].any():
+                    _rec(records, clip.id, m.name, f"lip_err_occluded_{v}", None)
+                    continue
+                err = 1000.0 * M.lip_vertex_error(ov.vertices, vc, occ_frames[v])
+                pooled.append(err)
+                pooled_nme.append(M.lips_nme_between(project(ov.vertices.astype(np.float64), ov.intrinsics), p_clean,
+                                                     occ_frames[v]))
+                _rec(records, clip.id, m.name, f"lip_err_occluded_{v}", M.safe_mean(err))
+            _rec(records, clip.id, m.name, "lip_err_occluded", M.safe_mean(np.concatenate(pooled)) if pooled else None)
+            _rec(records, clip.id, m.name, "nme_lips_occluded",
+                 M.safe_mean(np.concatenate(pooled_nme)) if pooled_nme else None)
+            oh = o.get("hand")
+            _rec(records, clip.id, m.name, "lip_err_unoccluded",
+                 M.safe_mean(1000.0 * M.lip_vertex_error(oh.vertices, vc, far)) if oh is not None and far.any() else None)
+            oa = o.get("audio_only")
+            if oa is not None and occ_frames["audio_only"].any():
+                _rec(records, clip.id, m.name, "lip_err_audio_only",
+                     M.safe_mean(1000.0 * M.lip_vertex_error(oa.vertices, vc, occ_frames["audio_only"])))
+                _rec(records, clip.id, m.name, "nme_lips_audio_only",
+                     M.safe_mean(M.lips_nme_between(project(oa.vertices.astype(np.float64), oa.intrinsics), p_clean,
+                                                    occ_frames["audio_only"])))
+            else:
+                _rec(records, clip.id, m.name, "lip_err_audio_only", None)
+                _rec(records, clip.id, m.name, "nme_lips_audio_only", None)
+            _rec(records, clip.id, m.name, "jitter", M.jitter(1000.0 * vc, still) if still.any() else None)
+
+            # speed: the stages this method needs, measured on the clean clip in this run
+            secs = {"probe": stage["probe"], "decode": stage["decode"], "tracking": stage["tracking"],
+                    "audio": stage["audio"], "fit": (base.seconds, base.cpu_seconds)}
+            if "export" in m.stages and base.fit is not None:
+                secs["export"] = _time_export(base, clean, features, info, Path(tmp))
+            total = cpu_total = 0.0
+            for s in STAGES:
+                if s not in secs or (s not in m.stages and s != "decode"):
+                    continue
+                _rec(records, clip.id, m.name, f"rtf_{s}", secs[s][0] / duration)
+                if s != "decode":
+                    total += secs[s][0]
+                    cpu_total += secs[s][1]
+            _rec(records, clip.id, m.name, "rtf_total", total / duration)
+            _rec(records, clip.id, m.name, "cpu_rtf_total", cpu_total / duration)
+            _rec(records, clip.id, m.name, "ratio_to_tracking", M.ratio(total, stage["tracking"][0]))
+            _rec(records, clip.id, m.name, "peak_rss_mb", rss)
+            if cuda is not None:
+                _rec(records, clip.id, m.name, "cuda_peak_mb", cuda)
+            for v in ("clean",) + VARIANTS:
+                if o.get(v) is not None:
+                    series[f"lip_open_{m.name}_{v}"] = 1000.0 * M.lip_opening(o[v].vertices)
+    _add_ratios(records, clip.id, [m.name for m in methods])
+
+    strip = _strip_data(plan, outs, paths, info, records, clip.id)
+    clip_info = {
+        "kind": "real", "video": str(clip.video), "audio": str(clip.audio) if clip.audio else None,
+        "n_frames": n, "fps": fps, "duration_s": duration, "width": info.width, "height": info.height,
+        "detected_fraction": float(clean.detected.mean()), "visible_frames": int(visible.sum()),
+        "still_frames": int(still.sum()), "occlusion": plan.describe(),
+        "occluded_frames": {v: int(occ_frames[v].sum()) for v in VARIANTS},
+        "flagged_by_visual_confidence": flagged,
+        "stage_seconds": {k: round(w, 4) for k, (w, _) in stage.items()},
+        "stage_cpu_seconds": {k: round(c, 4) for k, (_, c) in stage.items()},
+        "bench_seconds": {k: round(w, 3) for k, (w, _) in bench_time.items()},
+        "speech": features is not None,
+    }
+    return ClipResult(clip.id, "real", records, clip_info, series, strip)
+
+
+_WARM = {"done": False}
+
+
+def _warm_up(tracking: Tracking, fit_cfg: FitConfig) -> None:
+    """One short fit before the first timed one, so that one-off start-up costs (torch's
+    first calls, the model's skinning weights) are not charged to the first clip's fit."""
+    if _WARM["done"]:
+        return
+    from avface.fit import fit_default
+
+    try:
+        fit_default(tracking, dataclasses.replace(fit_cfg, iterations=2))
+    except AVFaceError:
+        return
+    _WARM["done"] = True
+
+
+def _tracker_points(tracking: Tracking, fit_cfg: FitConfig) -> np.ndarray:
+    """(T, 468, 3) metric points of the tracker (NaN where undetected), for head motion."""
+    from avface.fit import backproject, intrinsics_for
+    from avface.models.canonical import RIGID, load_canonical_mesh
+
+    k = intrinsics_for(tracking.width, tracking.height, fit_cfg.fov_deg)
+    w = np.full(468, 0.02)
+    w[list(RIGID)] = 1.0
+    return backproject(tracking, k, load_canonical_mesh().vertices.astype(np.float64), w)
+
+
+def _add_ratios(records: list[dict], clip_id: str, methods: list[str]) -> None:
+    """Per-clip ratios of the occlusion errors to the reference method's."""
+    val = {(r["method"], r["metric"]): r["value"] for r in records if r["clip"] == clip_id}
+    for metric in ("lip_err_occluded", "lip_err_audio_only"):
+        ref = val.get((REFERENCE_METHOD, metric), float("nan"))
+        for m in methods:
+            if (m, metric) in val:
+                _rec(records, clip_id, m, f"{metric}_ratio", M.ratio(val[(m, metric)], ref))
+
+
+def _strip_data(plan: OcclusionPlan, outs, paths, info, records, clip_id) -> dict | None:
+    """What the side-by-side strip needs from this clip: its worst hand span for the
+    reference method, and every method's vertices around it."""
+    if not plan.occluder_spans:
+        return None
+    ref = outs.get(REFERENCE_METHOD, {})
+    if ref.get("hand") is None or ref.get("clean") is None:
+        return None
+    best, best_err = None, -1.0
+    for a, b in plan.occluder_spans:
+        e = M.safe_mean(M.lip_vertex_error(ref["hand"].vertices, ref["clean"].vertices, np.arange(a, b)))
+        if e > best_err:
+            best, best_err = (a, b), e
+    margin = int(round(STRIP_MARGIN_S * plan.fps))
+    a, b = best
+    lo, hi = max(0, a - margin), min(plan.n_frames, b + margin)
+    verts = {m: (o["hand"].vertices[lo:hi].copy(), o["hand"].intrinsics) for m, o in outs.items() if o.get("hand") is not None}
+    ref_clean = (ref["clean"].vertices[lo:hi].copy(), ref["clean"].intrinsics)
+    return {"clip": clip_id, "span": best, "range": (lo, hi), "error_mm": 1000.0 * best_err, "vertices": verts,
+            "clean_reference": ref_clean, "hand_video": paths["hand"], "clean_video": info.path, "fps": plan.fps}
+
+
+# --------------------------------------------------------------------------- synthetic clips
+
+
+def bench_synth_clip(index: int, methods: list[Method], cfg: BenchConfig, out_dir: Path, cache: Path) -> ClipResult:
+    from avface.synth import GT_NAME, load_demo_gt, make_demo_clip
+
+    seed = cfg.seed + index
+    clip_id = f"synth_seed{seed}"
+    folder = out_dir / "synth" / clip_id
+    params = {"seed": seed, "duration_s": cfg.synth_duration_s, "size": cfg.synth_size, "occluder": True}
+    stamp = folder / "params.json"
+    clip = None
+    if (folder / GT_NAME).is_file() and stamp.is_file():
+        try:
+            if json.loads(stamp.read_text()) == params:
+                clip = load_demo_gt(folder)
+        except (OSError, json.JSONDecodeError, AVFaceError):
+            clip = None
+    if clip is None:
+        log.info("%s: rendering the synthetic clip", clip_id)
+        clip = make_demo_clip(folder, seed=seed, duration_s=cfg.synth_duration_s, size=cfg.synth_size, occluder=True)
+        stamp.write_text(json.dumps(params))
+    info = media.probe(clip.video_path)
+    tr = track(info, config=cfg.tracking, cache_dir=cache / "tracking")
+    n = min(tr.n_frames, clip.n_frames)
+    wave, features = _read_speech(clip.wav_path, tr.n_frames, float(info.fps))
+    inp = {"synth": MethodInput(clip_id, "synth", tr, features, wave, float(info.fps), cfg.fit)}
+    outs = _run_all(methods, inp)
+    gt = clip.gt_vertices[:n].astype(np.float64)
+    visible = clip.occlusion_fraction[:n] <= 0.0
+    occluded = clip.occluded[:n]
+    records: list[dict] = []
+    series: dict[str, np.ndarray] = {"fps": np.array(float(info.fps)), "n_frames": np.array(n),
+                                     "occluded": occluded, "lip_open_gt": 1000.0 * M.lip_opening(gt)}
+    for m in methods:
+        o = outs[m.name]["synth"]
+        if o is None:
+            continue
+        v = o.vertices[:n]
+        for name, frames in (("visible", visible), ("occluded", occluded)):
+            if frames.any():
+                _rec(records, clip_id, m.name, f"mm_synth_{name}", 1000.0 * M.safe_mean(M.vertex_error_similarity(v, gt, frames)))
+                _rec(records, clip_id, m.name, f"mm_synth_lips_{name}",
+                     1000.0 * M.safe_mean(M.lip_error_similarity(v, gt, frames)))
+        series[f"lip_open_{m.name}"] = 1000.0 * M.lip_opening(v)
+    info_d = {"kind": "synth", "video": str(clip.video_path), "seed": seed, "n_frames": n, "fps": float(info.fps),
+              "duration_s": n / float(info.fps), "width": info.width, "height": info.height,
+              "occluder_span_s": list(clip.occluder_span_s) if clip.occluder_span_s else None,
+              "occluded_frames": int(occluded.sum()), "visible_frames": int(visible.sum()), "text": clip.text}
+    return ClipResult(clip_id, "synth", records, info_d, series)
+
+
+# --------------------------------------------------------------------------- aggregate and run
+
+
+def is_timing_metric(metric: str) -> bool:
+    """Metrics that measure this machine, not the methods' output (excluded from the
+    same-seed-same-figures check)."""
+    return metric.startswith(TIMING_METRICS_PREFIXES) or metric in TIMING_METRICS
+
+
+def aggregate(records: list[dict], clip_info: dict[str, dict]) -> dict[str, dict[str, float]]:
+    """Per method and metric over clips: ratios by geometric mean; real-time factors weighted
+    by clip duration (total seconds over total video seconds); memory by maximum; the rest by
+    the mean over clips (each clip counts once, however long)."""
+    by: dict[tuple[str, str], list[tuple[str, float]]] = {}
+    for r in records:
+        by.setdefault((r["method"], r["metric"]), []).append((r["clip"], r["value"]))
+    out: dict[str, dict[str, float]] = {}
+    for (method, metric), vals in by.items():
+        xs = np.array([v for _, v in vals], np.float64)
+        if metric.endswith("_ratio") and metric != "ratio_to_tracking":
+            agg = M.geometric_mean(xs)
+        elif metric.startswith("peak_rss") or metric == "cuda_peak_mb":
+            agg = float(np.nanmax(xs)) if np.isfinite(xs).any() else float("nan")
+        elif metric.startswith(TIMING_METRICS_PREFIXES):
+            d = np.array([clip_info[c]["duration_s"] for c, _ in vals])
+            ok = np.isfinite(xs)
+            agg = float((xs[ok] * d[ok]).sum() / d[ok].sum()) if ok.any() else float("nan")
+        elif metric == "ratio_to_tracking":
+            continue  # below, from the pooled real-time factors
+        else:
+            agg = M.safe_mean(xs)
+        out.setdefault(method, {})[metric] = agg
+    for method, d in out.items():
+        if "rtf_total" in d and "rtf_tracking" in d:
+            d["ratio_to_tracking"] = M.ratio(d["rtf_total"], d["rtf_tracking"])
+    return out
+
+
+def _resolve_methods(cfg: BenchConfig) -> list[Method]:
+    load_plugins(cfg.plugins)
+    names = list(cfg.methods) if cfg.methods else list(available_methods())
+    if REFERENCE_METHOD not in names:
+        log.info("adding %s: the occlusion ratios are measured against it", REFERENCE_METHOD)
+        names.insert(0, REFERENCE_METHOD)
+    seen = []
+    for n in names:
+        if n not in seen:
+            seen.append(n)
+    return [get_method(n) for n in seen]
+
+
+def _json_clean(x):
+    """NaN and infinities to None (metrics.json is strict JSON), numpy scalars to Python."""
+    if isinstance(x, dict):
+        return {str(k): _json_clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_clean(v) for v in x]
+    if isinstance(x, (np.floating, float)):
+        return float(x) if math.isfinite(float(x)) else None
+    if isinstance(x, np.integer):
+        return int(x)
+    if isinstance(x, np.bool_):
+        return bool(x)
+    if isinstance(x, Path):
+        return str(x)
+    return x
+
+
+def run_bench(clips_dir: Path | str, out_dir: Path | str, config: BenchConfig = BenchConfig(), *,
+              progress: Callable[[str], None] | None = None) -> dict:
+    """Run the benchmark; writes OUT/metrics.json, OUT/report.md, OUT/plots/ and returns the
+    metrics document."""
+    t0, c0 = time.perf_counter(), _cpu_seconds()
+    clips_dir, out_dir = Path(clips_dir), Path(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        from avface.errors import OutputError
+
+        raise OutputError(f"cannot create the output folder {out_dir}: {e.strerror or e}") from e
+    cache = Path(config.cache_dir) if config.cache_dir else out_dir / "cache"
+    cache.mkdir(parents=True, exist_ok=True)
+    methods = _resolve_methods(config)
+    # never benchmark our own output (variants, strips) when OUT lies inside the clips folder
+    clips = [c for c in discover_clips(clips_dir) if not _inside(c.video, out_dir)]
+    if config.clip_ids:
+        unknown = set(config.clip_ids) - {c.id for c in clips}
+        if unknown:
+            raise InputError(f"no clips {sorted(unknown)} in {clips_dir}; it has {[c.id for c in clips]}")
+        clips = [c for c in clips if c.id in config.clip_ids]
+    if not clips and config.synth_clips <= 0:
+        raise InputError(f"{clips_dir} holds no video clips (and --synth 0 asks for no synthetic ones)")
+    say = progress or (lambda msg: log.info("%s", msg))
+    results: list[ClipResult] = []
+    for i, clip in enumerate(clips):
+        say(f"[{i + 1}/{len(clips)}] {clip.id}")
+        results.append(bench_real_clip(clip, methods, config, cache))
+    for k in range(config.synth_clips):
+        say(f"[synthetic {k + 1}/{config.synth_clips}]")
+        results.append(bench_synth_clip(k, methods, config, out_dir, cache))
+
+    records = [r for res in results for r in res.records]
+    clip_info = {res.clip_id: res.info for res in results}
+    method_order = {m.name: i for i, m in enumerate(methods)}
+    clip_order = {res.clip_id: i for i, res in enumerate(results)}
+    records.sort(key=lambda r: (clip_order[r["clip"]], method_order[r["method"]], r["metric"]))
+    doc = {
+        "schema_version": SCHEMA_VERSION,
+        "clips": [res.clip_id for res in results],
+        "methods": [m.name for m in methods],
+        "records": records,
+        "aggregate": aggregate(records, clip_info),
+        "seed": config.seed,
+        "clips_dir": str(clips_dir.resolve()),
+        "clip_info": clip_info,
+        "method_info": {m.name: {"description": m.description, "stages": list(m.stages)} for m in methods},
+        "definitions": METRIC_DEFINITIONS,
+        "run": {
+            "avface_version": __version__,
+            "wall_s": None, "cpu_s": None,  # filled in below, after the plots
+            "peak_rss_mb": peak_rss_mb(),
+            "cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+            "cuda": _cuda_info(),
+            "config": dataclasses.asdict(config),
+        },
+    }
+    series = {res.clip_id: res.series for res in results}
+    _save_series(out_dir, series)
+    if config.plots:
+        from . import plots
+
+        say("plots")
+        doc["plots"] = plots.write_all(doc, series, out_dir / "plots")
+        if config.strip:
+            strips = [res.strip for res in results if res.strip is not None]
+            if strips:
+                worst = max(strips, key=lambda s: s["error_mm"])
+                say(f"side-by-side strip: {worst['clip']} frames {worst['range'][0]}..{worst['range'][1]}")
+                doc["plots"]["strip"] = plots.write_strip(worst, out_dir / "plots")
+    doc["run"]["wall_s"] = time.perf_counter() - t0
+    doc["run"]["cpu_s"] = _cpu_seconds() - c0
+    doc["run"]["peak_rss_mb"] = peak_rss_mb()
+    doc = _json_clean(doc)
+    (out_dir / "metrics.json").write_text(json.dumps(doc, indent=1, allow_nan=False))
+    from .report import write_report
+
+    write_report(doc, out_dir / "report.md")
+    return doc
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    try:
+        Path(path).resolve().relative_to(Path(folder).resolve())
+        return True
+    except ValueError:
+        return False
+
+
+def _cuda_info() -> dict | None:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return {"device": torch.cuda.get_device_name(0), "peak_allocated_mb": torch.cuda.max_memory_allocated() / 2**20}
+    except Exception:  # pragma: no cover
+        return None
+    return None
+
+
+def _save_series(out_dir: Path, series: dict[str, dict[str, np.ndarray]]) -> None:
+    """Per-clip time series (lip opening per method and variant, spans) for plots and people."""
+    folder = out_dir / "series"
+    folder.mkdir(parents=True, exist_ok=True)
+    for clip_id, s in series.items():
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in clip_id)
+        np.savez_compressed(folder / f"{safe}.npz", **{k: np.asarray(v) for k, v in s.items()})

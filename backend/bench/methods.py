@@ -1,0 +1,227 @@
+"""Reconstruction methods the benchmark compares, as named, registered variants.
+
+A method is a function from one clip variant's evidence (:class:`MethodInput`: the
+tracker's output, the speech features, the frame rate) to a mesh per frame
+(:class:`MethodOutput`: (T, 468, 3) vertices in metres in the OpenCV camera frame, and the
+intrinsics they project with). Every method must return a finite mesh for every frame: a
+method that has nothing for a frame says how it fills it.
+
+Later stages add their variants without touching the harness: decorate a function with
+:func:`register_method` in a module named ``bench_methods`` inside any ``avface``
+subpackage (``avface/<pkg>/bench_methods.py``), which :func:`load_plugins` imports, or
+pass the module with ``avface bench --plugin MODULE``.
+
+Built in:
+
+* ``tracker``: raw per-frame MediaPipe. Its 3D is the tracker's own landmarks made metric
+  by :func:`avface.fit.backproject`; frames without a detection hold the nearest detected
+  frame (what a keyframed animation would show).
+* ``coarse_video``: the coarse fit, video only, every detected frame fitted as seen
+  (``FitConfig.use_visual_confidence=False``).
+* ``interp``: the coarse fit where frames whose mouth confidence
+  (:func:`avface.pipeline.visual_confidence`) is below 0.5 get no lower-face data term and
+  are filled by temporal smoothness from their neighbours.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.util
+import logging
+import pkgutil
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from avface.fit import WORLD_TO_CAMERA, CoarseFit, FitConfig, backproject, fit_default, intrinsics_for
+from avface.tracking import Tracking
+
+log = logging.getLogger(__name__)
+
+N_VERTICES = 468
+REFERENCE_METHOD = "coarse_video"
+"""Occlusion errors are reported as ratios to this method's, measured on the same clips."""
+
+
+@dataclass(frozen=True)
+class MethodInput:
+    """What a method sees of one clip variant."""
+
+    clip_id: str
+    variant: str
+    """``clean``, an occluded variant (``hand``, ``object``), ``audio_only`` (black frames
+    over spans of speech) or ``synth``."""
+    tracking: Tracking
+    """The tracker's output on this variant's frames."""
+    features: object | None
+    """:class:`avface.audio.AudioFeatures` of the clip's speech (never occluded), or None."""
+    wave: np.ndarray | None
+    """(N,) float32 mono speech at 16 kHz, or None."""
+    fps: float
+    fit_config: FitConfig
+    """The benchmark's base fit options (field of view, iterations, ...); methods replace
+    what they must."""
+
+
+@dataclass
+class MethodOutput:
+    vertices: np.ndarray
+    """(T, 468, 3) float32 metres, OpenCV camera frame (x right, y down, z forward)."""
+    intrinsics: np.ndarray
+    """(3, 3) pixel intrinsics the vertices project with."""
+    fit: CoarseFit | None = None
+    """The coarse fit behind the vertices, when there is one (the export stage is timed on it)."""
+    filled: np.ndarray | None = None
+    """(T,) bool: frames the method had no evidence for and filled."""
+    seconds: float = 0.0
+    """Wall time of the method itself (set by :func:`run_method`)."""
+    cpu_seconds: float = 0.0
+    """Process CPU time of the method itself (set by :func:`run_method`)."""
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    run: Callable[[MethodInput], MethodOutput]
+    description: str
+    stages: tuple[str, ...]
+    """Pipeline stages this method needs, in order: its real-time factor is their sum."""
+
+    @property
+    def uses_audio(self) -> bool:
+        return "audio" in self.stages
+
+
+_REGISTRY: dict[str, Method] = {}
+
+DEFAULT_STAGES = ("probe", "tracking", "fit", "export")
+
+
+def register_method(name: str, *, description: str, stages: tuple[str, ...] = DEFAULT_STAGES,
+                    replace: bool = False):
+    """Decorator: register ``fn(MethodInput) -> MethodOutput`` under ``name``."""
+    if not name or not name.replace("_", "").isalnum():
+        raise ValueError(f"method names are identifiers (letters, digits, _), got {name!r}")
+
+    def deco(fn: Callable[[MethodInput], MethodOutput]):
+        if name in _REGISTRY and not replace:
+            raise ValueError(f"a bench method named {name!r} is already registered")
+        _REGISTRY[name] = Method(name, fn, description, tuple(stages))
+        return fn
+
+    return deco
+
+
+def unregister_method(name: str) -> None:
+    _REGISTRY.pop(name, None)
+
+
+def available_methods() -> dict[str, Method]:
+    """Registered methods by name, in registration order."""
+    return dict(_REGISTRY)
+
+
+def get_method(name: str) -> Method:
+    from avface.errors import InputError
+
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise InputError(f"unknown bench method {name!r}; registered: {', '.join(_REGISTRY)}") from None
+
+
+def load_plugins(extra_modules: tuple[str, ...] = ()) -> list[str]:
+    """Import ``avface.<pkg>.bench_methods`` for every avface subpackage that has one, then
+    ``extra_modules``; returns the modules imported. Registration happens on import."""
+    import avface
+
+    loaded = []
+    for info in pkgutil.iter_modules(avface.__path__):
+        if not info.ispkg or info.name == "bench":
+            continue
+        name = f"avface.{info.name}.bench_methods"
+        if importlib.util.find_spec(name) is None:
+            continue
+        importlib.import_module(name)
+        loaded.append(name)
+    for name in extra_modules:
+        importlib.import_module(name)
+        loaded.append(name)
+    return loaded
+
+
+def run_method(method: Method, inp: MethodInput) -> MethodOutput:
+    """Run a method and check what it returned; records its wall and CPU time."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    out = method.run(inp)
+    out.seconds = time.perf_counter() - t0
+    out.cpu_seconds = time.process_time() - c0
+    n = inp.tracking.n_frames
+    v = np.asarray(out.vertices)
+    if v.shape != (n, N_VERTICES, 3):
+        raise ValueError(f"method {method.name!r} returned vertices of shape {v.shape}, expected ({n}, {N_VERTICES}, 3)")
+    if not np.isfinite(v).all():
+        raise ValueError(f"method {method.name!r} returned NaN or infinite vertices; methods must fill every frame")
+    if np.asarray(out.intrinsics).shape != (3, 3):
+        raise ValueError(f"method {method.name!r} returned intrinsics of shape {np.shape(out.intrinsics)}")
+    out.vertices = v.astype(np.float32, copy=False)
+    return out
+
+
+# --------------------------------------------------------------------------- built-in methods
+
+
+def hold_nearest(x: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """(T, ...) rows where ``valid`` is False replaced by the nearest valid row (earlier on a tie)."""
+    valid = np.asarray(valid, bool)
+    if not valid.any():
+        raise ValueError("no valid frame to hold")
+    idx = np.nonzero(valid)[0]
+    t = np.arange(len(valid))
+    pos = np.clip(np.searchsorted(idx, t), 1, len(idx) - 1) if len(idx) > 1 else np.zeros(len(t), int)
+    if len(idx) > 1:
+        left, right = idx[pos - 1], idx[pos]
+        nearest = np.where(t - left <= right - t, left, right)
+    else:
+        nearest = np.full(len(t), idx[0])
+    return np.asarray(x)[nearest]
+
+
+@register_method("tracker", description="raw per-frame MediaPipe landmarks, made metric by back-projection",
+                 stages=("probe", "tracking"))
+def tracker_method(inp: MethodInput) -> MethodOutput:
+    from avface.errors import NoFaceError
+    from avface.fit import NO_FACE_MESSAGE
+    from avface.models.canonical import RIGID, load_canonical_mesh
+
+    tr = inp.tracking
+    det = np.asarray(tr.detected, bool)
+    if not det.any():
+        raise NoFaceError(NO_FACE_MESSAGE)
+    k = intrinsics_for(tr.width, tr.height, inp.fit_config.fov_deg)
+    rigid_w = np.full(N_VERTICES, 0.02)  # as the fit weighs them
+    rigid_w[list(RIGID)] = 1.0
+    world = backproject(tr, k, load_canonical_mesh().vertices.astype(np.float64), rigid_w)
+    cam = hold_nearest(world, det) @ WORLD_TO_CAMERA.T
+    return MethodOutput(cam.astype(np.float32), k, filled=~det)
+
+
+def _fit_output(fit: CoarseFit) -> MethodOutput:
+    return MethodOutput(fit.camera_vertices(), fit.intrinsics, fit=fit, filled=fit.filled)
+
+
+@register_method("coarse_video", description="coarse fit, video only, every frame fitted as the tracker sees it")
+def coarse_video_method(inp: MethodInput) -> MethodOutput:
+    cfg = dataclasses.replace(inp.fit_config, use_visual_confidence=False)
+    return _fit_output(fit_default(inp.tracking, cfg))
+
+
+@register_method("interp", description="coarse fit; frames with mouth confidence < 0.5 filled by temporal interpolation")
+def interp_method(inp: MethodInput) -> MethodOutput:
+    from avface.pipeline import visual_confidence
+
+    conf, _ = visual_confidence(inp.tracking)
+    cfg = dataclasses.replace(inp.fit_config, use_visual_confidence=True)
+    return _fit_output(fit_default(inp.tracking, cfg, mouth_conf=conf))
