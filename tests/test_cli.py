@@ -93,3 +93,10 @@ def test_models_lists_default_and_why_not_flame(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "default  available" in r.stdout
     assert "flame    not available" in r.stdout and "face_landmarker.task" in r.stdout
+
+
+def test_command_line_loads_no_torch_until_a_command_needs_it():
+    # `avface serve` builds the whole parser; its socket loop must stay free of torch
+    code = "import sys, avface.cli; avface.cli.build_parser(); print('torch' in sys.modules)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "False", r.stdout + r.stderr

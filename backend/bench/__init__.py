@@ -6,5 +6,19 @@ occlusion protocol: spans, occluders, variants), :mod:`.metrics` (the error meas
 :mod:`.harness` (the run, metrics.json), :mod:`.plots`, :mod:`.report` (report.md) and
 :mod:`.cli` (the ``bench`` subcommand).
 """
-from .harness import SCHEMA_VERSION, BenchConfig, run_bench  # noqa: F401
-from .methods import MethodInput, MethodOutput, available_methods, register_method  # noqa: F401
+# Imported lazily: `avface serve` builds the whole command line, and its socket loop must not
+# load torch just because the bench subcommand exists.
+_LAZY = {
+    "SCHEMA_VERSION": "harness", "BenchConfig": "harness", "run_bench": "harness",
+    "MethodInput": "methods", "MethodOutput": "methods", "available_methods": "methods",
+    "register_method": "methods",
+}
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
