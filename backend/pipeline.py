@@ -7,6 +7,7 @@ CancelledError.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -221,20 +222,16 @@ def reconstruct(
         if should_cancel is not None and should_cancel():
             raise CancelledError("the job was cancelled")
 
+    @contextlib.contextmanager
     def timed(stage: str):
-        class _T:
-            def __enter__(self_):
-                check_cancel()
-                report(stage, 0.0, "")
-                self_.t = time.perf_counter()
-
-            def __exit__(self_, *exc):
-                seconds[stage] = seconds.get(stage, 0.0) + time.perf_counter() - self_.t
-                if exc[0] is None:
-                    report(stage, 1.0, "done")
-                return False
-
-        return _T()
+        check_cancel()
+        report(stage, 0.0, "")
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            seconds[stage] = seconds.get(stage, 0.0) + time.perf_counter() - t0
+        report(stage, 1.0, "done")
 
     _check_device(options.device)
     _prepare_output(out_dir)
@@ -243,6 +240,18 @@ def reconstruct(
     with timed("probe"):
         info = media.probe(video)
         start, end = info.frame_range(options.frame_start, options.frame_end)
+        # read every input before the long stages, so a bad one fails in seconds, not minutes
+        transcript = None
+        if options.transcript:
+            try:
+                transcript = Path(options.transcript).read_text()
+            except (OSError, UnicodeDecodeError) as e:
+                raise InputError(f"cannot read the transcript {options.transcript}: {getattr(e, 'strerror', None) or e}") from e
+        wave, audio_source = None, None
+        if options.audio:
+            wave, audio_source = media.read_audio(options.audio), options.audio
+        elif info.has_audio:
+            wave, audio_source = media.read_audio(video, start_s=start / info.fps), str(video)
     log.info("%s: %dx%d, %.3f fps, frames %d..%d, audio %s", video, info.width, info.height, info.fps,
              start, end, "yes" if info.has_audio else "no")
 
@@ -255,21 +264,10 @@ def reconstruct(
         raise MediaError(f"{video} delivered no frames in the range {start}..{end}")
 
     with timed("audio"):
-        wave, audio_source = None, None
-        if options.audio:
-            wave, audio_source = media.read_audio(options.audio), options.audio
-        elif info.has_audio:
-            wave, audio_source = media.read_audio(video, start_s=start / info.fps), str(video)
         features = None
         if wave is not None:
             from . import audio as audio_mod
 
-            transcript = None
-            if options.transcript:
-                try:
-                    transcript = Path(options.transcript).read_text()
-                except OSError as e:
-                    raise InputError(f"cannot read the transcript {options.transcript}: {e.strerror or e}") from e
             features = audio_mod.extract_features(wave, media.SAMPLE_RATE_HZ, n, info.fps, transcript=transcript,
                                                   progress=lambda f: report("audio", f, "phones"))
         else:

@@ -100,3 +100,11 @@ def test_command_line_loads_no_torch_until_a_command_needs_it():
     code = "import sys, avface.cli; avface.cli.build_parser(); print('torch' in sys.modules)"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "False", r.stdout + r.stderr
+
+
+def test_bad_audio_and_transcript_fail_before_tracking(tmp_path, faceless):
+    r = _reconstruct(faceless, tmp_path, "--audio", str(tmp_path / "missing.wav"))
+    assert r.returncode == 3 and "missing.wav" in r.stderr
+    r = _reconstruct(faceless, tmp_path, "--transcript", str(tmp_path / "missing.txt"))
+    assert r.returncode == 2 and "[bad_input]" in r.stderr and "missing.txt" in r.stderr
+    assert not (tmp_path / "cache").exists()  # the tracker never ran
