@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from . import __version__
-from .errors import AVFaceError, InputError
+from .errors import AVFaceError
 
 log = logging.getLogger("avface")
 

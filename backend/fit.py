@@ -33,7 +33,7 @@ from scipy.spatial.transform import Rotation
 
 from avface.models.base import FaceModel, FaceParams
 from avface.models.canonical import (
-    LIPS, N_VERTICES, OUTER_EYE_CORNERS, RIGID, CanonicalModel, load_canonical_mesh, lower_face_ids,
+    LIPS, N_VERTICES, RIGID, CanonicalModel, inter_ocular, load_canonical_mesh, lower_face_ids,
 )
 
 from .arkit import fill_missing
@@ -363,7 +363,7 @@ def _refine(model, tracking, k, rot0, transl0, jaw0, expr0, det, config, progres
     target = torch.as_tensor(np.nan_to_num(tracking.landmarks[:, ids]), dtype=dt, device=dev)  # (T, M, 3) px
     full = np.nan_to_num(tracking.landmarks)
     mask = torch.as_tensor(det, dtype=dt, device=dev)
-    iod_np = np.linalg.norm(full[:, OUTER_EYE_CORNERS[0], :2] - full[:, OUTER_EYE_CORNERS[1], :2], axis=-1)
+    iod_np = inter_ocular(full)
     iod = torch.as_tensor(np.where(det, np.maximum(iod_np, 1.0), 1.0), dtype=dt, device=dev)
     lip_w = np.where(np.isin(ids, LIPS), 2.0, 1.0)  # lips matter most for a talking face
     # (T, M) landmark weights: the lower face of a frame counts as much as its mouth is seen
@@ -481,8 +481,7 @@ def fit_metrics(fit: CoarseFit, tracking: Tracking) -> dict[str, float]:
     pred = fit.projected_landmarks()[det]
     ids = fit.model.landmark_ids
     gt = tracking.landmarks[det][:, ids, :2]
-    iod = np.linalg.norm(tracking.landmarks[det][:, OUTER_EYE_CORNERS[0], :2]
-                         - tracking.landmarks[det][:, OUTER_EYE_CORNERS[1], :2], axis=-1)
+    iod = inter_ocular(tracking.landmarks[det])
     err = np.linalg.norm(pred - gt, axis=-1) / iod[:, None] * 100.0
     lips = np.isin(ids, LIPS)
     return {"nme": float(err.mean()), "nme_lips": float(err[:, lips].mean())}

@@ -177,7 +177,7 @@ def visual_confidence(tracking: Tracking) -> tuple[np.ndarray, np.ndarray]:
     neighbours (a tracker that lost the mouth), in inter-ocular distances; and an
     appearance anomaly of the lower face (an object over the mouth).
     """
-    from avface.models.canonical import LIPS, OUTER_EYE_CORNERS
+    from avface.models.canonical import LIPS, inter_ocular
 
     det = tracking.detected
     conf = det.astype(np.float64)
@@ -185,7 +185,7 @@ def visual_confidence(tracking: Tracking) -> tuple[np.ndarray, np.ndarray]:
     lm = tracking.landmarks
     if len(lm) >= 3:
         lips = lm[:, list(LIPS), :2]
-        iod = np.linalg.norm(lm[:, OUTER_EYE_CORNERS[0], :2] - lm[:, OUTER_EYE_CORNERS[1], :2], axis=-1)
+        iod = inter_ocular(lm)
         mid = 0.5 * (lips[:-2] + lips[2:])
         jump = np.full(len(lm), 0.0)
         ok = det[:-2] & det[1:-1] & det[2:]

@@ -205,7 +205,7 @@ def summary(result: Result) -> str:
         f"  lips        {a['lip_vertex_ids'].shape[0]} vertices, {a['lip_basis'].shape[0]} components "
         f"(PCA residual {m['lip_pca_residual']:.2e} m)",
         f"  detail      {m['detail'].get('n_maps', 0)} displacement maps",
-        f"  stages      " + ", ".join(f"{s} {m['stage_seconds'].get(s, 0):.1f}s" for s in m["stages_run"]),
+        "  stages      " + ", ".join(f"{s} {m['stage_seconds'].get(s, 0):.1f}s" for s in m["stages_run"]),
         f"  vertices    {'stored' if 'vertices' in a else 'not stored (--no-vertices)'}",
     ]
     if "fit_metrics" in m:

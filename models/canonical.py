@@ -49,6 +49,13 @@ CHIN = (152, 148, 176, 149, 150, 377, 400, 378, 379, 136, 365, 172, 397)
 MOUTH_CORNERS = (61, 291, 78, 308)
 
 
+def inter_ocular(points) -> np.ndarray:
+    """(...,) distance between the outer eye corners of (..., >=468, >=2) MediaPipe-indexed
+    points, using x and y only: the length NME is normalised by."""
+    p = np.asarray(points, np.float64)
+    return np.linalg.norm(p[..., OUTER_EYE_CORNERS[0], :2] - p[..., OUTER_EYE_CORNERS[1], :2], axis=-1)
+
+
 def _read_varint(buf: bytes, pos: int) -> tuple[int, int]:
     shift = value = 0
     while True:

@@ -4,7 +4,6 @@ and do the same for FLAME."""
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 
 from avface.evaluate import aligned_vertex_error
@@ -41,8 +40,7 @@ def _with_iris(v468: np.ndarray) -> np.ndarray:
     return np.concatenate([v468, v468[:, [33] * 5 + [263] * 5]], axis=1)
 
 
-def _canonical_truth(t=40, seed=0):
-    rng = np.random.default_rng(seed)
+def _canonical_truth(t=40):
     mesh = load_canonical_mesh()
     # a clip-specific basis: a few smooth deformations (mouth stretch, pucker, brows)
     y = mesh.vertices[:, 1]

@@ -13,7 +13,7 @@ from avface import media
 from avface.clips import discover_clips
 from avface.evaluate import nme
 from avface.fit import project
-from avface.models.canonical import LIPS, OUTER_EYE_CORNERS
+from avface.models.canonical import LIPS, inter_ocular
 from avface.pipeline import ReconstructOptions, reconstruct
 from avface.result import load_result
 from avface.tracking import track
@@ -45,7 +45,7 @@ def test_real_clip_reconstructs_within_nme(shared_data, clip_id, tmp_path, cache
     assert det.mean() > 0.5, f"tracker found a face in only {det.mean():.0%} of frames"
     pred = project(res["vertices"].astype(np.float64), res["intrinsics"])[det]
     gt = tracking.landmarks[det, :468, :2]
-    iod = np.linalg.norm(gt[:, OUTER_EYE_CORNERS[0]] - gt[:, OUTER_EYE_CORNERS[1]], axis=-1)
+    iod = inter_ocular(gt)
     all_nme = nme(pred, gt, iod).mean()
     lips_nme = nme(pred[:, list(LIPS)], gt[:, list(LIPS)], iod).mean()
     print(f"{clip_id}: NME {all_nme:.2f} %, lips {lips_nme:.2f} %, {det.sum()} detected frames")

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -77,22 +76,11 @@ def register(subparsers) -> None:
 
 
 def main(argv=None) -> int:
-    os.environ.setdefault("GLOG_minloglevel", "2")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from avface.errors import AVFaceError
+    """``python -m avface.bench.cli ARGS`` is ``avface bench ARGS``: one entry point, one
+    place that sets up logging and turns errors into exit codes."""
+    from avface.cli import main as avface_main
 
-    parser = argparse.ArgumentParser(prog="avface bench", description=__doc__.split("\n\n")[0])
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return cmd_bench(args)
-    except AVFaceError as e:
-        print(f"avface bench: error [{e.code}]: {e}", file=sys.stderr)
-        return e.exit_status
-    except KeyboardInterrupt:
-        print("avface bench: interrupted", file=sys.stderr)
-        return 130
+    return avface_main(["bench", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -31,7 +31,7 @@ import numpy as np
 
 from avface.evaluate import aligned_vertex_error, nme
 from avface.fit import rigid, similarity
-from avface.models.canonical import LIPS, OUTER_EYE_CORNERS, RIGID
+from avface.models.canonical import LIPS, RIGID, inter_ocular
 
 AUC_MAX_NME_PERCENT = 10.0
 """Upper limit of the NME axis of the cumulative error curve (the paper's AUC@10 %)."""
@@ -63,12 +63,6 @@ def _frame_index(frames, n: int) -> np.ndarray:
             raise ValueError(f"expected a ({n},) bool frame mask, got shape {frames.shape}")
         return np.nonzero(frames)[0]
     return frames.astype(np.int64)
-
-
-def inter_ocular(points2d: np.ndarray) -> np.ndarray:
-    """(T,) distance between the outer eye corners of (T, >=468, 2) landmarks."""
-    p = np.asarray(points2d, np.float64)
-    return np.linalg.norm(p[:, OUTER_EYE_CORNERS[0], :2] - p[:, OUTER_EYE_CORNERS[1], :2], axis=-1)
 
 
 def nme_frames(pred2d: np.ndarray, ref2d: np.ndarray, iod: np.ndarray, ids=None) -> np.ndarray:

@@ -322,12 +322,10 @@ def cmd_keys(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="avface", description="AVFace reconstruction service")
-    ap.add_argument("-v", "--verbose", action="count", default=0)
-    sub = ap.add_subparsers(dest="command", required=True)
-    register(sub)
-    args = ap.parse_args(argv)
-    return args.func(args)
+    """``python -m avface.service.cli CMD ...`` is ``avface CMD ...``."""
+    from avface.cli import main as avface_main
+
+    return avface_main(argv)
 
 
 if __name__ == "__main__":
