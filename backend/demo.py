@@ -23,7 +23,7 @@ def demo_errors(result_path: Path, clip) -> dict[str, float]:
     """3D errors of a reconstruction of a synthetic clip against its ground truth, in mm,
     after a per-frame similarity alignment (which removes the monocular scale/depth
     ambiguity), plus the lip-vertex error."""
-    from avface.models.canonical import LIPS
+    from avface.topology import LIPS
 
     res = load_result(result_path)
     pred = res["vertices"].astype(np.float64)

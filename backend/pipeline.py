@@ -99,7 +99,7 @@ def available_models(flame_dir: str | None = None) -> dict[str, dict]:
     """Which face models this backend can run, and why not where it cannot."""
     out: dict[str, dict] = {}
     try:
-        from avface.models.canonical import load_canonical_mesh
+        from avface.models.canonical_mesh import load_canonical_mesh
 
         load_canonical_mesh()
         out["default"] = {"available": True, "reason": ""}
@@ -151,7 +151,7 @@ def appearance_anomaly(tracking: Tracking) -> np.ndarray:
     """
     import cv2
 
-    from avface.models.canonical import LIPS_LOWER_INNER, LIPS_UPPER_INNER, RIGID, lower_face_ids
+    from avface.topology import LIPS_LOWER_INNER, LIPS_UPPER_INNER, RIGID, lower_face_ids
 
     det = np.asarray(tracking.detected, bool)
     score = np.zeros(len(det))
@@ -177,7 +177,7 @@ def visual_confidence(tracking: Tracking) -> tuple[np.ndarray, np.ndarray]:
     neighbours (a tracker that lost the mouth), in inter-ocular distances; and an
     appearance anomaly of the lower face (an object over the mouth).
     """
-    from avface.models.canonical import LIPS, inter_ocular
+    from avface.topology import LIPS, inter_ocular
 
     det = tracking.detected
     conf = det.astype(np.float64)

@@ -11,7 +11,8 @@ import numpy as np
 
 from . import media
 from .errors import CancelledError
-from .fit import CoarseFit, project
+from .fit import CoarseFit
+from .geometry import project
 
 log = logging.getLogger(__name__)
 

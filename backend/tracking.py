@@ -110,7 +110,7 @@ def sample_colors(frame: np.ndarray, points: np.ndarray, radius_px: int = 2) -> 
 
 
 def _region_ids() -> dict[str, np.ndarray]:
-    from avface.models.canonical import LEFT_EYE, LIPS, RIGHT_EYE
+    from avface.topology import LEFT_EYE, LIPS, RIGHT_EYE
 
     return {"mouth": np.asarray(LIPS), "eyes": np.asarray(LEFT_EYE + RIGHT_EYE), "face": np.arange(468)}
 

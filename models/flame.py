@@ -45,7 +45,7 @@ import torch
 from avface.errors import ModelFileError
 
 from .base import FaceModel, FaceOutput, FaceParams
-from .canonical import LIPS
+from avface.topology import LIPS
 from .lbs import blend_shapes, lbs, vertices2landmarks
 
 log = logging.getLogger(__name__)

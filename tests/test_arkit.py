@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from avface.arkit import ARKIT_NAMES, arkit_curves, fill_missing
+from avface.arkit import ARKIT_NAMES, arkit_curves
+from avface.timeseries import fill_missing
 from avface.tracking import _BLENDSHAPE_NAMES as MEDIAPIPE_NAMES
 
 

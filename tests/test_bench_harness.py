@@ -18,7 +18,7 @@ from avface.bench.cli import main as bench_main
 from avface.bench.cli import register
 from avface.bench.harness import SCHEMA_VERSION, BenchConfig, is_timing_metric, run_bench
 from avface.bench.methods import MethodOutput, register_method, unregister_method
-from avface.models.canonical import LIPS
+from avface.topology import LIPS
 
 SEED = 3
 CLIP_S = 1.6

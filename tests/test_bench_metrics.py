@@ -10,11 +10,12 @@ from scipy.spatial.transform import Rotation
 
 from avface.bench import metrics as M
 from avface.bench.harness import aggregate, is_timing_metric
-from avface.bench.methods import (MethodOutput, available_methods, get_method, hold_nearest, register_method,
-                                  unregister_method)
+from avface.bench.methods import MethodOutput, available_methods, get_method, register_method, unregister_method
 from avface.bench.occlusion import SlicedOT, choose_spans, clip_rng
 from avface.errors import InputError
-from avface.models.canonical import LIPS, load_canonical_mesh
+from avface.timeseries import hold_nearest
+from avface.topology import LIPS
+from avface.models.canonical_mesh import load_canonical_mesh
 
 from conftest import assert_close
 

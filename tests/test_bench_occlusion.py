@@ -11,7 +11,8 @@ import pytest
 from scipy.spatial.transform import Rotation
 
 from avface.bench import occlusion as O
-from avface.models.canonical import CHIN, LEFT_EYE, LIPS, RIGHT_EYE, load_canonical_mesh
+from avface.topology import CHIN, LEFT_EYE, LIPS, RIGHT_EYE
+from avface.models.canonical_mesh import load_canonical_mesh
 from avface.tracking import Tracking
 
 W, H, FPS, N = 256, 240, 25.0, 100

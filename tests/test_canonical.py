@@ -12,8 +12,10 @@ from avface import assets
 from avface.errors import ModelFileError
 from avface.models import canonical
 from avface.models.base import FaceParams
-from avface.models.canonical import (CHIN, LEFT_EYE, LIPS_LOWER_INNER, LIPS_LOWER_OUTER, LIPS_UPPER_INNER,
-                                     LIPS_UPPER_OUTER, NOSE_BRIDGE, RIGHT_EYE, CanonicalModel)
+from avface.topology import (
+    CHIN, LEFT_EYE, LIPS_LOWER_INNER, LIPS_LOWER_OUTER, LIPS_UPPER_INNER, LIPS_UPPER_OUTER, NOSE_BRIDGE, RIGHT_EYE,
+)
+from avface.models.canonical import CanonicalModel
 from conftest import assert_close
 
 #: MediaPipe's FACEMESH_FACE_OVAL, the outline of the face mask.

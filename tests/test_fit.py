@@ -7,9 +7,12 @@ import numpy as np
 import torch
 
 from avface.evaluate import aligned_vertex_error
-from avface.fit import WORLD_TO_CAMERA, FitConfig, fit_default, fit_metrics, fit_model, intrinsics_for, similarity
+from avface.fit import FitConfig, fit_default, fit_metrics, fit_model
+from avface.geometry import WORLD_TO_CAMERA, intrinsics_for, similarity
 from avface.models.base import FaceParams
-from avface.models.canonical import LIPS, LIPS_LOWER_INNER, LIPS_LOWER_OUTER, CanonicalModel, load_canonical_mesh
+from avface.topology import LIPS, LIPS_LOWER_INNER, LIPS_LOWER_OUTER
+from avface.models.canonical_mesh import load_canonical_mesh
+from avface.models.canonical import CanonicalModel
 from avface.tracking import Tracking
 
 W, H = 320, 320

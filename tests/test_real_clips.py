@@ -12,8 +12,8 @@ import pytest
 from avface import media
 from avface.clips import discover_clips
 from avface.evaluate import nme
-from avface.fit import project
-from avface.models.canonical import LIPS, inter_ocular
+from avface.geometry import project
+from avface.topology import LIPS, inter_ocular
 from avface.pipeline import ReconstructOptions, reconstruct
 from avface.result import load_result
 from avface.tracking import track

@@ -9,7 +9,8 @@ import pytest
 
 from avface import media, synth, tts
 from avface.errors import InputError
-from avface.models.canonical import LIPS, N_VERTICES
+from avface.topology import LIPS
+from avface.models.canonical_mesh import N_VERTICES
 
 from conftest import assert_close
 

@@ -32,8 +32,9 @@ import numpy as np
 from avface import __version__, media
 from avface.clips import Clip, discover_clips
 from avface.errors import AVFaceError, InputError
-from avface.fit import FitConfig, project
-from avface.models.canonical import LIPS
+from avface.fit import FitConfig
+from avface.geometry import project
+from avface.topology import LIPS
 from avface.tracking import Tracking, TrackingConfig, track
 
 from . import metrics as M
@@ -441,12 +442,12 @@ def _warm_up(tracking: Tracking, fit_cfg: FitConfig) -> None:
 
 def _tracker_points(tracking: Tracking, fit_cfg: FitConfig) -> np.ndarray:
     """(T, 468, 3) metric points of the tracker (NaN where undetected), for head motion."""
-    from avface.fit import backproject, intrinsics_for
-    from avface.models.canonical import RIGID, load_canonical_mesh
+    from avface.geometry import backproject, intrinsics_for
+    from avface.topology import rigid_weights
+    from avface.models.canonical_mesh import load_canonical_mesh
 
     k = intrinsics_for(tracking.width, tracking.height, fit_cfg.fov_deg)
-    w = np.full(468, 0.02)
-    w[list(RIGID)] = 1.0
+    w = rigid_weights()
     return backproject(tracking, k, load_canonical_mesh().vertices.astype(np.float64), w)
 
 

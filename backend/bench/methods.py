@@ -14,7 +14,7 @@ pass the module with ``avface bench --plugin MODULE``.
 Built in:
 
 * ``tracker``: raw per-frame MediaPipe. Its 3D is the tracker's own landmarks made metric
-  by :func:`avface.fit.backproject`; frames without a detection hold the nearest detected
+  by :func:`avface.geometry.backproject`; frames without a detection hold the nearest detected
   frame (what a keyframed animation would show).
 * ``coarse_video``: the coarse fit, video only, every detected frame fitted as seen
   (``FitConfig.use_visual_confidence=False``).
@@ -35,7 +35,9 @@ from typing import Callable
 
 import numpy as np
 
-from avface.fit import WORLD_TO_CAMERA, CoarseFit, FitConfig, backproject, fit_default, intrinsics_for
+from avface.fit import CoarseFit, FitConfig, fit_default
+from avface.geometry import WORLD_TO_CAMERA, backproject, intrinsics_for
+from avface.timeseries import hold_nearest
 from avface.tracking import Tracking
 
 log = logging.getLogger(__name__)
@@ -173,36 +175,20 @@ def run_method(method: Method, inp: MethodInput) -> MethodOutput:
 # --------------------------------------------------------------------------- built-in methods
 
 
-def hold_nearest(x: np.ndarray, valid: np.ndarray) -> np.ndarray:
-    """(T, ...) rows where ``valid`` is False replaced by the nearest valid row (earlier on a tie)."""
-    valid = np.asarray(valid, bool)
-    if not valid.any():
-        raise ValueError("no valid frame to hold")
-    idx = np.nonzero(valid)[0]
-    t = np.arange(len(valid))
-    pos = np.clip(np.searchsorted(idx, t), 1, len(idx) - 1) if len(idx) > 1 else np.zeros(len(t), int)
-    if len(idx) > 1:
-        left, right = idx[pos - 1], idx[pos]
-        nearest = np.where(t - left <= right - t, left, right)
-    else:
-        nearest = np.full(len(t), idx[0])
-    return np.asarray(x)[nearest]
-
-
 @register_method("tracker", description="raw per-frame MediaPipe landmarks, made metric by back-projection",
                  stages=("probe", "tracking"))
 def tracker_method(inp: MethodInput) -> MethodOutput:
     from avface.errors import NoFaceError
     from avface.fit import NO_FACE_MESSAGE
-    from avface.models.canonical import RIGID, load_canonical_mesh
+    from avface.topology import rigid_weights
+    from avface.models.canonical_mesh import load_canonical_mesh
 
     tr = inp.tracking
     det = np.asarray(tr.detected, bool)
     if not det.any():
         raise NoFaceError(NO_FACE_MESSAGE)
     k = intrinsics_for(tr.width, tr.height, inp.fit_config.fov_deg)
-    rigid_w = np.full(N_VERTICES, 0.02)  # as the fit weighs them
-    rigid_w[list(RIGID)] = 1.0
+    rigid_w = rigid_weights()
     world = backproject(tr, k, load_canonical_mesh().vertices.astype(np.float64), rigid_w)
     cam = hold_nearest(world, det) @ WORLD_TO_CAMERA.T
     return MethodOutput(cam.astype(np.float32), k, filled=~det)

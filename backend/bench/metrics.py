@@ -30,8 +30,8 @@ import math
 import numpy as np
 
 from avface.evaluate import aligned_vertex_error, nme
-from avface.fit import rigid, similarity
-from avface.models.canonical import LIPS, RIGID, inter_ocular
+from avface.geometry import rigid, similarity
+from avface.topology import LIPS, RIGID, inter_ocular
 
 AUC_MAX_NME_PERCENT = 10.0
 """Upper limit of the NME axis of the cumulative error curve (the paper's AUC@10 %)."""

@@ -37,9 +37,9 @@ import numpy as np
 from scipy.ndimage import gaussian_filter1d
 
 from avface import media
-from avface.arkit import fill_missing
+from avface.timeseries import fill_missing
 from avface.errors import MediaError
-from avface.models.canonical import LIPS
+from avface.topology import LIPS
 from avface.tracking import Tracking
 
 log = logging.getLogger(__name__)

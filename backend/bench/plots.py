@@ -258,8 +258,9 @@ def write_strip(strip: dict, out_dir: Path) -> dict:
     clean clip. Occluded frames carry a red mark."""
     import cv2
 
-    from avface.fit import project
-    from avface.models.canonical import LIPS, load_canonical_mesh
+    from avface.geometry import project
+    from avface.topology import LIPS
+    from avface.models.canonical_mesh import load_canonical_mesh
     from avface.preview import draw_mesh
 
     out_dir.mkdir(parents=True, exist_ok=True)
