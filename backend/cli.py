@@ -45,7 +45,7 @@ class StageBars:
 
 
 def _options_from_args(args):
-    from .pipeline import ReconstructOptions
+    from .config import ReconstructOptions
 
     overrides = dict(
         model=args.model, flame_dir=args.flame_dir, audio=args.audio, transcript=args.transcript,
@@ -89,7 +89,7 @@ def cmd_demo(args) -> int:
 
 
 def cmd_models(args) -> int:
-    from .pipeline import available_models
+    from avface.models.registry import available_models
 
     models = available_models(args.flame_dir)
     for name, st in models.items():

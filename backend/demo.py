@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 
 from .evaluate import aligned_vertex_error
-from .pipeline import ReconstructOptions, reconstruct
+from .config import ReconstructOptions
+from .pipeline import reconstruct
 from .result import load_result
 
 log = logging.getLogger(__name__)

@@ -35,6 +35,7 @@ from avface.models.base import FaceModel, FaceParams
 from avface.models.canonical import CanonicalModel
 from avface.models.canonical_mesh import N_VERTICES, load_canonical_mesh
 
+from .config import FitConfig
 from .errors import CancelledError, NoFaceError
 from .geometry import WORLD_TO_CAMERA, backproject, intrinsics_for, project, rigid, similarity
 from .timeseries import fill_missing
@@ -46,45 +47,6 @@ log = logging.getLogger(__name__)
 DEG = 180.0 / math.pi
 NO_FACE_MESSAGE = ("no face was detected in any frame; check that the clip shows a face turned towards the "
                    "camera, large enough (at least about 80 pixels across) and lit")
-
-
-@dataclass(frozen=True)
-class FitConfig:
-    """Options of the coarse fit."""
-
-    fov_deg: float = 63.0
-    """Assumed vertical field of view of the camera, degrees."""
-    max_expression: int = 50
-    """Upper bound on the per-clip expression basis size (FLAME uses 50)."""
-    explained_variance: float = 0.999
-    """Keep the fewest expression components that explain this fraction of the variance."""
-    iterations: int = 40
-    """Joint refinement steps (L-BFGS iterations)."""
-    w_depth: float = 0.05
-    """Weight of the tracker's relative depth against 2D reprojection (both in percent of
-    the inter-ocular distance, squared)."""
-    w_smooth_pose: float = 0.5
-    """Second-difference penalty on pose, in degrees and millimetres per frame squared."""
-    w_smooth_expression: float = 0.1
-    """Second-difference penalty on expression coefficients (unit variance over the clip)
-    and jaw (degrees)."""
-    w_expression: float = 1e-3
-    """L2 prior on expression coefficients."""
-    w_shape: float = 1e-2
-    """L2 prior on identity coefficients (FLAME betas)."""
-    identity_prior: float = 0.4
-    """How far the clip's identity is pulled from the tracker's shape towards the canonical
-    mean face (0 keeps the tracker's, 1 uses the mean face); the lips are left alone.
-    MediaPipe's per-frame 3D shape carries a systematic bias (forehead top, nose ridge, above
-    the eyelids) about as large as an identity's own deviation from the mean face, so halving
-    the deviation would be the MAP estimate for equal variances; 0.4 leans to the tracker,
-    since real identities vary more than the synthetic ones it was checked on. Synthetic clips
-    with known identity, seeds 1 and 2 (the demo is seed 0): 3D error 2.31 -> 2.01 mm and
-    2.08 -> 1.70 mm, landmark NME 0.7 -> 1.1 %. Set 0 to keep the tracker's shape exactly."""
-    use_visual_confidence: bool = True
-    """Weight the lower-face landmarks of each frame by the mouth's visual confidence, so
-    that occluded spans are filled from their visible neighbours instead of fitted to a
-    tracker that is guessing."""
 
 
 @dataclass

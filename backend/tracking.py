@@ -22,6 +22,7 @@ import numpy as np
 
 from . import media
 from .assets import FACE_LANDMARKER, HAND_LANDMARKER, locate
+from .config import TrackingConfig
 from .errors import ModelFileError
 
 log = logging.getLogger(__name__)
@@ -34,22 +35,6 @@ MAX_HANDS = 2
 TRACKER_VERSION = 2
 #: Regions whose hand cover is measured: MediaPipe landmark ids per region.
 REGIONS = ("mouth", "eyes", "face")
-
-
-@dataclass(frozen=True)
-class TrackingConfig:
-    """Options of the visual front end."""
-
-    min_detection_confidence: float = 0.5
-    """Face detector score below which a frame has no face."""
-    min_presence_confidence: float = 0.5
-    """Landmarker's face-presence score below which the tracker re-detects."""
-    min_tracking_confidence: float = 0.5
-    """Score below which tracking falls back to detection."""
-    hands: bool = True
-    """Run the hand landmarker to find hands over the face."""
-    hand_margin: float = 0.08
-    """Grow each hand's hull by this fraction of the face width before testing cover."""
 
 
 @dataclass

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from avface.pipeline import RELATIVE_MIN_FRAMES, relative_anomaly_confidence
+from avface.confidence import RELATIVE_MIN_FRAMES, relative_anomaly_confidence
 
 
 def _series(n=200, seed=0):

@@ -14,7 +14,8 @@ from avface.clips import discover_clips
 from avface.evaluate import nme
 from avface.geometry import project
 from avface.topology import LIPS, inter_ocular
-from avface.pipeline import ReconstructOptions, reconstruct
+from avface.config import ReconstructOptions
+from avface.pipeline import reconstruct
 from avface.result import load_result
 from avface.tracking import track
 from conftest import SHARED_DATA

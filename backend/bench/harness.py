@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import os
 import platform
 import resource
@@ -31,11 +30,13 @@ import numpy as np
 
 from avface import __version__, media
 from avface.clips import Clip, discover_clips
+from avface.config import FitConfig, TrackingConfig
+from avface.confidence import mouth_visible, visual_confidence
 from avface.errors import AVFaceError, InputError
-from avface.fit import FitConfig
+from avface.jsonutil import json_safe
 from avface.geometry import project
 from avface.topology import LIPS
-from avface.tracking import Tracking, TrackingConfig, track
+from avface.tracking import Tracking, track
 
 from . import metrics as M
 from .methods import (REFERENCE_METHOD, Method, MethodInput, MethodOutput, available_methods, get_method,
@@ -47,7 +48,7 @@ log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
 """Version of metrics.json's layout; bumped when a reader would have to change."""
 
-STAGES = ("probe", "decode", "tracking", "audio", "fit", "networks", "export")
+STAGES = ("probe", "decode", "tracking", "audio", "confidence", "fit", "networks", "export")
 """Stages whose real-time factor is reported. ``decode`` is a decode-only pass shown for
 reference: the pipeline decodes while it tracks, so ``tracking`` already includes it and
 ``decode`` never counts towards a total. ``networks`` has no method yet."""
@@ -193,27 +194,20 @@ def _read_speech(path: Path | None, n_frames: int, fps: float):
     return wave, audio_mod.extract_features(wave, media.SAMPLE_RATE_HZ, n_frames, fps)
 
 
-def _time_export(out: MethodOutput, tracking: Tracking, features, info: "media.VideoInfo", tmp: Path) -> tuple[float, float]:
-    """(wall, cpu) seconds of the pipeline's export stage on a method's fit."""
-    from avface.arkit import arkit_curves
-    from avface.pipeline import result_arrays, visual_confidence
-    from avface.result import SCHEMA_VERSION as RESULT_SCHEMA
+def _time_export(out: MethodOutput, inp: MethodInput, info: "media.VideoInfo", tmp: Path) -> tuple[float, float]:
+    """(wall, cpu) seconds of the pipeline's export stage (:func:`avface.assemble.build_result`
+    and the write) on a method's fit."""
+    from avface.assemble import ResultSource, build_result
     from avface.result import write_result
 
-    conf, occluded = visual_confidence(tracking)
     store: dict = {}
     with _timed(store, "export"):
-        fit = out.fit
-        occluded = occluded | fit.filled
-        arkit = arkit_curves(tracking.blendshapes, tracking.blendshape_names, ~occluded, info.fps)
-        activity = features.activity if features is not None else np.zeros(tracking.n_frames, np.float32)
-        arrays = result_arrays(fit, arkit, conf, occluded, activity)
-        meta = {"schema_version": RESULT_SCHEMA, "model": fit.model.name, "fps": float(info.fps),
-                "n_frames": int(tracking.n_frames), "width": int(info.width), "height": int(info.height),
-                "source": {"path": str(info.path)}, "audio_present": features is not None,
-                "stages_run": ["tracking", "fit", "export"], "stage_seconds": {}, "backend_version": __version__,
-                "lip_pca_residual": 0.0,
-                "detail": {"n_maps": 0, "folder": "detail", "map_size": 0, "metres_per_unit": 0.0, "format": "png16"}}
+        features = inp.features
+        src = ResultSource(fps=float(info.fps), width=info.width, height=info.height, source={"path": str(info.path)},
+                           audio_present=features is not None)
+        arrays, meta = build_result(out.fit, inp.tracking, inp.visual_conf, inp.occluded,
+                                    features.activity if features is not None else None, src,
+                                    stages_run=["tracking", "confidence", "fit", "export"], stage_seconds={})
         write_result(tmp / "result.npz", arrays, meta)
     (tmp / "result.npz").unlink(missing_ok=True)
     return store["export"]
@@ -280,29 +274,36 @@ def _frames_far_from(spans, n: int, distance: int) -> np.ndarray:
     return far
 
 
+@dataclass
+class _RealClip:
+    """What every method's figures on one real clip are measured against."""
+
+    clip_id: str
+    info: "media.VideoInfo"
+    plan: OcclusionPlan
+    inputs: dict[str, MethodInput]
+    stage: dict[str, tuple[float, float]]
+    visible: np.ndarray  #: (T,) clean frames detected with the mouth seen
+    ref2d: np.ndarray  #: (T, 468, 2) the clean clip's tracker landmarks
+    iod: np.ndarray  #: (T,) inter-ocular distance, pixels
+    occ_frames: dict[str, np.ndarray]  #: variant -> (T,) bool frames it occludes
+    far: np.ndarray  #: (T,) frames far from every occluder
+    still: np.ndarray  #: (T,) frames where the head is still
+
+    @property
+    def duration(self) -> float:
+        return self.info.n_frames / float(self.info.fps)
+
+
 def bench_real_clip(clip: Clip, methods: list[Method], cfg: BenchConfig, cache: Path) -> ClipResult:
     """Everything the benchmark measures on one real clip."""
     stage: dict[str, tuple[float, float]] = {}
     bench_time: dict[str, tuple[float, float]] = {}
-    with _timed(stage, "probe"):
-        info = media.probe(clip.video)
-    n, fps = info.n_frames, float(info.fps)
-    duration = n / fps
-    log.info("%s: %d frames %dx%d at %.3f fps (%.2f s)", clip.id, n, info.width, info.height, fps, duration)
-    with _timed(stage, "decode"):
-        for _ in media.iter_frames(info):
-            pass
-    with tempfile.TemporaryDirectory(dir=cache) as fresh:  # timed, so never read from the cache
-        with _timed(stage, "tracking"):
-            clean = track(info, config=cfg.tracking, cache_dir=Path(fresh))
-    n = clean.n_frames
-    with _timed(stage, "audio"):
-        audio_path = clip.audio if clip.audio is not None else (clip.video if info.has_audio else None)
-        wave, features = _read_speech(audio_path, n, fps)
+    info, clean, wave, features = _measure_front_end(clip, cfg, cache, stage)
     if not clean.detected.any():
         log.warning("%s: no face detected in any frame; skipped", clip.id)
         return ClipResult(clip.id, "real", [], {"kind": "real", "skipped": "no face detected"})
-
+    n, fps = clean.n_frames, float(info.fps)
     plan = make_plan(clip.id, cfg.seed, clean, features.activity if features is not None else None)
     paths = _variant_paths(cache, clip.id)
     with _timed(bench_time, "variants"):
@@ -312,115 +313,156 @@ def bench_real_clip(clip: Clip, methods: list[Method], cfg: BenchConfig, cache: 
     with _timed(bench_time, "variant_tracking"):
         for v in VARIANTS:
             trackings[v] = _track_variant(paths[v], n, cfg, cache)
-
-    inputs = {v: MethodInput(clip.id, v, tr, features, wave, fps, cfg.fit) for v, tr in trackings.items()}
+    inputs = _method_inputs(clip.id, trackings, features, wave, fps, cfg.fit, stage)
     _warm_up(clean, cfg.fit)
     with _timed(bench_time, "methods"):
         outs = _run_all(methods, inputs)
 
+    ctx = _real_context(clip.id, info, plan, inputs, stage, cfg.fit)
+    rss, cuda = peak_rss_mb(), _cuda_peak_mb()
     records: list[dict] = []
-    from avface.pipeline import visual_confidence
-
-    conf_clean, _ = visual_confidence(clean)
-    visible = clean.detected & (conf_clean >= 0.5)
-    ref2d = clean.landmarks[:, :468, :2].astype(np.float64)
-    iod = M.inter_ocular(ref2d)
-    occ_frames = {v: occluded_frames(plan, v) for v in VARIANTS}
-    far = _frames_far_from(plan.occluder_spans, n, int(round(UNOCCLUDED_DISTANCE_S * fps)))
-    # one stillness mask for every method: the tracker's own metric points on the clean clip
-    tracker_pts = _tracker_points(clean, cfg.fit)
-    still = M.still_frames(tracker_pts, fps, clean.detected)
-    flagged = {v: float((visual_confidence(trackings[v])[0] < 0.5)[occ_frames[v]].mean()) if occ_frames[v].any()
-               else float("nan") for v in VARIANTS}
-    flagged["clean_false_positive"] = float((conf_clean < 0.5)[clean.detected].mean())
-
-    rss = peak_rss_mb()
-    cuda = _cuda_peak_mb()
     series: dict[str, np.ndarray] = {"fps": np.array(fps), "n_frames": np.array(n)}
     for v in VARIANTS:
         series[f"spans_{v}"] = np.asarray(plan.spans(v), np.int64).reshape(-1, 2)
-        series[f"occluded_{v}"] = occ_frames[v]
+        series[f"occluded_{v}"] = ctx.occ_frames[v]
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
         for m in methods:
             o = outs[m.name]
-            base = o.get("clean")
-            if base is None:
+            if o.get("clean") is None:
                 continue
-            vc = base.vertices
-            p_clean = project(vc.astype(np.float64), base.intrinsics)
-            e_all = M.nme_frames(p_clean[visible], ref2d[visible], iod[visible])
-            e_lips = M.nme_frames(p_clean[visible], ref2d[visible], iod[visible], LIPS)
-            series[f"nme_{m.name}"] = e_all
-            _rec(records, clip.id, m.name, "nme_visible", M.safe_mean(e_all))
-            _rec(records, clip.id, m.name, "nme_lips_visible", M.safe_mean(e_lips))
-            _rec(records, clip.id, m.name, "auc_visible", M.auc(e_all))
-            pooled, pooled_nme = [], []
-            for v in OCCLUDER_VARIANTS:
-                ov = o.get(v)
-                if ov is None or not occ_frames[v].any():
-                    _rec(records, clip.id, m.name, f"lip_err_occluded_{v}", None)
-                    continue
-                err = 1000.0 * M.lip_vertex_error(ov.vertices, vc, occ_frames[v])
-                pooled.append(err)
-                pooled_nme.append(M.lips_nme_between(project(ov.vertices.astype(np.float64), ov.intrinsics), p_clean,
-                                                     occ_frames[v]))
-                _rec(records, clip.id, m.name, f"lip_err_occluded_{v}", M.safe_mean(err))
-            _rec(records, clip.id, m.name, "lip_err_occluded", M.safe_mean(np.concatenate(pooled)) if pooled else None)
-            _rec(records, clip.id, m.name, "nme_lips_occluded",
-                 M.safe_mean(np.concatenate(pooled_nme)) if pooled_nme else None)
-            oh = o.get("hand")
-            _rec(records, clip.id, m.name, "lip_err_unoccluded",
-                 M.safe_mean(1000.0 * M.lip_vertex_error(oh.vertices, vc, far)) if oh is not None and far.any() else None)
-            oa = o.get("audio_only")
-            if oa is not None and occ_frames["audio_only"].any():
-                _rec(records, clip.id, m.name, "lip_err_audio_only",
-                     M.safe_mean(1000.0 * M.lip_vertex_error(oa.vertices, vc, occ_frames["audio_only"])))
-                _rec(records, clip.id, m.name, "nme_lips_audio_only",
-                     M.safe_mean(M.lips_nme_between(project(oa.vertices.astype(np.float64), oa.intrinsics), p_clean,
-                                                    occ_frames["audio_only"])))
-            else:
-                _rec(records, clip.id, m.name, "lip_err_audio_only", None)
-                _rec(records, clip.id, m.name, "nme_lips_audio_only", None)
-            _rec(records, clip.id, m.name, "jitter", M.jitter(1000.0 * vc, still) if still.any() else None)
-
-            # speed: the stages this method needs, measured on the clean clip in this run
-            secs = {"probe": stage["probe"], "decode": stage["decode"], "tracking": stage["tracking"],
-                    "audio": stage["audio"], "fit": (base.seconds, base.cpu_seconds)}
-            if "export" in m.stages and base.fit is not None:
-                secs["export"] = _time_export(base, clean, features, info, Path(tmp))
-            total = cpu_total = 0.0
-            for s in STAGES:
-                if s not in secs or (s not in m.stages and s != "decode"):
-                    continue
-                _rec(records, clip.id, m.name, f"rtf_{s}", secs[s][0] / duration)
-                if s != "decode":
-                    total += secs[s][0]
-                    cpu_total += secs[s][1]
-            _rec(records, clip.id, m.name, "rtf_total", total / duration)
-            _rec(records, clip.id, m.name, "cpu_rtf_total", cpu_total / duration)
-            _rec(records, clip.id, m.name, "ratio_to_tracking", M.ratio(total, stage["tracking"][0]))
-            _rec(records, clip.id, m.name, "peak_rss_mb", rss)
-            if cuda is not None:
-                _rec(records, clip.id, m.name, "cuda_peak_mb", cuda)
+            _accuracy_records(records, series, ctx, m.name, o)
+            _speed_records(records, ctx, m, o["clean"], Path(tmp), rss, cuda)
             for v in ("clean",) + VARIANTS:
                 if o.get(v) is not None:
                     series[f"lip_open_{m.name}_{v}"] = 1000.0 * M.lip_opening(o[v].vertices)
     _add_ratios(records, clip.id, [m.name for m in methods])
-
     strip = _strip_data(plan, outs, paths, info, records, clip.id)
-    clip_info = {
+    return ClipResult(clip.id, "real", records, _real_clip_info(clip, ctx, features, bench_time), series, strip)
+
+
+def _measure_front_end(clip: Clip, cfg: BenchConfig, cache: Path, stage: dict):
+    """(info, clean tracking, wave, features) of a real clip, timing probe, a decode-only pass,
+    tracking (never from the cache) and the speech features."""
+    with _timed(stage, "probe"):
+        info = media.probe(clip.video)
+    log.info("%s: %d frames %dx%d at %.3f fps (%.2f s)", clip.id, info.n_frames, info.width, info.height,
+             float(info.fps), info.n_frames / float(info.fps))
+    with _timed(stage, "decode"):
+        for _ in media.iter_frames(info):
+            pass
+    with tempfile.TemporaryDirectory(dir=cache) as fresh:  # timed, so never read from the cache
+        with _timed(stage, "tracking"):
+            clean = track(info, config=cfg.tracking, cache_dir=Path(fresh))
+    with _timed(stage, "audio"):
+        audio_path = clip.audio if clip.audio is not None else (clip.video if info.has_audio else None)
+        wave, features = _read_speech(audio_path, clean.n_frames, float(info.fps))
+    return info, clean, wave, features
+
+
+def _method_inputs(clip_id: str, trackings: dict[str, Tracking], features, wave, fps: float, fit_cfg: FitConfig,
+                   stage: dict) -> dict[str, MethodInput]:
+    """One MethodInput per variant, with its visual confidence computed once (timed on the clean clip)."""
+    inputs = {}
+    for v, tr in trackings.items():
+        with _timed(stage if v == "clean" else {}, "confidence"):
+            conf, occluded = visual_confidence(tr)
+        inputs[v] = MethodInput(clip_id, v, tr, features, wave, fps, fit_cfg, conf, occluded)
+    return inputs
+
+
+def _real_context(clip_id: str, info, plan: OcclusionPlan, inputs: dict[str, MethodInput], stage: dict,
+                  fit_cfg: FitConfig) -> _RealClip:
+    clean = inputs["clean"].tracking
+    n, fps = clean.n_frames, float(info.fps)
+    ref2d = clean.landmarks[:, :468, :2].astype(np.float64)
+    # one stillness mask for every method: the tracker's own metric points on the clean clip
+    still = M.still_frames(_tracker_points(clean, fit_cfg), fps, clean.detected)
+    return _RealClip(
+        clip_id, info, plan, inputs, stage,
+        visible=clean.detected & mouth_visible(inputs["clean"].visual_conf), ref2d=ref2d, iod=M.inter_ocular(ref2d),
+        occ_frames={v: occluded_frames(plan, v) for v in VARIANTS},
+        far=_frames_far_from(plan.occluder_spans, n, int(round(UNOCCLUDED_DISTANCE_S * fps))), still=still)
+
+
+def _accuracy_records(records: list[dict], series: dict, ctx: _RealClip, name: str,
+                      o: dict[str, MethodOutput | None]) -> None:
+    """NME on visible frames, lip errors on occluded and audio-only spans, and jitter."""
+    cid, base = ctx.clip_id, o["clean"]
+    vc, vis = base.vertices, ctx.visible
+    p_clean = project(vc.astype(np.float64), base.intrinsics)
+    e_all = M.nme_frames(p_clean[vis], ctx.ref2d[vis], ctx.iod[vis])
+    series[f"nme_{name}"] = e_all
+    _rec(records, cid, name, "nme_visible", M.safe_mean(e_all))
+    _rec(records, cid, name, "nme_lips_visible", M.safe_mean(M.nme_frames(p_clean[vis], ctx.ref2d[vis], ctx.iod[vis], LIPS)))
+    _rec(records, cid, name, "auc_visible", M.auc(e_all))
+    pooled, pooled_nme = [], []
+    for v in OCCLUDER_VARIANTS:
+        ov, frames = o.get(v), ctx.occ_frames[v]
+        if ov is None or not frames.any():
+            _rec(records, cid, name, f"lip_err_occluded_{v}", None)
+            continue
+        err = 1000.0 * M.lip_vertex_error(ov.vertices, vc, frames)
+        pooled.append(err)
+        pooled_nme.append(M.lips_nme_between(project(ov.vertices.astype(np.float64), ov.intrinsics), p_clean, frames))
+        _rec(records, cid, name, f"lip_err_occluded_{v}", M.safe_mean(err))
+    _rec(records, cid, name, "lip_err_occluded", M.safe_mean(np.concatenate(pooled)) if pooled else None)
+    _rec(records, cid, name, "nme_lips_occluded", M.safe_mean(np.concatenate(pooled_nme)) if pooled_nme else None)
+    oh = o.get("hand")
+    _rec(records, cid, name, "lip_err_unoccluded",
+         M.safe_mean(1000.0 * M.lip_vertex_error(oh.vertices, vc, ctx.far)) if oh is not None and ctx.far.any() else None)
+    oa, frames = o.get("audio_only"), ctx.occ_frames["audio_only"]
+    if oa is not None and frames.any():
+        _rec(records, cid, name, "lip_err_audio_only", M.safe_mean(1000.0 * M.lip_vertex_error(oa.vertices, vc, frames)))
+        _rec(records, cid, name, "nme_lips_audio_only",
+             M.safe_mean(M.lips_nme_between(project(oa.vertices.astype(np.float64), oa.intrinsics), p_clean, frames)))
+    else:
+        _rec(records, cid, name, "lip_err_audio_only", None)
+        _rec(records, cid, name, "nme_lips_audio_only", None)
+    _rec(records, cid, name, "jitter", M.jitter(1000.0 * vc, ctx.still) if ctx.still.any() else None)
+
+
+def _speed_records(records: list[dict], ctx: _RealClip, m: Method, base: MethodOutput, tmp: Path,
+                   rss: float, cuda: float | None) -> None:
+    """Real-time factors of the stages this method needs, measured on the clean clip in this run."""
+    cid, stage, duration = ctx.clip_id, ctx.stage, ctx.duration
+    secs = {s: stage[s] for s in ("probe", "decode", "tracking", "audio", "confidence")}
+    secs["fit"] = (base.seconds, base.cpu_seconds)
+    if "export" in m.stages and base.fit is not None:
+        secs["export"] = _time_export(base, ctx.inputs["clean"], ctx.info, tmp)
+    total = cpu_total = 0.0
+    for s in STAGES:
+        if s not in secs or (s not in m.stages and s != "decode"):
+            continue
+        _rec(records, cid, m.name, f"rtf_{s}", secs[s][0] / duration)
+        if s != "decode":
+            total += secs[s][0]
+            cpu_total += secs[s][1]
+    _rec(records, cid, m.name, "rtf_total", total / duration)
+    _rec(records, cid, m.name, "cpu_rtf_total", cpu_total / duration)
+    _rec(records, cid, m.name, "ratio_to_tracking", M.ratio(total, stage["tracking"][0]))
+    _rec(records, cid, m.name, "peak_rss_mb", rss)
+    if cuda is not None:
+        _rec(records, cid, m.name, "cuda_peak_mb", cuda)
+
+
+def _real_clip_info(clip: Clip, ctx: _RealClip, features, bench_time: dict) -> dict:
+    info, inputs, clean = ctx.info, ctx.inputs, ctx.inputs["clean"]
+    flagged = {v: float(inputs[v].occluded[ctx.occ_frames[v]].mean()) if ctx.occ_frames[v].any() else float("nan")
+               for v in VARIANTS}
+    flagged["clean_false_positive"] = float(clean.occluded[clean.tracking.detected].mean())
+    return {
         "kind": "real", "video": str(clip.video), "audio": str(clip.audio) if clip.audio else None,
-        "n_frames": n, "fps": fps, "duration_s": duration, "width": info.width, "height": info.height,
-        "detected_fraction": float(clean.detected.mean()), "visible_frames": int(visible.sum()),
-        "still_frames": int(still.sum()), "occlusion": plan.describe(),
-        "occluded_frames": {v: int(occ_frames[v].sum()) for v in VARIANTS},
+        "n_frames": clean.tracking.n_frames, "fps": float(info.fps), "duration_s": ctx.duration,
+        "width": info.width, "height": info.height,
+        "detected_fraction": float(clean.tracking.detected.mean()), "visible_frames": int(ctx.visible.sum()),
+        "still_frames": int(ctx.still.sum()), "occlusion": ctx.plan.describe(),
+        "occluded_frames": {v: int(ctx.occ_frames[v].sum()) for v in VARIANTS},
         "flagged_by_visual_confidence": flagged,
-        "stage_seconds": {k: round(w, 4) for k, (w, _) in stage.items()},
-        "stage_cpu_seconds": {k: round(c, 4) for k, (_, c) in stage.items()},
+        "stage_seconds": {k: round(w, 4) for k, (w, _) in ctx.stage.items()},
+        "stage_cpu_seconds": {k: round(c, 4) for k, (_, c) in ctx.stage.items()},
         "bench_seconds": {k: round(w, 3) for k, (w, _) in bench_time.items()},
         "speech": features is not None,
     }
-    return ClipResult(clip.id, "real", records, clip_info, series, strip)
 
 
 _WARM = {"done": False}
@@ -509,7 +551,7 @@ def bench_synth_clip(index: int, methods: list[Method], cfg: BenchConfig, out_di
     tr = track(info, config=cfg.tracking, cache_dir=cache / "tracking")
     n = min(tr.n_frames, clip.n_frames)
     wave, features = _read_speech(clip.wav_path, tr.n_frames, float(info.fps))
-    inp = {"synth": MethodInput(clip_id, "synth", tr, features, wave, float(info.fps), cfg.fit)}
+    inp = _method_inputs(clip_id, {"synth": tr}, features, wave, float(info.fps), cfg.fit, {})
     outs = _run_all(methods, inp)
     gt = clip.gt_vertices[:n].astype(np.float64)
     visible = clip.occlusion_fraction[:n] <= 0.0
@@ -586,23 +628,6 @@ def _resolve_methods(cfg: BenchConfig) -> list[Method]:
     return [get_method(n) for n in seen]
 
 
-def _json_clean(x):
-    """NaN and infinities to None (metrics.json is strict JSON), numpy scalars to Python."""
-    if isinstance(x, dict):
-        return {str(k): _json_clean(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_json_clean(v) for v in x]
-    if isinstance(x, (np.floating, float)):
-        return float(x) if math.isfinite(float(x)) else None
-    if isinstance(x, np.integer):
-        return int(x)
-    if isinstance(x, np.bool_):
-        return bool(x)
-    if isinstance(x, Path):
-        return str(x)
-    return x
-
-
 def run_bench(clips_dir: Path | str, out_dir: Path | str, config: BenchConfig = BenchConfig(), *,
               progress: Callable[[str], None] | None = None) -> dict:
     """Run the benchmark; writes OUT/metrics.json, OUT/report.md, OUT/plots/ and returns the
@@ -677,7 +702,7 @@ def run_bench(clips_dir: Path | str, out_dir: Path | str, config: BenchConfig = 
     doc["run"]["wall_s"] = time.perf_counter() - t0
     doc["run"]["cpu_s"] = _cpu_seconds() - c0
     doc["run"]["peak_rss_mb"] = peak_rss_mb()
-    doc = _json_clean(doc)
+    doc = json_safe(doc)
     (out_dir / "metrics.json").write_text(json.dumps(doc, indent=1, allow_nan=False))
     from .report import write_report
 

@@ -18,9 +18,9 @@ Built in:
   frame (what a keyframed animation would show).
 * ``coarse_video``: the coarse fit, video only, every detected frame fitted as seen
   (``FitConfig.use_visual_confidence=False``).
-* ``interp``: the coarse fit where frames whose mouth confidence
-  (:func:`avface.pipeline.visual_confidence`) is below 0.5 get no lower-face data term and
-  are filled by temporal smoothness from their neighbours.
+* ``interp``: the coarse fit where frames flagged occluded by the visual confidence
+  (:mod:`avface.confidence`, below ``OCCLUDED_BELOW``) get no lower-face data term and are
+  filled by temporal smoothness from their neighbours.
 """
 from __future__ import annotations
 
@@ -35,7 +35,8 @@ from typing import Callable
 
 import numpy as np
 
-from avface.fit import CoarseFit, FitConfig, fit_default
+from avface.config import FitConfig
+from avface.fit import CoarseFit, fit_default
 from avface.geometry import WORLD_TO_CAMERA, backproject, intrinsics_for
 from avface.timeseries import hold_nearest
 from avface.tracking import Tracking
@@ -65,6 +66,11 @@ class MethodInput:
     fit_config: FitConfig
     """The benchmark's base fit options (field of view, iterations, ...); methods replace
     what they must."""
+    visual_conf: np.ndarray
+    """(T,) float32 mouth confidence of this variant (:func:`avface.confidence.visual_confidence`),
+    computed once per variant."""
+    occluded: np.ndarray
+    """(T,) bool: frames the visual confidence flags occluded."""
 
 
 @dataclass
@@ -98,7 +104,7 @@ class Method:
 
 _REGISTRY: dict[str, Method] = {}
 
-DEFAULT_STAGES = ("probe", "tracking", "fit", "export")
+DEFAULT_STAGES = ("probe", "tracking", "confidence", "fit", "export")
 
 
 def register_method(name: str, *, description: str, stages: tuple[str, ...] = DEFAULT_STAGES,
@@ -204,10 +210,7 @@ def coarse_video_method(inp: MethodInput) -> MethodOutput:
     return _fit_output(fit_default(inp.tracking, cfg))
 
 
-@register_method("interp", description="coarse fit; frames with mouth confidence < 0.5 filled by temporal interpolation")
+@register_method("interp", description="coarse fit; frames flagged occluded filled by temporal interpolation")
 def interp_method(inp: MethodInput) -> MethodOutput:
-    from avface.pipeline import visual_confidence
-
-    conf, _ = visual_confidence(inp.tracking)
     cfg = dataclasses.replace(inp.fit_config, use_visual_confidence=True)
-    return _fit_output(fit_default(inp.tracking, cfg, mouth_conf=conf))
+    return _fit_output(fit_default(inp.tracking, cfg, mouth_conf=inp.visual_conf))

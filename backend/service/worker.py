@@ -34,6 +34,7 @@ import time
 import traceback
 from pathlib import Path
 
+from avface.jsonutil import json_safe
 from avface.service import protocol as P
 from avface.service import store as S
 
@@ -285,22 +286,6 @@ def write_manifest(result_dir: Path) -> dict:
     return manifest
 
 
-def _jsonable(obj):
-    """``obj`` with NaN and infinities as None and numpy scalars as Python numbers, so that
-    the socket loop can put it on the wire with ``allow_nan=False``."""
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if hasattr(obj, "item") and callable(obj.item) and getattr(obj, "ndim", 1) == 0:
-        obj = obj.item()
-    if isinstance(obj, float) and (obj != obj or obj in (float("inf"), float("-inf"))):
-        return None
-    if obj is None or isinstance(obj, (str, int, float, bool)):
-        return obj
-    return str(obj)
-
-
 class _JobFailure(Exception):
     def __init__(self, code: str, message: str, detail: str | None = None):
         super().__init__(message)
@@ -387,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
         messenger.send({"t": "error", "code": "internal", "message": f"{type(e).__name__}: {e}",
                         "detail": traceback.format_exc()[-4000:], "retry": True})
         return 1
-    messenger.send({"t": "done", "meta": _jsonable(meta)})
+    messenger.send({"t": "done", "meta": json_safe(meta)})
     return 0
 
 

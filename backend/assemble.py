@@ -1,0 +1,102 @@
+"""The export stage: a job's result contract v1 (``avface.result``) from its coarse fit,
+tracking, confidence and speech, built in one place so that the pipeline writes it and the
+benchmark times the same code."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import __version__
+from .arkit import ARKIT_NAMES, arkit_curves
+from .fit import CoarseFit
+from .geometry import WORLD_TO_CAMERA
+from .result import SCHEMA_VERSION
+from .tracking import Tracking
+
+
+@dataclass(frozen=True)
+class ResultSource:
+    """Where a result came from, as its ``meta`` records it."""
+
+    fps: float
+    width: int
+    height: int
+    source: dict
+    """``path``, ``frame_start``, ``frame_end``, ``vfr`` and ``audio`` of the input."""
+    audio_present: bool
+
+
+def build_result(fit: CoarseFit, tracking: Tracking, conf: np.ndarray, occluded: np.ndarray, activity: np.ndarray | None,
+                 src: ResultSource, *, stages_run: list[str], stage_seconds: dict[str, float],
+                 write_vertices: bool = True, extra_meta: dict | None = None) -> tuple[dict[str, np.ndarray], dict]:
+    """(arrays, meta) of the result contract. Frames the fit filled count as occluded; the
+    ARKit curves are interpolated over occluded frames before filtering."""
+    n = tracking.n_frames
+    occluded = occluded | fit.filled
+    arkit = arkit_curves(tracking.blendshapes, tracking.blendshape_names, ~occluded, src.fps)
+    activity = activity if activity is not None else np.zeros(n, np.float32)
+    arrays = result_arrays(fit, arkit, conf, occluded, activity, write_vertices=write_vertices)
+    meta = {
+        "schema_version": SCHEMA_VERSION,
+        "model": fit.model.name,
+        "fps": float(src.fps),
+        "n_frames": int(n),
+        "width": int(src.width),
+        "height": int(src.height),
+        "source": src.source,
+        "audio_present": bool(src.audio_present),
+        "stages_run": list(stages_run),
+        "stage_seconds": stage_seconds,
+        "backend_version": __version__,
+        "lip_pca_residual": 0.0,
+        "detail": {"n_maps": 0, "folder": "detail", "map_size": 0, "metres_per_unit": 0.0, "format": "png16"},
+        **(extra_meta or {}),
+    }
+    return arrays, meta
+
+
+def result_arrays(fit: CoarseFit, arkit: np.ndarray, conf: np.ndarray, occluded: np.ndarray,
+                  activity: np.ndarray, *, write_vertices: bool = True) -> dict[str, np.ndarray]:
+    """The contract's arrays from a coarse fit (no lip refinement or detail yet)."""
+    m = fit.model
+    p = fit.params
+    n = p.batch
+    lips = np.asarray(m.lip_vertex_ids, np.int32)
+    arrays = {
+        "vertices_neutral": m.neutral_vertices().astype(np.float32),
+        "faces": m.faces.astype(np.int32),
+        "uv": m.uv.astype(np.float32),
+        "uv_faces": m.uv_faces.astype(np.int32),
+        "shape": p.betas[0].numpy().astype(np.float32) if p.betas.shape[1] else np.zeros(0, np.float32),
+        "expression_basis": m.expression_basis().astype(np.float32),
+        "expression": p.expression.numpy().astype(np.float32),
+        "global_rot": p.global_orient.numpy().astype(np.float32),
+        "transl": p.transl.numpy().astype(np.float32),
+        "neck": p.neck_pose.numpy().astype(np.float32),
+        "jaw": p.jaw_pose.numpy().astype(np.float32),
+        "eyes": np.concatenate([p.leye_pose.numpy(), p.reye_pose.numpy()], axis=1).astype(np.float32),
+        "joint_names": np.asarray(m.joint_names),
+        "joint_parents": np.asarray(m.parents, np.int32),
+        "joints_rest": np.asarray(m.rest_joints(p.betas[:1] if p.betas.shape[1] else None), np.float32),
+        "skin_weights": np.asarray(m.skin_weights, np.float32),
+        "intrinsics": fit.intrinsics.astype(np.float32),
+        "extrinsics": np.tile(_extrinsic(), (n, 1, 1)),
+        "lip_vertex_ids": lips,
+        "lip_basis": np.zeros((0, len(lips), 3), np.float32),
+        "lip_coeffs": np.zeros((n, 0), np.float32),
+        "arkit_names": np.asarray(ARKIT_NAMES),
+        "arkit": arkit.astype(np.float32),
+        "visual_conf": conf.astype(np.float32),
+        "occluded": occluded.astype(bool),
+        "speech_activity": np.asarray(activity, np.float32),
+    }
+    if write_vertices:
+        arrays["vertices"] = fit.camera_vertices().astype(np.float16)
+    return arrays
+
+
+def _extrinsic() -> np.ndarray:
+    e = np.eye(4, dtype=np.float32)
+    e[:3, :3] = WORLD_TO_CAMERA
+    return e
