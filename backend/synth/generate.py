@@ -31,7 +31,7 @@ def _render_frames(scene: Scene, anim: Animation, verts_cam: np.ndarray, fps: fl
                   coverage: np.ndarray | None = None) -> Iterator[np.ndarray]:
     """Yield (H, W, 3) uint8 RGB frames; fills ``coverage[t]`` with the fraction of the lips
     under the hand and appends per-frame render seconds to ``timings``."""
-    from avface.models.canonical import LIPS_LOWER_OUTER, LIPS_UPPER_OUTER
+    from avface.topology import LIPS_LOWER_OUTER, LIPS_UPPER_OUTER
 
     r = scene.renderer
     s = r.s

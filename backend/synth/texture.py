@@ -16,8 +16,8 @@ TEXTURE_SIZE = 1024
 def paint_texture(rng: np.random.Generator, uv: np.ndarray, skin: np.ndarray, hair: np.ndarray) -> np.ndarray:
     """The face's albedo in UV space, (S, S, 3) linear: skin with soft variation, lips,
     brows, lash lines and nostrils drawn from the landmark rings' UVs."""
-    from avface.models.canonical import (LEFT_EYE, LEFT_EYEBROW, LIPS_LOWER_INNER, LIPS_LOWER_OUTER,
-                                         LIPS_UPPER_INNER, LIPS_UPPER_OUTER, RIGHT_EYE, RIGHT_EYEBROW)
+    from avface.topology import (LEFT_EYE, LEFT_EYEBROW, LIPS_LOWER_INNER, LIPS_LOWER_OUTER,
+                                 LIPS_UPPER_INNER, LIPS_UPPER_OUTER, RIGHT_EYE, RIGHT_EYEBROW)
 
     s = TEXTURE_SIZE
     px = np.stack([uv[:, 0] * s, (1.0 - uv[:, 1]) * s], 1)  # texel coordinates, v up -> row down
