@@ -20,9 +20,11 @@ if TYPE_CHECKING:
 WORLD_TO_CAMERA = np.diag([1.0, -1.0, -1.0]).astype(np.float32)
 
 
-def intrinsics_for(width: int, height: int, fov_deg: float) -> np.ndarray:
+def intrinsics_for(width: int, height: int, fov_deg: float, dtype=np.float32) -> np.ndarray:
+    """(3, 3) pinhole intrinsics for a vertical field of view, principal point at the centre
+    (continuous pixel coordinates)."""
     f = (height / 2.0) / math.tan(math.radians(fov_deg) / 2.0)
-    return np.array([[f, 0, width / 2.0], [0, f, height / 2.0], [0, 0, 1]], np.float32)
+    return np.array([[f, 0, width / 2.0], [0, f, height / 2.0], [0, 0, 1]], dtype)
 
 
 def project(points_cam: np.ndarray, k: np.ndarray) -> np.ndarray:

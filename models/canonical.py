@@ -21,14 +21,6 @@ from .base import FaceModel, FaceOutput, FaceParams
 from .canonical_mesh import N_VERTICES, joint_locations, jaw_weights, load_canonical_mesh
 from .lbs import lbs
 
-# Transitional: the synthetic-clip generator still imports these from here; they live in
-# avface.topology and avface.models.canonical_mesh.
-from avface.topology import (  # noqa: E402,F401
-    LEFT_EYE, LEFT_EYEBROW, LIPS_LOWER_INNER, LIPS_LOWER_OUTER, LIPS_UPPER_INNER, LIPS_UPPER_OUTER, RIGHT_EYE,
-    RIGHT_EYEBROW,
-)
-from .canonical_mesh import mesh_laplacian  # noqa: E402,F401
-
 
 class CanonicalModel(FaceModel):
     """Canonical mesh + per-clip neutral identity + per-clip expression basis + jaw.

@@ -21,27 +21,14 @@ import json
 import os
 import signal
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from avface.config import ReconstructOptions  # noqa: F401  (the worker reads the options schema from here)
 from avface.errors import MediaError, NoFaceError, SchemaError
 
 GATE_TIMEOUT_S = 120.0
-
-
-@dataclass(frozen=True)
-class ReconstructOptions:
-    model: str = "default"
-    flame_dir: str | None = None
-    audio: str | None = None
-    transcript: str | None = None
-    device: str = "cpu"
-    frame_start: int | None = None
-    frame_end: int | None = None
-    preview: bool = False
-    write_vertices: bool = True
 
 
 def available_models(flame_dir=None) -> dict:

@@ -16,7 +16,7 @@ from service_util import ServerProcess, wait_for
 pytestmark = pytest.mark.slow
 
 DEMO_SECONDS = 2.0
-PIPELINE_STAGES = ["probe", "tracking", "audio", "fit", "export"]
+PIPELINE_STAGES = ["probe", "tracking", "audio", "confidence", "fit", "export"]
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +79,33 @@ def test_demo_clip_by_path_and_as_bytes(server, demo, tmp_path):
     assert np.array_equal(a.arrays["faces"], b.arrays["faces"])
     # torch ran in the workers only: the socket loop's process never loaded it
     assert "libtorch" not in (Path("/proc") / str(server.proc.pid) / "maps").read_text()
+
+
+def test_audio_transcript_and_stage_options_reach_the_pipeline(server, demo):
+    """Every option of ReconstructOptions travels through submit: a separate audio file and a
+    transcript (paths under the server's roots) and a stage's section."""
+    import yaml
+
+    from avface.result import load_result
+
+    work = server.data_dir.parent
+    transcript = work / "transcript.txt"
+    transcript.write_text(demo.text)
+    client = server.client(timeout_s=10.0)
+    options = {"audio": str(demo.wav_path), "transcript": str(transcript), "fit": {"iterations": 7},
+               "tracking": {"hands": False}}
+    run = JobRun(client, video=demo.video_path, out_dir=work / "options-run", upload=False, options=options)
+    for _ in range(20_000):  # bounded: each step waits at most 50 ms
+        if run.finished:
+            break
+        run.step(0.05)
+    assert run.phase == "done", run.error
+    meta = load_result(run.result_path).meta
+    assert meta["source"]["audio"] == str(demo.wav_path.resolve())
+    assert meta["transcript_aligned"] is True and meta["audio_present"] is True
+    config = yaml.safe_load((run.result_path.parent / "config.yaml").read_text())
+    assert config["fit"]["iterations"] == 7 and config["tracking"]["hands"] is False
+    assert config["transcript"] == str(transcript.resolve())
 
 
 def test_corrupt_video_and_no_face(server, tmp_path):

@@ -23,6 +23,7 @@ from pathlib import Path
 import zmq
 
 import avface
+from avface.config import PATH_OPTIONS, ReconstructOptions
 from avface.errors import InputError
 from avface.service import protocol as P
 from avface.service import store as S
@@ -40,11 +41,6 @@ HARD_FRAME_CAP_BYTES = 64 << 20
 MAX_TRANSCRIPT_CHARS = 256_000
 LIST_JOBS_MAX = 500
 
-#: Options a client may set, with their types (None is always allowed).
-OPTION_TYPES: dict[str, type] = {
-    "model": str, "device": str, "frame_start": int, "frame_end": int,
-    "preview": bool, "write_vertices": bool, "flame_dir": str,
-}
 
 
 @dataclass(frozen=True)
@@ -453,19 +449,20 @@ class Server:
             return {}
         if not isinstance(options, dict):
             raise RequestError("bad_request", "submit.options must be an object")
-        out = {}
-        for key, value in options.items():
-            if key not in OPTION_TYPES:
-                raise RequestError("bad_input", f"unknown option {key!r}; known: {', '.join(sorted(OPTION_TYPES))}")
-            if value is not None and type(value) is not OPTION_TYPES[key]:
-                raise RequestError("bad_input", f"option {key} must be {OPTION_TYPES[key].__name__}, got {value!r}")
-            out[key] = value
+        # every option of ReconstructOptions, checked by the pipeline's own dataclasses; None
+        # means the server's default
+        out = {k: v for k, v in options.items() if v is not None}
+        try:
+            ReconstructOptions.from_dict(out)
+        except InputError as e:
+            raise RequestError("bad_input", str(e)) from e
         if (out.get("frame_start") or 0) < 0:
             raise RequestError("bad_input", "frame_start must be >= 0")
         if out.get("frame_end") is not None and out["frame_end"] <= (out.get("frame_start") or 0):
             raise RequestError("bad_input", "frame_end must be greater than frame_start")
-        if out.get("flame_dir") is not None:
-            out["flame_dir"] = str(self._check_path(out["flame_dir"], "flame_dir", want_dir=True))
+        for key, kind in PATH_OPTIONS.items():  # paths on this machine: under the roots only
+            if key in out:
+                out[key] = str(self._check_path(out[key], key, want_dir=kind == "dir"))
         models = self.probe_info.get("models") or {}
         model = out.get("model")
         if model is not None and models and out.get("flame_dir") is None:

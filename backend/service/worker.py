@@ -21,7 +21,6 @@ tests set it, to run slow or misbehaving jobs on purpose.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib
 import json
 import logging
@@ -315,7 +314,6 @@ def run_job(job_dir: Path, messenger: _Messenger, *, max_duration_s: float | Non
             raise _JobFailure("too_long", f"the video is {duration:.1f} s long; this server takes at most {max_duration_s:g} s")
 
     mod, validate = _pipeline_modules()
-    fields = {f.name for f in dataclasses.fields(mod.ReconstructOptions)}
     if opts.get("flame_dir") is None:
         opts["flame_dir"] = flame_dir
     if opts.get("device") in (None, "auto"):
@@ -324,9 +322,8 @@ def run_job(job_dir: Path, messenger: _Messenger, *, max_duration_s: float | Non
         opts["audio"] = str(inputs["audio"])
     if job.transcript:
         opts["transcript"] = str(job_dir / job.transcript)
-    opts = {k: v for k, v in opts.items() if k in fields and v is not None}
-    make = getattr(mod.ReconstructOptions, "from_dict", None)  # checks values, where the pipeline offers it
-    options = make(opts) if make is not None else mod.ReconstructOptions(**opts)
+    # every option reaches the pipeline; an option it does not know is an error, never dropped
+    options = mod.ReconstructOptions.from_dict({k: v for k, v in opts.items() if v is not None})
     result_dir = job_dir / S.RESULT_DIR
     result_dir.mkdir(exist_ok=True)
     log.info("job %s: reconstruct %s with %s", job.job_id, inputs["video"], options)

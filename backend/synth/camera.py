@@ -2,9 +2,9 @@
 for the frames and pixel conventions)."""
 from __future__ import annotations
 
-import math
-
 import numpy as np
+
+from avface.geometry import intrinsics_for
 
 FOV_Y_DEG = 40.0
 """Vertical field of view of the camera."""
@@ -15,9 +15,8 @@ FACE_CENTRE_V = 0.47
 
 
 def intrinsics(width: int, height: int, fov_y_deg: float = FOV_Y_DEG) -> np.ndarray:
-    """(3, 3) pinhole intrinsics in continuous pixel coordinates (principal point at the centre)."""
-    f = 0.5 * height / math.tan(math.radians(fov_y_deg) / 2)
-    return np.array([[f, 0.0, width / 2.0], [0.0, f, height / 2.0], [0.0, 0.0, 1.0]])
+    """(3, 3) float64 pinhole intrinsics of the demo camera (:func:`avface.geometry.intrinsics_for`)."""
+    return intrinsics_for(width, height, fov_y_deg, np.float64)
 
 
 def model_to_camera(neutral: np.ndarray, K: np.ndarray, height: int) -> np.ndarray:
