@@ -36,6 +36,7 @@ from avface.models.canonical import CanonicalModel
 from avface.models.canonical_mesh import N_VERTICES, load_canonical_mesh
 
 from .config import FitConfig
+from .confidence import mouth_visible
 from .errors import CancelledError, NoFaceError
 from .geometry import WORLD_TO_CAMERA, backproject, intrinsics_for, project, rigid, similarity
 from .timeseries import fill_missing
@@ -126,8 +127,7 @@ def fit_default(
     det = np.asarray(tracking.detected, bool)
     if not det.any():
         raise NoFaceError(NO_FACE_MESSAGE)
-    mesh = load_canonical_mesh()
-    template = mesh.vertices.astype(np.float64)
+    template = load_canonical_mesh().vertices.astype(np.float64)
     k = intrinsics_for(tracking.width, tracking.height, config.fov_deg)
     rigid_w = rigid_weights()
     if progress:
@@ -136,22 +136,12 @@ def fit_default(
     neutral, r, t, aligned = _initial_alignment(pts, template, rigid_w)
     conf = _mouth_confidence(mouth_conf, det, config)
     # frames whose mouth is seen: they alone shape the expression basis
-    seen = (conf >= 0.5)[det]
+    seen = mouth_visible(conf)[det]
     if seen.sum() < 2:
         seen = np.ones(len(pts), bool)
     if should_cancel is not None and should_cancel():
         raise CancelledError("cancelled during the fit")
-
-    # Jaw: linearised least squares of the aligned residual on the jaw direction.
-    base_model = CanonicalModel(neutral.astype(np.float32))
-    jdir = _jaw_direction(base_model, neutral)
-    resid = aligned - neutral  # (Td, V, 3)
-    jaw_angle = np.einsum("tvk,vk->t", resid, jdir) / max((jdir ** 2).sum(), 1e-12)
-    with torch.no_grad():
-        p = base_model.zero_params(len(pts))
-        p.jaw_pose[:, 0] = torch.as_tensor(jaw_angle, dtype=torch.float32)
-        jaw_verts = base_model.forward(p).vertices.numpy().astype(np.float64)
-    resid = aligned - jaw_verts  # what the expression basis must explain
+    jaw_angle, resid = _solve_jaw(neutral, aligned)  # resid: what the expression basis must explain
 
     if progress:
         progress(0.2, "expression basis")
@@ -159,23 +149,62 @@ def fit_default(
     mean = flat.mean(0)
     neutral = neutral + mean.reshape(N_VERTICES, 3)  # fold the mean expression into the identity
     if config.identity_prior > 0:
-        # MAP identity under a prior centred on the canonical (mean) face: shrink the tracker's
-        # deviation from it. The expression basis describes only motion, so the refinement
-        # cannot put the removed part back.
-        s0, r0, t0 = similarity(template, neutral, rigid_w)
-        mean_face = s0 * template @ r0.T + t0
-        # the lip contours are the best-defined features and what speech is read from: they
-        # keep the tracker's shape
-        pull = np.full((N_VERTICES, 1), config.identity_prior)
-        pull[list(LIPS)] = 0.0
-        neutral = mean_face + (1.0 - pull) * (neutral - mean_face)
-    centred = flat - mean
+        neutral = _identity_prior(neutral, template, rigid_w, config.identity_prior)
+    basis, coeffs, explained = _expression_basis(flat - mean, seen, config)
+    model = CanonicalModel(neutral.astype(np.float32), basis.astype(np.float32))
+
+    # Pose: points = R x + t, while LBS rotates about the root joint j0 and then adds transl:
+    # R (x - j0) + j0 + transl, so transl = t + R j0 - j0.
+    j0 = model.joints_rest[0].astype(np.float64)
+    rot0 = _spread(Rotation.from_matrix(r).as_rotvec(), det, det)
+    transl0 = _spread(t + r @ j0 - j0, det, det)
+    # the mouth of an occluded frame starts from its visible neighbours, not from the guess
+    jaw0 = _spread(np.stack([jaw_angle, np.zeros_like(jaw_angle), np.zeros_like(jaw_angle)], 1), det, mouth_visible(conf))
+    expr0 = _spread(coeffs, det, mouth_visible(conf))
+
+    if progress:
+        progress(0.3, "joint refinement")
+    params = _refine(model, tracking, k, rot0, transl0, jaw0, expr0, det, config, progress, should_cancel,
+                     jaw_dof=1, mouth_conf=conf)
+    return CoarseFit(model, params, k, ~det, explained, time.perf_counter() - t_start)
+
+
+def _solve_jaw(neutral: np.ndarray, aligned: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Jaw angle per frame (Td,) by linearised least squares of the aligned residual on the
+    jaw direction, and the residual (Td, V, 3) the jaw leaves."""
+    base_model = CanonicalModel(neutral.astype(np.float32))
+    jdir = _jaw_direction(base_model, neutral)
+    resid = aligned - neutral  # (Td, V, 3)
+    jaw_angle = np.einsum("tvk,vk->t", resid, jdir) / max((jdir ** 2).sum(), 1e-12)
+    with torch.no_grad():
+        p = base_model.zero_params(len(aligned))
+        p.jaw_pose[:, 0] = torch.as_tensor(jaw_angle, dtype=torch.float32)
+        jaw_verts = base_model.forward(p).vertices.numpy().astype(np.float64)
+    return jaw_angle, aligned - jaw_verts
+
+
+def _identity_prior(neutral: np.ndarray, template: np.ndarray, rigid_w: np.ndarray, prior: float) -> np.ndarray:
+    """MAP identity under a prior centred on the canonical (mean) face: shrink the tracker's
+    deviation from it by ``prior``. The expression basis describes only motion, so the
+    refinement cannot put the removed part back."""
+    s0, r0, t0 = similarity(template, neutral, rigid_w)
+    mean_face = s0 * template @ r0.T + t0
+    # the lip contours are the best-defined features and what speech is read from: they
+    # keep the tracker's shape
+    pull = np.full((N_VERTICES, 1), prior)
+    pull[list(LIPS)] = 0.0
+    return mean_face + (1.0 - pull) * (neutral - mean_face)
+
+
+def _expression_basis(centred: np.ndarray, seen: np.ndarray, config: FitConfig):
+    """(basis (E, V, 3), coefficients (Td, E), explained variance) of the centred residuals
+    (Td, V*3): the PCA of the frames whose mouth is seen, every frame's coefficients by
+    projection, scaled to unit variance over the clip."""
     n_comp = 0
     explained = 1.0
     basis = np.zeros((0, N_VERTICES, 3))
-    coeffs = np.zeros((len(resid), 0))
-    if len(resid) >= 2:
-        # basis from the frames whose mouth is seen; coefficients of all frames by projection
+    coeffs = np.zeros((len(centred), 0))
+    if len(centred) >= 2:
         _, sig, vt = np.linalg.svd(centred[seen], full_matrices=False)
         u = centred @ vt.T / np.maximum(sig, 1e-12)
         var = sig ** 2
@@ -184,46 +213,38 @@ def fit_default(
             cum = np.cumsum(var) / total
             n_comp = int(min(config.max_expression, np.searchsorted(cum, config.explained_variance) + 1, len(sig)))
             explained = float(cum[n_comp - 1])
-            # scale components so coefficients have unit variance over the clip
             dof = math.sqrt(max(int(seen.sum()) - 1, 1))
             scale = sig[:n_comp] / dof
             basis = (vt[:n_comp] * scale[:, None]).reshape(n_comp, N_VERTICES, 3)
             coeffs = u[:, :n_comp] * dof
     log.info("expression basis: %d components explain %.4f of the variance", n_comp, explained)
-    model = CanonicalModel(neutral.astype(np.float32), basis.astype(np.float32))
+    return basis, coeffs, explained
 
-    # Pose: points = R x + t, while LBS rotates about the root joint j0 and then adds transl:
-    # R (x - j0) + j0 + transl, so transl = t + R j0 - j0.
-    n_all = len(det)
-    rot_d = Rotation.from_matrix(r).as_rotvec()
-    j0 = model.joints_rest[0].astype(np.float64)
-    transl_d = t + r @ j0 - j0
 
-    def spread(x):
-        full = np.zeros((n_all,) + x.shape[1:])
-        full[det] = x
-        return fill_missing(full, det)
-
-    def spread_seen(x):
-        full = np.zeros((n_all,) + x.shape[1:])
-        full[det] = x
-        return fill_missing(full, conf >= 0.5)
-
-    rot0, transl0 = spread(rot_d), spread(transl_d)
-    # the mouth of an occluded frame starts from its visible neighbours, not from the guess
-    jaw0 = spread_seen(np.stack([jaw_angle, np.zeros_like(jaw_angle), np.zeros_like(jaw_angle)], 1))
-    expr0 = spread_seen(coeffs)
-
-    if progress:
-        progress(0.3, "joint refinement")
-    params = _refine(model, tracking, k, rot0, transl0, jaw0, expr0, det, config, progress, should_cancel,
-                     jaw_dof=1, mouth_conf=conf)
-    fit = CoarseFit(model, params, k, ~det, explained, time.perf_counter() - t_start)
-    return fit
+def _spread(x: np.ndarray, det: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """(Td, ...) values of the detected frames to (T, ...), every frame not ``valid``
+    interpolated from its neighbours."""
+    full = np.zeros((len(det),) + x.shape[1:])
+    full[det] = x
+    return fill_missing(full, valid)
 
 
 def _second_diff(x: torch.Tensor) -> torch.Tensor:
     return x[2:] - 2 * x[1:-1] + x[:-2] if len(x) > 2 else x[:0]
+
+
+def _landmark_targets(model, tracking: Tracking, det: np.ndarray, mouth_conf: np.ndarray | None):
+    """The refinement's data: tracker landmarks under the model's landmarks (T, M, 3) pixels,
+    the inter-ocular distance (T,) that normalises errors, and per-landmark weights (T, M):
+    lips count double, and the lower face of a frame counts as much as its mouth is seen."""
+    ids = np.asarray(model.landmark_ids)
+    target = np.nan_to_num(tracking.landmarks[:, ids])
+    iod = np.where(det, np.maximum(inter_ocular(np.nan_to_num(tracking.landmarks)), 1.0), 1.0)
+    lip_w = np.where(np.isin(ids, LIPS), 2.0, 1.0)  # lips matter most for a talking face
+    conf = np.ones(len(det)) if mouth_conf is None else np.asarray(mouth_conf, np.float64)
+    lower = np.isin(ids, lower_face_ids())
+    weights = np.where(lower[None, :], conf[:, None], 1.0) * lip_w[None, :]
+    return target, iod, weights
 
 
 def _refine(model, tracking, k, rot0, transl0, jaw0, expr0, det, config, progress, should_cancel, *,
@@ -241,18 +262,9 @@ def _refine(model, tracking, k, rot0, transl0, jaw0, expr0, det, config, progres
     dev = torch.device(device)
     f_cam = torch.as_tensor(WORLD_TO_CAMERA, dtype=dt, device=dev)
     kt = torch.as_tensor(k, dtype=dt, device=dev)
-    ids = np.asarray(model.landmark_ids)
-    target = torch.as_tensor(np.nan_to_num(tracking.landmarks[:, ids]), dtype=dt, device=dev)  # (T, M, 3) px
-    full = np.nan_to_num(tracking.landmarks)
+    target, iod, lmk_w = (torch.as_tensor(a, dtype=dt, device=dev)
+                          for a in _landmark_targets(model, tracking, det, mouth_conf))
     mask = torch.as_tensor(det, dtype=dt, device=dev)
-    iod_np = inter_ocular(full)
-    iod = torch.as_tensor(np.where(det, np.maximum(iod_np, 1.0), 1.0), dtype=dt, device=dev)
-    lip_w = np.where(np.isin(ids, LIPS), 2.0, 1.0)  # lips matter most for a talking face
-    # (T, M) landmark weights: the lower face of a frame counts as much as its mouth is seen
-    conf = np.ones(n) if mouth_conf is None else np.asarray(mouth_conf, np.float64)
-    lower = np.isin(ids, lower_face_ids())
-    weights = np.where(lower[None, :], conf[:, None], 1.0) * lip_w[None, :]
-    lmk_w = torch.as_tensor(weights, dtype=dt, device=dev)
 
     rot = torch.tensor(rot0, dtype=dt, device=dev, requires_grad=True)
     transl = torch.tensor(transl0, dtype=dt, device=dev, requires_grad=True)

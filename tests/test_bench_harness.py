@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from avface import media
-from avface.bench import occlusion as O
+from avface.bench import occluders as O
 from avface.bench.cli import main as bench_main
 from avface.bench.cli import register
 from avface.bench.harness import SCHEMA_VERSION, BenchConfig, is_timing_metric, run_bench

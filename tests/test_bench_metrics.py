@@ -11,7 +11,7 @@ from scipy.spatial.transform import Rotation
 from avface.bench import metrics as M
 from avface.bench.harness import aggregate, is_timing_metric
 from avface.bench.methods import MethodOutput, available_methods, get_method, register_method, unregister_method
-from avface.bench.occlusion import SlicedOT, choose_spans, clip_rng
+from avface.bench.occluders import SlicedOT, choose_spans, clip_rng
 from avface.errors import InputError
 from avface.timeseries import hold_nearest
 from avface.topology import LIPS

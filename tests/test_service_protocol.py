@@ -149,7 +149,7 @@ def test_protocol_and_client_stand_alone(tmp_path):
 
 
 def test_server_side_imports_no_torch():
-    code = ("import sys, avface.service.server, avface.service.cli, avface.service.bench\n"
+    code = ("import sys, avface.service.server, avface.service.cli, avface.service.loadtest\n"
             "assert 'torch' not in sys.modules, 'the socket loop imports torch'\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr

@@ -1,7 +1,7 @@
 """``avface bench``: every registered method on every clip, side by side, in one run.
 
 For each real clip: probe, a decode-only pass, the clean clip's tracking (always run, since
-it is timed), the speech features, the occlusion plan (:mod:`avface.bench.occlusion`), the
+it is timed), the speech features, the occlusion plan (:mod:`avface.bench.occluders`), the
 variants (``hand``, ``object``, ``audio_only``) written in one decode pass and tracked
 (cached by content in ``OUT/cache``), then every method on the clean clip and on each
 variant. For each synthetic clip (the demo generator, with its own hand occluder): the
@@ -41,7 +41,7 @@ from avface.tracking import Tracking, track
 from . import metrics as M
 from .methods import (REFERENCE_METHOD, Method, MethodInput, MethodOutput, available_methods, get_method,
                       load_plugins, run_method)
-from .occlusion import OCCLUDER_VARIANTS, VARIANTS, OcclusionPlan, make_plan, occluded_frames, write_variants
+from .occluders import OCCLUDER_VARIANTS, VARIANTS, OcclusionPlan, make_plan, occluded_frames, write_variants
 
 log = logging.getLogger(__name__)
 
@@ -643,15 +643,7 @@ def run_bench(clips_dir: Path | str, out_dir: Path | str, config: BenchConfig = 
     cache = Path(config.cache_dir) if config.cache_dir else out_dir / "cache"
     cache.mkdir(parents=True, exist_ok=True)
     methods = _resolve_methods(config)
-    # never benchmark our own output (variants, strips) when OUT lies inside the clips folder
-    clips = [c for c in discover_clips(clips_dir) if not _inside(c.video, out_dir)]
-    if config.clip_ids:
-        unknown = set(config.clip_ids) - {c.id for c in clips}
-        if unknown:
-            raise InputError(f"no clips {sorted(unknown)} in {clips_dir}; it has {[c.id for c in clips]}")
-        clips = [c for c in clips if c.id in config.clip_ids]
-    if not clips and config.synth_clips <= 0:
-        raise InputError(f"{clips_dir} holds no video clips (and --synth 0 asks for no synthetic ones)")
+    clips = _select_clips(clips_dir, out_dir, config)
     say = progress or (lambda msg: log.info("%s", msg))
     results: list[ClipResult] = []
     for i, clip in enumerate(clips):
@@ -708,6 +700,19 @@ def run_bench(clips_dir: Path | str, out_dir: Path | str, config: BenchConfig = 
 
     write_report(doc, out_dir / "report.md")
     return doc
+
+
+def _select_clips(clips_dir: Path, out_dir: Path, config: BenchConfig) -> list[Clip]:
+    # never benchmark our own output (variants, strips) when OUT lies inside the clips folder
+    clips = [c for c in discover_clips(clips_dir) if not _inside(c.video, out_dir)]
+    if config.clip_ids:
+        unknown = set(config.clip_ids) - {c.id for c in clips}
+        if unknown:
+            raise InputError(f"no clips {sorted(unknown)} in {clips_dir}; it has {[c.id for c in clips]}")
+        clips = [c for c in clips if c.id in config.clip_ids]
+    if not clips and config.synth_clips <= 0:
+        raise InputError(f"{clips_dir} holds no video clips (and --synth 0 asks for no synthetic ones)")
+    return clips
 
 
 def _inside(path: Path, folder: Path) -> bool:

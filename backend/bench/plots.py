@@ -13,7 +13,7 @@ from avface import media
 
 from . import metrics as M
 from .methods import REFERENCE_METHOD
-from .occlusion import VARIANTS
+from .occluders import VARIANTS
 
 log = logging.getLogger(__name__)
 

@@ -53,6 +53,22 @@ def write_report(doc: dict, path: Path) -> Path:
     real = [c for c in doc["clips"] if doc["clip_info"][c].get("kind") == "real" and "n_frames" in doc["clip_info"][c]]
     synth = [c for c in doc["clips"] if doc["clip_info"][c].get("kind") == "synth"]
     methods = doc["methods"]
+    L = _header(doc, real, synth)
+    if real:
+        L += _occlusion_errors(doc, real, methods)
+        L += _occlusions(doc, real)
+        L += _visible_accuracy(doc, real, methods)
+        L += _speed(doc, real, methods)
+    if synth:
+        L += _synthetic(doc, synth, methods)
+    L += _plots(doc)
+    L += _definitions(doc)
+    path.write_text("\n".join(L) + "\n")
+    return path
+
+def _header(doc: dict, real: list[str], synth: list[str]) -> list[str]:
+    """Title, what ran, the main table and the methods."""
+    methods = doc["methods"]
     run = doc["run"]
     L: list[str] = ["# AVFace benchmark", ""]
     L.append(f"Clips: `{doc['clips_dir']}` ({len(real)} real, {len(synth)} synthetic); seed {doc['seed']}; "
@@ -70,100 +86,129 @@ def write_report(doc: dict, path: Path) -> Path:
     for m in methods:
         info = doc["method_info"][m]
         L.append(f"- `{m}`: {info['description']} (stages: {', '.join(info['stages'])})")
+    return L
 
-    if real:
-        L += ["", "## Occlusion robustness per clip", "",
-              f"Lip-vertex error in mm on occluded frames (hand / object), and the pooled ratio to `{REFERENCE_METHOD}`.", ""]
-        rows = []
-        for c in real:
-            row = [c]
-            for m in methods:
-                h = _value(doc, c, m, "lip_err_occluded_hand")
-                o = _value(doc, c, m, "lip_err_occluded_object")
-                r = _value(doc, c, m, "lip_err_occluded_ratio")
-                row.append(f"{_fmt(h)} / {_fmt(o)} ({_fmt(r)}×)")
-            rows.append(row)
-        L += _table(["clip"] + [f"`{m}`" for m in methods], rows)
-        L += ["", "Audio-only spans (black frames): lip-vertex error in mm (ratio), and the leak of occlusion into "
-              "frames ≥ 1 s from any occluder (`lip_err_unoccluded`, mm, hand variant).", ""]
-        rows = []
-        for c in real:
-            row = [c]
-            for m in methods:
-                row.append(f"{_fmt(_value(doc, c, m, 'lip_err_audio_only'))} ({_fmt(_value(doc, c, m, 'lip_err_audio_only_ratio'))}×); "
-                           f"leak {_fmt(_value(doc, c, m, 'lip_err_unoccluded'))}")
-            rows.append(row)
-        L += _table(["clip"] + [f"`{m}`" for m in methods], rows)
 
-        L += ["", "## The occlusions", "",
-              "Spans in seconds; frames counted as occluded (≥ 50 % of the clean lip landmarks under the occluder); "
-              "the share of those frames that the visual confidence flags (< 0.5) on each variant, and its false "
-              "alarms on the clean clip.", ""]
-        rows = []
-        for c in real:
-            ci = doc["clip_info"][c]
-            occ, fl = ci["occlusion"], ci["flagged_by_visual_confidence"]
-            rows.append([c, f"{ci['duration_s']:.1f}",
-                         ", ".join(f"{a:.2f}–{b:.2f}" for a, b in occ["occluder_spans_s"]) or "none",
-                         occ["object_kind"],
-                         ", ".join(f"{a:.2f}–{b:.2f}" for a, b in occ["audio_only_spans_s"]) or "none",
-                         f"{ci['occluded_frames']['hand']} / {ci['occluded_frames']['object']} / {ci['occluded_frames']['audio_only']}",
-                         f"{_fmt(fl.get('hand'))} / {_fmt(fl.get('object'))} / {_fmt(fl.get('audio_only'))}",
-                         _fmt(fl.get("clean_false_positive")), f"{ci['still_frames']}"])
-        L += _table(["clip", "s", "occluder spans", "object", "audio-only spans", "occl. frames h/o/a",
-                     "flagged h/o/a", "clean flagged", "still frames"], rows)
+def _occlusion_errors(doc: dict, real: list[str], methods: list[str]) -> list[str]:
+    """Lip errors per clip on occluded and audio-only spans."""
+    L: list[str] = []
+    L += ["", "## Occlusion robustness per clip", "",
+          f"Lip-vertex error in mm on occluded frames (hand / object), and the pooled ratio to `{REFERENCE_METHOD}`.", ""]
+    rows = []
+    for c in real:
+        row = [c]
+        for m in methods:
+            h = _value(doc, c, m, "lip_err_occluded_hand")
+            o = _value(doc, c, m, "lip_err_occluded_object")
+            r = _value(doc, c, m, "lip_err_occluded_ratio")
+            row.append(f"{_fmt(h)} / {_fmt(o)} ({_fmt(r)}×)")
+        rows.append(row)
+    L += _table(["clip"] + [f"`{m}`" for m in methods], rows)
+    L += ["", "Audio-only spans (black frames): lip-vertex error in mm (ratio), and the leak of occlusion into "
+          "frames ≥ 1 s from any occluder (`lip_err_unoccluded`, mm, hand variant).", ""]
+    rows = []
+    for c in real:
+        row = [c]
+        for m in methods:
+            row.append(f"{_fmt(_value(doc, c, m, 'lip_err_audio_only'))} ({_fmt(_value(doc, c, m, 'lip_err_audio_only_ratio'))}×); "
+                       f"leak {_fmt(_value(doc, c, m, 'lip_err_unoccluded'))}")
+        rows.append(row)
+    L += _table(["clip"] + [f"`{m}`" for m in methods], rows)
+    return L
 
-        L += ["", "## Accuracy on visible frames and stability per clip", "",
-              "NME and lips NME in % of the inter-ocular distance against the tracker's landmarks on the clean clip; "
-              "jitter in mm/frame² on still frames.", ""]
-        rows = []
-        for c in real:
-            row = [c]
-            for m in methods:
-                row.append(f"{_fmt(_value(doc, c, m, 'nme_visible'))} / {_fmt(_value(doc, c, m, 'nme_lips_visible'))}; "
-                           f"{_fmt(_value(doc, c, m, 'jitter'), 3)}")
-            rows.append(row)
-        L += _table(["clip"] + [f"`{m}` NME / lips; jitter" for m in methods], rows)
 
-        L += ["", "## Speed and memory", "",
-              "Seconds per second of video (real-time factor) of each stage on the clean clip, measured in this run. "
-              "`decode` is a decode-only pass for reference (tracking decodes as it goes, so it is not added). "
-              "`networks`: no AV network exists yet, so nothing is recorded for it.", ""]
-        fit_methods = [m for m in methods if "fit" in doc["method_info"][m]["stages"]]
-        rows = []
-        for c in real:
-            ci = doc["clip_info"][c]
-            d = ci["duration_s"]
-            ss, cs = ci["stage_seconds"], ci["stage_cpu_seconds"]
-            row = [c, f"{d:.1f}"] + [_fmt(ss.get(s, 0) / d, 3) for s in ("probe", "decode", "tracking", "audio")]
-            row += [_fmt(_value(doc, c, m, "rtf_fit"), 3) for m in fit_methods]
-            row += [_fmt(_value(doc, c, REFERENCE_METHOD, "rtf_export"), 3),
-                    _fmt(_value(doc, c, REFERENCE_METHOD, "rtf_total"), 3),
-                    _fmt(_value(doc, c, REFERENCE_METHOD, "cpu_rtf_total"), 3),
-                    _fmt(_value(doc, c, REFERENCE_METHOD, "ratio_to_tracking"), 2),
-                    _fmt(cs.get("tracking", 0) / d, 3)]
-            rows.append(row)
-        L += _table(["clip", "s", "probe", "decode", "tracking", "audio"] + [f"fit `{m}`" for m in fit_methods]
-                    + ["export", f"total `{REFERENCE_METHOD}`", "CPU total", "× tracking", "tracking CPU"], rows)
-        L += ["", f"Peak resident memory of the benchmark process: {_fmt(run.get('peak_rss_mb'), 0)} MiB "
-              "(ffmpeg children not included)."
-              + (f" CUDA: {run['cuda']['device']}, {_fmt(run['cuda']['peak_allocated_mb'], 0)} MiB peak allocated."
-                 if run.get("cuda") else " No CUDA device: no GPU figures.")]
+def _occlusions(doc: dict, real: list[str]) -> list[str]:
+    """Where the occluders went, and how many of their frames the confidence flagged."""
+    L: list[str] = []
+    L += ["", "## The occlusions", "",
+          "Spans in seconds; frames counted as occluded (≥ 50 % of the clean lip landmarks under the occluder); "
+          "the share of those frames that the visual confidence flags (< 0.5) on each variant, and its false "
+          "alarms on the clean clip.", ""]
+    rows = []
+    for c in real:
+        ci = doc["clip_info"][c]
+        occ, fl = ci["occlusion"], ci["flagged_by_visual_confidence"]
+        rows.append([c, f"{ci['duration_s']:.1f}",
+                     ", ".join(f"{a:.2f}–{b:.2f}" for a, b in occ["occluder_spans_s"]) or "none",
+                     occ["object_kind"],
+                     ", ".join(f"{a:.2f}–{b:.2f}" for a, b in occ["audio_only_spans_s"]) or "none",
+                     f"{ci['occluded_frames']['hand']} / {ci['occluded_frames']['object']} / {ci['occluded_frames']['audio_only']}",
+                     f"{_fmt(fl.get('hand'))} / {_fmt(fl.get('object'))} / {_fmt(fl.get('audio_only'))}",
+                     _fmt(fl.get("clean_false_positive")), f"{ci['still_frames']}"])
+    L += _table(["clip", "s", "occluder spans", "object", "audio-only spans", "occl. frames h/o/a",
+                 "flagged h/o/a", "clean flagged", "still frames"], rows)
+    return L
 
-    if synth:
-        L += ["", "## Synthetic clips with ground truth", "",
-              "Mean vertex error (mm, similarity-aligned per frame) / lip-vertex error (mm) on frames without the "
-              "occluder and on occluded frames.", ""]
-        rows = []
-        for c in synth:
-            ci = doc["clip_info"][c]
-            row = [c, f"{ci['occluded_frames']}/{ci['n_frames']}"]
-            for m in methods:
-                row.append(f"{_fmt(_value(doc, c, m, 'mm_synth_visible'))} / {_fmt(_value(doc, c, m, 'mm_synth_lips_visible'))}"
-                           f" → {_fmt(_value(doc, c, m, 'mm_synth_occluded'))} / {_fmt(_value(doc, c, m, 'mm_synth_lips_occluded'))}")
-            rows.append(row)
-        L += _table(["clip", "occl. frames"] + [f"`{m}` vis. → occl." for m in methods], rows)
 
+def _visible_accuracy(doc: dict, real: list[str], methods: list[str]) -> list[str]:
+    """NME and jitter per clip on the clean clips."""
+    L: list[str] = []
+    L += ["", "## Accuracy on visible frames and stability per clip", "",
+          "NME and lips NME in % of the inter-ocular distance against the tracker's landmarks on the clean clip; "
+          "jitter in mm/frame² on still frames.", ""]
+    rows = []
+    for c in real:
+        row = [c]
+        for m in methods:
+            row.append(f"{_fmt(_value(doc, c, m, 'nme_visible'))} / {_fmt(_value(doc, c, m, 'nme_lips_visible'))}; "
+                       f"{_fmt(_value(doc, c, m, 'jitter'), 3)}")
+        rows.append(row)
+    L += _table(["clip"] + [f"`{m}` NME / lips; jitter" for m in methods], rows)
+    return L
+
+
+def _speed(doc: dict, real: list[str], methods: list[str]) -> list[str]:
+    """Real-time factors per stage, and memory."""
+    run = doc["run"]
+    L: list[str] = []
+    L += ["", "## Speed and memory", "",
+          "Seconds per second of video (real-time factor) of each stage on the clean clip, measured in this run. "
+          "`decode` is a decode-only pass for reference (tracking decodes as it goes, so it is not added). "
+          "`networks`: no AV network exists yet, so nothing is recorded for it.", ""]
+    fit_methods = [m for m in methods if "fit" in doc["method_info"][m]["stages"]]
+    rows = []
+    for c in real:
+        ci = doc["clip_info"][c]
+        d = ci["duration_s"]
+        ss, cs = ci["stage_seconds"], ci["stage_cpu_seconds"]
+        row = [c, f"{d:.1f}"] + [_fmt(ss.get(s, 0) / d, 3) for s in ("probe", "decode", "tracking", "audio", "confidence")]
+        row += [_fmt(_value(doc, c, m, "rtf_fit"), 3) for m in fit_methods]
+        row += [_fmt(_value(doc, c, REFERENCE_METHOD, "rtf_export"), 3),
+                _fmt(_value(doc, c, REFERENCE_METHOD, "rtf_total"), 3),
+                _fmt(_value(doc, c, REFERENCE_METHOD, "cpu_rtf_total"), 3),
+                _fmt(_value(doc, c, REFERENCE_METHOD, "ratio_to_tracking"), 2),
+                _fmt(cs.get("tracking", 0) / d, 3)]
+        rows.append(row)
+    L += _table(["clip", "s", "probe", "decode", "tracking", "audio", "confidence"] + [f"fit `{m}`" for m in fit_methods]
+                + ["export", f"total `{REFERENCE_METHOD}`", "CPU total", "× tracking", "tracking CPU"], rows)
+    L += ["", f"Peak resident memory of the benchmark process: {_fmt(run.get('peak_rss_mb'), 0)} MiB "
+          "(ffmpeg children not included)."
+          + (f" CUDA: {run['cuda']['device']}, {_fmt(run['cuda']['peak_allocated_mb'], 0)} MiB peak allocated."
+             if run.get("cuda") else " No CUDA device: no GPU figures.")]
+    return L
+
+
+def _synthetic(doc: dict, synth: list[str], methods: list[str]) -> list[str]:
+    """Errors against ground truth on the synthetic clips."""
+    L: list[str] = []
+    L += ["", "## Synthetic clips with ground truth", "",
+          "Mean vertex error (mm, similarity-aligned per frame) / lip-vertex error (mm) on frames without the "
+          "occluder and on occluded frames.", ""]
+    rows = []
+    for c in synth:
+        ci = doc["clip_info"][c]
+        row = [c, f"{ci['occluded_frames']}/{ci['n_frames']}"]
+        for m in methods:
+            row.append(f"{_fmt(_value(doc, c, m, 'mm_synth_visible'))} / {_fmt(_value(doc, c, m, 'mm_synth_lips_visible'))}"
+                       f" → {_fmt(_value(doc, c, m, 'mm_synth_occluded'))} / {_fmt(_value(doc, c, m, 'mm_synth_lips_occluded'))}")
+        rows.append(row)
+    L += _table(["clip", "occl. frames"] + [f"`{m}` vis. → occl." for m in methods], rows)
+    return L
+
+
+def _plots(doc: dict) -> list[str]:
+    """Links to the plots and the side-by-side strip."""
+    L: list[str] = []
     plots = doc.get("plots") or {}
     if plots:
         L += ["", "## Plots", ""]
@@ -178,7 +223,12 @@ def write_report(doc: dict, path: Path) -> Path:
         for key, p in plots.items():
             if key.startswith("lip_opening_"):
                 L += [f"![{key}]({p})", ""]
+    return L
 
+
+def _definitions(doc: dict) -> list[str]:
+    """What each metric means, and the two that need more words."""
+    L: list[str] = []
     L += ["", "## Definitions", ""]
     for k, v in doc["definitions"].items():
         L.append(f"- `{k}`: {v}")
@@ -194,5 +244,4 @@ def write_report(doc: dict, path: Path) -> Path:
           "the mean over still frames t (with t±1 still) and all 468 vertices of |x[t+1] − 2x[t] + x[t−1]| in "
           "mm/frame². Speech moves the lips too, so jitter compares methods on the same frames, it is not pure noise.",
           ""]
-    path.write_text("\n".join(L) + "\n")
-    return path
+    return L

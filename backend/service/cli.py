@@ -118,9 +118,9 @@ def register(subparsers) -> None:
     p.add_argument("--force", action="store_true", help="overwrite existing keys")
     p.set_defaults(func=cmd_keys)
 
-    from avface.service import bench
+    from avface.service import loadtest
 
-    bench.register(subparsers)
+    loadtest.register(subparsers)
 
 
 # -- handlers -------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from scipy.spatial.transform import Rotation
 
-from avface.bench import occlusion as O
+from avface.bench import occluders as O
 from avface.topology import CHIN, LEFT_EYE, LIPS, RIGHT_EYE
 from avface.models.canonical_mesh import load_canonical_mesh
 from avface.tracking import Tracking

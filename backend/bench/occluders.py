@@ -1,5 +1,6 @@
-"""The occlusion protocol (after AVFace section 3.4): seeded spans of speech, occluders pasted
-over the mouth and lower face, and black frames for audio-only spans.
+"""The benchmark's occluder maker (it makes occlusions to measure with; :mod:`avface.confidence`
+is what detects them), after the occlusion protocol of AVFace section 3.4: seeded spans of
+speech, occluders pasted over the mouth and lower face, and black frames for audio-only spans.
 
 Per clip, from a seed and the clip's id (so that adding a clip changes no other clip's
 spans):
