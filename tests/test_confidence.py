@@ -1,5 +1,7 @@
-"""Visual confidence from the lower face's appearance: an occluder of skin-like colour stands
-out against the clip's own frames even when its absolute anomaly is moderate."""
+"""The visual-confidence stage: each evidence term on its own (detection, hand cover, lip
+jump, absolute and relative appearance anomaly) and how they combine. An occluder of
+skin-like colour stands out against the clip's own frames even when its absolute anomaly is
+moderate."""
 from __future__ import annotations
 
 import numpy as np
@@ -34,3 +36,87 @@ def test_steady_clips_and_short_clips_are_left_alone():
     a2[150:160] = 1.6
     conf = relative_anomaly_confidence(a2, det2)
     assert (conf[:100] == 1).all() and (conf[150:160] < 0.5).all()
+
+
+# ---------------------------------------------------------------- each evidence term on its own
+
+from avface import confidence as C  # noqa: E402
+from avface.topology import LIPS, LIPS_LOWER_OUTER, lower_face_ids  # noqa: E402
+
+
+def _tracking(n=100, seed=0):
+    """A steady face with skin colours that vary a little from frame to frame."""
+    import dataclasses
+
+    from test_bench_occluders import projected_face_tracking
+
+    tr = projected_face_tracking(n=n, seed=seed)
+    rng = np.random.default_rng(seed)
+    skin = np.array([190.0, 140.0, 120.0])
+    colors = np.clip(skin + rng.normal(0.0, 3.0, (n, 468, 3)), 0, 255).astype(np.uint8)
+    return dataclasses.replace(tr, colors=colors)
+
+
+def test_detection_term_is_zero_without_a_face():
+    det = np.array([True, False, True])
+    np.testing.assert_array_equal(C.detection_confidence(det), [1.0, 0.0, 1.0])
+
+
+def test_hand_term_is_one_minus_the_covered_share_of_the_mouth():
+    cover = np.array([[0.0, 0.9, 0.9], [0.25, 0.0, 0.1], [1.0, 0.0, 1.0], [1.7, 0.0, 0.0]])  # mouth, eyes, face
+    # only the mouth column counts; more than all of it is all of it
+    np.testing.assert_allclose(C.hand_confidence(cover), [1.0, 0.75, 0.0, 0.0])
+
+
+def test_lip_jump_measures_a_lost_mouth_in_inter_ocular_distances():
+    tr = _tracking(n=9)
+    lm = tr.landmarks.copy()
+    base = C.lip_jump(lm, tr.detected)
+    assert base.max() < 0.01  # a steady face: the lips sit at their neighbours' midpoint
+    assert base[0] == base[-1] == 0.0  # the ends have no two neighbours
+    iod = np.linalg.norm(lm[4, 33, :2] - lm[4, 263, :2])
+    lm[4, list(LIPS), 1] += 0.2 * iod  # every lip landmark jumps by 20 % of the IOD in frame 4
+    jump = C.lip_jump(lm, tr.detected)
+    assert abs(jump[4] - 0.2) < 0.01
+    # its neighbours see half the jump in their own midpoints
+    assert abs(jump[3] - 0.1) < 0.01 and abs(jump[5] - 0.1) < 0.01
+    conf = C.lip_jump_confidence(np.array([0.0, C.LIP_JUMP_ONSET_IOD, 0.10, C.LIP_JUMP_ONSET_IOD + C.LIP_JUMP_RANGE_IOD, 1.0]))
+    np.testing.assert_allclose(conf, [1.0, 1.0, 0.5, 0.0, 0.0])
+    # a frame without a face next to it gives no jump evidence
+    det = tr.detected.copy()
+    det[3] = False
+    assert C.lip_jump(lm, det)[4] == 0.0
+
+
+def test_absolute_anomaly_term_ramps_from_onset_over_range():
+    a = np.array([0.0, 1.0, C.ANOMALY_ONSET, C.ANOMALY_ONSET + C.ANOMALY_RANGE / 2, C.ANOMALY_ONSET + C.ANOMALY_RANGE, 9.0])
+    np.testing.assert_allclose(C.absolute_anomaly_confidence(a), [1.0, 1.0, 1.0, 0.5, 0.0, 0.0])
+
+
+def test_appearance_anomaly_rises_where_the_lower_face_changes_colour():
+    tr = _tracking(n=80)
+    lower = [i for i in lower_face_ids() if i in set(LIPS_LOWER_OUTER) or i not in set(LIPS)]
+    tr.colors[40:45, lower] = np.array([40, 60, 200], np.uint8)  # a blue object over the mouth and chin
+    a = C.appearance_anomaly(tr)
+    assert np.median(a[:40]) < 1.5 and a[40:45].min() > 5.0
+    # a global change of lighting moves the upper face too, and is not an anomaly
+    tr2 = _tracking(n=80)
+    tr2.colors[60:65] = (tr2.colors[60:65] * 0.7).astype(np.uint8)
+    assert C.appearance_anomaly(tr2)[60:65].max() < 2.0
+
+
+def test_evidence_combines_as_a_product_and_flags_below_the_threshold():
+    tr = _tracking(n=100)
+    tr.hand_cover[10, 0] = 0.3  # a hand over 30 % of the lips: confidence 0.7, not occluded
+    tr.hand_cover[20, 0] = 0.8  # over 80 %: 0.2, occluded
+    tr.detected[30] = False
+    tr.landmarks[30] = np.nan
+    conf, occluded = C.visual_confidence(tr)
+    assert conf.dtype == np.float32 and occluded.dtype == bool
+    assert abs(conf[10] - 0.7) < 1e-6 and not occluded[10]
+    assert abs(conf[20] - 0.2) < 1e-6 and occluded[20]
+    assert conf[30] == 0.0 and occluded[30]
+    clean = np.setdiff1d(np.arange(100), [10, 20, 29, 30, 31])
+    assert (conf[clean] == 1.0).all()
+    np.testing.assert_array_equal(occluded, conf < C.OCCLUDED_BELOW)
+    np.testing.assert_array_equal(C.mouth_visible(conf), ~occluded)
