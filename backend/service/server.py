@@ -452,8 +452,8 @@ class Server:
         # every option of ReconstructOptions, checked by the pipeline's own dataclasses; None
         # means the server's default
         out = {k: v for k, v in options.items() if v is not None}
-        try:
-            ReconstructOptions.from_dict(out)
+        try:  # "auto" is the one device name the worker resolves itself
+            ReconstructOptions.from_dict({k: v for k, v in out.items() if (k, v) != ("device", "auto")})
         except InputError as e:
             raise RequestError("bad_input", str(e)) from e
         if (out.get("frame_start") or 0) < 0:
