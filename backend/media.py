@@ -448,6 +448,45 @@ def probe(path: str | os.PathLike) -> VideoInfo:
     path = Path(path).expanduser().resolve()
     _check_readable(path)
     t0 = time.perf_counter()
+    returncode, packets_text, first_text, stderr = _run_probe(path)
+    header = _parse_header(stderr)
+    if header is None:
+        raise _open_failure(path, stderr)
+    vstream = header.video
+    _check_streams(path, header, stderr)
+    tb, packets, _ = _parse_framecrc(packets_text)
+    _, decoded, dims = _parse_framecrc(first_text)
+    _check_decoded(path, vstream, packets, decoded, dims, returncode, stderr)
+    pts = np.unique(np.array([p for p, _ in packets], dtype=np.int64))  # sorted, B-frame order undone
+    fps, n_frames, first, duration, vfr, gaps = _frame_timing(pts, packets, tb, vstream)
+    if vstream.rotation_deg:
+        logger.debug("%s: display rotation %.0f degrees, applied on decode", path.name, vstream.rotation_deg)
+    sar = re.search(r"\[SAR (\d+):(\d+)", vstream.line)
+    if sar and sar.group(1) != sar.group(2) and sar.group(1) != "0":
+        logger.warning("%s has non-square pixels (SAR %s:%s); frames are delivered as stored, "
+                       "not stretched to the display aspect", path.name, sar.group(1), sar.group(2))
+
+    astream = header.audio
+    rate, channels = _audio_params(astream) if astream else (None, None)
+    width, height = dims
+    info = VideoInfo(
+        path=path, width=width, height=height, fps=float(fps), n_frames=int(n_frames),
+        duration_s=float(duration), vfr=vfr, codec=vstream.codec, has_audio=astream is not None,
+        audio_sample_rate=rate, audio_channels=channels,
+        start_s=float(first) - header.start_s, first_pts_s=float(first),
+        max_gap_s=float(gaps.max() * tb) if gaps.size else 0.0, container=header.format_name,
+    )
+    logger.debug("probed %s in %.3f s: %s", path.name, time.perf_counter() - t0, info)
+    if vfr:
+        logger.info("%s has a variable frame rate (gaps %.1f to %.1f ms); frames are resampled to "
+                    "its average %.3f fps", path.name, 1e3 * float(gaps.min() * tb),
+                    1e3 * float(gaps.max() * tb), float(fps))
+    return info
+
+
+def _run_probe(path: Path) -> tuple[int, str, str, str]:
+    """(return code, framecrc of every video packet, framecrc of the first decoded frame,
+    ffmpeg's stderr) from one ffmpeg run."""
     with tempfile.TemporaryDirectory(prefix="avface-probe-") as tmp:
         first_crc = Path(tmp) / "first.crc"
         inp = ffmpeg.input(str(path))
@@ -459,9 +498,11 @@ def probe(path: str | os.PathLike) -> VideoInfo:
         proc = subprocess.run(_cmd("-copyts") + ffmpeg.get_args(spec), capture_output=True)
         stderr = proc.stderr.decode("utf-8", "replace")
         first_text = first_crc.read_text() if first_crc.exists() else ""
-    header = _parse_header(stderr)
-    if header is None:
-        raise _open_failure(path, stderr)
+    return proc.returncode, proc.stdout.decode("utf-8", "replace"), first_text, stderr
+
+
+def _check_streams(path: Path, header, stderr: str) -> None:
+    """A text file, a file without video and a truncated file are refused here."""
     vstream = header.video
     if header.format_name == "tty":  # ffmpeg renders any text file as an ANSI "video"
         raise MediaError(f"{path.name} is a text file, not a video", detail=stderr)
@@ -478,15 +519,18 @@ def probe(path: str | os.PathLike) -> VideoInfo:
             "lists (was the recording or download interrupted?)",
             detail=stderr,
         )
-    tb, packets, _ = _parse_framecrc(proc.stdout.decode("utf-8", "replace"))
-    _, decoded, dims = _parse_framecrc(first_text)
+
+
+def _check_decoded(path: Path, vstream, packets, decoded, dims, returncode: int, stderr: str) -> None:
+    """A codec the bundled ffmpeg lacks, a stream of which nothing decodes, and an ffmpeg
+    failure are refused here; corrupt packets are only reported."""
     if not decoded and re.search(r"Decoder \(.*\) not found|[Dd]ecoder .*not found", stderr):
         raise MediaError(f"{path.name} uses the video codec '{vstream.codec}', which the bundled "
                          "ffmpeg cannot decode; convert it to H.264 first", detail=stderr)
     if not packets or not decoded or dims is None:
         raise MediaError(f"{path.name} is corrupt: it has a video stream but not one frame of it "
                          "can be decoded", detail=stderr)
-    if proc.returncode != 0:
+    if returncode != 0:
         raise MediaError(f"ffmpeg cannot read the video of {path.name}: {_last_error_line(stderr)}",
                          detail=stderr)
     n_corrupt = stderr.count("corrupt input packet")
@@ -494,7 +538,10 @@ def probe(path: str | os.PathLike) -> VideoInfo:
         logger.warning("%s: ffmpeg reports %d corrupt video packet(s); frames there may be "
                        "damaged or repeated", path.name, n_corrupt)
 
-    pts = np.unique(np.array([p for p, _ in packets], dtype=np.int64))  # sorted, B-frame order undone
+
+def _frame_timing(pts: np.ndarray, packets, tb: Fraction, vstream):
+    """(fps, frame count, first timestamp s, duration s, VFR, gaps between timestamps) from
+    the sorted unique packet timestamps ``pts`` in time-base units."""
     last_dur = max(p[1] for p in packets if p[0] == pts[-1])
     gaps = np.diff(pts)
     median_gap = int(np.median(gaps)) if gaps.size else 0
@@ -525,29 +572,7 @@ def probe(path: str | os.PathLike) -> VideoInfo:
     # Count frames the way ffmpeg's fps filter does: slots from the first timestamp to the
     # end of the last frame, both rounded to the nearest slot.
     n_frames = _round_near(end * fps) - _round_near(first * fps)
-    if vstream.rotation_deg:
-        logger.debug("%s: display rotation %.0f degrees, applied on decode", path.name, vstream.rotation_deg)
-    sar = re.search(r"\[SAR (\d+):(\d+)", vstream.line)
-    if sar and sar.group(1) != sar.group(2) and sar.group(1) != "0":
-        logger.warning("%s has non-square pixels (SAR %s:%s); frames are delivered as stored, "
-                       "not stretched to the display aspect", path.name, sar.group(1), sar.group(2))
-
-    astream = header.audio
-    rate, channels = _audio_params(astream) if astream else (None, None)
-    width, height = dims
-    info = VideoInfo(
-        path=path, width=width, height=height, fps=float(fps), n_frames=int(n_frames),
-        duration_s=float(duration), vfr=vfr, codec=vstream.codec, has_audio=astream is not None,
-        audio_sample_rate=rate, audio_channels=channels,
-        start_s=float(first) - header.start_s, first_pts_s=float(first),
-        max_gap_s=float(gaps.max() * tb) if gaps.size else 0.0, container=header.format_name,
-    )
-    logger.debug("probed %s in %.3f s: %s", path.name, time.perf_counter() - t0, info)
-    if vfr:
-        logger.info("%s has a variable frame rate (gaps %.1f to %.1f ms); frames are resampled to "
-                    "its average %.3f fps", path.name, 1e3 * float(gaps.min() * tb),
-                    1e3 * float(gaps.max() * tb), float(fps))
-    return info
+    return fps, n_frames, first, duration, vfr, gaps
 
 
 # --------------------------------------------------------------------------- frames

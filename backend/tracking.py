@@ -179,6 +179,15 @@ class _Landmarkers:
             )
             self.hand = vision.HandLandmarker.create_from_options(hand_opts)
 
+    def detect(self, frame: np.ndarray, ts_ms: int, *, quiet: bool = False):
+        """(face result, hand result or None) of one RGB frame at ``ts_ms``. ``quiet`` keeps
+        the native chatter off the terminal: the graphs finish starting on the first frame."""
+        image = self.mp.Image(image_format=self.mp.ImageFormat.SRGB, data=np.ascontiguousarray(frame))
+        with quiet_native_stderr() if quiet else contextlib.nullcontext():
+            res = self.face.detect_for_video(image, ts_ms)
+            hres = self.hand.detect_for_video(image, ts_ms) if self.hand is not None else None
+        return res, hres
+
     def close(self) -> None:
         self.face.close()
         if self.hand is not None:
@@ -203,34 +212,18 @@ def track(
         info.path, extra=json.dumps([TRACKER_VERSION, start, end, round(info.fps, 6), dataclasses.asdict(config)])
     )
     cache_file = cache_dir / f"{key[:32]}.npz"
-    if cache_file.is_file():
-        try:
-            cached = Tracking.load(cache_file)
-            log.info("tracking read from cache %s", cache_file)
-            if progress:
-                progress(1.0, "tracking (cached)")
-            cached.seconds = 0.0
-            return cached
-        except Exception as e:  # a damaged cache entry is rebuilt, never trusted
-            log.warning("ignoring unreadable tracking cache %s: %s", cache_file, e)
+    cached = _read_cache(cache_file, progress)
+    if cached is not None:
+        return cached
 
     import time
 
     t0 = time.perf_counter()
     n = end - start
-    w, h = info.width, info.height
-    lmk = np.full((n, N_LANDMARKS, 3), np.nan, np.float32)
-    bs = np.full((n, N_BLENDSHAPES), np.nan, np.float32)
-    tf = np.tile(np.eye(4, dtype=np.float32), (n, 1, 1))
-    det = np.zeros(n, bool)
-    hands = np.full((n, MAX_HANDS, N_HAND_LANDMARKS, 2), np.nan, np.float32)
-    cover = np.zeros((n, len(REGIONS)), np.float32)
-    colors = np.zeros((n, 468, 3), np.uint8)
-    names: tuple = ()
+    buf = _Buffers.empty(n)
     regions = _region_ids()
     with quiet_native_stderr():
         lm = _Landmarkers(config)
-    mp = lm.mp
     i = -1
     try:
         for i, frame in enumerate(media.iter_frames(info, start, end)):
@@ -240,35 +233,9 @@ def track(
                 from .errors import CancelledError
 
                 raise CancelledError("cancelled during tracking")
-            image = mp.Image(image_format=mp.ImageFormat.SRGB, data=np.ascontiguousarray(frame))
-            ts_ms = int(round((start + i) * 1000.0 / info.fps))
-            if i == 0:  # the graphs finish starting on the first frame, with more chatter
-                with quiet_native_stderr():
-                    res = lm.face.detect_for_video(image, ts_ms)
-                    hres = lm.hand.detect_for_video(image, ts_ms) if lm.hand is not None else None
-            else:
-                res = lm.face.detect_for_video(image, ts_ms)
-                hres = lm.hand.detect_for_video(image, ts_ms) if lm.hand is not None else None
-            if res.face_landmarks:
-                pts = res.face_landmarks[0]
-                lmk[i] = [(p.x * w, p.y * h, p.z * w) for p in pts]
-                det[i] = True
-                if res.face_blendshapes:
-                    cats = res.face_blendshapes[0]
-                    bs[i] = [c.score for c in cats]
-                    if not names:
-                        names = tuple(c.category_name for c in cats)
-                colors[i] = sample_colors(frame, lmk[i, :468, :2])
-                if res.facial_transformation_matrixes:
-                    tf[i] = np.asarray(res.facial_transformation_matrixes[0], np.float32)
-            if hres is not None:
-                for k, hand in enumerate(hres.hand_landmarks[:MAX_HANDS]):
-                    hands[i, k] = [(p.x * w, p.y * h) for p in hand]
-                if det[i] and hres.hand_landmarks:
-                    face_w = float(np.ptp(lmk[i, :468, 0]))
-                    hulls = _hand_hulls(hands[i], config.hand_margin * face_w)
-                    for r, region in enumerate(REGIONS):
-                        cover[i, r] = _cover_fraction(lmk[i, regions[region], :2], hulls)
+            res, hres = lm.detect(frame, int(round((start + i) * 1000.0 / info.fps)), quiet=i == 0)
+            buf.store_face(i, res, frame, info.width, info.height)
+            buf.store_hands(i, hres, info.width, info.height, regions, config.hand_margin)
             if progress and (i % 10 == 0 or i == n - 1):
                 progress((i + 1) / n, f"frame {i + 1}/{n}")
     finally:
@@ -277,16 +244,79 @@ def track(
     if got < n:
         # the container promised more frames than ffmpeg delivered: keep what decoded
         log.warning("video delivered %d of %d expected frames; the rest are treated as missing", got, n)
-    if not names:
-        names = _BLENDSHAPE_NAMES
-    out = Tracking(lmk[:got], bs[:got], names, tf[:got], det[:got], hands[:got], cover[:got], colors[:got],
-                   float(info.fps), w, h, start, time.perf_counter() - t0)
+    out = buf.tracking(got, float(info.fps), info.width, info.height, start, time.perf_counter() - t0)
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
         out.save(cache_file)
     except OSError as e:  # caching is an optimisation; a read-only home must not fail the job
         log.warning("could not write tracking cache %s: %s", cache_file, e)
     return out
+
+
+def _read_cache(cache_file: Path, progress) -> Tracking | None:
+    if not cache_file.is_file():
+        return None
+    try:
+        cached = Tracking.load(cache_file)
+    except Exception as e:  # a damaged cache entry is rebuilt, never trusted
+        log.warning("ignoring unreadable tracking cache %s: %s", cache_file, e)
+        return None
+    log.info("tracking read from cache %s", cache_file)
+    if progress:
+        progress(1.0, "tracking (cached)")
+    cached.seconds = 0.0
+    return cached
+
+
+@dataclass
+class _Buffers:
+    """The per-frame arrays of a Tracking while the landmarkers fill them."""
+
+    lmk: np.ndarray
+    bs: np.ndarray
+    tf: np.ndarray
+    det: np.ndarray
+    hands: np.ndarray
+    cover: np.ndarray
+    colors: np.ndarray
+    names: tuple = ()
+
+    @classmethod
+    def empty(cls, n: int) -> "_Buffers":
+        return cls(np.full((n, N_LANDMARKS, 3), np.nan, np.float32), np.full((n, N_BLENDSHAPES), np.nan, np.float32),
+                   np.tile(np.eye(4, dtype=np.float32), (n, 1, 1)), np.zeros(n, bool),
+                   np.full((n, MAX_HANDS, N_HAND_LANDMARKS, 2), np.nan, np.float32),
+                   np.zeros((n, len(REGIONS)), np.float32), np.zeros((n, 468, 3), np.uint8))
+
+    def store_face(self, i: int, res, frame: np.ndarray, w: int, h: int) -> None:
+        if not res.face_landmarks:
+            return
+        self.lmk[i] = [(p.x * w, p.y * h, p.z * w) for p in res.face_landmarks[0]]
+        self.det[i] = True
+        if res.face_blendshapes:
+            cats = res.face_blendshapes[0]
+            self.bs[i] = [c.score for c in cats]
+            if not self.names:
+                self.names = tuple(c.category_name for c in cats)
+        self.colors[i] = sample_colors(frame, self.lmk[i, :468, :2])
+        if res.facial_transformation_matrixes:
+            self.tf[i] = np.asarray(res.facial_transformation_matrixes[0], np.float32)
+
+    def store_hands(self, i: int, hres, w: int, h: int, regions: dict[str, np.ndarray], hand_margin: float) -> None:
+        if hres is None:
+            return
+        for k, hand in enumerate(hres.hand_landmarks[:MAX_HANDS]):
+            self.hands[i, k] = [(p.x * w, p.y * h) for p in hand]
+        if self.det[i] and hres.hand_landmarks:
+            face_w = float(np.ptp(self.lmk[i, :468, 0]))
+            hulls = _hand_hulls(self.hands[i], hand_margin * face_w)
+            for r, region in enumerate(REGIONS):
+                self.cover[i, r] = _cover_fraction(self.lmk[i, regions[region], :2], hulls)
+
+    def tracking(self, got: int, fps: float, w: int, h: int, start: int, seconds: float) -> Tracking:
+        s = slice(0, got)
+        return Tracking(self.lmk[s], self.bs[s], self.names or _BLENDSHAPE_NAMES, self.tf[s], self.det[s],
+                        self.hands[s], self.cover[s], self.colors[s], fps, w, h, start, seconds)
 
 
 #: MediaPipe's blendshape categories in output order (used when no face gave names).
