@@ -40,6 +40,11 @@ class NoFaceError(AVFaceError):
 
     code = "no_face"
     exit_status = 4
+    DEFAULT_MESSAGE = ("no face was detected in any frame; check that the clip shows a face turned towards the "
+                       "camera, large enough (at least about 80 pixels across) and lit")
+
+    def __init__(self, message: str = DEFAULT_MESSAGE, *, detail: str | None = None):
+        super().__init__(message, detail=detail)
 
 
 class ModelFileError(AVFaceError):

@@ -46,8 +46,6 @@ from .tracking import Tracking
 log = logging.getLogger(__name__)
 
 DEG = 180.0 / math.pi
-NO_FACE_MESSAGE = ("no face was detected in any frame; check that the clip shows a face turned towards the "
-                   "camera, large enough (at least about 80 pixels across) and lit")
 
 
 @dataclass
@@ -126,7 +124,7 @@ def fit_default(
     t_start = time.perf_counter()
     det = np.asarray(tracking.detected, bool)
     if not det.any():
-        raise NoFaceError(NO_FACE_MESSAGE)
+        raise NoFaceError()
     template = load_canonical_mesh().vertices.astype(np.float64)
     k = intrinsics_for(tracking.width, tracking.height, config.fov_deg)
     rigid_w = rigid_weights()
@@ -338,7 +336,7 @@ def fit_model(
     t_start = time.perf_counter()
     det = np.asarray(tracking.detected, bool)
     if not det.any():
-        raise NoFaceError(NO_FACE_MESSAGE)
+        raise NoFaceError()
     mesh = load_canonical_mesh()
     k = intrinsics_for(tracking.width, tracking.height, config.fov_deg)
     rigid_w = rigid_weights()

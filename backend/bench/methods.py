@@ -185,14 +185,13 @@ def run_method(method: Method, inp: MethodInput) -> MethodOutput:
                  stages=("probe", "tracking"))
 def tracker_method(inp: MethodInput) -> MethodOutput:
     from avface.errors import NoFaceError
-    from avface.fit import NO_FACE_MESSAGE
     from avface.topology import rigid_weights
     from avface.models.canonical_mesh import load_canonical_mesh
 
     tr = inp.tracking
     det = np.asarray(tr.detected, bool)
     if not det.any():
-        raise NoFaceError(NO_FACE_MESSAGE)
+        raise NoFaceError()
     k = intrinsics_for(tr.width, tr.height, inp.fit_config.fov_deg)
     rigid_w = rigid_weights()
     world = backproject(tr, k, load_canonical_mesh().vertices.astype(np.float64), rigid_w)
