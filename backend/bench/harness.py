@@ -31,7 +31,7 @@ import numpy as np
 from avface import __version__, media
 from avface.clips import Clip, discover_clips
 from avface.config import FitConfig, TrackingConfig
-from avface.confidence import mouth_visible, visual_confidence
+from avface.confidence import OCCLUDED_BELOW, mouth_visible, visual_confidence
 from avface.errors import AVFaceError, InputError
 from avface.jsonutil import json_safe
 from avface.geometry import project
@@ -65,7 +65,7 @@ TIMING_METRICS = ("ratio_to_tracking", "peak_rss_mb", "cuda_peak_mb")
 
 METRIC_DEFINITIONS = {
     "nme_visible": "NME (% of the inter-ocular distance) of all 468 projected vertices against the tracker's "
-                   "landmarks on the clean clip's visible frames (detected, mouth confidence >= 0.5)",
+                   f"landmarks on the clean clip's visible frames (detected, mouth confidence >= {OCCLUDED_BELOW:g})",
     "nme_lips_visible": "the same NME over the 40 lip landmarks",
     "auc_visible": "area under the cumulative per-frame NME curve from 0 to 10 %, divided by 10 % (1 is perfect)",
     "lip_err_occluded": "mm: mean lip-vertex error on occluded frames (both occluders pooled), the method on the "

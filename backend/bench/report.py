@@ -4,6 +4,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from avface.confidence import OCCLUDED_BELOW
+
 from .methods import REFERENCE_METHOD
 
 MAIN_COLUMNS = (
@@ -122,7 +124,7 @@ def _occlusions(doc: dict, real: list[str]) -> list[str]:
     L: list[str] = []
     L += ["", "## The occlusions", "",
           "Spans in seconds; frames counted as occluded (≥ 50 % of the clean lip landmarks under the occluder); "
-          "the share of those frames that the visual confidence flags (< 0.5) on each variant, and its false "
+          f"the share of those frames that the visual confidence flags (< {OCCLUDED_BELOW:g}) on each variant, and its false "
           "alarms on the clean clip.", ""]
     rows = []
     for c in real:
