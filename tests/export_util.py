@@ -11,7 +11,6 @@ documents: rest-frame offsets added before skinning.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import numpy as np

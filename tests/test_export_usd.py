@@ -53,6 +53,17 @@ def test_usd_skinning_reproduces_vertices(export_cases, case, tmp_path):
         assert (err <= float16_tolerance(stored)).all(), f"{case} frame {t}: {err.max():.2e} m off the stored vertices"
 
 
+@pytest.mark.parametrize("case", ["default_lips", "flame"])
+def test_usd_passes_usd_validators(export_cases, case, tmp_path):
+    """USD's own validation framework (schema types, skel bindings, shading) finds no error."""
+    validation = pytest.importorskip("pxr.UsdValidation", reason="this usd-core predates UsdValidation")
+    c = export_cases[case]
+    path = export_result(c.result_path, ["usd"], tmp_path / "head.usd", flame_dir=c.flame_dir)["usd"]
+    validators = validation.ValidationRegistry().GetOrLoadAllValidators()
+    errors = validation.ValidationContext(validators).Validate(Usd.Stage.Open(str(path)))
+    assert not errors, [f"{e.GetName()}: {e.GetMessage()}" for e in errors]
+
+
 def test_usd_carries_arkit_curves_and_detail_maps(export_cases, tmp_path):
     c = export_cases["default_lips"]
     res = load_result(c.result_path)

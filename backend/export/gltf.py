@@ -24,6 +24,7 @@ from typing import Callable
 import numpy as np
 from scipy.spatial.transform import Rotation
 
+from ._io import atomic_path
 from .rig import Rig
 
 log = logging.getLogger(__name__)
@@ -164,9 +165,8 @@ def write_gltf(rig: Rig, path: str | Path, *, progress: Callable[[float], None] 
 
     gltf.buffers.append(g.Buffer(byteLength=len(blob.data)))
     gltf.set_binary_blob(bytes(blob.data))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.partial{path.suffix}")
-    gltf.save_binary(str(tmp))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        if not gltf.save_binary(str(tmp)):
+            raise OSError(f"pygltflib could not write {tmp}")
     report(1.0)
     return path

@@ -26,7 +26,6 @@ from __future__ import annotations
 import csv
 import logging
 import math
-import os
 from pathlib import Path
 from typing import Callable
 
@@ -36,6 +35,8 @@ from scipy.spatial.transform import Rotation
 from avface.errors import SchemaError
 
 from avface.result import Result
+
+from ._io import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -110,10 +111,8 @@ def write_livelink_csv(result: Result, path: str | Path, *,
     eyes = np.asarray(a["eyes"], np.float64)
     angles = np.concatenate([yaw_pitch_roll(a["global_rot"]), yaw_pitch_roll(eyes[:, :3]),
                              yaw_pitch_roll(eyes[:, 3:])], axis=1)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.partial{path.suffix}")
     step = max(1, n_frames // 20)
-    with open(tmp, "w", newline="") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow(HEADER)
         for t in range(n_frames):
@@ -121,7 +120,6 @@ def write_livelink_csv(result: Result, path: str | Path, *,
                             + [f"{v:.10f}" for v in curves[t]] + [f"{v:.10f}" for v in angles[t]])
             if t % step == 0:
                 report(t / n_frames)
-    os.replace(tmp, path)
     if not math.isclose(fps, nominal_rate(fps), rel_tol=1e-6):
         log.info("%.3f fps is not a whole rate: time codes count %d frames a second (non-drop-frame)",
                  fps, nominal_rate(fps))

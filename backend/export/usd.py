@@ -29,6 +29,7 @@ from typing import Callable
 import numpy as np
 from scipy.spatial.transform import Rotation
 
+from ._io import atomic_path
 from .rig import Rig
 
 log = logging.getLogger(__name__)
@@ -67,7 +68,7 @@ def _quats(rot: np.ndarray):
 
 def write_usd(rig: Rig, path: str | Path, *, progress: Callable[[float], None] | None = None) -> Path:
     """Write `rig` as a UsdSkel stage at `path` (.usd/.usdc binary crate, .usda text)."""
-    from pxr import Sdf, Usd, UsdGeom, UsdShade, UsdSkel, Vt
+    from pxr import Sdf, Usd, UsdGeom, UsdSkel, Vt
 
     path = Path(path)
     report = progress or (lambda f: None)
@@ -157,17 +158,15 @@ def write_usd(rig: Rig, path: str | Path, *, progress: Callable[[float], None] |
         if t % step == 0:
             report(0.1 + 0.8 * t / n_frames)
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.partial{path.suffix}")
     from pxr import Tf
 
-    try:
-        ok = stage.GetRootLayer().Export(str(tmp))
-    except Tf.ErrorException as e:  # USD reports a failed write as its own error type
-        raise OSError(f"USD could not write {tmp}: {e}") from e
-    if not ok:
-        raise OSError(f"USD could not write {tmp}")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        try:
+            ok = stage.GetRootLayer().Export(str(tmp))
+        except Tf.ErrorException as e:  # USD reports a failed write as its own error type
+            raise OSError(f"USD could not write {tmp}: {e}") from e
+        if not ok:
+            raise OSError(f"USD could not write {tmp}")
     report(1.0)
     return path
 
@@ -186,7 +185,7 @@ def _detail_material(stage, rig: Rig, out_file: Path, mesh):
     material = UsdShade.Material.Define(stage, f"{looks}/Detail")
     reader = UsdShade.Shader.Define(stage, f"{looks}/Detail/ReadST")
     reader.CreateIdAttr("UsdPrimvarReader_float2")
-    reader.CreateInput("varname", Sdf.ValueTypeNames.Token).Set("st")
+    reader.CreateInput("varname", Sdf.ValueTypeNames.String).Set("st")
     tex = UsdShade.Shader.Define(stage, f"{looks}/Detail/DisplacementMap")
     tex.CreateIdAttr("UsdUVTexture")
     tex.CreateInput("st", Sdf.ValueTypeNames.Float2).ConnectToSource(reader.ConnectableAPI(), "result")
