@@ -144,10 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(func=cmd_models)
 
     from .bench import cli as bench_cli
+    from .export import cli as export_cli
     from .service import cli as service_cli
 
     service_cli.register(sub)
     bench_cli.register(sub)
+    export_cli.register(sub)
     return p
 
 

@@ -1,0 +1,205 @@
+"""USD (UsdSkel) writer, with Pixar's own bindings (``usd-core``).
+
+Layout of the stage (Y up, metres, ``timeCodesPerSecond`` = ``framesPerSecond`` = the clip's fps,
+frames at time codes 0 .. T-1):
+
+    /AVFace                     SkelRoot (default prim)
+        Skeleton                Skeleton: joints, bind and rest transforms
+            Animation           SkelAnimation: per-frame joint translations and rotations,
+                                blendShapes and per-frame blendShapeWeights
+        Face                    Mesh with UsdSkelBindingAPI: the identity's rest mesh, UVs as the
+                                face-varying primvar ``st``, joint indices and weights, blend shapes
+            expression_00 ...   BlendShape prims (offsets; lip shapes also pointIndices)
+        ARKit                   Scope: one animated float attribute per ARKit curve, named exactly
+                                as ARKit names it (``eyeBlinkLeft`` ...)
+        Looks/Detail            Material whose UsdUVTexture reads the per-frame displacement maps
+                                (an animated asset path per frame into ``detail/``; only when the
+                                result has them: referenced, never copied into the file)
+
+The world frame of a result (y up, z towards the viewer, metres) is USD's Y-up frame as it is,
+so no axis conversion is needed; ``upAxis`` and ``metersPerUnit`` say so to every reader.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from scipy.spatial.transform import Rotation
+
+from ._io import atomic_path
+from .rig import Rig
+
+log = logging.getLogger(__name__)
+
+ROOT = "/AVFace"
+SUFFIXES = (".usd", ".usda", ".usdc")
+
+
+def joint_paths(rig: Rig) -> list[str]:
+    """UsdSkel joint tokens: each joint's path through its ancestors (``global/neck/jaw``)."""
+    paths: list[str] = []
+    for j, name in enumerate(rig.joint_names):
+        p = int(rig.joint_parents[j])
+        paths.append(name if p < 0 else f"{paths[p]}/{name}")
+    return paths
+
+
+def _matrix(rot: np.ndarray, t: np.ndarray):
+    """A Gf.Matrix4d for p -> rot p + t. Gf matrices act on row vectors, so the rotation is
+    stored transposed and the translation in the last row."""
+    from pxr import Gf
+
+    m = np.eye(4)
+    m[:3, :3] = np.asarray(rot).T
+    m[3, :3] = t
+    return Gf.Matrix4d(m.tolist())
+
+
+def _quats(rot: np.ndarray):
+    """(J, 3, 3) -> Vt.QuatfArray (w, (x, y, z))."""
+    from pxr import Gf, Vt
+
+    q = Rotation.from_matrix(rot).as_quat()  # (J, 4) x, y, z, w
+    return Vt.QuatfArray([Gf.Quatf(float(w), Gf.Vec3f(float(x), float(y), float(z))) for x, y, z, w in q])
+
+
+def write_usd(rig: Rig, path: str | Path, *, progress: Callable[[float], None] | None = None) -> Path:
+    """Write `rig` as a UsdSkel stage at `path` (.usd/.usdc binary crate, .usda text)."""
+    from pxr import Sdf, Usd, UsdGeom, UsdSkel, Vt
+
+    path = Path(path)
+    report = progress or (lambda f: None)
+    n_frames, n_joints = rig.n_frames, len(rig.joint_names)
+    stage = Usd.Stage.CreateInMemory()
+    UsdGeom.SetStageUpAxis(stage, UsdGeom.Tokens.y)
+    UsdGeom.SetStageMetersPerUnit(stage, 1.0)
+    stage.SetTimeCodesPerSecond(rig.fps)
+    stage.SetFramesPerSecond(rig.fps)
+    stage.SetStartTimeCode(0)
+    stage.SetEndTimeCode(max(n_frames - 1, 0))
+    stage.GetRootLayer().customLayerData = {"avface": {"model": rig.model, "source": rig.source, "fps": rig.fps}}
+
+    root = UsdSkel.Root.Define(stage, ROOT)
+    stage.SetDefaultPrim(root.GetPrim())
+
+    # skeleton: bind pose = every joint at its rest position, unrotated
+    skel = UsdSkel.Skeleton.Define(stage, f"{ROOT}/Skeleton")
+    tokens = joint_paths(rig)
+    skel.CreateJointsAttr(tokens)
+    eye = np.eye(3)
+    skel.CreateBindTransformsAttr(Vt.Matrix4dArray([_matrix(eye, rig.bind_positions[j]) for j in range(n_joints)]))
+    rest_local = rig.bind_positions.copy()
+    for j in range(1, n_joints):
+        rest_local[j] = rig.bind_positions[j] - rig.bind_positions[rig.joint_parents[j]]
+    skel.CreateRestTransformsAttr(Vt.Matrix4dArray([_matrix(eye, rest_local[j]) for j in range(n_joints)]))
+
+    anim = UsdSkel.Animation.Define(stage, f"{ROOT}/Skeleton/Animation")
+    anim.CreateJointsAttr(tokens)
+    anim.CreateBlendShapesAttr(list(rig.shape_names))
+    anim.CreateScalesAttr(Vt.Vec3hArray.FromNumpy(np.ones((n_joints, 3), np.float16)))
+    translations = anim.CreateTranslationsAttr()
+    rotations = anim.CreateRotationsAttr()
+    weights = anim.CreateBlendShapeWeightsAttr()
+    UsdSkel.BindingAPI.Apply(skel.GetPrim()).CreateAnimationSourceRel().SetTargets([anim.GetPath()])
+
+    # the mesh
+    mesh = UsdGeom.Mesh.Define(stage, f"{ROOT}/Face")
+    mesh.CreatePointsAttr(Vt.Vec3fArray.FromNumpy(rig.neutral.astype(np.float32)))
+    mesh.CreateFaceVertexCountsAttr(Vt.IntArray.FromNumpy(np.full(len(rig.faces), 3, np.int32)))
+    mesh.CreateFaceVertexIndicesAttr(Vt.IntArray.FromNumpy(rig.faces.reshape(-1).astype(np.int32)))
+    mesh.CreateOrientationAttr(UsdGeom.Tokens.rightHanded)
+    mesh.CreateSubdivisionSchemeAttr(UsdGeom.Tokens.none)
+    st = UsdGeom.PrimvarsAPI(mesh).CreatePrimvar("st", Sdf.ValueTypeNames.TexCoord2fArray,
+                                                  UsdGeom.Tokens.faceVarying)
+    st.Set(Vt.Vec2fArray.FromNumpy(rig.uv.astype(np.float32)))
+    st.SetIndices(Vt.IntArray.FromNumpy(rig.uv_faces.reshape(-1).astype(np.int32)))
+    # the points never leave the skinned range: extent of the rest mesh, grown by the motion,
+    # is left to readers (UsdSkel computes skinned extents itself)
+    binding = UsdSkel.BindingAPI.Apply(mesh.GetPrim())
+    binding.CreateSkeletonRel().SetTargets([skel.GetPath()])
+    binding.CreateGeomBindTransformAttr(_matrix(eye, np.zeros(3)))
+    binding.CreateJointIndicesPrimvar(False, n_joints).Set(
+        Vt.IntArray.FromNumpy(np.tile(np.arange(n_joints, dtype=np.int32), rig.n_vertices)))
+    binding.CreateJointWeightsPrimvar(False, n_joints).Set(
+        Vt.FloatArray.FromNumpy(rig.skin_weights.astype(np.float32).reshape(-1)))
+    binding.CreateBlendShapesAttr(list(rig.shape_names))
+    targets = []
+    for name, delta, ids in zip(rig.shape_names, rig.shape_deltas, rig.shape_vertex_ids):
+        shape = UsdSkel.BlendShape.Define(stage, mesh.GetPath().AppendChild(name))
+        if ids is None:
+            shape.CreateOffsetsAttr(Vt.Vec3fArray.FromNumpy(np.ascontiguousarray(delta, np.float32)))
+        else:
+            shape.CreateOffsetsAttr(Vt.Vec3fArray.FromNumpy(np.ascontiguousarray(delta[ids], np.float32)))
+            shape.CreatePointIndicesAttr(Vt.IntArray.FromNumpy(np.asarray(ids, np.int32)))
+        targets.append(shape.GetPath())
+    binding.CreateBlendShapeTargetsRel().SetTargets(targets)
+    report(0.1)
+
+    # ARKit curves, each under its own exact name
+    arkit = UsdGeom.Scope.Define(stage, f"{ROOT}/ARKit").GetPrim()
+    arkit.SetDocumentation("The 52 ARKit blendshape curves of the clip, in [0, 1], one attribute per curve")
+    curves = [arkit.CreateAttribute(name, Sdf.ValueTypeNames.Float, custom=True) for name in rig.arkit_names]
+
+    texture_file = _detail_material(stage, rig, path, mesh) if rig.detail_maps else None
+
+    step = max(1, n_frames // 20)
+    for t in range(n_frames):
+        time = Usd.TimeCode(t)
+        translations.Set(Vt.Vec3fArray.FromNumpy(rig.local_translations[t].astype(np.float32)), time)
+        rotations.Set(_quats(rig.local_rotations[t]), time)
+        weights.Set(Vt.FloatArray.FromNumpy(rig.weights[t]), time)
+        for attr, value in zip(curves, rig.arkit[t].tolist()):
+            attr.Set(value, time)
+        if texture_file is not None and t < len(rig.detail_maps):
+            texture_file.Set(Sdf.AssetPath(_relative(rig.detail_maps[t], path)), time)
+        if t % step == 0:
+            report(0.1 + 0.8 * t / n_frames)
+
+    from pxr import Tf
+
+    with atomic_path(path) as tmp:
+        try:
+            ok = stage.GetRootLayer().Export(str(tmp))
+        except Tf.ErrorException as e:  # USD reports a failed write as its own error type
+            raise OSError(f"USD could not write {tmp}: {e}") from e
+        if not ok:
+            raise OSError(f"USD could not write {tmp}")
+    report(1.0)
+    return path
+
+
+def _relative(target: Path, out_file: Path) -> str:
+    """`target` relative to the folder of `out_file`, with forward slashes (USD asset paths)."""
+    return Path(os.path.relpath(target, Path(out_file).resolve().parent)).as_posix()
+
+
+def _detail_material(stage, rig: Rig, out_file: Path, mesh):
+    """A material whose texture is the displacement-map sequence; returns the animated
+    ``inputs:file`` attribute."""
+    from pxr import Sdf, UsdShade
+
+    looks = f"{ROOT}/Looks"
+    material = UsdShade.Material.Define(stage, f"{looks}/Detail")
+    reader = UsdShade.Shader.Define(stage, f"{looks}/Detail/ReadST")
+    reader.CreateIdAttr("UsdPrimvarReader_float2")
+    reader.CreateInput("varname", Sdf.ValueTypeNames.String).Set("st")
+    tex = UsdShade.Shader.Define(stage, f"{looks}/Detail/DisplacementMap")
+    tex.CreateIdAttr("UsdUVTexture")
+    tex.CreateInput("st", Sdf.ValueTypeNames.Float2).ConnectToSource(reader.ConnectableAPI(), "result")
+    tex.CreateInput("sourceColorSpace", Sdf.ValueTypeNames.Token).Set("raw")
+    tex.CreateOutput("r", Sdf.ValueTypeNames.Float)
+    file_input = tex.CreateInput("file", Sdf.ValueTypeNames.Asset)
+    surface = UsdShade.Shader.Define(stage, f"{looks}/Detail/Surface")
+    surface.CreateIdAttr("UsdPreviewSurface")
+    surface.CreateInput("displacement", Sdf.ValueTypeNames.Float).ConnectToSource(tex.ConnectableAPI(), "r")
+    material.CreateSurfaceOutput().ConnectToSource(surface.ConnectableAPI(), "surface")
+    material.CreateDisplacementOutput().ConnectToSource(surface.ConnectableAPI(), "displacement")
+    prim = material.GetPrim()
+    prim.SetCustomDataByKey("avface:detail", {k: v for k, v in rig.detail.items() if isinstance(v, (int, float, str))})
+    prim.SetDocumentation("Per-frame UV displacement maps of the fine stage, referenced beside the file: "
+                          "inputs:file of DisplacementMap is animated, one map per frame")
+    UsdShade.MaterialBindingAPI.Apply(mesh.GetPrim()).Bind(material)
+    return file_input.GetAttr()
