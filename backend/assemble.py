@@ -63,8 +63,10 @@ def result_arrays(fit: CoarseFit, arkit: np.ndarray, conf: np.ndarray, occluded:
     p = fit.params
     n = p.batch
     lips = np.asarray(m.lip_vertex_ids, np.int32)
+    betas = p.betas[:1] if p.betas.shape[1] else None
     arrays = {
-        "vertices_neutral": m.neutral_vertices().astype(np.float32),
+        # the clip's identity at rest (FLAME: the template plus its shape blend shapes)
+        "vertices_neutral": m.neutral_vertices(betas).astype(np.float32),
         "faces": m.faces.astype(np.int32),
         "uv": m.uv.astype(np.float32),
         "uv_faces": m.uv_faces.astype(np.int32),
@@ -78,7 +80,7 @@ def result_arrays(fit: CoarseFit, arkit: np.ndarray, conf: np.ndarray, occluded:
         "eyes": np.concatenate([p.leye_pose.numpy(), p.reye_pose.numpy()], axis=1).astype(np.float32),
         "joint_names": np.asarray(m.joint_names),
         "joint_parents": np.asarray(m.parents, np.int32),
-        "joints_rest": np.asarray(m.rest_joints(p.betas[:1] if p.betas.shape[1] else None), np.float32),
+        "joints_rest": np.asarray(m.rest_joints(betas), np.float32),
         "skin_weights": np.asarray(m.skin_weights, np.float32),
         "intrinsics": fit.intrinsics.astype(np.float32),
         "extrinsics": np.tile(_extrinsic(), (n, 1, 1)),

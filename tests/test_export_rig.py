@@ -48,3 +48,19 @@ def test_float16_tolerance_covers_rounding():
     x = np.linspace(-1.5, 1.5, 10001)
     err = np.abs(x.astype(np.float16).astype(np.float64) - x)
     assert (err <= float16_tolerance(x.astype(np.float16)) - 1e-4).all()
+
+
+def test_a_flame_result_stores_its_identity_as_the_neutral_mesh(export_cases):
+    """vertices_neutral is the fitted identity at rest (template + shape blend shapes), the
+    mesh the joints of joints_rest belong to, not the bare template."""
+    from avface.models.flame import load_flame
+
+    case = export_cases["flame"]
+    a = load_result(case.result_path).arrays
+    model = load_flame(case.flame_dir, n_shape=len(a["shape"]), n_expression=a["expression"].shape[1])
+    with_identity = model.neutral_vertices(a["shape"])
+    assert np.abs(with_identity - model.arrays.v_template).max() > 1e-4  # the identity is not the template
+    assert_close(a["vertices_neutral"], with_identity, atol=1e-6, what="vertices_neutral")
+    # joints_rest are regressed from that same mesh
+    assert_close(a["joints_rest"], model.arrays.j_regressor @ with_identity.astype(np.float64), atol=1e-5,
+                 what="joints_rest")
