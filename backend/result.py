@@ -11,7 +11,10 @@ Conventions (also written into ``meta["conventions"]``):
 - the camera sits at the world origin looking down -z; ``extrinsics[t]`` maps world to the
   OpenCV camera frame (x right, y down, z forward) and ``intrinsics`` projects it to pixels;
   ``vertices`` are in that camera frame;
-- into Blender (Z up, front view looking along +Y): (x, y, z)_world -> (x, -z, y)_blender.
+- into Blender (Z up, front view looking along +Y): (x, y, z)_world -> (x, -z, y)_blender
+  (``avface.export.axes``);
+- lip offsets (``lip_coeffs[t] . lip_basis``) are rest-frame offsets of ``lip_vertex_ids``,
+  added with the expression blend shapes before skinning, and do not move the joints.
 """
 from __future__ import annotations
 
@@ -36,6 +39,8 @@ CONVENTIONS = {
     "camera": "OpenCV (x right, y down, z forward); extrinsics map world to camera; vertices are camera-frame",
     "blender": "(x, y, z)_world -> (x, -z, y)_blender",
     "pose": "global_rot rotates about the root joint, then transl is added (smplx convention)",
+    "lips": "lip_coeffs[t] . lip_basis are rest-frame offsets of lip_vertex_ids, added with the expression "
+            "blend shapes before skinning; they do not move the joints",
 }
 
 # name -> (dtype kind, shape with symbols); symbols: T frames, V vertices, F faces, Vt uv
