@@ -24,9 +24,9 @@ from . import media
 from .assemble import ResultSource, build_result
 from .config import ReconstructOptions
 from .confidence import visual_confidence
-from .errors import CancelledError, InputError, MediaError, OutputError
+from .errors import CancelledError, InputError, MediaError
 from .fit import CoarseFit, fit_default, fit_metrics, fit_model
-from .result import write_result
+from .result import ensure_writable, write_result
 from .tracking import Tracking, track
 from avface.models.registry import available_models, load_model  # noqa: F401  (the service's workers ask the pipeline)
 
@@ -88,7 +88,7 @@ def reconstruct(
     video, out_dir = Path(video), Path(out_dir)
     run = _Run(progress or (lambda stage, fraction, message: None), should_cancel)
     _check_device(options.device)
-    _prepare_output(out_dir)
+    ensure_writable(out_dir)
     model = load_model(options.model, options.flame_dir)  # a missing FLAME file stops here, before any work
 
     with run.stage("probe"):
@@ -115,16 +115,6 @@ def reconstruct(
         path = write_result(out_dir / "result.npz", arrays, meta)
     (out_dir / "timings.json").write_text(json.dumps({"stage_seconds": run.seconds, "tracker_seconds": tracking.seconds}))
     return path
-
-
-def _prepare_output(out_dir: Path) -> None:
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        probe_file = out_dir / ".avface-write-test"
-        probe_file.write_bytes(b"")
-        probe_file.unlink()
-    except OSError as e:
-        raise OutputError(f"cannot write to the output folder {out_dir}: {e.strerror or e}; choose another with -o") from e
 
 
 def _check_device(device: str) -> str:

@@ -137,6 +137,17 @@ def check_arrays(arrays: dict[str, np.ndarray], meta: dict) -> dict[str, int]:
     return dims
 
 
+def ensure_writable(folder: Path, what: str = "the output folder") -> None:
+    """Create ``folder`` and prove it takes a file, or raise OutputError before any work is done."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe_file = folder / ".avface-write-test"
+        probe_file.write_bytes(b"")
+        probe_file.unlink()
+    except OSError as e:
+        raise OutputError(f"cannot write to {what} {folder}: {e.strerror or e}; choose another with -o") from e
+
+
 def write_result(path: Path, arrays: dict[str, np.ndarray], meta: dict) -> Path:
     """Validate, then write atomically (a crash never leaves a half-written result)."""
     path = Path(path)

@@ -71,14 +71,10 @@ def output_paths(result_path: str | Path, formats: list[str], output: str | Path
 
 def _check_writable(paths: Iterable[Path]) -> None:
     """OutputError before any work when a target folder cannot be created or written."""
+    from avface.result import ensure_writable
+
     for folder in {p.parent for p in paths}:
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            probe = folder / ".avface-write-test"
-            probe.write_bytes(b"")
-            probe.unlink()
-        except OSError as e:
-            raise OutputError(f"cannot write to {folder}: {e.strerror or e}; choose another place with -o") from e
+        ensure_writable(folder, "the export folder")
 
 
 def export_result(result_path: str | Path, formats: Iterable[str], output: str | Path | None = None, *,
