@@ -230,3 +230,40 @@ def test_registry_and_hold_nearest():
     x = np.arange(6.0)
     valid = np.array([False, True, False, False, True, False])
     assert_close(hold_nearest(x, valid), [1, 1, 1, 4, 4, 4], what="held frames")
+
+
+def test_occlusion_flag_recall_precision_and_clean_false_alarms_by_hand():
+    """_flag_records on hand-made flags: 6 of 8 occluded frames flagged, 1 false flag, 1 of 10
+    clean frames flagged; a method's own flags replace the variant's."""
+    from types import SimpleNamespace
+
+    from avface.bench.harness import _flag_records
+
+    n = 10
+    truth_hand = np.zeros(n, bool)
+    truth_hand[2:6] = True
+    truth_obj = np.zeros(n, bool)
+    truth_obj[5:9] = True
+    flags_hand = np.zeros(n, bool)
+    flags_hand[[2, 3, 4, 9]] = True  # 3 of 4 occluded frames, and one false flag
+    flags_obj = np.zeros(n, bool)
+    flags_obj[[5, 6, 7]] = True  # 3 of 4
+    flags_clean = np.zeros(n, bool)
+    flags_clean[0] = True
+    inp = lambda f: SimpleNamespace(occluded=f, tracking=SimpleNamespace(detected=np.ones(n, bool)))  # noqa: E731
+    ctx = SimpleNamespace(clip_id="c", occ_frames={"hand": truth_hand, "object": truth_obj, "audio_only": np.zeros(n, bool)},
+                          inputs={"clean": inp(flags_clean), "hand": inp(flags_hand), "object": inp(flags_obj)})
+    outs = {v: MethodOutput(np.zeros((n, 468, 3), np.float32), np.eye(3)) for v in ("clean", "hand", "object")}
+    records: list[dict] = []
+    _flag_records(records, ctx, "m", outs)
+    got = {r["metric"]: r["value"] for r in records}
+    assert got["occl_recall_hand"] == 0.75 and got["occl_recall_object"] == 0.75
+    assert got["occl_recall"] == 6 / 8
+    assert got["occl_precision"] == 6 / 7
+    assert got["occl_clean_flagged"] == 0.1
+    # a method that judges occlusion itself is measured on its own flags
+    outs["hand"].occluded = truth_hand.copy()
+    records = []
+    _flag_records(records, ctx, "m", outs)
+    got = {r["metric"]: r["value"] for r in records}
+    assert got["occl_recall_hand"] == 1.0 and got["occl_precision"] == 7 / 7

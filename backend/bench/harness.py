@@ -89,6 +89,14 @@ METRIC_DEFINITIONS = {
     "mm_synth_lips_visible": "mm: lip-vertex error against ground truth (similarity on the skull vertices), "
                              "synthetic clips, frames with no occluder",
     "mm_synth_lips_occluded": "the same on occluded frames",
+    "occl_recall": "share of the occluded frames of the hand and object variants (pooled) that the method flags "
+                   "as occluded",
+    "occl_recall_hand": "occl_recall on the hand variant only",
+    "occl_recall_object": "occl_recall on the object variant only",
+    "occl_precision": "share of the frames the method flags on the hand and object variants (pooled) that are "
+                      "occluded frames",
+    "occl_clean_flagged": "share of the clean clip's detected frames that the method flags as occluded "
+                          "(false alarms)",
     "rtf_<stage>": "seconds of that stage per second of video (real-time factor)",
     "rtf_total": "the sum of the real-time factors of the stages the method needs (decode excluded)",
     "cpu_rtf_total": "process CPU seconds (ffmpeg children included) of those stages per second of video",
@@ -331,6 +339,7 @@ def bench_real_clip(clip: Clip, methods: list[Method], cfg: BenchConfig, cache: 
             if o.get("clean") is None:
                 continue
             _accuracy_records(records, series, ctx, m.name, o)
+            _flag_records(records, ctx, m.name, o)
             _speed_records(records, ctx, m, o["clean"], Path(tmp), rss, cuda)
             for v in ("clean",) + VARIANTS:
                 if o.get(v) is not None:
@@ -419,6 +428,31 @@ def _accuracy_records(records: list[dict], series: dict, ctx: _RealClip, name: s
         _rec(records, cid, name, "lip_err_audio_only", None)
         _rec(records, cid, name, "nme_lips_audio_only", None)
     _rec(records, cid, name, "jitter", M.jitter(1000.0 * vc, ctx.still) if ctx.still.any() else None)
+
+
+def _flag_records(records: list[dict], ctx: _RealClip, name: str, o: dict[str, MethodOutput | None]) -> None:
+    """Recall and precision of the method's occluded flags on the occluder variants, and its
+    false alarms on the clean clip."""
+    def flags(v: str) -> np.ndarray | None:
+        out = o.get(v)
+        if out is None:
+            return None
+        return np.asarray(out.occluded if out.occluded is not None else ctx.inputs[v].occluded, bool)
+
+    cid, hits, truths, flagged_in = ctx.clip_id, [], [], []
+    for v in OCCLUDER_VARIANTS:
+        f, truth = flags(v), ctx.occ_frames[v]
+        if f is None or not truth.any():
+            _rec(records, cid, name, f"occl_recall_{v}", None)
+            continue
+        _rec(records, cid, name, f"occl_recall_{v}", f[truth].mean())
+        hits.append(f[truth])
+        truths.append(truth[f])
+        flagged_in.append(f.sum())
+    _rec(records, cid, name, "occl_recall", np.concatenate(hits).mean() if hits else None)
+    _rec(records, cid, name, "occl_precision", np.concatenate(truths).mean() if sum(flagged_in) else None)
+    clean, det = flags("clean"), ctx.inputs["clean"].tracking.detected
+    _rec(records, cid, name, "occl_clean_flagged", clean[det].mean() if clean is not None and det.any() else None)
 
 
 def _speed_records(records: list[dict], ctx: _RealClip, m: Method, base: MethodOutput, tmp: Path,

@@ -83,6 +83,9 @@ class MethodOutput:
     """The coarse fit behind the vertices, when there is one (the export stage is timed on it)."""
     filled: np.ndarray | None = None
     """(T,) bool: frames the method had no evidence for and filled."""
+    occluded: np.ndarray | None = None
+    """(T,) bool: frames the method flags as occluded, for a method that judges occlusion
+    itself; None: the variant's visual-confidence flags (``MethodInput.occluded``)."""
     seconds: float = 0.0
     """Wall time of the method itself (set by :func:`run_method`)."""
     cpu_seconds: float = 0.0

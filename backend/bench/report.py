@@ -16,6 +16,8 @@ MAIN_COLUMNS = (
     ("lip_err_occluded_ratio", f"÷ {REFERENCE_METHOD}", 2),
     ("lip_err_audio_only", "lip err. audio-only mm", 2),
     ("jitter", "jitter mm/fr²", 3),
+    ("occl_recall", "occl. recall", 2),
+    ("occl_clean_flagged", "clean flagged", 3),
     ("mm_synth_visible", "synth mm vis.", 2),
     ("mm_synth_occluded", "synth mm occl.", 2),
     ("rtf_total", "RTF", 2),
