@@ -38,6 +38,9 @@ class TrackingConfig:
     """Run the hand landmarker to find hands over the face."""
     hand_margin: float = 0.08
     """Grow each hand's hull by this fraction of the face width before testing cover."""
+    hand_stride: int = 1
+    """Run the hand landmarker on every n-th frame only (it is half of tracking's time); a
+    skipped frame's hand cover is the larger of its tracked neighbours'."""
 
 
 @dataclass(frozen=True)

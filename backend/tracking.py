@@ -179,13 +179,13 @@ class _Landmarkers:
             )
             self.hand = vision.HandLandmarker.create_from_options(hand_opts)
 
-    def detect(self, frame: np.ndarray, ts_ms: int, *, quiet: bool = False):
+    def detect(self, frame: np.ndarray, ts_ms: int, *, quiet: bool = False, hands: bool = True):
         """(face result, hand result or None) of one RGB frame at ``ts_ms``. ``quiet`` keeps
         the native chatter off the terminal: the graphs finish starting on the first frame."""
         image = self.mp.Image(image_format=self.mp.ImageFormat.SRGB, data=np.ascontiguousarray(frame))
         with quiet_native_stderr() if quiet else contextlib.nullcontext():
             res = self.face.detect_for_video(image, ts_ms)
-            hres = self.hand.detect_for_video(image, ts_ms) if self.hand is not None else None
+            hres = self.hand.detect_for_video(image, ts_ms) if self.hand is not None and hands else None
         return res, hres
 
     def close(self) -> None:
@@ -233,7 +233,8 @@ def track(
                 from .errors import CancelledError
 
                 raise CancelledError("cancelled during tracking")
-            res, hres = lm.detect(frame, int(round((start + i) * 1000.0 / info.fps)), quiet=i == 0)
+            hands_now = i % max(config.hand_stride, 1) == 0
+            res, hres = lm.detect(frame, int(round((start + i) * 1000.0 / info.fps)), quiet=i == 0, hands=hands_now)
             buf.store_face(i, res, frame, info.width, info.height)
             buf.store_hands(i, hres, info.width, info.height, regions, config.hand_margin)
             if progress and (i % 10 == 0 or i == n - 1):
@@ -244,6 +245,8 @@ def track(
     if got < n:
         # the container promised more frames than ffmpeg delivered: keep what decoded
         log.warning("video delivered %d of %d expected frames; the rest are treated as missing", got, n)
+    if config.hands and config.hand_stride > 1:
+        buf.fill_skipped_cover(got, config.hand_stride)
     out = buf.tracking(got, float(info.fps), info.width, info.height, start, time.perf_counter() - t0)
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
@@ -312,6 +315,17 @@ class _Buffers:
             hulls = _hand_hulls(self.hands[i], hand_margin * face_w)
             for r, region in enumerate(REGIONS):
                 self.cover[i, r] = _cover_fraction(self.lmk[i, regions[region], :2], hulls)
+
+    def fill_skipped_cover(self, got: int, stride: int) -> None:
+        """Hand cover of the frames the hand landmarker skipped: the larger of the two tracked
+        frames around each (a hand moves in and out over several frames; the larger keeps recall)."""
+        tracked = np.arange(0, got, stride)
+        for i in range(got):
+            if i % stride:
+                before = tracked[tracked < i][-1]
+                after = tracked[tracked > i]
+                around = self.cover[[before, after[0]]] if len(after) else self.cover[[before]]
+                self.cover[i] = np.where(self.det[i], around.max(axis=0), 0.0)
 
     def tracking(self, got: int, fps: float, w: int, h: int, start: int, seconds: float) -> Tracking:
         s = slice(0, got)

@@ -62,3 +62,21 @@ def test_missing_model_file_says_how_to_get_it(clip, tmp_path, monkeypatch):
             track(media.probe(clip.video_path), cache_dir=tmp_path / "cache")
     finally:
         assets.locate.cache_clear()
+
+
+def test_frames_the_hand_landmarker_skips_take_the_larger_cover_of_their_neighbours():
+    from avface.tracking import _Buffers
+
+    buf = _Buffers.empty(7)
+    buf.det[:] = True
+    buf.det[3] = False
+    # stride 2: frames 0, 2, 4, 6 were tracked for hands
+    buf.cover[[0, 2, 4, 6], 0] = [0.0, 0.6, 0.2, 0.9]
+    buf.fill_skipped_cover(7, 2)
+    np.testing.assert_allclose(buf.cover[:, 0], [0.0, 0.6, 0.6, 0.0, 0.2, 0.9, 0.9])  # frame 3 has no face
+    # the last frame skipped: only its earlier neighbour
+    buf = _Buffers.empty(4)
+    buf.det[:] = True
+    buf.cover[[0, 2], 0] = [0.3, 0.5]
+    buf.fill_skipped_cover(4, 2)
+    np.testing.assert_allclose(buf.cover[:, 0], [0.3, 0.5, 0.5, 0.5])
