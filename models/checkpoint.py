@@ -33,8 +33,8 @@ log = logging.getLogger(__name__)
 FORMAT = "avface-networks"
 FORMAT_VERSION = 1
 #: How to make a checkpoint again; every checkpoint error ends with it.
-REBUILD_HINT = ("rebuild it with `python -m avface.train -o {path}` (docs/networks.md, 'The checkpoint'), "
-                "or point the job at another checkpoint")
+REBUILD_HINT = ("rebuild it with `python -m avface.train CLIP.npz ... -o {path}` (docs/networks.md, "
+                "'Training'), or point the job at another checkpoint")
 
 
 @dataclass(frozen=True)

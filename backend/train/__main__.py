@@ -1,0 +1,54 @@
+"""``python -m avface.train CLIP.npz ... -o CKPT``: train the networks on prepared training
+clips (avface.train.data). Under ``torchrun --nproc-per-node N`` it trains data-parallel.
+
+This is the entry the checkpoint errors point to; ``avface train DIR`` (tracking a folder of
+videos first) is to be built on it (issue 8)."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import sys
+
+from avface.errors import AVFaceError
+
+from .data import load_clip
+from .loop import TrainConfig, train
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m avface.train", description=__doc__.splitlines()[0])
+    ap.add_argument("clips", nargs="+", help="prepared training clips (.npz)")
+    ap.add_argument("-o", "--out", required=True, help="checkpoint to write")
+    defaults = TrainConfig()
+    ap.add_argument("--steps", type=int, default=defaults.steps)
+    ap.add_argument("--batch", type=int, default=defaults.batch, help="windows per step over all processes")
+    ap.add_argument("--lr", type=float, default=defaults.lr)
+    ap.add_argument("--seed", type=int, default=defaults.seed)
+    ap.add_argument("--optimizer", default=defaults.optimizer, choices=("adam", "sgd"))
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads per process (0: torch's choice)")
+    args = ap.parse_args(argv)
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    config = dataclasses.replace(defaults, steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed,
+                                 optimizer=args.optimizer)
+    log = logging.getLogger("avface.train")
+    try:
+        clips = [load_clip(p) for p in args.clips]
+        train(clips, args.out, config, device=args.device,
+              progress=lambda step, losses: log.info("step %d: loss %.4f", step, losses["total"])
+              if step % 10 == 0 or step == config.steps - 1 else None)
+    except AVFaceError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_status
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
