@@ -273,3 +273,27 @@ def test_bad_training_clip_is_a_clear_error(tmp_path):
     assert "lacks" in str(info.value)
     r = _run([sys.executable, "-m", "avface.train", str(tmp_path / "bad.npz"), "-o", "x.pt", "--steps", "1"], tmp_path)
     assert r.returncode == 2 and "is not a training clip" in r.stderr
+
+
+def test_resumed_training_equals_an_uninterrupted_run(clips, tmp_path):
+    import cv2
+
+    from avface.errors import InputError
+    from avface.train.loop import plot_path, state_path
+
+    cfg = TrainConfig(steps=6, batch=2, lr=1e-3, save_every=0)
+    straight = train(clips, tmp_path / "a.pt", cfg)
+    first = train(clips, tmp_path / "b.pt", TrainConfig(steps=3, batch=2, lr=1e-3, save_every=0))
+    assert state_path(tmp_path / "b.pt").is_file()
+    resumed = train(clips, tmp_path / "b.pt", cfg)
+    assert len(first) == 3 and len(resumed) == 6 and resumed[:3] == first
+    assert_close([h["total"] for h in resumed], [h["total"] for h in straight], atol=0, rtol=1e-5, what="losses")
+    a, b = load_checkpoint(tmp_path / "a.pt"), load_checkpoint(tmp_path / "b.pt")
+    for k, v in a.networks.state_dict().items():
+        assert_close(b.networks.state_dict()[k], v, atol=1e-6, rtol=0, what=k)
+    assert b.meta["steps"] == 6
+    img = cv2.imread(str(plot_path(tmp_path / "b.pt")))
+    assert img is not None and img.shape[0] > 100 and img.shape[1] > 100
+    # another run's options are refused, naming what changed
+    with pytest.raises(InputError, match="lr"):
+        train(clips, tmp_path / "b.pt", TrainConfig(steps=8, batch=2, lr=2e-3, save_every=0))

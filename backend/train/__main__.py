@@ -29,6 +29,8 @@ def main(argv=None) -> int:
     ap.add_argument("--optimizer", default=defaults.optimizer, choices=("adam", "sgd"))
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads per process (0: torch's choice)")
+    ap.add_argument("--save-every", type=int, default=defaults.save_every, help="steps between saves")
+    ap.add_argument("--no-resume", action="store_true", help="start afresh even if a previous run's state is there")
     args = ap.parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -37,11 +39,11 @@ def main(argv=None) -> int:
 
         torch.set_num_threads(args.threads)
     config = dataclasses.replace(defaults, steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed,
-                                 optimizer=args.optimizer)
+                                 optimizer=args.optimizer, save_every=args.save_every)
     log = logging.getLogger("avface.train")
     try:
         clips = [load_clip(p) for p in args.clips]
-        train(clips, args.out, config, device=args.device,
+        train(clips, args.out, config, device=args.device, resume=not args.no_resume,
               progress=lambda step, losses: log.info("step %d: loss %.4f", step, losses["total"])
               if step % 10 == 0 or step == config.steps - 1 else None)
     except AVFaceError as e:

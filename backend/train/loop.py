@@ -80,6 +80,9 @@ class TrainConfig:
     """Modality dropout of the audio embedding (the paper's)."""
     p_drop_video: float = 0.5
     """Modality dropout of the video embedding (the paper's)."""
+    save_every: int = 100
+    """Write the checkpoint, the optimiser state and the loss plot every this many steps
+    (0: only at the end)."""
 
 
 # --------------------------------------------------------------------------- batches
@@ -188,35 +191,101 @@ def _distributed() -> tuple[int, int]:
     return rank, world
 
 
+def state_path(out: str | Path) -> Path:
+    """Where the optimiser state and loss history of a run writing ``out`` are kept."""
+    out = Path(out)
+    return out.with_name(out.name + ".state.pt")
+
+
+def plot_path(out: str | Path) -> Path:
+    out = Path(out)
+    return out.with_name(out.stem + ".loss.png")
+
+
+def write_loss_plot(history: list[dict], path: Path) -> None:
+    """Every loss term against the step, log scale, one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    steps = np.arange(len(history))
+    for key in history[0]:
+        ax.plot(steps, [max(h[key], 1e-12) for h in history], label=key, lw=1.5 if key == "total" else 0.8)
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (percent of the inter-ocular distance, squared)")
+    ax.legend(fontsize=7, ncol=3)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _resume_config(config: TrainConfig) -> dict:
+    """What must match for a run to resume another: everything but the step count."""
+    d = dataclasses.asdict(config)
+    d.pop("steps")
+    return json.loads(json.dumps(d))
+
+
+def _save(out: Path, networks: AVFaceNetworks, opt, config: TrainConfig, history: list[dict], world: int,
+          seconds: float, n_clips: int) -> None:
+    meta = {"steps": len(history), "processes": world, "train_config": dataclasses.asdict(config),
+            "final_losses": history[-1] if history else {}, "seconds": seconds, "n_clips": n_clips}
+    save_checkpoint(out, networks, json.loads(json.dumps(meta)))
+    state = {"step": len(history), "optimizer": opt.state_dict(), "history": json.dumps(history),
+             "config": json.dumps(_resume_config(config))}
+    tmp = state_path(out).with_name(f".{state_path(out).name}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, state_path(out))
+    if history:
+        write_loss_plot(history, plot_path(out))
+
+
 def train(clips: list[dict], out: str | Path, config: TrainConfig = TrainConfig(), *,
-          networks_config: NetworksConfig = NetworksConfig(), device: str = "cpu",
+          networks_config: NetworksConfig = NetworksConfig(), device: str = "cpu", resume: bool = True,
           progress: Callable[[int, dict], None] | None = None) -> list[dict]:
-    """Train from scratch on ``clips`` and write the checkpoint to ``out`` (rank 0 writes).
-    Returns the per-step losses (averaged over processes)."""
+    """Train on ``clips`` and write the checkpoint to ``out``, with its optimiser state beside
+    it (``out.state.pt``) and a loss plot (``out``'s stem + ``.loss.png``), every
+    ``config.save_every`` steps and at the end (rank 0 writes). With ``resume`` and a state
+    file of the same run (same options but the step count), training continues from its last
+    save; since every sample is seeded by its step, the result is the one an uninterrupted
+    run gives. Returns the per-step losses (averaged over processes), resumed ones included."""
     if not clips:
         raise InputError("no training clips given")
     for i, clip in enumerate(clips):
         check_clip(clip, f"training clip {i}")
+    out = Path(out)
     rank, world = _distributed()
     if config.batch % world:
         raise InputError(f"the global batch ({config.batch}) must divide among {world} processes")
     if world > 1 and device == "cuda":
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-    networks = build_networks(networks_config, seed=config.seed).to(device)
-    module = TrainingModule(networks, config)
-    model: nn.Module = module
-    if world > 1:
-        model = nn.parallel.DistributedDataParallel(module, device_ids=[device] if device.startswith("cuda") else None)
+    networks = build_networks(networks_config, seed=config.seed)
     if config.optimizer == "adam":
         opt = torch.optim.Adam(networks.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     elif config.optimizer == "sgd":
         opt = torch.optim.SGD(networks.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     else:
         raise InputError(f"optimizer must be 'adam' or 'sgd', got {config.optimizer!r}")
-    history = []
+    history: list[dict] = []
+    if resume and state_path(out).is_file():
+        history = _load_state(out, networks, opt, config, networks_config)
+    networks.to(device)
+    for state in opt.state.values():  # the optimiser's moments follow the weights' device
+        for k, v in state.items():
+            if torch.is_tensor(v) and k != "step":
+                state[k] = v.to(device)
+    module = TrainingModule(networks, config)
+    model: nn.Module = module
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(module, device_ids=[device] if device.startswith("cuda") else None)
     t0 = time.perf_counter()
     model.train()
-    for step in range(config.steps):
+    for step in range(len(history), config.steps):
         batch = {k: v.to(device) for k, v in make_batch(clips, config, step, rank, world).items()}
         opt.zero_grad(set_to_none=True)
         losses = model(batch)
@@ -229,16 +298,44 @@ def train(clips: list[dict], out: str | Path, config: TrainConfig = TrainConfig(
         record = {k: float(v) for k, v in zip(losses, values)}
         history.append(record)
         if not math.isfinite(record["total"]):
-            raise FloatingPointError(f"training diverged at step {step}: {record}")
+            raise FloatingPointError(f"training diverged at step {step}: {record}; lower the learning rate")
         if progress is not None and rank == 0:
             progress(step, record)
+        if rank == 0 and config.save_every and (step + 1) % config.save_every == 0 and step + 1 < config.steps:
+            _save(out, networks, opt, config, history, world, time.perf_counter() - t0, len(clips))
     bad = [name for name, p in networks.named_parameters() if not torch.isfinite(p).all()]
     if bad:
         raise FloatingPointError(f"training diverged: non-finite weights in {bad[:5]}; lower the learning rate")
     if rank == 0:
-        meta = {"steps": config.steps, "processes": world, "train_config": dataclasses.asdict(config),
-                "final_losses": history[-1], "seconds": time.perf_counter() - t0, "n_clips": len(clips)}
-        save_checkpoint(out, networks, json.loads(json.dumps(meta)))
+        _save(out, networks, opt, config, history, world, time.perf_counter() - t0, len(clips))
     if world > 1:
         torch.distributed.barrier()
+    return history
+
+
+def _load_state(out: Path, networks: AVFaceNetworks, opt, config: TrainConfig,
+                networks_config: NetworksConfig) -> list[dict]:
+    """Load a previous run's weights and optimiser state into ``networks`` and ``opt``;
+    returns its loss history."""
+    from avface.models.checkpoint import load_checkpoint
+
+    path = state_path(out)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        saved_config = json.loads(state["config"])
+        history = json.loads(state["history"])
+    except Exception as e:
+        raise InputError(f"cannot resume from {path}: {e}; delete it to start afresh") from e
+    if saved_config != _resume_config(config):
+        changed = sorted(k for k in saved_config if saved_config.get(k) != _resume_config(config).get(k))
+        raise InputError(f"{path} belongs to a run with other options ({changed}); delete it to start afresh, "
+                         f"or write the checkpoint elsewhere")
+    ck = load_checkpoint(out)
+    if ck.networks.config != networks_config:
+        raise InputError(f"{out} holds networks of another configuration; delete it and {path} to start afresh")
+    if len(history) != int(state["step"]) or ck.meta.get("steps") != len(history):
+        raise InputError(f"{out} and {path} are from different steps; delete both to start afresh")
+    networks.load_state_dict(ck.networks.state_dict())
+    opt.load_state_dict(state["optimizer"])
+    log.info("resuming %s from step %d", out, len(history))
     return history
