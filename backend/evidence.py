@@ -110,14 +110,60 @@ def pose_and_camera(frame: HeadFrame, k: np.ndarray, height: int) -> tuple[np.nd
         return pose, cam
     pos = frame.translation[det]
     depth = -pos[:, 2]
-    med_depth = float(np.median(depth))
+    origin, med_depth = pose_reference(frame)
     pose[det, :3] = Rotation.from_matrix(frame.rotation[det]).as_rotvec()
-    pose[det, 3:] = (pos - np.median(pos, axis=0)) / med_depth
+    pose[det, 3:] = (pos - origin) / med_depth
     cam[det, 0] = -np.log(depth / med_depth)
     # image position: u - cx = f X / depth, v - cy = -f Y / depth (image y runs down)
     cam[det, 1] = k[0, 0] * pos[:, 0] / depth / height
     cam[det, 2] = -k[1, 1] * pos[:, 1] / depth / height
     return pose, cam
+
+
+def pose_reference(frame: HeadFrame) -> tuple[np.ndarray, float]:
+    """(origin (3,), depth) the clip's median head position and depth, metres: what pose
+    positions are relative to and scaled by."""
+    det = np.isfinite(frame.translation[:, 0])
+    if not det.any():
+        raise ValueError("no frame with a face: the clip has no head position")
+    pos = frame.translation[det]
+    return np.median(pos, axis=0), float(np.median(-pos[:, 2]))
+
+
+def pose_to_rigid(pose, origin: np.ndarray, depth: float) -> tuple[np.ndarray, np.ndarray]:
+    """The way back from the pose encoder's (T, 6) poses to (rotation (T, 3, 3), head
+    position (T, 3) metres, world frame)."""
+    pose = np.asarray(pose, np.float64)
+    return Rotation.from_rotvec(pose[:, :3]).as_matrix(), np.asarray(origin) + pose[:, 3:] * float(depth)
+
+
+def landmarks_from_offsets(offsets, frame: HeadFrame, k: np.ndarray, rotation: np.ndarray | None = None,
+                           translation: np.ndarray | None = None) -> np.ndarray:
+    """(T, 468, 3) tracker-like landmarks (pixels, MediaPipe's relative depth in pixels) of
+    the clip's neutral face with its lower-face landmarks moved by ``offsets`` (T, M, 3),
+    posed by ``rotation`` (T, 3, 3) and ``translation`` (T, 3) (default: the head frame's
+    own, NaN where undetected) and projected by ``k``. This is how the networks' output
+    reaches any fit: as landmarks where the tracker's are occluded or missing.
+
+    The relative depth is (Z - head depth) * focal / head depth, as MediaPipe scales its z
+    like x; the fit centres it per frame, so the reference does not matter."""
+    from avface.models.avnets import LOWER_FACE_LANDMARKS
+
+    from .geometry import WORLD_TO_CAMERA
+
+    rotation = frame.rotation if rotation is None else np.asarray(rotation, np.float64)
+    translation = frame.translation if translation is None else np.asarray(translation, np.float64)
+    offsets = np.asarray(offsets, np.float64)
+    shape = np.repeat(frame.neutral[None], len(offsets), axis=0)  # (T, 468, 3)
+    shape[:, list(LOWER_FACE_LANDMARKS)] += frame.iod * offsets
+    # world[t, v] = rotation[t] @ shape[t, v] + translation[t]
+    world = np.einsum("tij,tvj->tvi", rotation, shape) + translation[:, None]
+    cam = world @ WORLD_TO_CAMERA.T.astype(np.float64)  # OpenCV: x right, y down, z forward
+    z = np.maximum(cam[..., 2], 1e-6)
+    uv = cam[..., :2] / z[..., None] * np.array([k[0, 0], k[1, 1]]) + np.array([k[0, 2], k[1, 2]])
+    head = -translation[:, 2:3]
+    zpx = (z - head) * k[0, 0] / head
+    return np.concatenate([uv, zpx[..., None]], axis=-1)
 
 
 def normalise_mel(mel: np.ndarray) -> np.ndarray:

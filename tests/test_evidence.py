@@ -134,3 +134,24 @@ def test_bad_landmarks_are_refused():
         head_frame(np.zeros((5, 100, 3)), np.ones(5, bool), np.eye(3))
     with pytest.raises(ValueError, match="detected"):
         head_frame(np.zeros((5, 478, 3)), np.ones(4, bool), np.eye(3))
+
+
+def test_landmarks_from_offsets_reproduce_the_tracker():
+    """Offsets and head pose taken from a tracked clip, mapped back to pixels, land on the
+    tracker's landmarks; the pose encoder's representation maps back to the same pose."""
+    from avface.evidence import landmarks_from_offsets, pose_reference, pose_to_rigid
+
+    k = intrinsics_for(W, H, FOV)
+    world, _, _ = talking_head()
+    tracking = synthetic_tracking(world, k)
+    frame = head_frame(tracking.landmarks, np.ones(len(world), bool), k)
+    px = landmarks_from_offsets(lower_face_offsets(frame), frame, k)
+    err = np.linalg.norm(px[:, IDS, :2] - tracking.landmarks[:, IDS, :2], axis=-1)
+    iod_px = np.linalg.norm(tracking.landmarks[:, 33, :2] - tracking.landmarks[:, 263, :2], axis=-1)
+    assert (err / iod_px[:, None]).max() < 0.01, f"worst {err.max():.2f} px"
+    pose, _ = pose_and_camera(frame, k, H)
+    rot, pos = pose_to_rigid(pose, *pose_reference(frame))
+    assert_close(rot, frame.rotation, atol=1e-5, rtol=0, what="rotation")
+    assert_close(pos, frame.translation, atol=1e-6, rtol=0, what="position")
+    px2 = landmarks_from_offsets(lower_face_offsets(frame), frame, k, rot, pos)
+    assert_close(px2[..., :2], px[..., :2], atol=1e-3, rtol=0, what="pixels through the pose encoder's pose")
