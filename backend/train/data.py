@@ -11,7 +11,7 @@ Keys (T frames, M = 97 lower-face landmarks, N = 25 skull-rigid points):
 - for the reprojection loss: ``rigid_points`` (N, 3) the neutral's skull-rigid points in
   metres, ``origin`` (3,) and ``depth`` () the clip's median head position and depth,
   ``focal`` () pixels, ``rigid_px`` (T, N, 2) the tracker's rigid points relative to the
-  principal point, ``iod_px`` (T,);
+  principal point, ``iod_px`` (T,) the head's 3D inter-ocular distance in pixels at its depth;
 - ``lip_positions`` (40, 3) the neutral's lip landmarks, centred, in inter-ocular units (the
   SIREN's input).
 """
@@ -23,7 +23,7 @@ import numpy as np
 
 from avface.errors import InputError
 from avface.evidence import build_evidence
-from avface.topology import LIPS, RIGID, inter_ocular
+from avface.topology import LIPS, RIGID
 
 EXPRESSION_KEYS = ("phones", "mel", "audio_present", "landmarks", "blendshapes", "region_conf", "usable")
 POSE_KEYS = ("pose", "camera")
@@ -52,7 +52,11 @@ def prepare_clip(tracking, features=None, *, mouth_conf: np.ndarray | None = Non
     out["rigid_points"] = frame.neutral[list(RIGID)].astype(np.float32)
     lm = np.nan_to_num(np.asarray(tracking.landmarks, np.float64))
     out["rigid_px"] = (lm[:, list(RIGID), :2] - k[:2, 2]).astype(np.float32)
-    out["iod_px"] = np.where(det, inter_ocular(lm), 0.0).astype(np.float32)
+    # the head's inter-ocular distance in pixels at its depth: unlike the 2D eye-corner
+    # distance it does not shrink when the head turns, so a profile frame's errors are not
+    # blown up (LRS3's 62-degree turn made them 4x larger)
+    depth_t = np.where(det, -np.nan_to_num(frame.translation[:, 2], nan=1.0), 1.0)
+    out["iod_px"] = np.where(det, k[0, 0] * frame.iod / depth_t, 0.0).astype(np.float32)
     lips = frame.neutral[list(LIPS)]
     out["lip_positions"] = ((lips - lips.mean(0)) / frame.iod).astype(np.float32)
     check_clip(out, "prepared clip")
