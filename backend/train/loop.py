@@ -97,24 +97,30 @@ def _keep(rng: np.random.Generator, p_audio: float, p_video: float) -> tuple[flo
     return float(keep_a), float(keep_v)
 
 
-def make_sample(clips: list[dict], config: TrainConfig, step: int, index: int, window: int = WINDOW_FRAMES) -> dict:
+def make_sample(clips: list[dict], config: TrainConfig, step: int, index: int, window: int = WINDOW_FRAMES,
+                starts: list[np.ndarray] | None = None, augment: bool = True) -> dict:
     """Sample ``index`` of global batch ``step``: a window of a clip, occluded or not, with
-    its clean targets and its modality dropout draws."""
+    its clean targets and its modality dropout draws. ``starts`` limits each clip's window
+    starts (held-out frames stay out); ``augment=False`` draws no occluder and drops nothing."""
     rng = np.random.default_rng([config.seed, step, index])
     lengths = np.array([len(c["usable"]) for c in clips])
-    n_windows = np.maximum(lengths - window + 1, 1)
+    if starts is None:
+        starts = [np.arange(max(n - window + 1, 1)) for n in lengths]
+    n_windows = np.array([len(s) for s in starts], np.float64)
+    if n_windows.sum() == 0:
+        raise InputError("no window to draw: every clip is shorter than its held-out part")
     c = int(rng.choice(len(clips), p=n_windows / n_windows.sum()))
     clip = clips[c]
-    start = int(rng.integers(n_windows[c]))
+    start = int(starts[c][rng.integers(len(starts[c]))])
     t = np.arange(start, start + window)
     valid = t < lengths[c]
     t = np.where(valid, t, 0)
     clean = {k: clip[k][t] for k in FRAME_KEYS}
     inputs = {k: clean[k] for k in EXPRESSION_KEYS}
-    if rng.random() < config.occluders.p_occlude:
+    if augment and rng.random() < config.occluders.p_occlude:
         inputs = occlude_window(inputs, random_track(rng, window, config.occluders), rng, config.occluders)
-    keep_a, keep_v = _keep(rng, config.p_drop_audio, config.p_drop_video)
-    pose_usable = inputs["usable"] * (rng.random(window) >= config.p_mask_pose)
+    keep_a, keep_v = _keep(rng, config.p_drop_audio, config.p_drop_video) if augment else (1.0, 1.0)
+    pose_usable = inputs["usable"] * ((rng.random(window) >= config.p_mask_pose) if augment else 1.0)
     trust = clean["usable"] * (clean["region_conf"][:, 0] >= config.trust_threshold) * valid
     sample = {k: v for k, v in inputs.items()}
     sample.update(
