@@ -166,6 +166,26 @@ def landmarks_from_offsets(offsets, frame: HeadFrame, k: np.ndarray, rotation: n
     return np.concatenate([uv, zpx[..., None]], axis=-1)
 
 
+#: Head turns (away from facing the camera) where the tracker's far-side landmarks stop being
+#: trusted: full trust up to the first, none from the second, degrees.
+FRONTAL_FULL_DEG = 30.0
+FRONTAL_NONE_DEG = 60.0
+
+
+def frontal_weight(frame: HeadFrame) -> np.ndarray:
+    """(T,) in [0, 1]: 1 for a head facing the camera within FRONTAL_FULL_DEG, 0 beyond
+    FRONTAL_NONE_DEG (MediaPipe guesses the far side of a profile), 0 where undetected."""
+    det = np.isfinite(frame.translation[:, 0])
+    w = np.zeros(len(det), np.float32)
+    if not det.any():
+        return w
+    forward = frame.rotation[det][:, :, 2]  # the head's +z (out of the face) in the world
+    to_camera = -frame.translation[det] / np.linalg.norm(frame.translation[det], axis=1, keepdims=True)
+    angle = np.degrees(np.arccos(np.clip((forward * to_camera).sum(1), -1.0, 1.0)))
+    w[det] = np.clip((FRONTAL_NONE_DEG - angle) / (FRONTAL_NONE_DEG - FRONTAL_FULL_DEG), 0.0, 1.0)
+    return w
+
+
 def normalise_mel(mel: np.ndarray) -> np.ndarray:
     """(T, 16, 80) log-mel to zero median and unit robust spread per band over the clip, so
     that recording level and channel colour drop out."""

@@ -155,3 +155,15 @@ def test_landmarks_from_offsets_reproduce_the_tracker():
     assert_close(pos, frame.translation, atol=1e-6, rtol=0, what="position")
     px2 = landmarks_from_offsets(lower_face_offsets(frame), frame, k, rot, pos)
     assert_close(px2[..., :2], px[..., :2], atol=1e-3, rtol=0, what="pixels through the pose encoder's pose")
+
+
+def test_frontal_weight_falls_as_the_head_turns_away():
+    from avface.evidence import HeadFrame, frontal_weight
+
+    t = 5
+    yaw = np.radians([0.0, 25.0, 45.0, 70.0, 0.0])
+    rot = Rotation.from_rotvec(np.stack([np.zeros(t), yaw, np.zeros(t)], 1)).as_matrix()
+    transl = np.tile([0.0, 0.0, -0.6], (t, 1))
+    transl[4] = np.nan  # undetected
+    frame = HeadFrame(np.zeros((468, 3)), 0.09, np.zeros((t, 468, 3)), rot, transl)
+    assert_close(frontal_weight(frame), [1.0, 1.0, 0.5, 0.0, 0.0], atol=1e-5, what="frontal weight")

@@ -6,7 +6,8 @@ Keys (T frames, M = 97 lower-face landmarks, N = 25 skull-rigid points):
 - the expression branch's inputs, named as :class:`~avface.models.avnets.ExpressionNet`'s
   arguments: ``phones`` (T, 16, P), ``mel`` (T, 16, 80), ``audio_present`` (T,),
   ``landmarks`` (T, M, 3), ``blendshapes`` (T, 52), ``region_conf`` (T, 3), ``usable`` (T,);
-- ``activity`` (T,) speech activity;
+- ``activity`` (T,) speech activity; ``frontal`` (T,) how far the landmarks are trusted
+  given the head's turn (avface.evidence.frontal_weight);
 - the pose encoder's inputs ``pose`` (T, 6), ``camera`` (T, 3);
 - for the reprojection loss: ``rigid_points`` (N, 3) the neutral's skull-rigid points in
   metres, ``origin`` (3,) and ``depth`` () the clip's median head position and depth,
@@ -22,13 +23,13 @@ from pathlib import Path
 import numpy as np
 
 from avface.errors import InputError
-from avface.evidence import build_evidence
+from avface.evidence import build_evidence, frontal_weight
 from avface.topology import LIPS, RIGID
 
 EXPRESSION_KEYS = ("phones", "mel", "audio_present", "landmarks", "blendshapes", "region_conf", "usable")
 POSE_KEYS = ("pose", "camera")
 #: Per-frame keys (time first) and per-clip keys.
-FRAME_KEYS = EXPRESSION_KEYS + POSE_KEYS + ("activity", "rigid_px", "iod_px")
+FRAME_KEYS = EXPRESSION_KEYS + POSE_KEYS + ("activity", "rigid_px", "iod_px", "frontal")
 CLIP_KEYS = ("rigid_points", "origin", "depth", "focal", "lip_positions")
 
 
@@ -57,6 +58,7 @@ def prepare_clip(tracking, features=None, *, mouth_conf: np.ndarray | None = Non
     # blown up (LRS3's 62-degree turn made them 4x larger)
     depth_t = np.where(det, -np.nan_to_num(frame.translation[:, 2], nan=1.0), 1.0)
     out["iod_px"] = np.where(det, k[0, 0] * frame.iod / depth_t, 0.0).astype(np.float32)
+    out["frontal"] = frontal_weight(frame)
     lips = frame.neutral[list(LIPS)]
     out["lip_positions"] = ((lips - lips.mean(0)) / frame.iod).astype(np.float32)
     check_clip(out, "prepared clip")

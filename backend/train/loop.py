@@ -121,12 +121,12 @@ def make_sample(clips: list[dict], config: TrainConfig, step: int, index: int, w
         inputs = occlude_window(inputs, random_track(rng, window, config.occluders), rng, config.occluders)
     keep_a, keep_v = _keep(rng, config.p_drop_audio, config.p_drop_video) if augment else (1.0, 1.0)
     pose_usable = inputs["usable"] * ((rng.random(window) >= config.p_mask_pose) if augment else 1.0)
-    trust = clean["usable"] * (clean["region_conf"][:, 0] >= config.trust_threshold) * valid
+    trust = clean["usable"] * (clean["region_conf"][:, 0] >= config.trust_threshold) * clean["frontal"] * valid
     sample = {k: v for k, v in inputs.items()}
     sample.update(
         target=clean["landmarks"], trust=trust, valid=valid, keep_audio=keep_a, keep_video=keep_v,
         pose=clean["pose"], camera=clean["camera"], pose_usable=pose_usable, face_conf=inputs["region_conf"][:, 2],
-        pose_trust=clean["usable"] * valid, activity=clean["activity"], rigid_px=clean["rigid_px"], iod_px=clean["iod_px"],
+        pose_trust=clean["usable"] * clean["frontal"] * valid, activity=clean["activity"], rigid_px=clean["rigid_px"], iod_px=clean["iod_px"],
     )
     sample.update({k: clip[k] for k in CLIP_KEYS})
     return sample
