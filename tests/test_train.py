@@ -297,3 +297,27 @@ def test_resumed_training_equals_an_uninterrupted_run(clips, tmp_path):
     # another run's options are refused, naming what changed
     with pytest.raises(InputError, match="lr"):
         train(clips, tmp_path / "b.pt", TrainConfig(steps=8, batch=2, lr=2e-3, save_every=0))
+
+
+@pytest.mark.shared
+@pytest.mark.slow
+def test_prepare_a_folder_of_real_clips(shared_data, tmp_path):
+    """GRID's 3-second clip: tracked, heard and kept as a training clip that trains."""
+    from avface.train.prepare import prepare_folder
+
+    src = tmp_path / "clips"
+    src.mkdir()
+    (src / "grid.mpg").symlink_to(shared_data / "lipnet-grid" / "id2_vcd_swwp2s.mpg")
+    files = prepare_folder(src, tmp_path / "prepared", cache_dir=tmp_path / "cache")
+    assert [f.name for f in files] == ["grid.npz"]
+    clip = load_clip(files[0])
+    assert len(clip["usable"]) == 75 and clip["usable"].mean() == 1.0
+    assert clip["audio_present"].all() and 0.2 < clip["activity"].mean() < 0.9
+    # the mouth moves in the offsets: the inner-lip opening spans over 5 % of the IOD
+    ids = list(LOWER_FACE_LANDMARKS)
+    opening = clip["landmarks"][:, ids.index(14), 1] - clip["landmarks"][:, ids.index(13), 1]
+    assert np.ptp(opening) > 0.05
+    # a second call keeps the prepared file
+    mtime = files[0].stat().st_mtime_ns
+    prepare_folder(src, tmp_path / "prepared", cache_dir=tmp_path / "cache")
+    assert files[0].stat().st_mtime_ns == mtime

@@ -1,8 +1,9 @@
-"""``python -m avface.train CLIP.npz ... -o CKPT``: train the networks on prepared training
-clips (avface.train.data). Under ``torchrun --nproc-per-node N`` it trains data-parallel.
+"""``python -m avface.train DIR|CLIP.npz ... -o CKPT``: train the networks on folders of
+talking-face videos (prepared into training clips first, see avface.train.prepare) and on
+prepared training clips. Under ``torchrun --nproc-per-node N`` it trains data-parallel.
 
-This is the entry the checkpoint errors point to; ``avface train DIR`` (tracking a folder of
-videos first) is to be built on it (issue 8)."""
+This is the entry the checkpoint errors point to; ``avface train`` is to be registered on it
+(issue 8)."""
 from __future__ import annotations
 
 import argparse
@@ -19,7 +20,10 @@ from .loop import TrainConfig, train
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m avface.train", description=__doc__.splitlines()[0])
-    ap.add_argument("clips", nargs="+", help="prepared training clips (.npz)")
+    ap.add_argument("clips", nargs="+", help="folders of videos (a manifest.json, or videos with their audio) "
+                    "and/or prepared training clips (.npz)")
+    ap.add_argument("--prepared-dir", default=None,
+                    help="where folders' training clips go (default: CKPT's stem + '.clips' beside it)")
     ap.add_argument("-o", "--out", required=True, help="checkpoint to write")
     defaults = TrainConfig()
     ap.add_argument("--steps", type=int, default=defaults.steps)
@@ -42,7 +46,27 @@ def main(argv=None) -> int:
                                  optimizer=args.optimizer, save_every=args.save_every)
     log = logging.getLogger("avface.train")
     try:
-        clips = [load_clip(p) for p in args.clips]
+        from pathlib import Path
+
+        from .loop import _distributed
+
+        _, world = _distributed()
+        out = Path(args.out)
+        prepared = Path(args.prepared_dir) if args.prepared_dir else out.with_name(out.stem + ".clips")
+        folders = [Path(p) for p in args.clips if Path(p).is_dir()]
+        paths: list[Path] = [Path(p) for p in args.clips if not Path(p).is_dir()]
+        if folders and rank == 0:  # one process tracks; the others wait for its files
+            from .prepare import prepare_folder
+
+            for folder in folders:
+                prepare_folder(folder, prepared, progress=lambda i, n, cid: log.info("preparing %d/%d: %s", i + 1, n, cid))
+        if world > 1:
+            import torch.distributed
+
+            torch.distributed.barrier()
+        if folders:
+            paths += sorted(prepared.glob("*.npz"))
+        clips = [load_clip(p) for p in paths]
         train(clips, args.out, config, device=args.device, resume=not args.no_resume,
               progress=lambda step, losses: log.info("step %d: loss %.4f", step, losses["total"])
               if step % 10 == 0 or step == config.steps - 1 else None)

@@ -78,7 +78,14 @@ def check_clip(clip: dict, name: str) -> int:
 
 
 def save_clip(path: str | Path, clip: dict) -> None:
-    np.savez_compressed(path, **clip)
+    """Write a training clip atomically (a reader never sees half a file)."""
+    import os
+    import uuid
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp.npz")
+    np.savez_compressed(tmp, **clip)
+    os.replace(tmp, path)
 
 
 def load_clip(path: str | Path) -> dict[str, np.ndarray]:
