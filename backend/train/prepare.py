@@ -14,20 +14,12 @@ from typing import Callable
 import numpy as np
 
 from avface.clips import Clip, discover_clips
+from avface.confidence import visual_confidence
 from avface.errors import AVFaceError, InputError
 
 from .data import prepare_clip, save_clip
 
 log = logging.getLogger(__name__)
-
-
-def _visual_confidence(tracking):
-    # the lead's refactor (issue 7) moves it out of the pipeline; read it where it lives
-    try:
-        from avface.confidence import visual_confidence
-    except ImportError:
-        from avface.pipeline import visual_confidence
-    return visual_confidence(tracking)
 
 
 def prepare_video(video: str | Path, audio: str | Path | None = None, *, cache_dir: Path | None = None,
@@ -46,7 +38,7 @@ def prepare_video(video: str | Path, audio: str | Path | None = None, *, cache_d
         features = audio_mod.extract_features(wave, media.SAMPLE_RATE_HZ, tracking.n_frames, info.fps)
     else:
         log.warning("%s has no audio: its windows train the video side only", video)
-    conf, _ = _visual_confidence(tracking)
+    conf, _ = visual_confidence(tracking)
     return prepare_clip(tracking, features, mouth_conf=conf, fov_deg=fov_deg)
 
 
