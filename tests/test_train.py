@@ -321,3 +321,29 @@ def test_prepare_a_folder_of_real_clips(shared_data, tmp_path):
     mtime = files[0].stat().st_mtime_ns
     prepare_folder(src, tmp_path / "prepared", cache_dir=tmp_path / "cache")
     assert files[0].stat().st_mtime_ns == mtime
+
+
+def test_random_text_varies_and_fills_the_clip():
+    from avface.train.synthetic import random_text
+
+    a = random_text(np.random.default_rng(0), 6.0)
+    b = random_text(np.random.default_rng(1), 6.0)
+    assert a != b and a == random_text(np.random.default_rng(0), 6.0)
+    assert 14 <= len(a.split()) <= 30
+
+
+@pytest.mark.slow
+def test_synthetic_corpus_is_a_folder_of_clips(tmp_path):
+    """One short synthetic clip: a manifest the clip discovery reads, a video with speech."""
+    from avface.clips import discover_clips
+    from avface.media import probe
+    from avface.train.synthetic import make_corpus
+
+    manifest = make_corpus(tmp_path / "corpus", 1, seed=3, duration_s=1.6, size=160)
+    clips = discover_clips(manifest.parent)
+    assert len(clips) == 1 and clips[0].video.is_file()
+    info = probe(clips[0].video)
+    assert info.has_audio and info.width == 160 and abs(info.n_frames - 40) <= 1
+    mtime = clips[0].video.stat().st_mtime_ns
+    make_corpus(tmp_path / "corpus", 1, seed=3, duration_s=1.6, size=160)  # kept, not rendered again
+    assert clips[0].video.stat().st_mtime_ns == mtime
