@@ -166,8 +166,9 @@ def mlp(dims: tuple[int, ...]) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-def _check(x: torch.Tensor, shape: tuple, name: str) -> None:
-    """Check the trailing axes of x against shape (None matches anything)."""
+def check_shape(x: torch.Tensor, shape: tuple, name: str) -> None:
+    """Check the trailing axes of x against shape (None matches anything); a ValueError
+    names the input and both shapes."""
     tail = tuple(x.shape[-len(shape):]) if shape else ()
     if x.ndim < len(shape) or any(s is not None and s != t for s, t in zip(shape, tail)):
         raise ValueError(f"expected {name} of shape (..., {', '.join('*' if s is None else str(s) for s in shape)}), "
@@ -217,8 +218,8 @@ class PoseEncoder(nn.Module):
         """pose (B, W, 6), camera (B, W, 3), usable (B, W) 0/1, face_conf (B, W) in [0, 1],
         valid (B, W) bool (False on padding). Returns refined (pose (B, W, 6), camera (B, W, 3));
         frames that are not usable get a pose from context alone (their input is ignored)."""
-        _check(pose, (None, POSE_DIM), "pose")
-        _check(camera, (None, CAMERA_DIM), "camera")
+        check_shape(pose, (None, POSE_DIM), "pose")
+        check_shape(camera, (None, CAMERA_DIM), "camera")
         use = usable.float()
         if valid is not None:
             use = use * valid.float()
@@ -247,8 +248,8 @@ class AudioEncoder(nn.Module):
         self.out = nn.Linear(c_in * length, config.dim)
 
     def forward(self, phones: torch.Tensor, mel: torch.Tensor) -> torch.Tensor:
-        _check(phones, (SPEECH_WINDOWS, self.config.n_phones), "phones")
-        _check(mel, (SPEECH_WINDOWS, self.config.n_mels), "mel")
+        check_shape(phones, (SPEECH_WINDOWS, self.config.n_phones), "phones")
+        check_shape(mel, (SPEECH_WINDOWS, self.config.n_mels), "mel")
         lead = phones.shape[:-2]
         x = torch.cat([phones, mel], dim=-1).reshape(-1, SPEECH_WINDOWS, phones.shape[-1] + mel.shape[-1])
         h = self.conv(x.transpose(1, 2))  # (N, C, 16 / 2^k): channels are features, length is time
@@ -266,9 +267,9 @@ class VideoEncoder(nn.Module):
         self.net = mlp((n_in, config.hidden, config.dim))
 
     def forward(self, landmarks: torch.Tensor, blendshapes: torch.Tensor, region_conf: torch.Tensor) -> torch.Tensor:
-        _check(landmarks, (self.config.n_landmarks, 3), "landmarks")
-        _check(blendshapes, (self.config.n_blendshapes,), "blendshapes")
-        _check(region_conf, (self.config.n_regions,), "region_conf")
+        check_shape(landmarks, (self.config.n_landmarks, 3), "landmarks")
+        check_shape(blendshapes, (self.config.n_blendshapes,), "blendshapes")
+        check_shape(region_conf, (self.config.n_regions,), "region_conf")
         x = torch.cat([LANDMARK_INPUT_SCALE * landmarks.flatten(-2), blendshapes, region_conf], dim=-1)
         return self.net(x)
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .avnets import _check
+from .avnets import check_shape
 
 
 @dataclass(frozen=True)
@@ -97,7 +97,7 @@ class LipSiren(nn.Module):
 
     def forward(self, positions: torch.Tensor, cond: torch.Tensor, activity: torch.Tensor) -> torch.Tensor:
         c = self.config
-        _check(cond, (None, c.cond_dim), "cond")
+        check_shape(cond, (None, c.cond_dim), "cond")
         if cond.ndim != 3:
             raise ValueError(f"expected cond of shape (B, T, {c.cond_dim}), got {tuple(cond.shape)}")
         b, t = cond.shape[:2]
@@ -105,7 +105,7 @@ class LipSiren(nn.Module):
             raise ValueError(f"expected activity of shape ({b}, {t}), got {tuple(activity.shape)}")
         if positions.ndim == 2:
             positions = positions.expand(b, t, -1, -1)
-        _check(positions, (None, 3), "positions")
+        check_shape(positions, (None, 3), "positions")
         film = self.film(self.mapping(cond)).view(b, t, c.n_layers, 2, c.hidden)  # (B, T, layers, 2, H)
         freq = c.omega0 + c.omega_film * film[:, :, :, 0]  # (B, T, layers, H)
         phase = film[:, :, :, 1]

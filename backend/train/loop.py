@@ -171,7 +171,7 @@ class TrainingModule(nn.Module):
         pose, cam = n.pose(batch["pose"], batch["camera"], batch["pose_usable"], batch["face_conf"], batch["valid"])
         out["pose"] = L.reprojection_loss(pose, batch["rigid_points"], batch["origin"], batch["depth"], batch["focal"],
                                           batch["rigid_px"], batch["iod_px"], batch["pose_trust"])
-        out["camera"] = L._weighted_mean((L.PERCENT * (cam - batch["camera"])).pow(2).sum(-1), batch["pose_trust"])
+        out["camera"] = L.camera_loss(cam, batch["camera"], batch["pose_trust"])
         out["pose_smooth"] = L.smoothness_loss(pose, batch["valid"])
         # the SIREN refines the coarse lips it is given; it does not move them
         lips = n.lips(batch["lip_positions"][:, None].expand(-1, pred.shape[1], -1, -1),

@@ -6,7 +6,7 @@ zero in silence.
 Every term is a pure function of tensors. Landmark errors are in percent of the
 inter-ocular distance (the unit of NME), so weights read alike across terms. ``weight``
 arguments are per frame, (B, W), 0 on frames that must not count (untrusted or padding);
-every term is a mean over all frames of the batch (see ``_weighted_mean``).
+every term is a mean over all frames of the batch (see ``weighted_mean``).
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def _pair_index(pairs) -> tuple[list[int], list[int]]:
     return [pos[a] for a, _ in pairs], [pos[b] for _, b in pairs]
 
 
-def _weighted_mean(per_frame: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def weighted_mean(per_frame: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Mean over all B x W frames of (B, W) values times their weight. Frames that do not
     count add zero but still count in the denominator: then equal shards of a batch average
     to exactly the whole batch's loss, so data-parallel training matches one process."""
@@ -45,7 +45,7 @@ def landmark_loss(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor
     """Squared landmark error, percent IOD. pred, target: (B, W, M, 3) offsets; weight (B, W)."""
     err = (PERCENT * (pred - target)).pow(2)  # (B, W, M, 3)
     scale = torch.tensor([1.0, 1.0, depth_weight], dtype=pred.dtype, device=pred.device)
-    return _weighted_mean((err * scale).sum(-1).mean(-1), weight)
+    return weighted_mean((err * scale).sum(-1).mean(-1), weight)
 
 
 def canonical_neutral() -> torch.Tensor:
@@ -75,7 +75,7 @@ def pair_distance_loss(pred: torch.Tensor, target: torch.Tensor, weight: torch.T
     p, t = pred + neutral, target + neutral
     d_pred = torch.linalg.norm(p[..., ia, :] - p[..., ib, :], dim=-1)  # (B, W, K)
     d_tgt = torch.linalg.norm(t[..., ia, :] - t[..., ib, :], dim=-1)
-    return _weighted_mean((PERCENT * (d_pred - d_tgt)).pow(2).mean(-1), weight)
+    return weighted_mean((PERCENT * (d_pred - d_tgt)).pow(2).mean(-1), weight)
 
 
 def mouth_closure_loss(pred, target, weight, neutral=None) -> torch.Tensor:
@@ -130,7 +130,13 @@ def reprojection_loss(pose: torch.Tensor, points: torch.Tensor, origin: torch.Te
     z = (-world[..., 2]).clamp(min=1e-3)  # the camera looks down -z
     uv = torch.stack([world[..., 0], -world[..., 1]], -1) / z[..., None] * focal_px[:, None, None, None]
     err = (PERCENT * (uv - target_px) / iod_px[..., None, None].clamp(min=1.0)).pow(2).sum(-1).mean(-1)
-    return _weighted_mean(err, weight)
+    return weighted_mean(err, weight)
+
+
+def camera_loss(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Squared error of the weak-perspective camera (B, W, 3) against the tracker's, in per
+    cent (log scale and frame heights), on frames with weight (B, W)."""
+    return weighted_mean((PERCENT * (pred - target)).pow(2).sum(-1), weight)
 
 
 def smoothness_loss(x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
@@ -140,4 +146,4 @@ def smoothness_loss(x: torch.Tensor, valid: torch.Tensor | None = None) -> torch
     if valid is None:
         return per.mean()
     v = (valid[:, 2:] & valid[:, 1:-1] & valid[:, :-2]).float()
-    return _weighted_mean(per, v)
+    return weighted_mean(per, v)
