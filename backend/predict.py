@@ -37,8 +37,10 @@ class Prediction:
     """(T, 468, 3) the neutral face with the predicted lower face, posed and projected:
     pixels and MediaPipe-style relative depth, for the fit's data term."""
     lip_offsets: np.ndarray | None
-    """(T, L, 3) the SIREN's offsets of the given lip vertices, metres, head frame; None when
-    no lip positions were given."""
+    """(T, L, 3) the SIREN's offsets of the given lip vertices, metres, in the head frame
+    (after the jaw has moved the lips); None when no lip positions were given. The result
+    contract wants rest-frame offsets added before skinning: the caller undoes each lip
+    vertex's skinning rotation (its blended jaw transform) before the PCA."""
 
 
 @torch.no_grad()
