@@ -1,0 +1,36 @@
+"""The add-on in real Blenders (bpy 5.0.1 and 4.2 LTS from PyPI): registration, import of a
+result from the real pipeline, FBX round trip, retargeting."""
+from __future__ import annotations
+
+import pytest
+
+from addon_util import damaged_copy, demo_clip, real_result, rich_result  # noqa: F401 (fixtures)
+from blender_harness import blender, staged_addon  # noqa: F401 (fixtures)
+
+pytestmark = [pytest.mark.blender, pytest.mark.slow]
+
+CHECK_FRAMES = [0, 13, 29]
+
+
+def test_registers_and_unregisters(blender):
+    info = blender.run("bl_addon.py", "register_cycle")
+    assert info["version"].startswith(blender.version.rsplit(".", 1)[0])
+
+
+def test_import_matches_result_vertices(blender, real_result):
+    report = blender.run("bl_addon.py", "import_and_check", result=str(real_result), frames=CHECK_FRAMES)
+    assert report["action_api"] == ("slotted" if blender.major_minor >= (4, 4) else "Action.fcurves")
+    for t, err, tol in zip(report["frames"], report["max_error_m"], report["tolerance_m"]):
+        assert err <= tol, f"frame {t}: vertices differ by up to {err:.3g} m (tolerance {tol:.3g} m)"
+    assert len(report["animated_properties"]) == 52 + 3
+
+
+def test_import_lip_keys_and_detail_maps(blender, rich_result):
+    report = blender.run("bl_addon.py", "import_rich", result=str(rich_result))
+    assert len(report["lip_keys"]) == 3
+
+
+def test_damaged_result_is_refused_and_leaves_nothing(blender, real_result, tmp_path):
+    bad = damaged_copy(real_result, tmp_path / "cut")
+    report = blender.run("bl_addon.py", "import_refused", result=str(bad), expect="not a readable AVFace result")
+    assert str(bad) in report["message"]
