@@ -34,3 +34,22 @@ def test_damaged_result_is_refused_and_leaves_nothing(blender, real_result, tmp_
     bad = damaged_copy(real_result, tmp_path / "cut")
     report = blender.run("bl_addon.py", "import_refused", result=str(bad), expect="not a readable AVFace result")
     assert str(bad) in report["message"]
+
+
+def test_fbx_round_trip_keeps_shape_key_and_bone_animation(blender, rich_result, tmp_path):
+    report = blender.run("bl_fbx.py", "fbx_round_trip", result=str(rich_result), fbx_path=str(tmp_path / "head.fbx"))
+    assert report["has_displace"], "the head should carry its Displace modifier into the export"
+    assert report["n_keys"][0] == report["n_keys"][1] > 0
+    assert report["key_motion"] > 0.05 and report["vertex_motion_m"] > 1e-3, "the round trip lost the animation"
+    for frame, key_err, bone_err, vert_err in zip(report["frames"], report["key_error"], report["bone_error"],
+                                                  report["vertex_error_m"]):
+        assert key_err < 1e-3, f"frame {frame}: shape-key values differ by {key_err:.3g}"
+        assert bone_err < 1e-4, f"frame {frame}: bone transforms differ by {bone_err:.3g}"
+        assert vert_err < 1e-4, f"frame {frame}: vertices differ by {vert_err:.3g} m"
+
+
+def test_retarget_to_arkit_named_keys(blender, real_result):
+    report = blender.run("bl_fbx.py", "retarget", result=str(real_result))
+    assert report["matched"] == {"eyeBlink_L": "eyeBlinkLeft", "EyeBlinkRight": "eyeBlinkRight", "jawOpen": "jawOpen",
+                                 "EyeClosedLeft": "eyeBlinkLeft", "mouth_smile_left": "mouthSmileLeft"}
+    assert report["unmatched"] == ["myCustomSmirk", "Blink"]
