@@ -55,8 +55,8 @@ PYZMQ_REQUIREMENT = "pyzmq>=26,<28"
 PLATFORMS = {
     "linux-x64": ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64"),
     "windows-x64": ("win_amd64",),
-    "macos-arm64": ("macosx_11_0_arm64",),
-    "macos-x64": ("macosx_10_15_x86_64", "macosx_10_9_x86_64"),
+    "macos-arm64": ("macosx_11_0_arm64", "macosx_11_0_universal2"),
+    "macos-x64": ("macosx_10_15_x86_64", "macosx_10_9_x86_64", "macosx_10_15_universal2"),
 }
 #: cp311: Blender 4.2-5.0; cp313: Blender 5.1.
 PYTHON_VERSIONS = ("3.11", "3.13")
@@ -134,41 +134,41 @@ def check_manifest(manifest: dict, root: Path) -> list[str]:
     for wheel in manifest.get("wheels", []):
         if not (root / wheel).is_file():
             problems.append(f"listed wheel {wheel} is not in the package")
-    if "bl_info" in (root / "__init__.py").read_text():
+    if re.search(r"(?m)^bl_info\s*=", (root / "__init__.py").read_text()):
         problems.append("__init__.py defines bl_info: extensions take their metadata from the manifest only")
     return problems
 
 
 def download_wheels(dest: Path, cache: Path) -> list[Path]:
-    """pyzmq wheels for every platform and Python, unmodified, from the package registry."""
+    """pyzmq wheels for every platform and Python, unmodified, from the package registry.
+
+    Each (platform, Python) pair is downloaded into its own folder, so the wheel pip chose for
+    it is unambiguous (pyzmq ships abi3 wheels for cp312+ and universal2 wheels for macOS, so
+    one file may serve several pairs; it is packed once)."""
     dest.mkdir(parents=True, exist_ok=True)
-    cache.mkdir(parents=True, exist_ok=True)
-    wheels: list[Path] = []
+    wheels: dict[str, Path] = {}
     for platform, tags in PLATFORMS.items():
         for py in PYTHON_VERSIONS:
             abi = "cp" + py.replace(".", "")
+            target = cache / f"{platform}-{abi}"
+            if target.exists():
+                shutil.rmtree(target)
+            target.mkdir(parents=True)
             cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
-                   "--python-version", py, "--implementation", "cp", "--abi", abi,
-                   *(a for t in tags for a in ("--platform", t)), "--dest", str(cache), PYZMQ_REQUIREMENT]
-            before = set(cache.glob("pyzmq-*.whl"))
+                   "--python-version", py, "--implementation", "cp",
+                   *(a for t in tags for a in ("--platform", t)), "--dest", str(target), PYZMQ_REQUIREMENT]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
                 raise BuildError(f"pip could not download pyzmq for {platform} {abi}:\n{proc.stderr[-2000:]}")
-            found = _pick_wheel(cache, abi, tags) or next(iter(set(cache.glob("pyzmq-*.whl")) - before), None)
-            if found is None:
-                raise BuildError(f"no pyzmq wheel for {platform} {abi} in {cache}")
-            shutil.copy2(found, dest / found.name)
-            wheels.append(dest / found.name)
-            log.info("pyzmq for %s %s: %s", platform, abi, found.name)
-    return sorted(set(wheels))
-
-
-def _pick_wheel(cache: Path, abi: str, tags: tuple[str, ...]) -> Path | None:
-    for wheel in sorted(cache.glob("pyzmq-*.whl"), reverse=True):
-        parts = wheel.stem.split("-")
-        if len(parts) >= 5 and parts[-2] in (abi, "abi3") and any(t in parts[-1].split(".") for t in tags):
-            return wheel
-    return None
+            found = sorted(target.glob("pyzmq-*.whl"))
+            if len(found) != 1:
+                raise BuildError(f"expected one pyzmq wheel for {platform} {abi}, pip left {[f.name for f in found]}")
+            wheel = found[0]
+            if wheel.name not in wheels:
+                shutil.copy2(wheel, dest / wheel.name)
+                wheels[wheel.name] = dest / wheel.name
+            log.info("pyzmq for %s %s: %s", platform, abi, wheel.name)
+    return sorted(wheels.values())
 
 
 def write_manifest_wheels(manifest_path: Path, wheels: list[str]) -> None:

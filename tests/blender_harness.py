@@ -91,3 +91,10 @@ def blender(request, staged_addon, tmp_path) -> Blender:
     if not python.exists():
         pytest.skip(f"Blender {version} (bpy=={version}) is not installed in {python.parent.parent}: run `make blender-venvs`")
     return Blender(version, python, staged_addon, tmp_path)
+
+
+def isolated_home(work: Path) -> dict:
+    """Environment that points Blender's user folders (config, extensions) into ``work``."""
+    home = work / "home"
+    (home / ".config").mkdir(parents=True, exist_ok=True)
+    return {"HOME": str(home), "XDG_CONFIG_HOME": str(home / ".config")}
