@@ -6,10 +6,11 @@ from bpy.props import BoolProperty, EnumProperty, FloatProperty, StringProperty
 
 from ._vendor import protocol
 
+#: The stages the backend can be asked for today (the lip and detail stages are not in the
+#: backend yet; their results import when present).
 STAGES = (
-    ("coarse", "Coarse", "Head pose, expression and jaw from video and speech"),
-    ("lips", "Lips", "Audio-conditioned lip refinement (lip shape keys)"),
-    ("detail", "Detail", "Per-frame displacement maps"),
+    ("coarse", "Coarse", "Head pose, expression and jaw from video and speech (always run)"),
+    ("preview", "Preview", "Also render a preview video on the backend"),
 )
 
 
@@ -38,7 +39,7 @@ class AVFACE_AP_preferences(bpy.types.AddonPreferences):
         name="FLAME folder", subtype="DIR_PATH", default="",
         description="Folder with generic_model.pkl or flame2023.pkl and mediapipe_landmark_embedding.npz")
     default_stages: EnumProperty(
-        name="Default stages", items=STAGES, options={"ENUM_FLAG"}, default={"coarse", "lips", "detail"},
+        name="Default stages", items=STAGES, options={"ENUM_FLAG"}, default={"coarse"},
         description="Stages a new reconstruction runs")
 
     def draw(self, context):

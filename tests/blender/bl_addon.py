@@ -2,7 +2,7 @@
 import bpy
 import numpy as np
 
-from bl_common import enable_addon, evaluated_world_vertices, fcurve_values, head_objects
+from bl_common import check_head, enable_addon, evaluated_world_vertices, fcurve_values, head_objects
 
 OPERATORS = ("import_scene.avface_result", "avface.export_fbx", "avface.retarget")
 
@@ -43,49 +43,7 @@ def import_and_check(result, frames):
     scene.render.fps, scene.render.fps_base = 25, 1.0  # the demo clip's rate: one key per scene frame
     out = bpy.ops.import_scene.avface_result(filepath=result)
     assert out == {"FINISHED"}, out
-    head = io_result.read_result(result)
-    mesh_obj, arm_obj = head_objects()
-    mesh = mesh_obj.data
-    assert len(mesh.vertices) == len(head.vertices_neutral)
-    assert len(mesh.polygons) == len(head.faces)
-    loops = np.empty(3 * len(head.faces), np.int32)
-    mesh.loops.foreach_get("vertex_index", loops)
-    assert np.array_equal(loops.reshape(-1, 3), head.faces), "faces differ from the result's"
-    assert mesh.uv_layers.active is not None
-    keys = mesh.shape_keys.key_blocks
-    assert keys[0].name == "Basis"
-    assert [k.name for k in keys[1:]] == list(head.shape_key_names)
-    scene_frames = np.arange(head.n_frames) + 1.0
-    for k, name in enumerate(head.shape_key_names):
-        co = fcurve_values(mesh.shape_keys, f'key_blocks["{name}"].value')
-        assert np.allclose(co[:, 0], scene_frames) and np.allclose(co[:, 1], head.shape_key_values[:, k], atol=1e-6), name
-    for j, bone in enumerate(head.joint_names):
-        co = fcurve_values(arm_obj, f'pose.bones["{bone}"].rotation_quaternion', 0)
-        assert len(co) == head.n_frames
-    animated = []
-    for name in head.arkit_names + tuple(head.confidence):
-        co = fcurve_values(mesh_obj, f'["{name}"]')
-        assert len(co) == head.n_frames, name
-        animated.append(name)
-    occ = fcurve_values(mesh_obj, '["avface_occluded"]')
-    assert np.array_equal(occ[:, 1] > 0.5, head.confidence["avface_occluded"] > 0.5)
-    # the animated property takes the keyed value at a frame
-    bpy.context.scene.frame_set(3)
-    assert abs(mesh_obj["jawOpen"] - head.arkit[2, head.arkit_names.index("jawOpen")]) < 1e-5
-
-    report = {"frames": [], "max_error_m": [], "tolerance_m": [], "n_keys": len(keys) - 1,
-              "action_api": "slotted" if bpy.app.version >= (4, 4, 0) else "Action.fcurves",
-              "animated_properties": animated, "scene_range": [bpy.context.scene.frame_start, bpy.context.scene.frame_end]}
-    expected = io_result.expected_blender_vertices(head, frames)
-    for i, t in enumerate(frames):
-        got = evaluated_world_vertices(mesh_obj, scene_frames[t])
-        stored = head.vertices[t].astype(np.float32)
-        # the result stores float16 vertices: allow their own rounding (half a float16 step) on top
-        f16_half_step = 0.5 * np.spacing(np.abs(stored).astype(np.float16)).astype(np.float64).max()
-        report["frames"].append(int(t))
-        report["max_error_m"].append(float(np.abs(got - expected[i]).max()))
-        report["tolerance_m"].append(1e-4 + f16_half_step)
-    return report
+    return check_head(result, first_frame=1.0, frames=frames)
 
 
 def import_rich(result):

@@ -1,0 +1,191 @@
+"""Reconstruct face against a real backend (started by the pytest side): the operator, the
+job manager's timer loop driven by hand (headless Blender has no event loop), and the
+failure paths. Each check returns what the pytest side asserts on."""
+import os
+import signal
+import time
+
+import bpy
+import numpy as np
+
+from bl_common import check_head, enable_addon
+
+STRIP_START = 10
+DRIVE_TIMEOUT_S = 240
+
+
+def _manager():
+    from avface_blender import reconstruct
+
+    return reconstruct.MANAGER
+
+
+def _setup(address, video, sound=None, timeout_s=2.0, retries=2, autostart=False):
+    enable_addon()
+    prefs = bpy.context.preferences.addons["avface_blender"].preferences
+    prefs.address, prefs.timeout_s, prefs.retries, prefs.autostart = address, timeout_s, retries, autostart
+    scene = bpy.context.scene
+    scene.render.fps, scene.render.fps_base = 25, 1.0
+    ed = scene.sequence_editor_create()
+    strips = ed.strips if hasattr(ed, "strips") else ed.sequences
+    movie = strips.new_movie("clip", video, channel=2, frame_start=STRIP_START)
+    global SOUND_STRIP
+    SOUND_STRIP = False
+    if sound is not None:
+        try:
+            strips.new_sound("speech", sound, channel=1, frame_start=STRIP_START)
+            SOUND_STRIP = True
+        except RuntimeError as e:
+            # the bpy 4.2 wheel is built without Audaspace: no sound strips at all; the job
+            # then takes the video's own audio track
+            if "Audaspace" not in str(e):
+                raise
+    ed.active_strip = movie
+    return movie
+
+
+SOUND_STRIP = False
+
+
+def _counts():
+    return {c: len(getattr(bpy.data, c)) for c in ("objects", "meshes", "armatures", "actions", "images")}
+
+
+def _drive(until, timeout_s=DRIVE_TIMEOUT_S):
+    """What the add-on's timer does, by hand: tick until ``until()`` or no job is active."""
+    manager = _manager()
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        active = manager.tick()
+        if until() or not active:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"jobs still active after {timeout_s} s: {[t.record for t in manager.active()]}")
+
+
+def _record():
+    key = bpy.context.scene.avface.job_key
+    return _manager().jobs[key].record
+
+
+def _reconstruct():
+    out = bpy.ops.avface.reconstruct()
+    assert out == {"FINISHED"}, out
+    return _record()
+
+
+def end_to_end(address, video, sound, frames):
+    _setup(address, video, sound)
+    before = _counts()
+    rec = _reconstruct()
+    stages = []
+
+    def watch():
+        if rec.stage and (not stages or stages[-1] != rec.stage):
+            stages.append(rec.stage)
+        return False
+
+    _drive(watch)
+    assert rec.state == "imported", (rec.state, rec.message)
+    assert _counts()["objects"] == before["objects"] + 2
+    report = check_head(os.path.join(rec.out_dir, "result.npz"), first_frame=STRIP_START, frames=frames)
+    report.update(stages=stages, message=rec.message, job_id=rec.job_id, audio_present=rec.audio_present,
+                  sound_strip=SOUND_STRIP)
+    return report
+
+
+def not_running(address, video, sound):
+    _setup(address, video, sound, timeout_s=1.0, retries=0)
+    before = _counts()
+    rec = _reconstruct()
+    _drive(lambda: False, timeout_s=30)
+    assert rec.state == "failed", (rec.state, rec.message)
+    assert _counts() == before
+    return {"message": rec.message}
+
+
+def no_sound(address, video, frames):
+    _setup(address, video, None)
+    rec = _reconstruct()
+    first_message = rec.message
+    _drive(lambda: False)
+    assert rec.state == "imported", (rec.state, rec.message)
+    report = check_head(os.path.join(rec.out_dir, "result.npz"), first_frame=STRIP_START, frames=frames)
+    report.update(first_message=first_message, message=rec.message, audio_present=rec.audio_present)
+    return report
+
+
+def cancel(address, video, sound):
+    from avface_blender._vendor.client import Client
+
+    _setup(address, video, sound)
+    before = _counts()
+    rec = _reconstruct()
+    _drive(lambda: rec.state == "running" and rec.stage not in ("", "probe"))
+    assert rec.state == "running", (rec.state, rec.message)
+    assert bpy.ops.avface.cancel() == {"FINISHED"}
+    _drive(lambda: False, timeout_s=60)
+    assert rec.state == "cancelled", (rec.state, rec.message)
+    assert _counts() == before
+    with Client(address, timeout_s=5.0) as client:
+        server_state = client.status(rec.job_id)["state"]
+    return {"message": rec.message, "server_state": server_state}
+
+
+def backend_dies(address, video, sound, server_pid):
+    _setup(address, video, sound, timeout_s=1.0, retries=1)
+    before = _counts()
+    rec = _reconstruct()
+    _drive(lambda: rec.state == "running" and rec.stage not in ("", "probe"))
+    os.kill(server_pid, signal.SIGKILL)
+    _drive(lambda: False, timeout_s=60)
+    assert rec.state == "failed", (rec.state, rec.message)
+    assert _counts() == before
+    return {"message": rec.message, "job_id": rec.job_id}
+
+
+def start_and_quit(address, video, sound):
+    """Session one: start a job and quit while it runs."""
+    _setup(address, video, sound)
+    rec = _reconstruct()
+    _drive(lambda: rec.job_id is not None and rec.state == "running")
+    assert rec.job_id is not None
+    return {"job_id": rec.job_id, "key": rec.key}
+
+
+def fetch_earlier(address, key, frames):
+    """Session two: the job appears in the panel's list and can be fetched and imported."""
+    enable_addon()
+    prefs = bpy.context.preferences.addons["avface_blender"].preferences
+    prefs.address = address
+    scene = bpy.context.scene
+    scene.render.fps, scene.render.fps_base = 25, 1.0
+    manager = _manager()
+    assert key in manager.jobs, list(manager.jobs)
+    rec = manager.jobs[key].record
+    assert rec.state == "detached", rec.state
+    assert bpy.ops.avface.fetch(key=key) == {"FINISHED"}
+    _drive(lambda: False)
+    assert rec.state == "imported", (rec.state, rec.message)
+    return check_head(os.path.join(rec.out_dir, "result.npz"), first_frame=rec.first_frame, frames=frames)
+
+
+def fetch_corrupt(address, job_id, video):
+    """A job whose result on the backend is damaged: a readable failure and nothing built."""
+    from avface_blender import reconstruct
+
+    enable_addon()
+    prefs = bpy.context.preferences.addons["avface_blender"].preferences
+    prefs.address, prefs.timeout_s = address, 2.0
+    manager = _manager()
+    out = reconstruct.user_dir() / "results" / job_id
+    manager.jobs[job_id] = reconstruct.Tracked(reconstruct.JobRecord(
+        key=job_id, address=address, video=video, scene=bpy.context.scene.name, blend=bpy.data.filepath,
+        first_frame=1.0, out_dir=str(out), job_id=job_id, state="detached"))
+    before = _counts()
+    assert bpy.ops.avface.fetch(key=job_id) == {"FINISHED"}
+    rec = manager.jobs[job_id].record
+    _drive(lambda: False, timeout_s=60)
+    assert rec.state == "failed", (rec.state, rec.message)
+    assert _counts() == before
+    return {"message": rec.message}
