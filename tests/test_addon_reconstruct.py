@@ -131,3 +131,18 @@ def test_corrupt_result_is_reported_and_nothing_built(blender, server, media, co
     report = blender.run("bl_reconstruct.py", "fetch_corrupt", env=isolated_home(tmp_path), address=server.address,
                          job_id=corrupt_job, video=media["video"])
     assert "cannot be imported" in report["message"] and "not a readable AVFace result" in report["message"]
+
+
+def test_job_that_hangs_times_out_on_the_backend(blender, tmp_path):
+    from service_util import fake_clip
+
+    work = tmp_path / "hang"
+    work.mkdir()
+    hanging = ServerProcess(work, fake=True, args=("--hang-timeout-s", "1")).start()
+    try:
+        clip = fake_clip(work / "in", stages=["decode"], hang_s=120)
+        report = blender.run("bl_reconstruct.py", "backend_timeout", env=isolated_home(tmp_path),
+                             address=hanging.address, video=str(clip))
+    finally:
+        hanging.stop()
+    assert "job_timeout" in report["message"] and "no progress" in report["message"]

@@ -189,3 +189,26 @@ def fetch_corrupt(address, job_id, video):
     assert rec.state == "failed", (rec.state, rec.message)
     assert _counts() == before
     return {"message": rec.message}
+
+
+def backend_timeout(address, video):
+    """A job that hangs on the backend: the server stops it (job_timeout) and the add-on says so.
+    The fake pipeline's "video" is a JSON spec, which no movie strip can hold, so the job is
+    started through the job manager the operator uses."""
+    from pathlib import Path
+
+    _setup_prefs(address)
+    before = _counts()
+    tracked = _manager().start(bpy.context, video=Path(video), audio=None, has_sound=True, options={},
+                               first_frame=1.0)
+    rec = tracked.record
+    _drive(lambda: False, timeout_s=60)
+    assert rec.state == "failed", (rec.state, rec.message)
+    assert _counts() == before
+    return {"message": rec.message}
+
+
+def _setup_prefs(address):
+    enable_addon()
+    prefs = bpy.context.preferences.addons["avface_blender"].preferences
+    prefs.address, prefs.timeout_s, prefs.retries = address, 2.0, 2
