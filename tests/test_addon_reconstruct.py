@@ -146,3 +146,35 @@ def test_job_that_hangs_times_out_on_the_backend(blender, tmp_path):
     finally:
         hanging.stop()
     assert "job_timeout" in report["message"] and "no progress" in report["message"]
+
+
+def test_autostart_starts_a_local_backend(blender, media, tmp_path):
+    import os
+    import signal
+    import socket
+    import sys
+
+    from service_util import pid_gone, wait_for
+
+    with socket.socket() as s:  # a free loopback port
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    report = None
+    try:
+        report = blender.run("bl_reconstruct.py", "autostart", env=isolated_home(tmp_path),
+                             address=f"tcp://127.0.0.1:{port}", video=media["video"], sound=media["wav"],
+                             executable=sys.executable)
+        assert report["message"].startswith("Imported")
+    finally:
+        pid = (report or {}).get("pid")
+        if pid is None:  # the check failed before returning the pid: find the backend by its port
+            for d in os.listdir("/proc"):
+                try:
+                    cmd = open(f"/proc/{d}/cmdline", "rb").read()
+                except OSError:
+                    continue
+                if b"serve" in cmd and f"127.0.0.1:{port}".encode() in cmd:
+                    pid = int(d)
+        if pid is not None:
+            os.kill(pid, signal.SIGTERM)
+            wait_for(lambda: pid_gone(pid), timeout_s=20, what="the autostarted backend to stop")

@@ -212,3 +212,18 @@ def _setup_prefs(address):
     enable_addon()
     prefs = bpy.context.preferences.addons["avface_blender"].preferences
     prefs.address, prefs.timeout_s, prefs.retries = address, 2.0, 2
+
+
+def autostart(address, video, sound, executable):
+    """No backend at the address and autostart on: the add-on starts `python -m avface serve`
+    there and the job runs through it. Returns the backend's pid for the caller to stop."""
+    _setup(address, video, sound, timeout_s=2.0, retries=2, autostart=True)
+    prefs = bpy.context.preferences.addons["avface_blender"].preferences
+    prefs.executable, prefs.start_timeout_s = executable, 120.0
+    rec = _reconstruct()
+    tracked = _manager().jobs[rec.key]
+    _drive(lambda: False)
+    pid = tracked.server.pid if tracked.server is not None else None
+    assert rec.state == "imported", (rec.state, rec.message)
+    assert pid is not None, "the add-on did not start a backend"
+    return {"pid": pid, "message": rec.message}
