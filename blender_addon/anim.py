@@ -40,10 +40,9 @@ class Channels:
             anim.action = self.action
 
     def curve(self, data_path: str, frames: np.ndarray, values: np.ndarray, *, index: int = 0,
-              group: str = "", interpolation: str = "BEZIER"):
+              interpolation: str = "BEZIER"):
         """One F-curve keyed at ``frames`` (T,) with ``values`` (T,), in bulk."""
-        fc = self.fcurves.new(data_path, index=index, action_group=group) if group else \
-            self.fcurves.new(data_path, index=index)
+        fc = self.fcurves.new(data_path, index=index)
         n = len(frames)
         co = np.empty((n, 2), np.float32)
         co[:, 0] = frames

@@ -125,9 +125,9 @@ def _joint_pose(name: str, index: int, arrays: dict) -> np.ndarray:
         return arrays["neck"]
     if "jaw" in low:
         return arrays["jaw"]
-    if "eye" in low and ("left" in low or low.startswith("l")):
+    if "eye" in low and "left" in low:
         return arrays["eyes"][:, :3]
-    if "eye" in low and ("right" in low or low.startswith("r")):
+    if "eye" in low and "right" in low:
         return arrays["eyes"][:, 3:]
     raise ResultError(f"joint {name!r} has no pose array in the result contract")
 

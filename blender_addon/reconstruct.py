@@ -94,9 +94,12 @@ def strip_inputs(scene, movie) -> dict:
         sound_path = Path(bpy.path.abspath(sound.sound.filepath)).resolve()
         if sound_path != video:
             audio = sound_path
-    # the strip shows source frames [offset_start, frame_duration - offset_end)
-    start = int(movie.frame_offset_start)
-    end = int(movie.frame_duration - movie.frame_offset_end)
+    # The strip shows source frames [offset_start, frame_duration - offset_end); the offsets
+    # count scene frames, so a movie at another rate converts them to its own frames.
+    scene_fps = scene.render.fps / scene.render.fps_base
+    to_source = (getattr(movie, "fps", 0.0) or scene_fps) / scene_fps
+    start = int(round(movie.frame_offset_start * to_source))
+    end = int(round((movie.frame_final_duration + movie.frame_offset_start) * to_source))
     return {"video": video, "audio": audio, "has_sound": sound is not None, "frame_start": start,
             "frame_end": end, "first_frame": float(movie.frame_start)}
 
@@ -303,8 +306,9 @@ class JobManager:
             return
         collection = scene.avface.collection
         try:
+            # the strip already sits in the scene's range: leave the editor's frame range alone
             head = importer.import_result(context, Path(rec.out_dir) / "result.npz", first_frame=rec.first_frame,
-                                          collection=collection, name=Path(rec.video).stem)
+                                          collection=collection, name=Path(rec.video).stem, set_frame_range=False)
         except io_result.ResultError as e:
             self._finish(t, "failed", f"The backend's result cannot be imported: {e}")
             return

@@ -19,6 +19,7 @@ from service_util import ServerProcess
 pytestmark = [pytest.mark.blender, pytest.mark.slow]
 
 CHECK_FRAMES = [0, 13, 29]
+TRIM_START = 5
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +53,11 @@ def _assert_vertices(report):
 
 def test_end_to_end_from_a_movie_strip(blender, server, media, tmp_path):
     report = blender.run("bl_reconstruct.py", "end_to_end", env=isolated_home(tmp_path), address=server.address,
-                         video=media["video"], sound=media["wav"], frames=CHECK_FRAMES)
+                         video=media["video"], sound=media["wav"], frames=[0, 10, 29 - TRIM_START], trim_start=TRIM_START)
     _assert_vertices(report)
+    # source frame TRIM_START is the strip's first visible frame, at scene frame 10 + TRIM_START
+    assert report["first_key_frame"] == 10 + TRIM_START
+    assert report["n_frames"] == 30 - TRIM_START
     assert report["audio_present"] is True and "video only" not in report["message"]
     # progress reached the panel stage by stage (each tick sees the latest; a cached stage may pass unseen)
     assert "fit" in report["stages"] and len(report["stages"]) >= 3, report["stages"]

@@ -88,7 +88,7 @@ def check_head(result, first_frame, frames):
     bpy.context.scene.frame_set(int(scene_frames[2]))
     assert abs(mesh_obj["jawOpen"] - head.arkit[2, head.arkit_names.index("jawOpen")]) < 1e-5
 
-    report = {"frames": [], "max_error_m": [], "tolerance_m": [], "n_keys": len(keys) - 1,
+    report = {"frames": [], "n_frames": head.n_frames, "max_error_m": [], "tolerance_m": [], "n_keys": len(keys) - 1,
               "action_api": "slotted" if bpy.app.version >= (4, 4, 0) else "Action.fcurves",
               "animated_properties": animated, "scene_range": [bpy.context.scene.frame_start, bpy.context.scene.frame_end]}
     expected = io_result.expected_blender_vertices(head, frames)

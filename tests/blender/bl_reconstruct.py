@@ -74,8 +74,10 @@ def _reconstruct():
     return _record()
 
 
-def end_to_end(address, video, sound, frames):
-    _setup(address, video, sound)
+def end_to_end(address, video, sound, frames, trim_start=0):
+    movie = _setup(address, video, sound)
+    # a trimmed strip: only the frames it shows are reconstructed, and they land where it shows them
+    movie.frame_offset_start = trim_start
     before = _counts()
     rec = _reconstruct()
     stages = []
@@ -90,8 +92,15 @@ def end_to_end(address, video, sound, frames):
     assert _counts()["objects"] == before["objects"] + 2
     report = check_head(os.path.join(rec.out_dir, "result.npz"), first_frame=STRIP_START, frames=frames)
     report.update(stages=stages, message=rec.message, job_id=rec.job_id, audio_present=rec.audio_present,
-                  sound_strip=SOUND_STRIP)
+                  sound_strip=SOUND_STRIP, first_key_frame=float(_first_key(rec)))
     return report
+
+
+def _first_key(rec):
+    from bl_common import fcurve_values, head_objects
+
+    mesh_obj, _ = head_objects()
+    return fcurve_values(mesh_obj, '["jawOpen"]')[0, 0]
 
 
 def not_running(address, video, sound):
