@@ -92,3 +92,64 @@ def copy_result(src: Path, dest_dir: Path) -> Path:
 def result_meta(path: Path) -> dict:
     with np.load(path) as z:
         return json.loads(str(z["meta"]))
+
+
+FLAME_JOINTS = ("global", "neck", "jaw", "left_eye", "right_eye")
+FLAME_PARENTS = (-1, 0, 1, 1, 1)
+
+
+@pytest.fixture(scope="session")
+def flame_like_result(tmp_path_factory) -> Path:
+    """A result with FLAME's five joints (global, neck, jaw, eyes), whose ``vertices`` are made
+    by the backend's own linear blend skinning (``avface.models.lbs``) from random poses,
+    expressions and weights: the armature chain of the importer is checked against the
+    model's maths. No pose correctives: the contract carries none."""
+    import torch
+
+    from avface.arkit import ARKIT_NAMES
+    from avface.geometry import WORLD_TO_CAMERA
+    from avface.models.lbs import lbs
+    from avface.result import write_result
+
+    rng = np.random.default_rng(5)
+    t, side, e = 10, 12, 4
+    u, v = np.meshgrid(np.linspace(-1, 1, side), np.linspace(-1, 1, side))
+    verts = np.stack([u.ravel() * 0.08, v.ravel() * 0.1, 0.05 * np.cos(u.ravel() * 1.5)], 1).astype(np.float32)
+    faces = np.array([(r * side + c, r * side + c + 1, (r + 1) * side + c + 1) for r in range(side - 1)
+                      for c in range(side - 1)] + [(r * side + c, (r + 1) * side + c + 1, (r + 1) * side + c)
+                                                  for r in range(side - 1) for c in range(side - 1)], np.int32)
+    n = len(verts)
+    joints = np.array([[0, 0, -0.02], [0, -0.06, -0.03], [0, -0.03, 0.0], [0.03, 0.03, 0.03], [-0.03, 0.03, 0.03]],
+                      np.float32)
+    weights = rng.random((n, 5)) ** 3
+    weights /= weights.sum(1, keepdims=True)
+    basis = (rng.standard_normal((e, n, 3)) * 2e-3).astype(np.float32)
+    expr = rng.standard_normal((t, e)).astype(np.float32)
+    pose = (rng.standard_normal((t, 5, 3)) * 0.2).astype(np.float32)
+    transl = np.array([0.01, -0.02, -0.5], np.float32) + (rng.standard_normal((t, 3)) * 0.01).astype(np.float32)
+    shaped = torch.as_tensor(verts + np.einsum("te,evk->tvk", expr, basis))
+    world, _ = lbs(shaped, torch.as_tensor(pose), None, torch.as_tensor(FLAME_PARENTS), torch.as_tensor(weights,
+                   dtype=torch.float32), joints=torch.as_tensor(joints).expand(t, -1, -1))
+    world = world.numpy() + transl[:, None]
+    ext = np.eye(4, dtype=np.float32)
+    ext[:3, :3] = WORLD_TO_CAMERA
+    cam = world @ ext[:3, :3].T
+    lips = np.arange(5, dtype=np.int32)
+    arrays = {
+        "vertices_neutral": verts, "faces": faces, "uv": (verts[:, :2] * 5 + 0.5).astype(np.float32),
+        "uv_faces": faces.copy(), "shape": np.zeros(10, np.float32), "expression_basis": basis, "expression": expr,
+        "global_rot": pose[:, 0], "transl": transl, "neck": pose[:, 1], "jaw": pose[:, 2],
+        "eyes": np.concatenate([pose[:, 3], pose[:, 4]], 1),
+        "joint_names": np.asarray(FLAME_JOINTS), "joint_parents": np.asarray(FLAME_PARENTS, np.int32),
+        "joints_rest": joints, "skin_weights": weights.astype(np.float32), "intrinsics": np.eye(3, dtype=np.float32),
+        "extrinsics": np.tile(ext, (t, 1, 1)), "lip_vertex_ids": lips,
+        "lip_basis": np.zeros((0, 5, 3), np.float32), "lip_coeffs": np.zeros((t, 0), np.float32),
+        "arkit_names": np.asarray(ARKIT_NAMES), "arkit": rng.random((t, 52)).astype(np.float32),
+        "visual_conf": np.ones(t, np.float32), "occluded": np.zeros(t, bool), "speech_activity": np.zeros(t, np.float32),
+        "vertices": cam.astype(np.float32),
+    }
+    meta = {"schema_version": 1, "model": "flame2020", "fps": 25.0, "n_frames": t, "width": 256, "height": 256,
+            "source": {"path": "synthetic", "frame_start": 0, "frame_end": t}, "audio_present": False,
+            "stages_run": ["export"], "stage_seconds": {}, "backend_version": "test", "lip_pca_residual": 0.0,
+            "detail": {"n_maps": 0, "folder": "detail", "map_size": 0, "metres_per_unit": 0.0, "format": "png16"}}
+    return write_result(tmp_path_factory.mktemp("addon-flame") / "result.npz", arrays, meta)

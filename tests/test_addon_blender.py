@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from addon_util import damaged_copy, demo_clip, real_result, rich_result  # noqa: F401 (fixtures)
+from addon_util import damaged_copy, demo_clip, flame_like_result, real_result, rich_result  # noqa: F401 (fixtures)
 from blender_harness import blender, staged_addon  # noqa: F401 (fixtures)
 
 pytestmark = [pytest.mark.blender, pytest.mark.slow]
@@ -53,3 +53,9 @@ def test_retarget_to_arkit_named_keys(blender, real_result):
     assert report["matched"] == {"eyeBlink_L": "eyeBlinkLeft", "EyeBlinkRight": "eyeBlinkRight", "jawOpen": "jawOpen",
                                  "EyeClosedLeft": "eyeBlinkLeft", "mouth_smile_left": "mouthSmileLeft"}
     assert report["unmatched"] == ["myCustomSmirk", "Blink"]
+
+
+def test_flame_joints_become_a_keyed_armature(blender, flame_like_result):
+    report = blender.run("bl_addon.py", "flame_armature", result=str(flame_like_result), frames=[0, 4, 9])
+    for t, err, tol in zip(report["frames"], report["max_error_m"], report["tolerance_m"]):
+        assert err <= tol, f"frame {t}: vertices differ by up to {err:.3g} m (tolerance {tol:.3g} m)"

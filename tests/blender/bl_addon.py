@@ -99,3 +99,24 @@ def import_refused(result, expect):
     assert after == before, (before, after)
     assert expect in message, message
     return {"message": message}
+
+
+def flame_armature(result, frames):
+    """FLAME's five joints become bones with FLAME's parents, each keyed per frame, and the
+    skinned, posed mesh matches vertices made by the backend's own skinning."""
+    from avface_blender import io_result
+
+    report = import_and_check(result, frames)
+    head = io_result.read_result(result)
+    mesh_obj, arm_obj = head_objects()
+    bones = arm_obj.data.bones
+    assert [b.name for b in bones] == list(head.joint_names), [b.name for b in bones]
+    parents = {b.name: (b.parent.name if b.parent else None) for b in bones}
+    assert parents == {"global": None, "neck": "global", "jaw": "neck", "left_eye": "neck", "right_eye": "neck"}, parents
+    assert sorted(g.name for g in mesh_obj.vertex_groups) == sorted(head.joint_names)
+    for bone in head.joint_names:
+        for i in range(4):
+            co = fcurve_values(arm_obj, f'pose.bones["{bone}"].rotation_quaternion', i)
+            assert len(co) == head.n_frames
+    report["bones"] = parents
+    return report
