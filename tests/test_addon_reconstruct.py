@@ -182,3 +182,8 @@ def test_autostart_starts_a_local_backend(blender, media, tmp_path):
         if pid is not None:
             os.kill(pid, signal.SIGTERM)
             wait_for(lambda: pid_gone(pid), timeout_s=20, what="the autostarted backend to stop")
+
+
+def test_remote_backend_needs_online_access(blender, media, tmp_path):
+    report = blender.run("bl_reconstruct.py", "online_access_refused", env=isolated_home(tmp_path), video=media["video"])
+    assert "online access is off" in report["message"] and report["jobs"] == 0

@@ -236,3 +236,15 @@ def autostart(address, video, sound, executable):
     assert rec.state == "imported", (rec.state, rec.message)
     assert pid is not None, "the add-on did not start a backend"
     return {"pid": pid, "message": rec.message}
+
+
+def online_access_refused(video):
+    """A backend on another machine while Blender's online access is off: refused before any
+    connection, with what to do."""
+    assert not bpy.app.online_access, "this check needs Blender's online access off (the bpy default)"
+    _setup("tcp://192.0.2.1:5555", video)
+    try:
+        bpy.ops.avface.reconstruct()
+    except RuntimeError as e:  # an ERROR report surfaces as RuntimeError in background mode
+        return {"message": str(e), "jobs": len(_manager().jobs)}
+    raise AssertionError("the operator connected to a remote backend with online access off")
