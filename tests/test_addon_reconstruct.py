@@ -58,6 +58,11 @@ def test_end_to_end_from_a_movie_strip(blender, server, media, tmp_path):
     # source frame TRIM_START is the strip's first visible frame, at scene frame 10 + TRIM_START
     assert report["first_key_frame"] == 10 + TRIM_START
     assert report["n_frames"] == 30 - TRIM_START
+    # the panel (drawn into a recording layout) shows the strip, then progress and Cancel, then the outcome
+    panel = report["panel"]
+    assert "Strip: clip" in panel["before"] and "(avface.reconstruct)" in panel["before"]
+    assert any(line.startswith("<") for line in panel["running"]) and "(avface.cancel)" in panel["running"]
+    assert any(line.startswith("Imported") for line in panel["after"]), panel["after"]
     assert report["audio_present"] is True and "video only" not in report["message"]
     # progress reached the panel stage by stage (each tick sees the latest; a cached stage may pass unseen)
     assert "fit" in report["stages"] and len(report["stages"]) >= 3, report["stages"]

@@ -104,3 +104,47 @@ def check_head(result, first_frame, frames):
     return report
 
 
+
+
+class RecordingLayout:
+    """Stands in for a UI layout (headless Blender has none) so that panel draw code runs
+    for real: it checks that every drawn property and operator exists and records the text."""
+
+    def __init__(self, lines=None):
+        self.lines = [] if lines is None else lines
+        self.enabled = True
+
+    def _child(self, *args, **kwargs):
+        return RecordingLayout(self.lines)
+
+    row = column = box = split = _child
+
+    def label(self, *, text="", icon="NONE"):
+        self.lines.append(text)
+
+    def prop(self, data, name, **kwargs):
+        assert name in data.bl_rna.properties, f"{type(data).__name__} has no property {name!r}"
+        self.lines.append(f"[{name}]")
+
+    def progress(self, *, factor=0.0, type="BAR", text=""):
+        assert 0.0 <= factor <= 1.0, factor
+        self.lines.append(f"<{text}>")
+
+    def operator(self, idname, **kwargs):
+        module, name = idname.split(".")
+        assert hasattr(bpy.types, f"{module.upper()}_OT_{name}"), f"no operator {idname}"
+        self.lines.append(f"({idname})")
+
+        class Props:
+            pass
+
+        return Props()
+
+
+def draw_panels():
+    """Draw both AVFace panels' contents into a RecordingLayout; returns the lines."""
+    from avface_blender import reconstruct
+
+    layout = RecordingLayout()
+    reconstruct.draw_panel(layout, bpy.context)
+    return layout.lines

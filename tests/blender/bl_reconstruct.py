@@ -8,7 +8,7 @@ import time
 import bpy
 import numpy as np
 
-from bl_common import check_head, enable_addon
+from bl_common import check_head, draw_panels, enable_addon
 
 STRIP_START = 10
 DRIVE_TIMEOUT_S = 240
@@ -79,12 +79,14 @@ def end_to_end(address, video, sound, frames, trim_start=0):
     # a trimmed strip: only the frames it shows are reconstructed, and they land where it shows them
     movie.frame_offset_start = trim_start
     before = _counts()
+    panel = {"before": draw_panels()}
     rec = _reconstruct()
     stages = []
 
     def watch():
         if rec.stage and (not stages or stages[-1] != rec.stage):
             stages.append(rec.stage)
+            panel.setdefault("running", draw_panels())
         return False
 
     _drive(watch)
@@ -93,6 +95,8 @@ def end_to_end(address, video, sound, frames, trim_start=0):
     report = check_head(os.path.join(rec.out_dir, "result.npz"), first_frame=STRIP_START, frames=frames)
     report.update(stages=stages, message=rec.message, job_id=rec.job_id, audio_present=rec.audio_present,
                   sound_strip=SOUND_STRIP, first_key_frame=float(_first_key(rec)))
+    panel["after"] = draw_panels()
+    report["panel"] = panel
     return report
 
 
@@ -173,6 +177,8 @@ def fetch_earlier(address, key, frames):
     assert key in manager.jobs, list(manager.jobs)
     rec = manager.jobs[key].record
     assert rec.state == "detached", rec.state
+    listed = draw_panels()
+    assert "Jobs from earlier sessions" in listed and "(avface.fetch)" in listed, listed
     assert bpy.ops.avface.fetch(key=key) == {"FINISHED"}
     _drive(lambda: False)
     assert rec.state == "imported", (rec.state, rec.message)
