@@ -106,6 +106,7 @@ def _build(context, head: io_result.HeadData, frames: np.ndarray, created: _Crea
     mesh_obj.matrix_parent_inverse.identity()
     _skin(head, mesh_obj, arm_obj)
     _shape_keys(head, mesh_obj)
+    _correctives(head, mesh_obj, arm_obj)
     _animate(head, frames, mesh_obj, arm_obj, created)
     if head.detail is not None:
         _detail(head, frames, mesh_obj, created, name)
@@ -196,6 +197,26 @@ def _shape_keys(head, mesh_obj):
     key = mesh_obj.data.shape_keys
     key.use_relative = True
     key.name = f"{mesh_obj.name} keys"
+
+
+def _correctives(head, mesh_obj, arm_obj):
+    """Pose correctives as shape keys driven by the bones: each key's value is one entry of
+    (R - I) of its joint's rotation, computed from the bone's quaternion, so the correction
+    follows the bones however an animator poses them."""
+    for corr in head.correctives:
+        kb = mesh_obj.shape_key_add(name=corr.name, from_mix=False)
+        kb.data.foreach_set("co", (head.vertices_neutral + corr.offsets).ravel())
+        kb.slider_min, kb.slider_max = -2.0, 2.0  # entries of R - I lie in [-2, 2]
+        driver = kb.driver_add("value").driver
+        driver.type = "SCRIPTED"
+        for i, name in enumerate("wxyz"):
+            var = driver.variables.new()
+            var.name = name
+            var.type = "SINGLE_PROP"
+            var.targets[0].id_type = "OBJECT"
+            var.targets[0].id = arm_obj
+            var.targets[0].data_path = f'pose.bones["{corr.joint}"].rotation_quaternion[{i}]'
+        driver.expression = corr.expression
 
 
 def _animate(head, frames, mesh_obj, arm_obj, created):

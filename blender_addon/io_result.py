@@ -113,6 +113,35 @@ class HeadData:
     """(T, V, 3) the result's posed vertices in the camera frame, when stored."""
     extrinsics: np.ndarray
     """(T, 4, 4) world-to-camera."""
+    correctives: tuple = ()
+    """Pose correctives (FLAME): one :class:`Corrective` per entry of the pose feature."""
+
+
+@dataclass(frozen=True)
+class Corrective:
+    """A pose-corrective shape key, driven by one entry (R - I)[row, col] of ``joint``'s
+    local rotation matrix (from its bone's quaternion)."""
+
+    name: str
+    joint: str
+    row: int
+    col: int
+    offsets: np.ndarray
+    """(V, 3) per unit of the entry."""
+
+    @property
+    def expression(self) -> str:
+        """The driver expression in the bone's quaternion components w, x, y, z (a simple
+        expression: Blender evaluates it without Python)."""
+        return ROTATION_MINUS_IDENTITY[self.row][self.col]
+
+
+#: (R - I)[r][c] of the rotation of the unit quaternion (w, x, y, z).
+ROTATION_MINUS_IDENTITY = (
+    ("-2*(y*y + z*z)", "2*(x*y - w*z)", "2*(x*z + w*y)"),
+    ("2*(x*y + w*z)", "-2*(x*x + z*z)", "2*(y*z - w*x)"),
+    ("2*(x*z - w*y)", "2*(y*z + w*x)", "-2*(x*x + y*y)"),
+)
 
 
 def _joint_pose(name: str, index: int, arrays: dict) -> np.ndarray:
@@ -305,7 +334,24 @@ def read_result(path: str | Path) -> HeadData:
         object_matrix=matrix,
         vertices=a.get("vertices"),
         extrinsics=np.asarray(a["extrinsics"], np.float64),
+        correctives=_correctives(path, a, joint_names),
     )
+
+
+def _correctives(path: Path, a: dict, joint_names: tuple[str, ...]) -> tuple:
+    if "pose_correctives" not in a:
+        return ()
+    pc = np.asarray(a["pose_correctives"], np.float32)
+    v = a["vertices_neutral"].shape[0]
+    if pc.shape != (9 * (len(joint_names) - 1), v, 3):
+        raise ResultError(f"{path}: pose_correctives has shape {pc.shape}, expected "
+                          f"({9 * (len(joint_names) - 1)}, {v}, 3) for {len(joint_names)} joints")
+    out = []
+    for j, joint in enumerate(joint_names[1:]):
+        for r in range(3):
+            for c in range(3):
+                out.append(Corrective(f"pose_{joint}_{r}{c}", joint, r, c, pc[9 * j + 3 * r + c]))
+    return tuple(out)
 
 
 def expected_blender_vertices(head: HeadData, frames: np.ndarray | None = None) -> np.ndarray:

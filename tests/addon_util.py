@@ -103,7 +103,7 @@ def flame_like_result(tmp_path_factory) -> Path:
     """A result with FLAME's five joints (global, neck, jaw, eyes), whose ``vertices`` are made
     by the backend's own linear blend skinning (``avface.models.lbs``) from random poses,
     expressions and weights: the armature chain of the importer is checked against the
-    model's maths. No pose correctives: the contract carries none."""
+    model's maths, pose correctives (random, a few mm per unit) included."""
     import torch
 
     from avface.arkit import ARKIT_NAMES
@@ -127,9 +127,11 @@ def flame_like_result(tmp_path_factory) -> Path:
     expr = rng.standard_normal((t, e)).astype(np.float32)
     pose = (rng.standard_normal((t, 5, 3)) * 0.2).astype(np.float32)
     transl = np.array([0.01, -0.02, -0.5], np.float32) + (rng.standard_normal((t, 3)) * 0.01).astype(np.float32)
+    correctives = (rng.standard_normal((36, n, 3)) * 5e-3).astype(np.float32)
     shaped = torch.as_tensor(verts + np.einsum("te,evk->tvk", expr, basis))
     world, _ = lbs(shaped, torch.as_tensor(pose), None, torch.as_tensor(FLAME_PARENTS), torch.as_tensor(weights,
-                   dtype=torch.float32), joints=torch.as_tensor(joints).expand(t, -1, -1))
+                   dtype=torch.float32), posedirs=torch.as_tensor(correctives.reshape(36, n * 3)),
+                   joints=torch.as_tensor(joints).expand(t, -1, -1))
     world = world.numpy() + transl[:, None]
     ext = np.eye(4, dtype=np.float32)
     ext[:3, :3] = WORLD_TO_CAMERA
@@ -147,6 +149,7 @@ def flame_like_result(tmp_path_factory) -> Path:
         "arkit_names": np.asarray(ARKIT_NAMES), "arkit": rng.random((t, 52)).astype(np.float32),
         "visual_conf": np.ones(t, np.float32), "occluded": np.zeros(t, bool), "speech_activity": np.zeros(t, np.float32),
         "vertices": cam.astype(np.float32),
+        "pose_correctives": correctives,
     }
     meta = {"schema_version": 1, "model": "flame2020", "fps": 25.0, "n_frames": t, "width": 256, "height": 256,
             "source": {"path": "synthetic", "frame_start": 0, "frame_end": t}, "audio_present": False,

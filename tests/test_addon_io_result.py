@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from addon_util import addon_module, damaged_copy, demo_clip, real_result, rich_result  # noqa: F401 (fixtures)
+from addon_util import addon_module, damaged_copy, demo_clip, flame_like_result, real_result, rich_result  # noqa: F401 (fixtures)
 from conftest import assert_close
 
 io_result = addon_module("io_result")
@@ -113,3 +113,22 @@ def test_arkit_names_are_the_backends():
     from avface.arkit import ARKIT_NAMES
 
     assert arkit_match.ARKIT_NAMES == tuple(ARKIT_NAMES)
+
+
+def test_corrective_driver_expressions_are_rotation_minus_identity():
+    from scipy.spatial.transform import Rotation
+
+    rotvec = np.array([0.3, -0.5, 0.2])
+    w, x, y, z = io_result.axis_angle_to_quaternion(rotvec)
+    got = np.array([[eval(e, {}, {"w": w, "x": x, "y": y, "z": z}) for e in row]  # noqa: S307 (our own constants)
+                    for row in io_result.ROTATION_MINUS_IDENTITY])
+    assert_close(got, Rotation.from_rotvec(rotvec).as_matrix() - np.eye(3), atol=1e-12, what="(R - I) from w, x, y, z")
+
+
+def test_flame_correctives_are_read_per_joint_entry(flame_like_result):
+    head = io_result.read_result(flame_like_result)
+    z = np.load(flame_like_result)
+    assert len(head.correctives) == 36
+    jaw_12 = next(c for c in head.correctives if c.name == "pose_jaw_12")
+    # jaw is joint 2, so its entries start at 9 * (2 - 1)
+    assert_close(jaw_12.offsets, z["pose_correctives"][9 + 3 * 1 + 2], what="jaw (1, 2) corrective")

@@ -118,5 +118,12 @@ def flame_armature(result, frames):
         for i in range(4):
             co = fcurve_values(arm_obj, f'pose.bones["{bone}"].rotation_quaternion', i)
             assert len(co) == head.n_frames
+    # 36 correctives, each driven by its bone's quaternion
+    correctives = [k for k in mesh_obj.data.shape_keys.key_blocks if k.name.startswith("pose_")]
+    assert len(correctives) == 36, len(correctives)
+    drivers = {d.data_path: d for d in mesh_obj.data.shape_keys.animation_data.drivers}
+    for kb in correctives:
+        d = drivers[f'key_blocks["{kb.name}"].value'].driver
+        assert d.is_valid and d.is_simple_expression, (kb.name, d.expression)
     report["bones"] = parents
     return report
