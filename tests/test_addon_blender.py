@@ -59,3 +59,11 @@ def test_flame_joints_become_a_keyed_armature(blender, flame_like_result):
     report = blender.run("bl_addon.py", "flame_armature", result=str(flame_like_result), frames=[0, 4, 9])
     for t, err, tol in zip(report["frames"], report["max_error_m"], report["tolerance_m"]):
         assert err <= tol, f"frame {t}: vertices differ by up to {err:.3g} m (tolerance {tol:.3g} m)"
+
+
+def test_fbx_bakes_the_driven_pose_correctives(blender, flame_like_result, tmp_path):
+    report = blender.run("bl_fbx.py", "fbx_round_trip", result=str(flame_like_result), fbx_path=str(tmp_path / "flame.fbx"))
+    assert report["n_keys"] == [40, 40]  # 4 expression keys + 36 correctives, baked from their drivers
+    assert report["vertex_motion_m"] > 1e-3
+    for frame, key_err, vert_err in zip(report["frames"], report["key_error"], report["vertex_error_m"]):
+        assert key_err < 1e-3 and vert_err < 1e-4, (frame, key_err, vert_err)
