@@ -4,7 +4,7 @@ import numpy as np
 
 from bl_common import enable_addon, evaluated_world_vertices, fcurve_values, head_objects
 
-FRAMES = (1, 14, 30)
+FRAMES = [1, 14, 30]  # set to the imported head's first, middle and last frame by _setup
 
 
 def _state(mesh_obj, arm_obj, skip_modifier=None):
@@ -34,6 +34,8 @@ def _setup(result):
     scene.render.fps, scene.render.fps_base = 25, 1.0
     scene.frame_start = 1
     assert bpy.ops.import_scene.avface_result(filepath=result) == {"FINISHED"}
+    first, last = scene.frame_start, scene.frame_end
+    FRAMES[:] = [first, (first + last) // 2, last]
     return head_objects()
 
 
