@@ -13,7 +13,15 @@ DEMO_OUT ?= out/demo
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.avface-installed
 
-.PHONY: setup demo test clean-venv
+# The add-on is tested headlessly on two Blenders, each the `bpy` wheel from PyPI in its own
+# venv (both are cp311 wheels, so they need a Python 3.11). tests/blender_harness.py finds them
+# here; `make blender-venvs` builds them once (each wheel is about 370 MB) and reuses them.
+BPY_PYTHON ?= python3.11
+BPY_VERSIONS ?= 5.0.1 4.2.23
+BPY_VENVS ?= .venv-bpy
+BPY_STAMPS := $(foreach v,$(BPY_VERSIONS),$(BPY_VENVS)/$(v)/.avface-bpy-installed)
+
+.PHONY: setup demo test clean-venv blender-venvs
 
 setup: $(STAMP)
 
@@ -27,11 +35,21 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/avface models --check
 	touch $(STAMP)
 
+blender-venvs: $(BPY_STAMPS)
+
+# pyzmq: the add-on's client. numpy comes with bpy; 'numpy<2' matches the numpy that Blender
+# 4.2-5.0 bundle (the 4.2 wheel's unpinned requirement would otherwise pull numpy 2).
+$(BPY_VENVS)/%/.avface-bpy-installed: Makefile
+	test -x $(BPY_VENVS)/$*/bin/python || $(BPY_PYTHON) -m venv $(BPY_VENVS)/$*
+	$(BPY_VENVS)/$*/bin/python -m pip install --quiet bpy==$* 'numpy<2' 'pyzmq>=25'
+	$(BPY_VENVS)/$*/bin/python -c "import bpy, zmq; assert bpy.app.version_string.startswith('$*'[:3]), bpy.app.version_string"
+	touch $@
+
 demo: setup
 	$(BIN)/avface demo -o $(DEMO_OUT)
 
-test: setup
+test: setup blender-venvs
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 clean-venv:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(BPY_VENVS)

@@ -95,6 +95,9 @@ def result_arrays(fit: CoarseFit, arkit: np.ndarray, conf: np.ndarray, occluded:
     }
     if write_vertices:
         arrays["vertices"] = fit.camera_vertices().astype(np.float16)
+    posedirs = getattr(getattr(m, "arrays", None), "posedirs", None)
+    if posedirs is not None:  # FLAME: (V, 3, P) in the file's layout -> (P, V, 3)
+        arrays["pose_correctives"] = np.ascontiguousarray(np.transpose(posedirs, (2, 0, 1)), np.float32)
     return arrays
 
 

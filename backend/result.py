@@ -73,7 +73,13 @@ SPEC: dict[str, tuple[str, tuple]] = {
     "occluded": ("b", ("T",)),
     "speech_activity": ("f", ("T",)),
 }
-OPTIONAL = {"vertices": ("f", ("T", "V", 3))}
+OPTIONAL = {
+    "vertices": ("f", ("T", "V", 3)),
+    # FLAME's pose correctives (its posedirs) as offsets per unit of the pose feature: entry
+    # 9 * (j - 1) + 3 * r + c is (R_j - I)[r, c] for joint j >= 1 (neck, jaw, eyes), R_j the
+    # joint's local rotation matrix. Absent for models without correctives.
+    "pose_correctives": ("f", ("P", "V", 3)),
+}
 META_KEYS = ("schema_version", "model", "fps", "n_frames", "width", "height", "source", "audio_present",
              "stages_run", "stage_seconds", "backend_version", "lip_pca_residual", "detail")
 
@@ -120,6 +126,8 @@ def check_arrays(arrays: dict[str, np.ndarray], meta: dict) -> dict[str, int]:
         raise SchemaError(f"expression_basis has {dims['E']} components, at most 50 allowed")
     if dims["K"] > 16:
         raise SchemaError(f"lip_basis has {dims['K']} components, at most 16 allowed")
+    if "P" in dims and dims["P"] != 9 * (dims["J"] - 1):
+        raise SchemaError(f"pose_correctives has {dims['P']} components; {dims['J']} joints need 9 x {dims['J'] - 1}")
     faces = np.asarray(arrays["faces"])
     if faces.size and (faces.min() < 0 or faces.max() >= dims["V"]):
         raise SchemaError("faces index vertices that do not exist")

@@ -10,6 +10,7 @@ crash exactly when they need to::
      "fail": "no_face" | "bad_media" | "exception" | "crash" | "crash_once",
      "marker": "/tmp/x/crashed",     # crash_once: crash only while this file is absent
      "ignore_term": true,            # ignore SIGTERM (cancel must escalate to SIGKILL)
+     "hang_s": 30,                   # after the stages, sleep this long without any progress
      "n_detail": 3, "seed": 7}
 
 A file that is not such JSON raises MediaError, as a corrupt video would.
@@ -63,6 +64,8 @@ def reconstruct(video, out_dir, options, *, progress=None, should_cancel=None) -
                 time.sleep(step_s)
         if stage == "decode" and fail == "no_face":
             raise NoFaceError("fake: no face was detected in any frame")
+    if spec.get("hang_s"):
+        time.sleep(float(spec["hang_s"]))  # alive, silent: what the server's hang watchdog is for
     if spec.get("gate"):
         end = time.monotonic() + GATE_TIMEOUT_S
         while not Path(spec["gate"]).exists() and time.monotonic() < end:

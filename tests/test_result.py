@@ -78,6 +78,7 @@ def test_round_trip(tmp_path):
     (lambda a, m: m.pop("fps"), "meta lacks"),
     (lambda a, m: a.update(lip_basis=np.zeros((17, 4, 3), np.float32), lip_coeffs=np.zeros((5, 17), np.float32)),
      "at most 16"),
+    (lambda a, m: a.update(pose_correctives=np.zeros((36, 7, 3), np.float32)), "2 joints need 9 x 1"),
 ])
 def test_bad_results_are_refused(tmp_path, mutate, message):
     arrays, meta = _arrays(), _meta()

@@ -240,8 +240,10 @@ def test_too_long(make_server, tmp_path):
                     "-t", "3", "-pix_fmt", "yuv420p", str(video)], check=True)
     server = make_server(args=("--max-duration-s", "2"))
     client = server.client()
-    job = server.wait_state(client, client.submit(video), P.FAILED)
-    assert job["error"]["code"] == "too_long" and "3.0 s" in job["error"]["message"]
+    # refused at submit, before any worker starts (issue 9)
+    with pytest.raises(ServiceError) as e:
+        client.submit(video)
+    assert e.value.code == "too_long" and "3.0 s" in e.value.message
     # the frame range counts: the first 10 frames are 1 s
     job = server.wait_state(client, client.submit(video, options={"frame_end": 10}), (P.FAILED, P.DONE))
     assert job["error"] is None or job["error"]["code"] != "too_long"

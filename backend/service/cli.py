@@ -74,7 +74,10 @@ def register(subparsers) -> None:
     p.add_argument("--max-queue", type=int, default=64)
     p.add_argument("--max-upload-bytes", type=int, default=4 << 30)
     p.add_argument("--max-chunks", type=int, default=16_384)
-    p.add_argument("--max-duration-s", type=float, default=900.0)
+    p.add_argument("--max-duration-s", type=float, default=900.0,
+                   help="longest video accepted, in seconds; longer ones are refused at submit (too_long)")
+    p.add_argument("--hang-timeout-s", type=float, default=1800.0,
+                   help="stop a job whose worker reports no progress for this long (job_timeout; default 1800)")
     p.add_argument("--ready-file", type=Path, help="write the bound endpoint here (JSON) once listening")
     p.set_defaults(func=cmd_serve)
 
@@ -136,7 +139,7 @@ def cmd_serve(args) -> int:
         roots=tuple(args.root), curve_secret_file=args.curve_secret, curve_clients_dir=args.curve_clients,
         device=args.device, flame_dir=args.flame_dir, max_frame_bytes=args.max_frame_bytes,
         max_queue=args.max_queue, max_upload_bytes=args.max_upload_bytes, max_chunks=args.max_chunks,
-        max_duration_s=args.max_duration_s, ready_file=args.ready_file,
+        max_duration_s=args.max_duration_s, hang_timeout_s=args.hang_timeout_s, ready_file=args.ready_file,
     )
     try:
         return serve(config)

@@ -85,6 +85,17 @@ def load_key(value: str | os.PathLike | bytes | None, *, secret: bool = False) -
     return key
 
 
+def _size_note(msg: P.Message) -> str:
+    """Why a request may have gone unanswered: a frame that big is dropped by the server's
+    ZeroMQ socket before the server sees it, so no error reply can come back."""
+    biggest = max((len(b) for b in msg.buffers), default=0)
+    if biggest <= P.DEFAULT_MAX_FRAME_BYTES:
+        return ""
+    return (f" (the request carried a {biggest:,}-byte frame; servers refuse frames over their max_frame_bytes, "
+            f"{P.DEFAULT_MAX_FRAME_BYTES:,} bytes by default, and drop those over {P.HARD_FRAME_CAP_BYTES:,} bytes "
+            "without a reply: send smaller chunks)")
+
+
 class Pending:
     """One request in flight. ``done`` once answered or failed; ``result()`` gives the
     reply's content or raises :class:`ServiceError`."""
@@ -275,7 +286,7 @@ class Client:
                 retry = True
             else:
                 self._resolve(p, None, NoAnswer(f"no answer from {self.address} to {p.msg.msg_type} after "
-                                                f"{self.retries + 1} tries of {p.timeout_s:g} s"))
+                                                f"{self.retries + 1} tries of {p.timeout_s:g} s" + _size_note(p.msg)))
         if retry:
             self._reconnect()
             self._flush()

@@ -41,6 +41,9 @@ DEFAULT_ADDRESS = "tcp://127.0.0.1:5555"
 MAX_JSON_BYTES = 1 << 20
 #: Default bound on one binary frame; a server may configure its own (hello reports it).
 DEFAULT_MAX_FRAME_BYTES = 4 << 20
+#: A server's ZeroMQ socket drops frames over max(this, 4 x its max frame) before the server
+#: can read them, so no error reply is possible for those.
+HARD_FRAME_CAP_BYTES = 64 << 20
 #: Default size of one upload or download chunk.
 DEFAULT_CHUNK_BYTES = 1 << 20
 #: At most this many routing frames and buffers in one message.
@@ -106,6 +109,7 @@ ERROR_CODES: dict[str, str] = {
     "not_ready": "the job has no result yet",
     "upload_mismatch": "an upload chunk's offset, or the uploaded file's size or sha256, does not match",
     "worker_died": "the worker process died (killed, out of memory, crashed) on every allowed attempt",
+    "job_timeout": "the job's worker reported no progress for the server's hang timeout and was stopped",
     "internal": "an unexpected error in the server or the worker; the message and the job log say more",
     "no_answer": "(client side) the server did not answer within the timeout after the allowed retries",
     # domain errors raised by the reconstruction (avface.errors)

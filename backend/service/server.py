@@ -27,7 +27,7 @@ from avface.config import PATH_OPTIONS, ReconstructOptions
 from avface.errors import InputError
 from avface.service import protocol as P
 from avface.service import store as S
-from avface.service.worker import WorkerProcess, describe_exit, proc_rss_bytes, start_probe
+from avface.service.worker import WorkerProcess, describe_exit, probe_duration_s, proc_rss_bytes, start_probe
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ MEMORY_SAMPLE_S = 0.25
 #: An upload with no chunk for this long fails (its client is gone).
 UPLOAD_IDLE_S = 3600.0
 #: A frame this large makes libzmq drop the connection before the loop sees it.
-HARD_FRAME_CAP_BYTES = 64 << 20
+HARD_FRAME_CAP_BYTES = P.HARD_FRAME_CAP_BYTES
 MAX_TRANSCRIPT_CHARS = 256_000
 LIST_JOBS_MAX = 500
 
@@ -72,7 +72,10 @@ class ServerConfig:
     max_chunks: int = 16_384
     """Most chunks per uploaded file: ``too_many_chunks``."""
     max_duration_s: float = 900.0
-    """Longest input video, in seconds: ``too_long`` (checked by the worker)."""
+    """Longest input video, in seconds: ``too_long``, refused at submit (a path) or when the
+    upload completes, before any worker starts on it."""
+    hang_timeout_s: float = 1800.0
+    """A worker that reports nothing (no progress) for this long is stopped: ``job_timeout``."""
     ready_file: Path | None = None
     """Written (JSON: endpoint, pid, public_key) once the socket is bound."""
 
@@ -238,6 +241,13 @@ class Server:
     def _tick(self) -> None:
         now = time.monotonic()
         for job_id, worker in list(self.workers.items()):
+            if (not worker.hung and worker.cancelled_at is None
+                    and now - worker.last_activity > self.config.hang_timeout_s):
+                # alive but silent: a deadlock or a stuck device; stop it instead of waiting forever
+                worker.hung = True
+                log.warning("job %s: no progress for %.0f s; stopping worker %d", job_id,
+                            now - worker.last_activity, worker.pid)
+                worker.terminate()
             if worker.kill_deadline is not None and now >= worker.kill_deadline:
                 worker.kill()
                 worker.kill_deadline = None
@@ -388,6 +398,7 @@ class Server:
                 "max_upload_bytes": self.config.max_upload_bytes,
                 "max_chunks": self.config.max_chunks,
                 "max_duration_s": self.config.max_duration_s,
+                "hang_timeout_s": self.config.hang_timeout_s,
             },
         }
 
@@ -472,6 +483,19 @@ class Server:
                 raise RequestError("model_file", f"model {model!r} is not available here: {models[model].get('reason')}")
         return out
 
+    def _check_duration(self, path: Path, options: dict) -> None:
+        """``too_long`` now, before a worker starts, for a video over the duration limit. A
+        file that cannot be probed passes: the worker reports the media error with context."""
+        if not self.config.max_duration_s:
+            return
+        try:
+            duration = probe_duration_s(path, options.get("frame_start"), options.get("frame_end"))
+        except InputError:
+            return  # a frame range outside the clip: the job reports it with the clip's length
+        if duration is not None and duration > self.config.max_duration_s:
+            raise RequestError("too_long", f"the video is {duration:.1f} s long; this server takes at most "
+                                           f"{self.config.max_duration_s:g} s (--max-duration-s)")
+
     def _do_submit(self, msg: P.Message) -> dict:
         c = msg.content
         if msg.msg_id in self.submits and self.submits[msg.msg_id] in self.store.jobs:
@@ -487,6 +511,8 @@ class Server:
         if waiting >= self.config.max_queue:
             raise RequestError("queue_full", f"{waiting} jobs are waiting; this server queues at most {self.config.max_queue}")
         uploads = [r for r in (video, audio) if r is not None and r.mode == "upload"]
+        if video.mode == "path":
+            self._check_duration(Path(video.path), options)
         job = self.store.create(options=options, video=video, audio=audio,
                                 state=P.UPLOADING if uploads else P.QUEUED, submit_msg_id=msg.msg_id)
         jdir = self.store.job_dir(job.job_id)
@@ -541,6 +567,12 @@ class Server:
         self.upload_seen[job.job_id] = time.monotonic()
         uploads = [r for r in (job.video, job.audio) if r is not None and r.mode == "upload"]
         if all(self.store.input_path(job, r).stat().st_size == r.size for r in uploads):
+            if job.video.mode == "upload":
+                try:
+                    self._check_duration(self.store.input_path(job, job.video), job.options)
+                except RequestError as e:
+                    self._finish(job, P.FAILED, {"code": e.code, "message": e.message, "detail": None})
+                    raise
             self._enqueue(job)
         else:
             self.store.save(job)
@@ -708,6 +740,14 @@ class Server:
             job.result_meta = final.get("meta")
             job.history.append({"attempt": job.attempts, "outcome": "done", "reason": ""})
             self._finish(job, P.DONE, None)
+        elif worker.hung and not job.cancel_requested:
+            # not retried: a job that hung once will most likely hang again
+            stage = f" in stage {job.stage}" if job.stage else ""
+            reason = f"no progress for {self.config.hang_timeout_s:g} s{stage}"
+            job.history.append({"attempt": job.attempts, "outcome": "timeout", "reason": reason})
+            self._finish(job, P.FAILED, {"code": "job_timeout", "detail": None,
+                                         "message": f"the job made no progress for {self.config.hang_timeout_s:g} s{stage} "
+                                                    "and was stopped (the server's --hang-timeout-s)"})
         elif job.cancel_requested:
             gone = time.monotonic() - (worker.cancelled_at or time.monotonic())
             job.history.append({"attempt": job.attempts, "outcome": "cancelled", "reason": f"worker stopped {gone:.2f} s after cancel"})

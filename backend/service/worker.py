@@ -86,6 +86,10 @@ class WorkerProcess:
         self.final: dict | None = None
         self.kill_deadline: float | None = None
         self.cancelled_at: float | None = None
+        #: When the worker last wrote a line (progress included): the hang watchdog's clock.
+        self.last_activity = time.monotonic()
+        #: The server stopped this worker because it hung (no line for the hang timeout).
+        self.hung = False
 
     @property
     def pid(self) -> int:
@@ -104,6 +108,8 @@ class WorkerProcess:
                 break
             self._buf += chunk
         *lines, self._buf = self._buf.split(b"\n")
+        if lines:
+            self.last_activity = time.monotonic()
         for line in lines:
             try:
                 msg = json.loads(line)

@@ -1,0 +1,321 @@
+"""Build the animated head in Blender from :class:`io_result.HeadData`: a thin layer of bulk
+``bpy`` calls over the arrays (the layout and why it reproduces the result's vertices are in
+``io_result``'s docstring).
+
+Everything created is tracked; if any step fails, it is all removed again, so a failed import
+leaves nothing half-built in the scene.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import bpy
+import mathutils
+import numpy as np
+
+from . import io_result
+from .anim import Channels
+
+log = logging.getLogger(__name__)
+
+BONE_LENGTH_M = 0.03
+HEAD_PROPERTY = "avface_head"
+"""Custom property on the mesh and armature objects: the result file they came from."""
+ROLE_PROPERTY = "avface_role"
+DETAIL_MODIFIER = "AVFace detail"
+ARMATURE_MODIFIER = "AVFace armature"
+UV_LAYER = "UVMap"
+
+
+@dataclass
+class ImportedHead:
+    mesh_object: object
+    armature_object: object
+    collection: object
+    frames: np.ndarray
+    created: list = field(default_factory=list)
+
+
+class _Created:
+    """Remembers each ID created, to remove them all if the import fails."""
+
+    def __init__(self):
+        self.ids: list = []
+
+    def add(self, id_data):
+        self.ids.append(id_data)
+        return id_data
+
+    def remove_all(self) -> None:
+        for id_data in reversed(self.ids):
+            try:
+                collection = _DATA_COLLECTIONS.get(type(id_data).__name__)
+                if collection is None:
+                    continue
+                getattr(bpy.data, collection).remove(id_data)
+            except (ReferenceError, AttributeError, RuntimeError):  # already removed with its owner
+                pass
+        self.ids.clear()
+
+
+_DATA_COLLECTIONS = {"Object": "objects", "Mesh": "meshes", "Armature": "armatures", "Action": "actions",
+                     "Image": "images", "ImageTexture": "textures", "Material": "materials",
+                     "Collection": "collections", "Key": "shape_keys"}
+
+
+def import_result(context, path: str | Path, *, first_frame: float | None = None, collection=None,
+                  name: str | None = None, set_frame_range: bool = True) -> ImportedHead:
+    """Import ``path`` into ``collection`` (a new one under the scene's by default).
+
+    ``first_frame``: the scene frame of source frame 0 (for a movie strip its ``frame_start``);
+    default the scene's start frame minus the result's first source frame, so the result
+    starts at the scene's start. Raises :class:`io_result.ResultError` before creating
+    anything when the file is not a usable result.
+    """
+    head = io_result.read_result(path)
+    scene = context.scene
+    scene_fps = scene.render.fps / scene.render.fps_base
+    if first_frame is None:
+        first_frame = scene.frame_start - head.source_frame_start * scene_fps / head.fps
+    frames = io_result.scene_frames(head.n_frames, fps=head.fps, scene_fps=scene_fps, first_frame=first_frame,
+                                    source_frame_start=head.source_frame_start)
+    created = _Created()
+    try:
+        imported = _build(context, head, frames, created, collection, name or Path(path).parent.name or "AVFace")
+    except Exception:
+        created.remove_all()
+        raise
+    if set_frame_range:
+        scene.frame_start = int(np.floor(frames[0]))
+        scene.frame_end = int(np.ceil(frames[-1]))
+    imported.created = created.ids
+    return imported
+
+
+def _build(context, head: io_result.HeadData, frames: np.ndarray, created: _Created, collection, name: str) -> ImportedHead:
+    scene = context.scene
+    if collection is None:
+        collection = created.add(bpy.data.collections.new(f"AVFace {name}"))
+        scene.collection.children.link(collection)
+
+    arm_obj = _armature(context, head, created, collection, name)
+    mesh_obj = _mesh(head, created, collection, name)
+    mesh_obj.parent = arm_obj
+    mesh_obj.matrix_parent_inverse.identity()
+    _skin(head, mesh_obj, arm_obj)
+    _shape_keys(head, mesh_obj)
+    _correctives(head, mesh_obj, arm_obj)
+    _animate(head, frames, mesh_obj, arm_obj, created)
+    if head.detail is not None:
+        _detail(head, frames, mesh_obj, created, name)
+    for obj in (mesh_obj, arm_obj):
+        obj[HEAD_PROPERTY] = str(head.path)
+    mesh_obj[ROLE_PROPERTY] = "mesh"
+    arm_obj[ROLE_PROPERTY] = "armature"
+    mesh_obj["avface_model"] = head.model
+    return ImportedHead(mesh_obj, arm_obj, collection, frames)
+
+
+def _armature(context, head, created, collection, name):
+    arm = created.add(bpy.data.armatures.new(f"{name} rig"))
+    obj = created.add(bpy.data.objects.new(f"{name} rig", arm))
+    collection.objects.link(obj)
+    obj.matrix_world = mathutils.Matrix(head.object_matrix.tolist())  # rows (a plain list would be read as columns)
+    obj.rotation_mode = "QUATERNION"
+    # Edit bones need edit mode on the active object.
+    view_layer = context.view_layer
+    previous = view_layer.objects.active
+    if context.mode != "OBJECT" and previous is not None:
+        bpy.ops.object.mode_set(mode="OBJECT")
+    view_layer.objects.active = obj
+    bpy.ops.object.mode_set(mode="EDIT")
+    try:
+        bones = []
+        for j, joint in enumerate(head.joint_names):
+            eb = arm.edit_bones.new(joint)
+            eb.head = head.joints_rest[j].tolist()
+            # along +y with no roll: the bone's rest axes are the model's axes
+            eb.tail = (head.joints_rest[j] + np.array([0.0, BONE_LENGTH_M, 0.0])).tolist()
+            eb.roll = 0.0
+            bones.append(eb)
+        for j, parent in enumerate(head.joint_parents):
+            if parent >= 0:
+                bones[j].parent = bones[int(parent)]
+                bones[j].use_connect = False
+    finally:
+        bpy.ops.object.mode_set(mode="OBJECT")
+        view_layer.objects.active = previous if previous is not None else obj
+    for pb in obj.pose.bones:
+        pb.rotation_mode = "QUATERNION"
+    return obj
+
+
+def _mesh(head, created, collection, name):
+    mesh = created.add(bpy.data.meshes.new(f"{name} head"))
+    v, f = len(head.vertices_neutral), len(head.faces)
+    mesh.vertices.add(v)
+    mesh.loops.add(3 * f)
+    mesh.polygons.add(f)
+    mesh.vertices.foreach_set("co", head.vertices_neutral.ravel())
+    mesh.loops.foreach_set("vertex_index", head.faces.ravel())
+    mesh.polygons.foreach_set("loop_start", np.arange(0, 3 * f, 3, dtype=np.int32))
+    # (Blender 4.0+ derives each polygon's size from the next loop_start)
+    uv = mesh.uv_layers.new(name=UV_LAYER)
+    uv.data.foreach_set("uv", head.uv_loops)
+    mesh.update()
+    if mesh.validate(verbose=False):
+        log.warning("%s: Blender corrected invalid geometry in the result's mesh", head.path)
+    obj = created.add(bpy.data.objects.new(f"{name} head", mesh))
+    collection.objects.link(obj)
+    return obj
+
+
+def _skin(head, mesh_obj, arm_obj):
+    weights = head.skin_weights
+    for j, joint in enumerate(head.joint_names):
+        group = mesh_obj.vertex_groups.new(name=joint)
+        w = weights[:, j]
+        # one add() per distinct weight: a rigid region is a single call
+        nonzero = np.nonzero(w > 0)[0]
+        values, inverse = np.unique(w[nonzero], return_inverse=True)
+        for k, value in enumerate(values):
+            group.add(nonzero[inverse == k].tolist(), float(value), "REPLACE")
+    mod = mesh_obj.modifiers.new(ARMATURE_MODIFIER, "ARMATURE")
+    mod.object = arm_obj
+    mod.use_vertex_groups = True
+    mod.use_bone_envelopes = False
+
+
+def _shape_keys(head, mesh_obj):
+    mesh_obj.shape_key_add(name="Basis", from_mix=False)
+    for name, offset in zip(head.shape_key_names, head.shape_key_offsets):
+        kb = mesh_obj.shape_key_add(name=name, from_mix=False)
+        kb.data.foreach_set("co", (head.vertices_neutral + offset).ravel())
+        kb.slider_min, kb.slider_max = -1.0, 1.0
+    key = mesh_obj.data.shape_keys
+    key.use_relative = True
+    key.name = f"{mesh_obj.name} keys"
+
+
+def _correctives(head, mesh_obj, arm_obj):
+    """Pose correctives as shape keys driven by the bones: each key's value is one entry of
+    (R - I) of its joint's rotation, computed from the bone's quaternion, so the correction
+    follows the bones however an animator poses them."""
+    for corr in head.correctives:
+        kb = mesh_obj.shape_key_add(name=corr.name, from_mix=False)
+        kb.data.foreach_set("co", (head.vertices_neutral + corr.offsets).ravel())
+        kb.slider_min, kb.slider_max = -2.0, 2.0  # entries of R - I lie in [-2, 2]
+        driver = kb.driver_add("value").driver
+        driver.type = "SCRIPTED"
+        for i, name in enumerate("wxyz"):
+            var = driver.variables.new()
+            var.name = name
+            var.type = "SINGLE_PROP"
+            var.targets[0].id_type = "OBJECT"
+            var.targets[0].id = arm_obj
+            var.targets[0].data_path = f'pose.bones["{corr.joint}"].rotation_quaternion[{i}]'
+        driver.expression = corr.expression
+
+
+def _animate(head, frames, mesh_obj, arm_obj, created):
+    if head.shape_key_names:
+        keys = Channels(mesh_obj.data.shape_keys, f"{mesh_obj.name} shape keys")
+        created.add(keys.action)
+        for k, name in enumerate(head.shape_key_names):
+            keys.curve(f'key_blocks["{name}"].value', frames, head.shape_key_values[:, k])
+
+    bones = Channels(arm_obj, f"{arm_obj.name} pose")
+    created.add(bones.action)
+    for j, joint in enumerate(head.joint_names):
+        for i in range(4):
+            bones.curve(f'pose.bones["{joint}"].rotation_quaternion', frames, head.bone_quaternions[:, j, i], index=i)
+    root = head.joint_names[0]
+    for i in range(3):
+        bones.curve(f'pose.bones["{root}"].location', frames, head.root_location[:, i], index=i)
+
+    # ARKit curves and confidence as animated custom properties with their exact names
+    props = Channels(mesh_obj, f"{mesh_obj.name} curves")
+    created.add(props.action)
+    for k, name in enumerate(head.arkit_names):
+        _float_property(mesh_obj, name, 0.0, 1.0, "ARKit blendshape weight")
+        props.curve(f'["{name}"]', frames, head.arkit[:, k])
+    descriptions = {"avface_visual_conf": "How well the camera saw the face (0-1)",
+                    "avface_occluded": "1 where the face was hidden or undetected and audio carried the mouth",
+                    "avface_speech_activity": "Speech activity (0-1)"}
+    for name, values in head.confidence.items():
+        _float_property(mesh_obj, name, 0.0, 1.0, descriptions.get(name, ""))
+        props.curve(f'["{name}"]', frames, values, interpolation="CONSTANT" if name == "avface_occluded" else "LINEAR")
+
+
+def _float_property(obj, name: str, lo: float, hi: float, description: str) -> None:
+    obj[name] = 0.0
+    ui = obj.id_properties_ui(name)
+    ui.update(min=lo, max=hi, soft_min=lo, soft_max=hi, description=description)
+
+
+def _detail(head, frames, mesh_obj, created, name):
+    detail = head.detail
+    first = detail.files[0]
+    image = created.add(bpy.data.images.load(str(first), check_existing=False))
+    image.source = "SEQUENCE"
+    image.name = f"{name} detail"
+    image.colorspace_settings.name = "Non-Color"
+    digits = "".join(ch for ch in first.stem if ch.isdigit())
+    number_of_first = int(digits) if digits else 1
+
+    def set_user(user):
+        user.frame_duration = head.n_frames
+        user.frame_start = int(round(frames[0]))
+        # the file shown at frame_start is numbered 1 + frame_offset
+        user.frame_offset = number_of_first - 1
+        user.use_auto_refresh = True
+        user.use_cyclic = False
+
+    mat = created.add(bpy.data.materials.new(f"{name} skin"))
+    mat.use_nodes = True
+    nodes, links = mat.node_tree.nodes, mat.node_tree.links
+    output = next(n for n in nodes if n.type == "OUTPUT_MATERIAL")
+    tex = nodes.new("ShaderNodeTexImage")
+    tex.name = tex.label = "AVFace detail"
+    tex.image = image
+    tex.interpolation = "Linear"
+    set_user(tex.image_user)
+    uvmap = nodes.new("ShaderNodeUVMap")
+    uvmap.uv_map = UV_LAYER
+    links.new(uvmap.outputs["UV"], tex.inputs["Vector"])
+    disp = nodes.new("ShaderNodeDisplacement")
+    disp.inputs["Midlevel"].default_value = 0.5
+    disp.inputs["Scale"].default_value = detail.metres_per_unit
+    links.new(tex.outputs["Color"], disp.inputs["Height"])
+    links.new(disp.outputs["Displacement"], output.inputs["Displacement"])
+    if hasattr(mat, "displacement_method"):
+        mat.displacement_method = "BOTH"
+    mesh_obj.data.materials.append(mat)
+
+    texture = created.add(bpy.data.textures.new(f"{name} detail", "IMAGE"))
+    texture.image = image
+    set_user(texture.image_user)
+    mod = mesh_obj.modifiers.new(DETAIL_MODIFIER, "DISPLACE")
+    mod.texture = texture
+    mod.texture_coords = "UV"
+    mod.uv_layer = UV_LAYER
+    mod.direction = "NORMAL"
+    mod.mid_level = 0.5
+    mod.strength = detail.metres_per_unit
+
+
+def find_head(context):
+    """(mesh object, armature object) of the AVFace head the active or a selected object
+    belongs to, or (None, None)."""
+    candidates = [context.active_object, *getattr(context, "selected_objects", [])]
+    for obj in candidates:
+        if obj is None or HEAD_PROPERTY not in obj:
+            continue
+        if obj.get(ROLE_PROPERTY) == "mesh":
+            return obj, obj.parent
+        if obj.get(ROLE_PROPERTY) == "armature":
+            mesh = next((c for c in obj.children if c.get(ROLE_PROPERTY) == "mesh"), None)
+            return mesh, obj
+    return None, None

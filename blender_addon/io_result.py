@@ -1,0 +1,363 @@
+"""Read an AVFace result (``result.npz``, DESIGN.md section 5) into arrays ready for bulk
+Blender calls. No ``bpy`` here: this module is tested with plain pytest.
+
+How the head is built in Blender, and why it reproduces the result's ``vertices``:
+
+- an armature object whose world matrix is ``axes.WORLD_TO_BLENDER`` (+90 degrees about x),
+  so everything inside it (bones, mesh) stays in the face model's own frame and the one
+  conversion of ``avface.export.axes`` happens once, in the object transform;
+- one bone per joint of the result, head at ``joints_rest``, pointing along +y with no roll,
+  so that the bone's rest axes are the model axes and a pose rotation is the joint's
+  axis-angle rotation as it is;
+- the root bone also carries ``transl`` as its location (the model rotates about the root
+  joint, then translates: exactly a Blender bone's location then rotation);
+- the mesh is the neutral shape, skinned with ``skin_weights`` (vertex groups named after the
+  bones); expression and lip offsets are shape keys, applied before the armature, as the
+  model adds them before skinning.
+
+The posed mesh in Blender's world frame is then ``camera_to_blender(vertices, extrinsics)``.
+
+Shape-key values are kept within [-1, 1]: each key holds its basis vector scaled by the
+largest coefficient magnitude over the clip (``*_scale``), and the keyframes hold the
+coefficients divided by it, so no value is clamped by a slider range and FBX keeps them.
+
+Detail maps (``detail/``, 16-bit PNG or EXR, one per frame): the displacement along the normal
+is ``(value - 0.5) * metres_per_unit`` for a map value in [0, 1], which is what a Displace
+modifier with ``mid_level = 0.5`` and ``strength = metres_per_unit`` computes.
+"""
+from __future__ import annotations
+
+import json
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ._vendor import axes
+
+SCHEMA_VERSION = 1
+#: Custom properties for the per-frame confidence (exact names; the ARKit curves keep theirs).
+CONFIDENCE_PROPERTIES = {"visual_conf": "avface_visual_conf", "occluded": "avface_occluded",
+                         "speech_activity": "avface_speech_activity"}
+EXPRESSION_KEY = "expression_{:02d}"
+LIP_KEY = "lip_{:02d}"
+REQUIRED = ("vertices_neutral", "faces", "uv", "uv_faces", "expression_basis", "expression", "global_rot",
+            "transl", "neck", "jaw", "eyes", "joint_names", "joint_parents", "joints_rest", "skin_weights",
+            "extrinsics", "lip_vertex_ids", "lip_basis", "lip_coeffs", "arkit_names", "arkit", "visual_conf",
+            "occluded", "speech_activity")
+
+
+class ResultError(Exception):
+    """The file is not a result this add-on can import; the message says what is wrong."""
+
+
+@dataclass(frozen=True)
+class DetailMaps:
+    folder: Path
+    files: tuple[Path, ...]
+    """One map per frame, in frame order."""
+    map_size: int
+    metres_per_unit: float
+
+
+@dataclass(frozen=True)
+class HeadData:
+    """Everything the importer needs, as flat arrays for ``foreach_set``.
+
+    Shapes: V vertices, F triangles, T frames, E expressions, K lip components, J joints.
+    """
+
+    path: Path
+    meta: dict
+    model: str
+    fps: float
+    n_frames: int
+    source_frame_start: int
+    vertices_neutral: np.ndarray
+    """(V, 3) float32, the model frame."""
+    faces: np.ndarray
+    """(F, 3) int32."""
+    uv_loops: np.ndarray
+    """(F * 3 * 2,) float32: one UV per face corner, flattened for ``MeshUVLoopLayer.data``."""
+    shape_key_names: tuple[str, ...]
+    """Expression keys then lip keys."""
+    shape_key_offsets: np.ndarray
+    """(E + K, V, 3) float32: the scaled basis vector of each key (key = neutral + offset)."""
+    shape_key_values: np.ndarray
+    """(T, E + K) float32 within [-1, 1]."""
+    shape_key_scales: np.ndarray
+    """(E + K,) the factor each key's basis vector was multiplied by."""
+    n_expression: int
+    n_lip: int
+    joint_names: tuple[str, ...]
+    joint_parents: np.ndarray
+    """(J,) int, -1 for the root."""
+    joints_rest: np.ndarray
+    """(J, 3) float32, the model frame."""
+    skin_weights: np.ndarray
+    """(V, J) float32."""
+    bone_quaternions: np.ndarray
+    """(T, J, 4) float32 (w, x, y, z), sign-continuous over time."""
+    root_location: np.ndarray
+    """(T, 3) float32: ``transl``."""
+    arkit_names: tuple[str, ...]
+    arkit: np.ndarray
+    """(T, 52) float32 in [0, 1]."""
+    confidence: dict[str, np.ndarray]
+    """custom property name -> (T,) float32 (``avface_occluded`` is 0 or 1)."""
+    detail: DetailMaps | None
+    object_matrix: np.ndarray
+    """(4, 4) world matrix of the armature: the model frame into Blender's."""
+    vertices: np.ndarray | None
+    """(T, V, 3) the result's posed vertices in the camera frame, when stored."""
+    extrinsics: np.ndarray
+    """(T, 4, 4) world-to-camera."""
+    correctives: tuple = ()
+    """Pose correctives (FLAME): one :class:`Corrective` per entry of the pose feature."""
+
+
+@dataclass(frozen=True)
+class Corrective:
+    """A pose-corrective shape key, driven by one entry (R - I)[row, col] of ``joint``'s
+    local rotation matrix (from its bone's quaternion)."""
+
+    name: str
+    joint: str
+    row: int
+    col: int
+    offsets: np.ndarray
+    """(V, 3) per unit of the entry."""
+
+    @property
+    def expression(self) -> str:
+        """The driver expression in the bone's quaternion components w, x, y, z (a simple
+        expression: Blender evaluates it without Python)."""
+        return ROTATION_MINUS_IDENTITY[self.row][self.col]
+
+
+#: (R - I)[r][c] of the rotation of the unit quaternion (w, x, y, z).
+ROTATION_MINUS_IDENTITY = (
+    ("-2*(y*y + z*z)", "2*(x*y - w*z)", "2*(x*z + w*y)"),
+    ("2*(x*y + w*z)", "-2*(x*x + z*z)", "2*(y*z - w*x)"),
+    ("2*(x*z - w*y)", "2*(y*z + w*x)", "-2*(x*x + y*y)"),
+)
+
+
+def _joint_pose(name: str, index: int, arrays: dict) -> np.ndarray:
+    """(T, 3) axis-angle of one joint, by the model's joint name (default: root, jaw; FLAME:
+    global, neck, jaw, left_eye, right_eye)."""
+    low = name.lower()
+    if index == 0:
+        return arrays["global_rot"]
+    if "neck" in low:
+        return arrays["neck"]
+    if "jaw" in low:
+        return arrays["jaw"]
+    if "eye" in low and "left" in low:
+        return arrays["eyes"][:, :3]
+    if "eye" in low and "right" in low:
+        return arrays["eyes"][:, 3:]
+    raise ResultError(f"joint {name!r} has no pose array in the result contract")
+
+
+def axis_angle_to_quaternion(rotvec: np.ndarray) -> np.ndarray:
+    """(..., 3) axis-angle -> (..., 4) unit quaternions (w, x, y, z), float64."""
+    rotvec = np.asarray(rotvec, np.float64)
+    angle = np.linalg.norm(rotvec, axis=-1, keepdims=True)
+    half = 0.5 * angle
+    # sin(a/2)/a -> 1/2 as a -> 0
+    scale = np.where(angle > 1e-12, np.sin(half) / np.maximum(angle, 1e-300), 0.5)
+    return np.concatenate([np.cos(half), rotvec * scale], axis=-1)
+
+
+def continuous_quaternions(q: np.ndarray) -> np.ndarray:
+    """(T, ..., 4) quaternions with signs flipped so that consecutive frames lie in the same
+    hemisphere: the same rotations, but interpolating between keys takes the short way."""
+    q = np.array(q, np.float64, copy=True)
+    for t in range(1, len(q)):
+        flip = np.sum(q[t] * q[t - 1], axis=-1) < 0
+        q[t][flip] *= -1
+    return q
+
+
+def scene_frames(n_frames: int, *, fps: float, scene_fps: float, first_frame: float,
+                 source_frame_start: int = 0) -> np.ndarray:
+    """(T,) scene frame of each result frame: source frame ``source_frame_start + t`` of a clip
+    whose frame 0 sits at scene frame ``first_frame``, converted from the clip's rate to the
+    scene's. For a movie strip, ``first_frame`` is the strip's ``frame_start`` (its offsets
+    only trim what is shown, they do not move the content)."""
+    if fps <= 0 or scene_fps <= 0:
+        raise ValueError(f"frame rates must be positive, got fps={fps} scene_fps={scene_fps}")
+    return first_frame + (source_frame_start + np.arange(n_frames, dtype=np.float64)) * (scene_fps / fps)
+
+
+def keyframe_co(frames: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Interleave (T,) frames and (T,) values into the flat (2T,) float32 array that
+    ``keyframe_points.foreach_set("co", ...)`` takes."""
+    co = np.empty((len(frames), 2), np.float32)
+    co[:, 0] = frames
+    co[:, 1] = values
+    return co.ravel()
+
+
+def _scaled(basis: np.ndarray, coeffs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Scale each component so that its coefficients lie in [-1, 1]."""
+    peak = np.abs(coeffs).max(axis=0) if len(coeffs) else np.zeros(basis.shape[0])
+    scale = np.where(peak > 1e-12, peak, 1.0).astype(np.float64)
+    offsets = basis.astype(np.float64) * scale[:, None, None]
+    values = coeffs.astype(np.float64) / scale[None, :]
+    return offsets.astype(np.float32), values.astype(np.float32), scale
+
+
+def _detail(path: Path, meta: dict, n_frames: int) -> DetailMaps | None:
+    detail = meta.get("detail") or {}
+    n_maps = int(detail.get("n_maps") or 0)
+    if n_maps == 0:
+        return None
+    folder = path.parent / detail.get("folder", "detail")
+    files = tuple(sorted([*folder.glob("*.png"), *folder.glob("*.exr")])) if folder.is_dir() else ()
+    if len(files) != n_maps:
+        raise ResultError(f"{path}: meta says {n_maps} displacement maps but {folder} holds {len(files)}")
+    if n_maps != n_frames:
+        raise ResultError(f"{path}: {n_maps} displacement maps for {n_frames} frames; expected one per frame")
+    mpu = float(detail.get("metres_per_unit") or 0.0)
+    if mpu <= 0:
+        raise ResultError(f"{path}: detail maps without a positive metres_per_unit")
+    return DetailMaps(folder, files, int(detail.get("map_size") or 0), mpu)
+
+
+def load_arrays(path: Path) -> tuple[dict, dict]:
+    """(meta, arrays) of a result file; :class:`ResultError` when it cannot be read."""
+    path = Path(path)
+    if not path.is_file():
+        raise ResultError(f"{path} does not exist")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+        raise ResultError(f"{path} is not a readable AVFace result (damaged or not an .npz): {e}") from e
+    if "meta" not in arrays:
+        raise ResultError(f"{path} has no meta record: not an AVFace result")
+    try:
+        meta = json.loads(str(arrays.pop("meta")))
+    except json.JSONDecodeError as e:
+        raise ResultError(f"{path}: meta is not valid JSON: {e}") from e
+    if meta.get("schema_version") != SCHEMA_VERSION:
+        raise ResultError(f"{path}: schema_version {meta.get('schema_version')!r} is not supported by this add-on "
+                          f"(it reads {SCHEMA_VERSION}); update the add-on or the backend")
+    missing = [k for k in REQUIRED if k not in arrays]
+    if missing:
+        raise ResultError(f"{path} lacks arrays {missing}")
+    return meta, arrays
+
+
+def _check(path: Path, a: dict, n: int) -> None:
+    v = a["vertices_neutral"].shape[0]
+    checks = [
+        ("vertices_neutral", a["vertices_neutral"].shape == (v, 3)),
+        ("faces", a["faces"].ndim == 2 and a["faces"].shape[1] == 3 and (a["faces"].size == 0 or
+                                                                        (0 <= a["faces"].min() and a["faces"].max() < v))),
+        ("uv_faces", a["uv_faces"].shape == a["faces"].shape and (a["uv_faces"].size == 0 or
+                                                                (0 <= a["uv_faces"].min() and a["uv_faces"].max() < len(a["uv"])))),
+        ("expression_basis", a["expression_basis"].ndim == 3 and a["expression_basis"].shape[1:] == (v, 3)),
+        ("expression", a["expression"].shape == (n, a["expression_basis"].shape[0])),
+        ("lip_basis", a["lip_basis"].ndim == 3 and a["lip_basis"].shape[1:] == (len(a["lip_vertex_ids"]), 3)),
+        ("lip_coeffs", a["lip_coeffs"].shape == (n, a["lip_basis"].shape[0])),
+        ("joints_rest", a["joints_rest"].shape == (len(a["joint_names"]), 3)),
+        ("skin_weights", a["skin_weights"].shape == (v, len(a["joint_names"]))),
+        ("arkit", a["arkit"].shape == (n, len(a["arkit_names"]))),
+        ("extrinsics", a["extrinsics"].shape == (n, 4, 4)),
+    ]
+    checks += [(k, a[k].shape[0] == n) for k in ("global_rot", "transl", "neck", "jaw", "eyes", "visual_conf",
+                                                  "occluded", "speech_activity")]
+    if "vertices" in a:
+        checks.append(("vertices", a["vertices"].shape == (n, v, 3)))
+    bad = [name for name, ok in checks if not ok]
+    if bad:
+        raise ResultError(f"{path}: arrays with the wrong shape for {n} frames and {v} vertices: "
+                          + ", ".join(f"{k} {a[k].shape}" for k in bad))
+    for k in ("vertices_neutral", "expression_basis", "expression", "global_rot", "transl", "lip_basis", "lip_coeffs", "arkit"):
+        if not np.all(np.isfinite(a[k])):
+            raise ResultError(f"{path}: {k} contains NaN or infinite values")
+
+
+def read_result(path: str | Path) -> HeadData:
+    """Read and check ``result.npz``; raises :class:`ResultError` saying what is wrong."""
+    path = Path(path)
+    meta, a = load_arrays(path)
+    n = int(meta.get("n_frames", -1))
+    fps = float(meta.get("fps") or 0)
+    if n < 1 or fps <= 0:
+        raise ResultError(f"{path}: meta has n_frames={meta.get('n_frames')!r} and fps={meta.get('fps')!r}")
+    _check(path, a, n)
+    v = a["vertices_neutral"].shape[0]
+
+    # one UV per face corner: uv[uv_faces] is (F, 3, 2)
+    uv_loops = np.ascontiguousarray(a["uv"][a["uv_faces"]], np.float32).ravel()
+
+    exp_offsets, exp_values, exp_scale = _scaled(a["expression_basis"], a["expression"])
+    lip_full = np.zeros((a["lip_basis"].shape[0], v, 3), np.float32)
+    lip_full[:, a["lip_vertex_ids"]] = a["lip_basis"]  # lip offsets live on the lip vertices only
+    lip_offsets, lip_values, lip_scale = _scaled(lip_full, a["lip_coeffs"])
+    n_exp, n_lip = exp_offsets.shape[0], lip_offsets.shape[0]
+    names = tuple(EXPRESSION_KEY.format(i) for i in range(n_exp)) + tuple(LIP_KEY.format(i) for i in range(n_lip))
+
+    joint_names = tuple(str(s) for s in a["joint_names"])
+    rotvecs = np.stack([_joint_pose(name, j, a) for j, name in enumerate(joint_names)], axis=1)  # (T, J, 3)
+    quats = continuous_quaternions(axis_angle_to_quaternion(rotvecs))
+
+    matrix = np.eye(4)
+    matrix[:3, :3] = axes.WORLD_TO_BLENDER
+    source = meta.get("source") or {}
+    return HeadData(
+        path=path, meta=meta, model=str(meta.get("model")), fps=fps, n_frames=n,
+        source_frame_start=int(source.get("frame_start") or 0),
+        vertices_neutral=np.ascontiguousarray(a["vertices_neutral"], np.float32),
+        faces=np.ascontiguousarray(a["faces"], np.int32),
+        uv_loops=uv_loops,
+        shape_key_names=names,
+        shape_key_offsets=np.concatenate([exp_offsets, lip_offsets]),
+        shape_key_values=np.concatenate([exp_values, lip_values], axis=1),
+        shape_key_scales=np.concatenate([exp_scale, lip_scale]),
+        n_expression=n_exp, n_lip=n_lip,
+        joint_names=joint_names,
+        joint_parents=np.asarray(a["joint_parents"], np.int64),
+        joints_rest=np.asarray(a["joints_rest"], np.float32),
+        skin_weights=np.asarray(a["skin_weights"], np.float32),
+        bone_quaternions=quats.astype(np.float32),
+        root_location=np.asarray(a["transl"], np.float32),
+        arkit_names=tuple(str(s) for s in a["arkit_names"]),
+        arkit=np.asarray(a["arkit"], np.float32),
+        confidence={prop: np.asarray(a[key], np.float32) for key, prop in CONFIDENCE_PROPERTIES.items()},
+        detail=_detail(path, meta, n),
+        object_matrix=matrix,
+        vertices=a.get("vertices"),
+        extrinsics=np.asarray(a["extrinsics"], np.float64),
+        correctives=_correctives(path, a, joint_names),
+    )
+
+
+def _correctives(path: Path, a: dict, joint_names: tuple[str, ...]) -> tuple:
+    if "pose_correctives" not in a:
+        return ()
+    pc = np.asarray(a["pose_correctives"], np.float32)
+    v = a["vertices_neutral"].shape[0]
+    if pc.shape != (9 * (len(joint_names) - 1), v, 3):
+        raise ResultError(f"{path}: pose_correctives has shape {pc.shape}, expected "
+                          f"({9 * (len(joint_names) - 1)}, {v}, 3) for {len(joint_names)} joints")
+    out = []
+    for j, joint in enumerate(joint_names[1:]):
+        for r in range(3):
+            for c in range(3):
+                out.append(Corrective(f"pose_{joint}_{r}{c}", joint, r, c, pc[9 * j + 3 * r + c]))
+    return tuple(out)
+
+
+def expected_blender_vertices(head: HeadData, frames: np.ndarray | None = None) -> np.ndarray:
+    """(len(frames), V, 3) the result's stored vertices converted into Blender's world frame
+    (``axes.camera_to_blender``): what the imported head must show at those frames."""
+    if head.vertices is None:
+        raise ResultError(f"{head.path} was written with --no-vertices: no per-frame vertices to compare with")
+    idx = np.arange(head.n_frames) if frames is None else np.asarray(frames)
+    return axes.camera_to_blender(head.vertices[idx].astype(np.float64), head.extrinsics[idx])

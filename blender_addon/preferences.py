@@ -1,0 +1,71 @@
+"""Add-on preferences (Edit > Preferences > Add-ons > AVFace)."""
+from __future__ import annotations
+
+import bpy
+from bpy.props import BoolProperty, EnumProperty, FloatProperty, StringProperty
+
+from ._vendor import protocol
+
+#: The stages the backend can be asked for today (the lip and detail stages are not in the
+#: backend yet; their results import when present).
+STAGES = (
+    ("coarse", "Coarse", "Head pose, expression and jaw from video and speech (always run)"),
+    ("preview", "Preview", "Also render a preview video on the backend"),
+)
+
+
+class AVFACE_AP_preferences(bpy.types.AddonPreferences):
+    # extensions: the preferences are found by the package name Blender gives the add-on
+    bl_idname = __package__
+
+    address: StringProperty(
+        name="Backend address", default=protocol.DEFAULT_ADDRESS,
+        description="ZeroMQ address of the AVFace backend (tcp://host:port)")
+    autostart: BoolProperty(
+        name="Start a local backend automatically", default=False,
+        description="When no backend answers on a loopback address, start `avface serve` there")
+    executable: StringProperty(
+        name="avface or Python", subtype="FILE_PATH", default="",
+        description="The `avface` executable, or a Python interpreter that has the avface package")
+    timeout_s: FloatProperty(
+        name="Request timeout", default=5.0, min=0.5, max=600.0, unit="TIME_ABSOLUTE",
+        description="Seconds to wait for each answer before retrying")
+    retries: bpy.props.IntProperty(name="Retries", default=3, min=0, max=20,
+                                   description="How often a request is sent again before giving up")
+    start_timeout_s: FloatProperty(
+        name="Backend start timeout", default=60.0, min=1.0, max=600.0, unit="TIME_ABSOLUTE",
+        description="Seconds to wait for an automatically started backend")
+    flame_dir: StringProperty(
+        name="FLAME folder", subtype="DIR_PATH", default="",
+        description="Folder with generic_model.pkl or flame2023.pkl and mediapipe_landmark_embedding.npz")
+    default_stages: EnumProperty(
+        name="Default stages", items=STAGES, options={"ENUM_FLAG"}, default={"coarse"},
+        description="Stages a new reconstruction runs")
+
+    def draw(self, context):
+        layout = self.layout
+        layout.prop(self, "address")
+        row = layout.row()
+        row.prop(self, "autostart")
+        sub = layout.row()
+        sub.enabled = self.autostart
+        sub.prop(self, "executable")
+        col = layout.column(align=True)
+        col.prop(self, "timeout_s")
+        col.prop(self, "retries")
+        col.prop(self, "start_timeout_s")
+        layout.prop(self, "flame_dir")
+        layout.prop(self, "default_stages")
+
+
+def get(context=None):
+    context = context or bpy.context
+    return context.preferences.addons[__package__].preferences
+
+
+def register():
+    bpy.utils.register_class(AVFACE_AP_preferences)
+
+
+def unregister():
+    bpy.utils.unregister_class(AVFACE_AP_preferences)

@@ -1,0 +1,119 @@
+"""Render an imported AVFace head at three frames, side by side, headlessly (Cycles on the
+CPU), for the README. Run it with a bpy venv's Python on any result:
+
+    .venv/bin/avface demo -o out/demo --no-preview          # makes out/demo/result.npz
+    .venv/bin/python build_addon.py --stage-only
+    .venv-bpy/5.0.1/bin/python scripts/render_head.py out/demo/result.npz docs/images/addon_head.png
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("result", type=Path)
+    parser.add_argument("output", type=Path)
+    parser.add_argument("--size", type=int, default=256, help="pixels per frame (square)")
+    parser.add_argument("--samples", type=int, default=24)
+    parser.add_argument("--frames", type=int, nargs=3, help="three result frames (default: spread over the clip)")
+    args = parser.parse_args()
+    sys.path.insert(0, str(ROOT / "build" / "addon"))
+    import bpy  # first: addon_utils is on the path only once bpy is loaded
+
+    import addon_utils
+    import mathutils
+
+    bpy.ops.wm.read_factory_settings(use_empty=True)
+    addon_utils.enable("avface_blender", default_set=True)
+    from avface_blender import importer, io_result
+
+    scene = bpy.context.scene
+    head = io_result.read_result(args.result)
+    scene.render.fps, scene.render.fps_base = int(round(head.fps)), 1.0
+    imported = importer.import_result(bpy.context, args.result, first_frame=1.0)
+    mesh_obj = imported.mesh_object
+    for poly in mesh_obj.data.polygons:
+        poly.use_smooth = True
+    if not mesh_obj.data.materials:
+        mat = bpy.data.materials.new("skin")
+        mat.use_nodes = True
+        bsdf = mat.node_tree.nodes["Principled BSDF"]
+        bsdf.inputs["Base Color"].default_value = (0.8, 0.6, 0.5, 1.0)
+        bsdf.inputs["Roughness"].default_value = 0.55
+        mesh_obj.data.materials.append(mat)
+
+    frames = args.frames or [0, head.n_frames // 2, head.n_frames - 1]
+    scene_frames = [int(round(f)) for f in imported.frames[frames]]
+    # frame the head: centre and size from the evaluated mesh over the chosen frames
+    points = []
+    for f in scene_frames:
+        scene.frame_set(f)
+        ob = mesh_obj.evaluated_get(bpy.context.evaluated_depsgraph_get())
+        m = ob.to_mesh()
+        co = np.empty(3 * len(m.vertices))
+        m.vertices.foreach_get("co", co)
+        world = np.array(ob.matrix_world)
+        points.append(co.reshape(-1, 3) @ world[:3, :3].T + world[:3, 3])
+        ob.to_mesh_clear()
+    points = np.concatenate(points)
+    centre = (points.min(0) + points.max(0)) / 2
+    extent = float(np.max(points.max(0) - points.min(0)))
+
+    cam_data = bpy.data.cameras.new("camera")
+    cam_data.type = "ORTHO"
+    cam_data.ortho_scale = extent * 1.15
+    cam = bpy.data.objects.new("camera", cam_data)
+    scene.collection.objects.link(cam)
+    # the face looks along -y in Blender: the camera stands on -y looking along +y
+    cam.location = mathutils.Vector((centre[0], centre[1] - 1.0, centre[2]))
+    cam.rotation_euler = (np.pi / 2, 0.0, 0.0)
+    scene.camera = cam
+    for name, rot, energy in (("key", (1.1, 0.0, -0.5), 3.0), ("fill", (1.3, 0.0, 0.8), 1.0)):
+        light = bpy.data.objects.new(name, bpy.data.lights.new(name, "SUN"))
+        light.data.energy = energy
+        light.rotation_euler = rot
+        scene.collection.objects.link(light)
+    world = bpy.data.worlds.new("world")
+    world.use_nodes = True
+    world.node_tree.nodes["Background"].inputs["Color"].default_value = (0.05, 0.05, 0.06, 1.0)
+    scene.world = world
+
+    scene.render.engine = "CYCLES"
+    scene.cycles.device = "CPU"
+    scene.cycles.samples = args.samples
+    scene.render.resolution_x = scene.render.resolution_y = args.size
+    scene.render.resolution_percentage = 100
+    scene.render.image_settings.file_format = "PNG"
+
+    tiles = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for f in scene_frames:
+            scene.frame_set(f)
+            scene.render.filepath = str(Path(tmp) / f"frame{f:04d}.png")
+            bpy.ops.render.render(write_still=True)
+            img = bpy.data.images.load(scene.render.filepath)
+            px = np.empty(args.size * args.size * 4, np.float32)
+            img.pixels.foreach_get(px)
+            tiles.append(px.reshape(args.size, args.size, 4))
+            bpy.data.images.remove(img)
+    strip = np.concatenate(tiles, axis=1)  # (H, 3W, 4), rows from the bottom as Blender stores them
+    out = bpy.data.images.new("strip", width=strip.shape[1], height=strip.shape[0], alpha=True)
+    out.pixels.foreach_set(strip.ravel())
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    out.filepath_raw = str(args.output)
+    out.file_format = "PNG"
+    out.save()
+    print(f"rendered result frames {frames} (scene frames {scene_frames}) to {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""Checks of the add-on inside Blender, called by tests/test_addon_blender.py."""
+import bpy
+import numpy as np
+
+from bl_common import check_head, enable_addon, evaluated_world_vertices, fcurve_values, head_objects
+
+OPERATORS = ("import_scene.avface_result", "avface.export_fbx", "avface.retarget")
+
+
+def _has_op(idname):
+    mod, name = idname.split(".")
+    return hasattr(getattr(bpy.ops, mod), name) and getattr(getattr(bpy.ops, mod), name).idname() != ""
+
+
+def register_cycle():
+    import addon_utils
+
+    enable_addon()
+    have = {op: hasattr(bpy.types, _rna(op)) for op in OPERATORS}
+    assert all(have.values()), have
+    prefs = bpy.context.preferences.addons["avface_blender"].preferences
+    assert prefs.address.startswith("tcp://")
+    addon_utils.disable("avface_blender", default_set=True)
+    gone = {op: not hasattr(bpy.types, _rna(op)) for op in OPERATORS}
+    assert all(gone.values()), gone
+    enable_addon()  # and again: registration leaves nothing behind that blocks a second one
+    return {"version": bpy.app.version_string}
+
+
+def _rna(idname):
+    mod, name = idname.split(".")
+    return f"{mod.upper()}_OT_{name}"
+
+
+def import_and_check(result, frames):
+    """Import through the operator; check topology, keys, properties; return the vertex errors
+    at ``frames`` (indices into the result) against the result's vertices."""
+    from avface_blender import io_result
+
+    enable_addon()
+    scene = bpy.context.scene
+    scene.frame_start = 1
+    scene.render.fps, scene.render.fps_base = 25, 1.0  # the demo clip's rate: one key per scene frame
+    out = bpy.ops.import_scene.avface_result(filepath=result)
+    assert out == {"FINISHED"}, out
+    return check_head(result, first_frame=1.0, frames=frames)
+
+
+def import_rich(result):
+    """A result with a lip basis and detail maps: lip keys, material and Displace modifier."""
+    from avface_blender import importer, io_result
+
+    enable_addon()
+    out = bpy.ops.import_scene.avface_result(filepath=result)
+    assert out == {"FINISHED"}, out
+    head = io_result.read_result(result)
+    mesh_obj, arm_obj = head_objects()
+    names = [k.name for k in mesh_obj.data.shape_keys.key_blocks]
+    lips = [n for n in names if n.startswith("lip_")]
+    assert len(lips) == head.n_lip > 0, names
+    co = fcurve_values(mesh_obj.data.shape_keys, 'key_blocks["lip_01"].value')
+    assert np.allclose(co[:, 1], head.shape_key_values[:, head.n_expression + 1], atol=1e-6)
+    mod = mesh_obj.modifiers[importer.DETAIL_MODIFIER]
+    assert mod.type == "DISPLACE" and mod.texture is not None
+    image = mod.texture.image
+    assert image.source == "SEQUENCE" and mod.texture.image_user.frame_duration == head.n_frames
+    mat = mesh_obj.data.materials[0]
+    tex_nodes = [n for n in mat.node_tree.nodes if n.type == "TEX_IMAGE"]
+    assert tex_nodes and tex_nodes[0].image == image
+    disp = [n for n in mat.node_tree.nodes if n.type == "DISPLACEMENT"][0]
+    assert disp.outputs["Displacement"].links[0].to_node.type == "OUTPUT_MATERIAL"
+    assert abs(mod.strength - head.detail.metres_per_unit) < 1e-9
+    # modifier order: skin first, then displace along the posed normals
+    assert [m.type for m in mesh_obj.modifiers] == ["ARMATURE", "DISPLACE"]
+    # the displacement moves vertices, and differently on two frames (a sequence, not a still)
+    v1 = evaluated_world_vertices(mesh_obj, 1)
+    v5 = evaluated_world_vertices(mesh_obj, 5)
+    mod.show_viewport = False
+    v1_plain = evaluated_world_vertices(mesh_obj, 1)
+    v5_plain = evaluated_world_vertices(mesh_obj, 5)
+    mod.show_viewport = True
+    d1, d5 = np.abs(v1 - v1_plain).max(), np.abs(v5 - v5_plain).max()
+    assert 0 < d1 <= head.detail.metres_per_unit and 0 < d5, (d1, d5)
+    assert not np.allclose(v1 - v1_plain, v5 - v5_plain), "the displacement does not change with the frame"
+    return {"lip_keys": lips, "image": image.filepath, "displacement_m": [float(d1), float(d5)]}
+
+
+def import_refused(result, expect):
+    """A bad result is refused with a readable message and leaves nothing in the file."""
+    enable_addon()
+    before = {c: len(getattr(bpy.data, c)) for c in ("objects", "meshes", "armatures", "actions", "collections", "images")}
+    try:
+        out = bpy.ops.import_scene.avface_result(filepath=result)
+    except RuntimeError as e:  # operator errors surface as RuntimeError in background mode
+        message = str(e)
+    else:
+        raise AssertionError(f"the import of a bad result returned {out}")
+    after = {c: len(getattr(bpy.data, c)) for c in before}
+    assert after == before, (before, after)
+    assert expect in message, message
+    return {"message": message}
+
+
+def flame_armature(result, frames):
+    """FLAME's five joints become bones with FLAME's parents, each keyed per frame, and the
+    skinned, posed mesh matches vertices made by the backend's own skinning."""
+    from avface_blender import io_result
+
+    report = import_and_check(result, frames)
+    head = io_result.read_result(result)
+    mesh_obj, arm_obj = head_objects()
+    bones = arm_obj.data.bones
+    assert [b.name for b in bones] == list(head.joint_names), [b.name for b in bones]
+    parents = {b.name: (b.parent.name if b.parent else None) for b in bones}
+    assert parents == {"global": None, "neck": "global", "jaw": "neck", "left_eye": "neck", "right_eye": "neck"}, parents
+    assert sorted(g.name for g in mesh_obj.vertex_groups) == sorted(head.joint_names)
+    for bone in head.joint_names:
+        for i in range(4):
+            co = fcurve_values(arm_obj, f'pose.bones["{bone}"].rotation_quaternion', i)
+            assert len(co) == head.n_frames
+    # 36 correctives, each driven by its bone's quaternion
+    correctives = [k for k in mesh_obj.data.shape_keys.key_blocks if k.name.startswith("pose_")]
+    assert len(correctives) == 36, len(correctives)
+    drivers = {d.data_path: d for d in mesh_obj.data.shape_keys.animation_data.drivers}
+    for kb in correctives:
+        d = drivers[f'key_blocks["{kb.name}"].value'].driver
+        assert d.is_valid and d.is_simple_expression, (kb.name, d.expression)
+    report["bones"] = parents
+    return report

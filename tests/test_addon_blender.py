@@ -1,0 +1,69 @@
+"""The add-on in real Blenders (bpy 5.0.1 and 4.2 LTS from PyPI): registration, import of a
+result from the real pipeline, FBX round trip, retargeting."""
+from __future__ import annotations
+
+import pytest
+
+from addon_util import damaged_copy, demo_clip, flame_like_result, real_result, rich_result  # noqa: F401 (fixtures)
+from blender_harness import blender, staged_addon  # noqa: F401 (fixtures)
+
+pytestmark = [pytest.mark.blender, pytest.mark.slow]
+
+CHECK_FRAMES = [0, 13, 29]
+
+
+def test_registers_and_unregisters(blender):
+    info = blender.run("bl_addon.py", "register_cycle")
+    assert info["version"].startswith(blender.version.rsplit(".", 1)[0])
+
+
+def test_import_matches_result_vertices(blender, real_result):
+    report = blender.run("bl_addon.py", "import_and_check", result=str(real_result), frames=CHECK_FRAMES)
+    assert report["action_api"] == ("slotted" if blender.major_minor >= (4, 4) else "Action.fcurves")
+    for t, err, tol in zip(report["frames"], report["max_error_m"], report["tolerance_m"]):
+        assert err <= tol, f"frame {t}: vertices differ by up to {err:.3g} m (tolerance {tol:.3g} m)"
+    assert len(report["animated_properties"]) == 52 + 3
+
+
+def test_import_lip_keys_and_detail_maps(blender, rich_result):
+    report = blender.run("bl_addon.py", "import_rich", result=str(rich_result))
+    assert len(report["lip_keys"]) == 3
+
+
+def test_damaged_result_is_refused_and_leaves_nothing(blender, real_result, tmp_path):
+    bad = damaged_copy(real_result, tmp_path / "cut")
+    report = blender.run("bl_addon.py", "import_refused", result=str(bad), expect="not a readable AVFace result")
+    assert str(bad) in report["message"]
+
+
+def test_fbx_round_trip_keeps_shape_key_and_bone_animation(blender, rich_result, tmp_path):
+    report = blender.run("bl_fbx.py", "fbx_round_trip", result=str(rich_result), fbx_path=str(tmp_path / "head.fbx"))
+    assert report["has_displace"], "the head should carry its Displace modifier into the export"
+    assert report["n_keys"][0] == report["n_keys"][1] > 0
+    assert report["key_motion"] > 0.05 and report["vertex_motion_m"] > 1e-3, "the round trip lost the animation"
+    for frame, key_err, bone_err, vert_err in zip(report["frames"], report["key_error"], report["bone_error"],
+                                                  report["vertex_error_m"]):
+        assert key_err < 1e-3, f"frame {frame}: shape-key values differ by {key_err:.3g}"
+        assert bone_err < 1e-4, f"frame {frame}: bone transforms differ by {bone_err:.3g}"
+        assert vert_err < 1e-4, f"frame {frame}: vertices differ by {vert_err:.3g} m"
+
+
+def test_retarget_to_arkit_named_keys(blender, real_result):
+    report = blender.run("bl_fbx.py", "retarget", result=str(real_result))
+    assert report["matched"] == {"eyeBlink_L": "eyeBlinkLeft", "EyeBlinkRight": "eyeBlinkRight", "jawOpen": "jawOpen",
+                                 "EyeClosedLeft": "eyeBlinkLeft", "mouth_smile_left": "mouthSmileLeft"}
+    assert report["unmatched"] == ["myCustomSmirk", "Blink"]
+
+
+def test_flame_joints_become_a_keyed_armature(blender, flame_like_result):
+    report = blender.run("bl_addon.py", "flame_armature", result=str(flame_like_result), frames=[0, 4, 9])
+    for t, err, tol in zip(report["frames"], report["max_error_m"], report["tolerance_m"]):
+        assert err <= tol, f"frame {t}: vertices differ by up to {err:.3g} m (tolerance {tol:.3g} m)"
+
+
+def test_fbx_bakes_the_driven_pose_correctives(blender, flame_like_result, tmp_path):
+    report = blender.run("bl_fbx.py", "fbx_round_trip", result=str(flame_like_result), fbx_path=str(tmp_path / "flame.fbx"))
+    assert report["n_keys"] == [40, 40]  # 4 expression keys + 36 correctives, baked from their drivers
+    assert report["vertex_motion_m"] > 1e-3
+    for frame, key_err, vert_err in zip(report["frames"], report["key_error"], report["vertex_error_m"]):
+        assert key_err < 1e-3 and vert_err < 1e-4, (frame, key_err, vert_err)

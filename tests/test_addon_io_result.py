@@ -1,0 +1,134 @@
+"""The add-on's pure layer (no bpy): reading a result into arrays for Blender's bulk calls,
+and ARKit name matching for retargeting."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from addon_util import addon_module, damaged_copy, demo_clip, flame_like_result, real_result, rich_result  # noqa: F401 (fixtures)
+from conftest import assert_close
+
+io_result = addon_module("io_result")
+arkit_match = addon_module("arkit_match")
+
+
+def test_vendored_axes_is_the_backend_file():
+    from avface.export import axes
+
+    vendored = addon_module("_vendor.axes")
+    assert np.array_equal(vendored.WORLD_TO_BLENDER, axes.WORLD_TO_BLENDER)
+    assert open(vendored.__file__).read() == open(axes.__file__).read()
+
+
+def test_real_result_arrays(real_result):
+    head = io_result.read_result(real_result)
+    z = np.load(real_result)
+    t, v = z["expression"].shape[0], z["vertices_neutral"].shape[0]
+    f = len(z["faces"])
+    assert head.n_frames == t and head.vertices_neutral.shape == (v, 3)
+    assert head.uv_loops.shape == (f * 3 * 2,)
+    # corner c of face i has uv[uv_faces[i, c]]
+    assert_close(head.uv_loops.reshape(f, 3, 2)[5, 1], z["uv"][z["uv_faces"][5, 1]], what="uv of a corner")
+    e = z["expression_basis"].shape[0]
+    assert head.n_expression == e and head.n_lip == 0
+    assert head.shape_key_names[:2] == ("expression_00", "expression_01")
+    assert np.abs(head.shape_key_values).max() <= 1.0 + 1e-6
+    # key offset x key value == basis x coefficient, so the scaling changes nothing
+    assert_close(head.shape_key_offsets[:, 10] * head.shape_key_values[7][:, None],
+                 z["expression_basis"][:, 10] * z["expression"][7][:, None], atol=1e-7, what="scaled keys")
+    assert head.joint_names == ("root", "jaw")
+    assert head.bone_quaternions.shape == (t, 2, 4)
+    assert_close(np.linalg.norm(head.bone_quaternions, axis=-1), np.ones((t, 2)), atol=1e-6, what="unit quaternions")
+    assert head.arkit.shape == (t, 52) and head.arkit_names == arkit_match.ARKIT_NAMES
+    assert set(head.confidence) == {"avface_visual_conf", "avface_occluded", "avface_speech_activity"}
+    assert head.detail is None
+    # the model frame goes into Blender by the one conversion in avface.export.axes
+    from avface.export import axes
+
+    assert_close(head.object_matrix[:3, :3], axes.WORLD_TO_BLENDER, what="object matrix")
+    expected = io_result.expected_blender_vertices(head, [0])
+    assert_close(expected[0], axes.camera_to_blender(z["vertices"][:1].astype(np.float64), z["extrinsics"][:1])[0],
+                 what="expected vertices")
+
+
+def test_quaternions_match_axis_angle():
+    rotvec = np.array([[0.0, 0.0, 0.0], [0.3, -0.2, 0.1], [np.pi, 0.0, 0.0]])
+    q = io_result.axis_angle_to_quaternion(rotvec)
+    assert_close(q[0], [1, 0, 0, 0], what="identity")
+    angle = np.linalg.norm(rotvec[1])
+    assert_close(q[1], [np.cos(angle / 2), *(np.sin(angle / 2) * rotvec[1] / angle)], atol=1e-12, what="rotation")
+    flipped = io_result.continuous_quaternions(np.array([[1.0, 0, 0, 0], [-0.99, -0.1, 0, 0]]))
+    assert flipped[1, 0] > 0
+
+
+def test_lip_basis_and_detail(rich_result):
+    head = io_result.read_result(rich_result)
+    z = np.load(rich_result)
+    k = z["lip_basis"].shape[0]
+    assert head.n_lip == k and head.shape_key_names[-k:] == tuple(f"lip_{i:02d}" for i in range(k))
+    lips = z["lip_vertex_ids"]
+    off = head.shape_key_offsets[head.n_expression:]
+    others = np.setdiff1d(np.arange(len(z["vertices_neutral"])), lips)
+    assert np.all(off[:, others] == 0)
+    assert_close(off[:, lips] * head.shape_key_values[4, head.n_expression:, None, None],
+                 z["lip_basis"] * z["lip_coeffs"][4][:, None, None], atol=1e-8, what="lip keys")
+    assert head.detail is not None and len(head.detail.files) == head.n_frames
+    assert head.detail.metres_per_unit > 0
+
+
+def test_scene_frames_and_keyframe_co():
+    frames = io_result.scene_frames(4, fps=25.0, scene_fps=50.0, first_frame=10, source_frame_start=2)
+    assert_close(frames, [14, 16, 18, 20], what="frames")
+    co = io_result.keyframe_co(frames, np.array([0.1, 0.2, 0.3, 0.4]))
+    assert co.dtype == np.float32 and list(co[:4]) == pytest.approx([14, 0.1, 16, 0.2])
+
+
+def test_unreadable_results_are_refused_with_a_reason(real_result, tmp_path):
+    with pytest.raises(io_result.ResultError, match="does not exist"):
+        io_result.read_result(tmp_path / "missing.npz")
+    with pytest.raises(io_result.ResultError, match="not a readable AVFace result"):
+        io_result.read_result(damaged_copy(real_result, tmp_path / "cut"))
+    np.savez(tmp_path / "other.npz", x=np.zeros(3))
+    with pytest.raises(io_result.ResultError, match="no meta record"):
+        io_result.read_result(tmp_path / "other.npz")
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("eyeBlinkLeft", "eyeBlinkLeft"), ("eyeBlink_L", "eyeBlinkLeft"), ("EyeBlinkLeft", "eyeBlinkLeft"),
+    ("eye_blink_left", "eyeBlinkLeft"), ("eyeBlink.R", "eyeBlinkRight"), ("EyeClosedLeft", "eyeBlinkLeft"),
+    ("JAWOPEN", "jawOpen"), ("mouthSmile_R", "mouthSmileRight"), ("MouthCornerPullLeft", "mouthSmileLeft"),
+    ("Basis", None), ("myCustomKey", None),
+])
+def test_arkit_names_match_ignoring_case_separators_and_aliases(name, expected):
+    assert arkit_match.arkit_name(name) == expected
+
+
+def test_match_names_reports_unmatched():
+    matched, unmatched = arkit_match.match_names(["Basis", "eyeBlink_L", "EyeClosedRight", "jawOpen", "smirk"])
+    assert matched == {"eyeBlink_L": "eyeBlinkLeft", "EyeClosedRight": "eyeBlinkRight", "jawOpen": "jawOpen"}
+    assert unmatched == ["Basis", "smirk"]
+
+
+def test_arkit_names_are_the_backends():
+    from avface.arkit import ARKIT_NAMES
+
+    assert arkit_match.ARKIT_NAMES == tuple(ARKIT_NAMES)
+
+
+def test_corrective_driver_expressions_are_rotation_minus_identity():
+    from scipy.spatial.transform import Rotation
+
+    rotvec = np.array([0.3, -0.5, 0.2])
+    w, x, y, z = io_result.axis_angle_to_quaternion(rotvec)
+    got = np.array([[eval(e, {}, {"w": w, "x": x, "y": y, "z": z}) for e in row]  # noqa: S307 (our own constants)
+                    for row in io_result.ROTATION_MINUS_IDENTITY])
+    assert_close(got, Rotation.from_rotvec(rotvec).as_matrix() - np.eye(3), atol=1e-12, what="(R - I) from w, x, y, z")
+
+
+def test_flame_correctives_are_read_per_joint_entry(flame_like_result):
+    head = io_result.read_result(flame_like_result)
+    z = np.load(flame_like_result)
+    assert len(head.correctives) == 36
+    jaw_12 = next(c for c in head.correctives if c.name == "pose_jaw_12")
+    # jaw is joint 2, so its entries start at 9 * (2 - 1)
+    assert_close(jaw_12.offsets, z["pose_correctives"][9 + 3 * 1 + 2], what="jaw (1, 2) corrective")
