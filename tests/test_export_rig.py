@@ -64,3 +64,19 @@ def test_a_flame_result_stores_its_identity_as_the_neutral_mesh(export_cases):
     # joints_rest are regressed from that same mesh
     assert_close(a["joints_rest"], model.arrays.j_regressor @ with_identity.astype(np.float64), atol=1e-5,
                  what="joints_rest")
+
+
+@pytest.mark.parametrize("case", ["default_lips", "flame"])
+def test_unit_weights_keep_every_frame_and_stay_in_zero_one(export_cases, case):
+    """Importers clamp shape weights to [0, 1] (Blender's glTF and USD importers do): the
+    remapped rig has every weight there and the same mesh at every frame, and its ranges give
+    back the original weights."""
+    c = export_cases[case]
+    rig = rig_from_result(load_result(c.result_path), c.result_path, flame_dir=c.flame_dir)
+    assert rig.weights.min() < 0 or rig.weights.max() > 1  # the case needs remapping
+    unit = rig.unit_weights()
+    assert unit.weights.min() >= 0 and unit.weights.max() <= 1
+    frames = np.arange(rig.n_frames)
+    assert_close(unit.evaluate(frames), rig.evaluate(frames), atol=1e-6, what="remapped mesh")
+    lo, hi = unit.weight_ranges[:, 0], unit.weight_ranges[:, 1]
+    assert_close(lo + unit.weights * (hi - lo), rig.weights, atol=1e-5, what="recovered weights")

@@ -88,6 +88,7 @@ def write_gltf(rig: Rig, path: str | Path, *, progress: Callable[[float], None] 
 
     path = Path(path)
     report = progress or (lambda f: None)
+    rig = rig.unit_weights()  # importers clamp weights to [0, 1]
     n_frames, n_joints, n_shapes = rig.n_frames, len(rig.joint_names), len(rig.shape_names)
     gltf = g.GLTF2()
     gltf.asset = g.Asset(generator="avface export", version="2.0")
@@ -156,6 +157,8 @@ def write_gltf(rig: Rig, path: str | Path, *, progress: Callable[[float], None] 
         gltf.animations.append(g.Animation(name="AVFace", samplers=samplers, channels=channels))
 
     extras = {"model": rig.model, "fps": rig.fps, "n_frames": n_frames,
+              # weight w' in [0, 1] of each target is (w - lo) / (hi - lo) of the result's coefficient w
+              "weight_ranges": {n: [float(lo), float(hi)] for n, (lo, hi) in zip(rig.shape_names, rig.weight_ranges)},
               "vertex_id_attribute": VERTEX_ID_ATTRIBUTE}
     if rig.detail_maps:
         folder = path.resolve().parent

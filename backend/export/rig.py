@@ -34,6 +34,8 @@ find it in the ``config.yaml`` the job wrote beside the result.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,6 +88,8 @@ class Rig:
     detail_maps: tuple[Path, ...] = ()  #: one displacement map per frame, in frame order, or none
     detail: dict = field(default_factory=dict)  #: the result's meta.detail
     source: str = ""  #: the result file the rig came from
+    #: (B, 2) per shape, the (lo, hi) that ``unit_weights`` mapped to (0, 1); None: not remapped
+    weight_ranges: np.ndarray | None = None
 
     @property
     def n_frames(self) -> int:
@@ -94,6 +98,26 @@ class Rig:
     @property
     def n_vertices(self) -> int:
         return int(self.neutral.shape[0])
+
+    def unit_weights(self) -> "Rig":
+        """The same mesh at every frame with every blend-shape weight in [0, 1].
+
+        Importers and engines clamp shape weights to their slider range (Blender's glTF and
+        USD importers to [0, 1]), while expression coefficients and corrective entries are
+        negative and above 1 too. Per shape, with lo = min(0, min w) and hi = max(1, max w):
+        w' = (w - lo) / (hi - lo), delta' = (hi - lo) delta, and lo delta folds into the rest
+        mesh, so rest + sum w' delta' = rest + sum w delta exactly. Shapes already in [0, 1]
+        are unchanged. ``weight_ranges`` keeps (lo, hi) to recover the original weights."""
+        w = self.weights.astype(np.float64)
+        lo = np.minimum(0.0, w.min(axis=0)) if len(w) else np.zeros(w.shape[1])
+        hi = np.maximum(1.0, w.max(axis=0)) if len(w) else np.ones(w.shape[1])
+        span = hi - lo
+        deltas = self.shape_deltas.astype(np.float64)
+        # neutral'[v, k] = neutral[v, k] + sum_b lo[b] * deltas[b, v, k]
+        neutral = self.neutral + np.einsum("b,bvk->vk", lo, deltas)
+        return dataclasses.replace(
+            self, neutral=neutral, shape_deltas=(deltas * span[:, None, None]).astype(np.float32),
+            weights=((w - lo) / span).astype(np.float32), weight_ranges=np.stack([lo, hi], axis=1))
 
     def skinning_transforms(self, frames) -> tuple[np.ndarray, np.ndarray]:
         """(rotations (n, J, 3, 3), translations (n, J, 3)) mapping bind-pose (rest) points to

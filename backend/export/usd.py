@@ -68,10 +68,11 @@ def _quats(rot: np.ndarray):
 
 def write_usd(rig: Rig, path: str | Path, *, progress: Callable[[float], None] | None = None) -> Path:
     """Write `rig` as a UsdSkel stage at `path` (.usd/.usdc binary crate, .usda text)."""
-    from pxr import Sdf, Usd, UsdGeom, UsdSkel, Vt
+    from pxr import Gf, Sdf, Usd, UsdGeom, UsdSkel, Vt
 
     path = Path(path)
     report = progress or (lambda f: None)
+    rig = rig.unit_weights()  # importers clamp weights to [0, 1]
     n_frames, n_joints = rig.n_frames, len(rig.joint_names)
     stage = Usd.Stage.CreateInMemory()
     UsdGeom.SetStageUpAxis(stage, UsdGeom.Tokens.y)
@@ -80,7 +81,10 @@ def write_usd(rig: Rig, path: str | Path, *, progress: Callable[[float], None] |
     stage.SetFramesPerSecond(rig.fps)
     stage.SetStartTimeCode(0)
     stage.SetEndTimeCode(max(n_frames - 1, 0))
-    stage.GetRootLayer().customLayerData = {"avface": {"model": rig.model, "source": rig.source, "fps": rig.fps}}
+    stage.GetRootLayer().customLayerData = {"avface": {
+        "model": rig.model, "source": rig.source, "fps": rig.fps,
+        # weight w' in [0, 1] of each blend shape is (w - lo) / (hi - lo) of the result's coefficient w
+        "weight_ranges": {n: Gf.Vec2d(float(lo), float(hi)) for n, (lo, hi) in zip(rig.shape_names, rig.weight_ranges)}}}
 
     root = UsdSkel.Root.Define(stage, ROOT)
     stage.SetDefaultPrim(root.GetPrim())

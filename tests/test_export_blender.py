@@ -1,0 +1,54 @@
+"""What `avface export` writes, read by Blender's own importers (bpy 5.0.1 and 4.2 LTS): the
+glTF importer and the USD importer each give a mesh with shape-key animation whose evaluated
+vertices at three frames match the result's `vertices` after the documented axis conversion."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from avface.export import axes, export_result
+from avface.export.rig import EXACT_ATOL_M
+from avface.result import load_result
+from blender_harness import blender, staged_addon  # noqa: F401 (fixtures)
+from export_util import export_cases  # noqa: F401 (the session fixture)
+
+pytestmark = [pytest.mark.blender, pytest.mark.slow]
+
+CASES = ("default_lips", "flame")
+
+
+@pytest.fixture(scope="module")
+def exported(export_cases, tmp_path_factory):
+    """{case: (glb path, usd path, expected Blender-frame vertices .npy, frames, fps, tolerance m)}."""
+    out = {}
+    for name in CASES:
+        case = export_cases[name]
+        folder = tmp_path_factory.mktemp(f"export-{name}")
+        paths = export_result(case.result_path, ["gltf", "usd"], folder, flame_dir=case.flame_dir)
+        r = load_result(case.result_path)
+        stored = r.arrays["vertices"].astype(np.float64)
+        expected = axes.camera_to_blender(stored, r.arrays["extrinsics"])
+        np.save(folder / "expected.npy", expected)
+        # float16 storage: its spacing at the largest coordinate, plus the exporters' exactness
+        tol = float(np.spacing(np.float16(np.abs(stored).max()))) + EXACT_ATOL_M
+        out[name] = (paths["gltf"], paths["usd"], folder / "expected.npy", case.frames().tolist(),
+                     float(r.meta["fps"]), tol, r.arrays["expression"].shape[1])
+    return out
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_blenders_gltf_importer_reads_the_animated_head(blender, exported, case):
+    glb, _, expected, frames, fps, tol, n_expr = exported[case]
+    report = blender.run("bl_export.py", "import_gltf", path=str(glb), expected=str(expected), frames=frames, fps=fps)
+    assert sum(k.startswith("expression_") for k in report["shape_keys"]) == n_expr, report["shape_keys"]
+    for t, err in zip(frames, report["errors"]):
+        assert err <= tol, f"glTF, frame {t}: Blender's mesh is {err:.3g} m off the result (tolerance {tol:.3g} m)"
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_blenders_usd_importer_reads_the_animated_head(blender, exported, case):
+    _, usd, expected, frames, fps, tol, n_expr = exported[case]
+    report = blender.run("bl_export.py", "import_usd", path=str(usd), expected=str(expected), frames=frames, fps=fps)
+    assert sum(k.startswith("expression_") for k in report["shape_keys"]) == n_expr, report["shape_keys"]
+    for t, err in zip(frames, report["errors"]):
+        assert err <= tol, f"USD, frame {t}: Blender's mesh is {err:.3g} m off the result (tolerance {tol:.3g} m)"
