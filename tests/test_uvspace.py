@@ -9,7 +9,14 @@ import torch
 from avface import uvspace
 from avface.models.canonical import LIPS, load_canonical_mesh, lower_face_ids
 from conftest import assert_close
-from uv_util import intrinsics, posed_camera_vertices, render_textured, smooth_texture
+from uv_util import intrinsics, one_thread, posed_camera_vertices, render_textured, smooth_texture
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    with one_thread():
+        yield
+
 
 
 def _uv_areas(uv, faces, size):
