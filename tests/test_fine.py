@@ -1,0 +1,246 @@
+"""The fine stage's losses, the carrying of detail over occluded frames, and the 16-bit detail
+maps (read back, validated, and V_d rebuilt at a texel by hand)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from avface import fine, shading, uvspace
+from avface.errors import SchemaError
+from avface.models.canonical import load_canonical_mesh
+from conftest import assert_close
+from uv_util import one_thread, posed_camera_vertices
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    with one_thread():
+        yield
+
+
+def _plane(size=48, side_m=0.06):
+    """A square patch 0.5 m in front of the camera, facing it, rasterised at size^2."""
+    uv = np.array([[0, 0], [1, 0], [1, 1], [0, 1]], np.float64)
+    faces = np.array([[0, 1, 2], [0, 2, 3]])
+    verts = np.array([[-1, 1, 0], [1, 1, 0], [1, -1, 0], [-1, -1, 0]], np.float64) * side_m / 2 + [0, 0, 0.5]
+    r = uvspace.rasterise_uv(uv, faces, size)
+    v = torch.as_tensor(verts, dtype=torch.float32)[None]
+    return r, uvspace.interpolate(r, faces, v), uvspace.texel_normals(r, faces, v), torch.as_tensor(r.mask)
+
+
+def _bump(points, amp=0.6e-3, sigma=0.008):
+    x, y = points[..., 0], points[..., 1]
+    return amp * torch.exp(-(x ** 2 + y ** 2) / (2 * sigma ** 2))
+
+
+def _light(batch=1):
+    sh = torch.zeros(batch, 9, 3)
+    sh[:, 0] = 2.0
+    sh[:, 3] = 1.0  # from the side (camera x), so a bump's slopes shade differently
+    sh[:, 1] = -0.5
+    return sh
+
+
+def test_photometric_and_normal_losses_ignore_untrusted_texels():
+    r, pts, n, covered = _plane()
+    d = _bump(pts)
+    nd = uvspace.detail_normals(pts, n, d, covered)
+    albedo = torch.full((r.size, r.size, 3), 0.6)
+    sh = _light()
+    image = shading.render(albedo, nd, sh)
+    trust = covered[None].clone()
+    cfg = fine.FineLossConfig()
+    kw = dict(albedo=albedo, sh=sh, displacement=d, covered=covered,
+              mirror=torch.zeros(r.size, r.size, dtype=torch.long), mirror_ok=torch.zeros(r.size, r.size, dtype=torch.bool))
+    _, terms = fine.fine_loss(cfg, image_uv=image, detail_normals=nd, shading_normals=nd, trust=trust, **kw)
+    assert terms["photometric"] < 1e-6 and terms["normal"] < 1e-6
+    # an occluder (a dark blob with sharp edges) over texels the confidence does not trust
+    hand = torch.zeros(1, r.size, r.size, dtype=torch.bool)
+    hand[:, 10:30, 5:25] = True
+    occluded = image.clone()
+    occluded[hand] = 0.05
+    shading_n = torch.where(hand[..., None], -nd, nd)  # and the normals it would imply
+    trust_no_hand = trust & ~hand
+    base, base_terms = fine.fine_loss(cfg, image_uv=image, detail_normals=nd, shading_normals=nd,
+                                      trust=trust_no_hand, **kw)
+    total, terms = fine.fine_loss(cfg, image_uv=occluded, detail_normals=nd, shading_normals=shading_n,
+                                  trust=trust_no_hand, **kw)
+    assert terms == base_terms and float(total) == float(base)
+    # trusted, the same occluder is a large residual
+    _, seen = fine.fine_loss(cfg, image_uv=occluded, detail_normals=nd, shading_normals=shading_n, trust=trust, **kw)
+    assert seen["photometric"] > 0.05 and seen["normal"] > 0.1
+    # a confidence below min_trust counts as untrusted; above it weights the texel
+    soft = torch.where(hand, torch.tensor(0.3), torch.tensor(1.0)) * covered
+    _, soft_terms = fine.fine_loss(cfg, image_uv=occluded, detail_normals=nd, shading_normals=shading_n, trust=soft, **kw)
+    assert soft_terms["photometric"] == pytest.approx(base_terms["photometric"], abs=1e-7)
+
+
+def test_normal_loss_sees_detail_not_the_overall_tilt():
+    r, pts, n, covered = _plane()
+    tilted = F.normalize(n + torch.tensor([0.2, 0.0, 0.0]), dim=-1)
+    w = covered[None].float()
+    assert float(fine.normal_loss(n, tilted, w)) < 1e-6  # a constant offset has no Laplacian
+    nd = uvspace.detail_normals(pts, n, _bump(pts), covered)
+    assert float(fine.normal_loss(nd, n, w)) > 1e-4  # measured 7.8e-4
+
+
+def test_symmetry_loss_on_the_canonical_mirror_map():
+    mesh = load_canonical_mesh()
+    r = uvspace.rasterise_uv(mesh.uv, mesh.faces, 128)
+    mirror, ok = uvspace.mirror_texels(r, mesh.faces, mesh.vertices)
+    mirror, ok = torch.as_tensor(mirror), torch.as_tensor(ok)
+    rest = uvspace.interpolate(r, mesh.faces, torch.as_tensor(mesh.vertices)[None])
+    x = rest[..., 0]
+    symmetric = 1e-3 * torch.cos(40 * x)  # even in x
+    odd = 1e-3 * torch.sin(40 * x)
+    assert float(fine.symmetry_loss(symmetric, mirror, ok)) < 2e-5  # a texel's mirror is within a texel
+    assert float(fine.symmetry_loss(odd, mirror, ok)) > 5e-4
+
+
+def test_fine_loss_gradients_recover_a_bump():
+    """The losses are wired right: descending them from D = 0 on a frame rendered with a
+    bump (and the bump's normals as the shading-implied target) finds the bump.
+
+    D is searched over a smooth family (7 x 7 Gaussians, the bump among them), as a network's
+    output is smooth: over free per-texel values the Laplacian-of-normals term, a third
+    derivative of D, is so stiff at the texel scale that Adam and L-BFGS both stalled with
+    the total loss above its start (measured), though along the line from 0 to the bump
+    the loss falls monotonically to 0."""
+    r, pts, n, covered = _plane(size=48)
+    truth = _bump(pts) * covered
+    n_true = uvspace.detail_normals(pts, n, truth, covered)
+    albedo = torch.full((r.size, r.size, 3), 0.6)
+    sh = _light()
+    image = shading.render(albedo, n_true, sh)
+    centres = torch.linspace(-0.024, 0.024, 7)
+    cy, cx = torch.meshgrid(centres, centres, indexing="ij")
+    x, y = pts[0, ..., 0], pts[0, ..., 1]
+    basis = torch.exp(-((x[None] - cx.reshape(-1, 1, 1)) ** 2 + (y[None] - cy.reshape(-1, 1, 1)) ** 2)
+                      / (2 * 0.008 ** 2))  # (49, S, S)
+    coef = torch.zeros(49, requires_grad=True)
+    opt = torch.optim.LBFGS([coef], lr=1, max_iter=200, line_search_fn="strong_wolfe", tolerance_grad=1e-12,
+                            tolerance_change=1e-15)
+    cfg = fine.FineLossConfig()
+    none = torch.zeros(r.size, r.size, dtype=torch.bool)
+    history = []
+
+    def displacement():
+        return (1e-3 * torch.einsum("k,kij->ij", coef, basis) * covered)[None]
+
+    def closure():
+        opt.zero_grad()
+        d = displacement()
+        nd = uvspace.detail_normals(pts, n, d, covered)
+        loss, _ = fine.fine_loss(cfg, image_uv=image, albedo=albedo, sh=sh, detail_normals=nd,
+                                 shading_normals=n_true, displacement=d, trust=covered[None], covered=covered,
+                                 mirror=none.long(), mirror_ok=none)
+        loss.backward()
+        history.append(float(loss.detach()))
+        return loss
+
+    opt.step(closure)
+    # measured: 0.0124 -> 1.5e-6 (what is left is lambda_d |D|), D within 1e-8 m of the bump
+    assert history[-1] < 1e-3 * history[0], (history[0], history[-1])
+    assert float((displacement().detach() - truth).abs().max()) < 0.02 * float(truth.max())
+
+
+def test_carry_displacement_across_an_occlusion():
+    t, s = 7, 2
+    d = np.zeros((t, s, s), np.float32)
+    d[:, 0, 0] = np.arange(t)  # 0..6
+    d[:, 0, 1] = 9.0  # a bogus value while untrusted
+    trusted = np.ones((t, s, s), bool)
+    trusted[2:5, 0, 0] = False  # occluded in frames 2, 3, 4
+    trusted[:, 0, 1] = False  # never seen
+    trusted[:3, 1, 0] = False  # hidden at the start
+    trusted[5:, 1, 1] = False  # hidden at the end
+    d[:, 1, 0] = np.arange(t) * 10
+    d[:, 1, 1] = np.arange(t) * 10
+    d[2:5, 0, 0] = 100.0  # what the network made of the hand
+    out = fine.carry_displacement(d, trusted)
+    assert_close(out[:, 0, 0], [0, 1, 2, 3, 4, 5, 6], atol=1e-6, what="linear between trusted frames")
+    assert_close(out[:, 0, 1], d[:, 0, 1], what="never trusted: unchanged")
+    assert_close(out[:, 1, 0], [30, 30, 30, 30, 40, 50, 60], what="nearest at the start")
+    assert_close(out[:, 1, 1], [0, 10, 20, 30, 40, 40, 40], what="nearest at the end")
+    with pytest.raises(ValueError, match="matching"):
+        fine.carry_displacement(d, trusted[:3])
+
+
+def _vertex_normals_by_hand(v, faces):
+    n = np.zeros_like(v)
+    for a, b, c in faces:
+        fn = np.cross(v[b] - v[a], v[c] - v[a])
+        n[a] += fn
+        n[b] += fn
+        n[c] += fn
+    return n / np.linalg.norm(n, axis=1, keepdims=True)
+
+
+def test_detail_maps_round_trip_and_rebuild_a_detailed_vertex_by_hand(tmp_path):
+    mesh = load_canonical_mesh()
+    size = 64
+    r = uvspace.rasterise_uv(mesh.uv, mesh.faces, size)
+    verts = posed_camera_vertices(yaw_deg=10.0)  # (V, 3) camera frame, as the result's vertices
+    vt = torch.as_tensor(verts, dtype=torch.float64)[None]
+    pts = uvspace.interpolate(r, mesh.faces, vt)
+    normals = uvspace.texel_normals(r, mesh.faces, vt)
+    enc = fine.DetailEncoding.for_range(size, 0.004, n_frames=2)
+    uvc = uvspace.texel_centres(size)
+    d = np.stack([1.5e-3 * np.sin(12 * uvc[..., 0]) * np.cos(5 * uvc[..., 1]), np.full((size, size), -3.9e-3)])
+    d *= r.mask
+    paths = fine.write_detail_maps(tmp_path, d, enc)
+    fine.check_detail_maps(tmp_path, enc, 2)
+    # a real PNG reader agrees that these are 16-bit greyscale maps of the stated size
+    with Image.open(paths[0]) as im:
+        assert im.mode.startswith("I;16") and im.size == (size, size)
+    back = fine.read_detail_map(paths[0], enc)
+    assert np.abs(back - d[0]).max() <= 0.5 * enc.metres_per_unit + 1e-9
+    # Blender's Displace modifier reads value / 65535: (value - midlevel) * strength is D
+    meta = enc.to_meta()
+    raw = np.asarray(Image.open(paths[0]), np.float64) / 65535.0
+    assert_close((raw - meta["blender_midlevel"]) * meta["blender_strength"], back, atol=1e-9, what="Blender D")
+    assert fine.DetailEncoding.from_meta(meta) == enc
+
+    # By hand: texel (row, col) -> (u, v) -> the triangle holding it -> barycentrics -> point
+    # and interpolated vertex normal -> V_d = V_c + D N_c, against the module's maps.
+    row, col = 30, 25
+    u, v = (col + 0.5) / size, 1.0 - (row + 0.5) / size
+    vn = _vertex_normals_by_hand(verts, mesh.faces)
+    hit = None
+    for f, (a, b, c) in enumerate(mesh.faces):
+        pa, pb, pc = mesh.uv[a].astype(np.float64), mesh.uv[b].astype(np.float64), mesh.uv[c].astype(np.float64)
+        m = np.array([[pb[0] - pa[0], pc[0] - pa[0]], [pb[1] - pa[1], pc[1] - pa[1]]])
+        w1, w2 = np.linalg.solve(m, [u - pa[0], v - pa[1]])
+        if min(1 - w1 - w2, w1, w2) >= -1e-9:
+            hit = (f, np.array([1 - w1 - w2, w1, w2]))
+            break
+    assert hit is not None, "the chosen texel lies on the face"
+    f, bary = hit
+    a, b, c = mesh.faces[f]
+    point = bary @ verts[[a, b, c]]
+    normal = bary @ vn[[a, b, c]]
+    normal /= np.linalg.norm(normal)
+    png = np.asarray(Image.open(paths[0]))
+    d_texel = (int(png[row, col]) - meta["offset"]) * meta["metres_per_unit"]
+    by_hand = point + d_texel * normal
+    vd = uvspace.displace(pts, normals, torch.as_tensor(back, dtype=torch.float64)[None])
+    assert_close(vd[0, row, col].numpy(), by_hand, atol=1e-7, what="V_d at the texel")
+    assert abs(d_texel) > 1e-4  # the detail is not zero there, so the test sees it
+
+
+def test_detail_maps_refusals(tmp_path):
+    enc = fine.DetailEncoding.for_range(16, 0.01)
+    with pytest.raises(ValueError, match=r"\(T, 16, 16\)"):
+        fine.write_detail_maps(tmp_path, np.zeros((2, 8, 8)), enc)
+    fine.write_detail_maps(tmp_path, np.zeros((2, 16, 16)), enc)
+    with pytest.raises(SchemaError, match="expected 3 maps"):
+        fine.check_detail_maps(tmp_path, enc, 3)
+    # an 8-bit map in place of a 16-bit one
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(fine.detail_path(tmp_path, 1))
+    with pytest.raises(SchemaError, match="16-bit greyscale"):
+        fine.check_detail_maps(tmp_path, enc, 2)
+    with pytest.raises(SchemaError, match="malformed"):
+        fine.DetailEncoding.from_meta({"size": 16})
