@@ -10,7 +10,7 @@ from PIL import Image
 
 from avface import fine, shading, uvspace
 from avface.errors import SchemaError
-from avface.models.canonical import load_canonical_mesh
+from avface.models.canonical_mesh import load_canonical_mesh
 from conftest import assert_close
 from uv_util import one_thread, posed_camera_vertices
 

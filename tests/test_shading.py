@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from avface import shading, uvspace
-from avface.models.canonical import load_canonical_mesh
+from avface.models.canonical_mesh import load_canonical_mesh
 from conftest import assert_close
 from uv_util import intrinsics, one_thread, posed_camera_vertices, smooth_texture
 

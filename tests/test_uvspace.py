@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from avface import uvspace
-from avface.models.canonical import LIPS, load_canonical_mesh, lower_face_ids
+from avface.models.canonical_mesh import load_canonical_mesh
+from avface.topology import LIPS, lower_face_ids
 from conftest import assert_close
 from uv_util import intrinsics, one_thread, posed_camera_vertices, render_textured, smooth_texture
 

@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 from scipy.spatial.transform import Rotation
 
-from avface.models.canonical import load_canonical_mesh
+from avface.models.canonical_mesh import load_canonical_mesh
 
 WORLD_TO_CAMERA = np.diag([1.0, -1.0, -1.0])
 DISTANCE_M = 0.45
