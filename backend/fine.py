@@ -158,6 +158,82 @@ def carry_displacement(displacement: np.ndarray, trusted: np.ndarray) -> np.ndar
     return np.where(ok, d, carried).astype(np.asarray(displacement).dtype)
 
 
+# --------------------------------------------------------------------------- a clip in UV space
+
+
+@dataclass(frozen=True, eq=False)
+class ClipUV:
+    """A clip's frames unwrapped into UV space, with how far each texel is trusted. The
+    geometry (V_c, N_c) is not stored: it is recomputed from the vertices per batch
+    (:func:`avface.uvspace.texel_geometry`), which costs less than holding it at 512^2."""
+
+    image: torch.Tensor  #: (T, S, S, 3) uint8, the unwrapped frames (RGB)
+    trust: torch.Tensor  #: (T, S, S) float32 in [0, 1]: visible x confidence; 0 = no evidence
+
+    def frames(self, index) -> torch.Tensor:
+        """(B, S, S, 3) float32 in [0, 1] of the frames at ``index``."""
+        return self.image[index].float() / 255.0
+
+
+def unwrap_clip(frames, vertices: torch.Tensor, faces, raster, intrinsics, *, confidence: torch.Tensor | None = None,
+                chunk: int = 16, occlusion_test: bool = True) -> ClipUV:
+    """Unwrap every frame of a clip into UV space.
+
+    frames: an iterable of (H, W, 3) uint8 RGB frames (a decoder's stream, or an array
+    (T, H, W, 3)); vertices: (T, V, 3) camera-frame coarse (+ lips) vertices, the result's
+    ``vertices``; intrinsics: (3, 3); confidence: (T, S, S) per-texel visual confidence
+    (:func:`avface.uvspace.confidence_map`), or None to trust every visible texel. Frames are
+    processed ``chunk`` at a time, so memory holds one chunk of full frames.
+    """
+    from . import uvspace
+
+    k = torch.as_tensor(np.asarray(intrinsics), dtype=torch.float32, device=vertices.device)
+    covered = uvspace.texel_mask(raster, vertices.device)
+    images, trusts = [], []
+    buffer: list[np.ndarray] = []
+    start = 0
+
+    def flush():
+        nonlocal start
+        batch = torch.as_tensor(np.stack(buffer), device=vertices.device)  # (B, H, W, 3) uint8
+        b = batch.shape[0]
+        if start + b > vertices.shape[0]:
+            raise ValueError(f"more frames than vertex sets ({vertices.shape[0]}): the mesh must cover every frame")
+        v = vertices[start:start + b].float()
+        points, normals = uvspace.texel_geometry(raster, faces, v)
+        unwrapped, _ = uvspace.unwrap(batch.permute(0, 3, 1, 2).float(), points, k)
+        vis = uvspace.visibility(points, normals, k, tuple(batch.shape[1:3]), covered, occlusion_test=occlusion_test)
+        trust = vis.float()
+        if confidence is not None:
+            trust = trust * confidence[start:start + b].to(trust)
+        images.append(unwrapped.round().clamp(0, 255).to(torch.uint8))
+        trusts.append(trust)
+        start += b
+        buffer.clear()
+
+    for frame in frames:
+        f = np.asarray(frame)
+        if f.ndim != 3 or f.shape[2] != 3 or f.dtype != np.uint8:
+            raise ValueError(f"expected (H, W, 3) uint8 RGB frames, got {f.dtype} {f.shape}")
+        buffer.append(f)
+        if len(buffer) == chunk:
+            flush()
+    if buffer:
+        flush()
+    if start != vertices.shape[0]:
+        raise ValueError(f"got {start} frames for {vertices.shape[0]} vertex sets")
+    return ClipUV(torch.cat(images), torch.cat(trusts))
+
+
+def photo_residual(image_uv: torch.Tensor, albedo: torch.Tensor, sh: torch.Tensor, normals: torch.Tensor,
+                   weight: torch.Tensor) -> float:
+    """Mean absolute photometric residual over weighted texels, in 8-bit intensity units
+    (the benchmark's ``photo_residual_coarse`` with the coarse normals, ``_detail`` with the
+    detailed ones). Shapes as :func:`photometric_loss`."""
+    with torch.no_grad():
+        return 255.0 * float(photometric_loss(image_uv, albedo, sh, normals, weight.float()))
+
+
 # --------------------------------------------------------------------------- detail maps
 
 DETAIL_DIR = "detail"

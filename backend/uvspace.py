@@ -428,3 +428,32 @@ def mirror_texels(raster: UVRaster, faces, rest_vertices: np.ndarray, *,
     mirror[raster.texel[good]] = raster.texel[nearest[good]]
     mirror = mirror.reshape(raster.size, raster.size)
     return mirror, mirror >= 0
+
+
+def texel_geometry(raster: UVRaster, faces, vertices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(points (B, S, S, 3), unit normals (B, S, S, 3)) of the coarse surface at each texel,
+    from (B, V, 3) camera-frame vertices: V_c and N_c of V_d = V_c + D * N_c."""
+    return interpolate(raster, faces, vertices), texel_normals(raster, faces, vertices)
+
+
+def gutter_index(covered: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """For padding maps across the layout's borders: (source (S, S) flat index of the nearest
+    covered texel, fill (S, S) bool: uncovered texels within ``width`` texels of the layout).
+    Computed once per layout; see :func:`pad_maps`."""
+    from scipy.ndimage import distance_transform_edt
+
+    covered = np.asarray(covered, bool)
+    dist, (rows, cols) = distance_transform_edt(~covered, return_indices=True)
+    fill = ~covered & (dist <= width)
+    return rows * covered.shape[1] + cols, fill
+
+
+def pad_maps(maps: np.ndarray, covered: np.ndarray, width: int = 4) -> np.ndarray:
+    """(T, S, S) maps with a gutter of ``width`` texels around each UV island, copied from
+    the nearest covered texel, so that a renderer's bilinear or mip-mapped lookups near a
+    seam do not blend in the empty background (Blender samples the image filtered)."""
+    maps = np.asarray(maps)
+    source, fill = gutter_index(covered, width)
+    flat = maps.reshape(maps.shape[0], -1).copy()
+    flat[:, fill.reshape(-1)] = flat[:, source[fill]]
+    return flat.reshape(maps.shape)

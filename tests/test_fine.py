@@ -244,3 +244,59 @@ def test_detail_maps_refusals(tmp_path):
         fine.check_detail_maps(tmp_path, enc, 2)
     with pytest.raises(SchemaError, match="malformed"):
         fine.DetailEncoding.from_meta({"size": 16})
+
+
+def test_unwrap_clip_streams_frames_and_applies_confidence():
+    from avface.topology import lower_face_ids
+    from uv_util import intrinsics, render_textured, smooth_texture
+
+    mesh = load_canonical_mesh()
+    r = uvspace.rasterise_uv(mesh.uv, mesh.faces, 128)
+    size = 256
+    k = intrinsics(size)
+    yaws = (0.0, 20.0, -20.0)
+    verts = np.stack([posed_camera_vertices(yaw_deg=y) for y in yaws])
+    frames = (np.round(255 * render_textured(v, mesh.faces, mesh.uv.astype(np.float64), k, size)[0]).astype(np.uint8)
+              for v in verts)  # a generator, as a decoder streams them
+    w = np.zeros((1, len(mesh.vertices)), np.float32)
+    w[0, list(lower_face_ids())] = 1.0
+    conf = uvspace.confidence_map(r, mesh.faces, w, torch.tensor([[1.0], [0.0], [1.0]]))  # a hand in frame 1
+    clip = fine.unwrap_clip(frames, torch.as_tensor(verts, dtype=torch.float32), mesh.faces, r, k,
+                            confidence=conf, chunk=2)
+    assert clip.image.shape == (3, 128, 128, 3) and clip.image.dtype == torch.uint8
+    uv = uvspace.texel_centres(128)
+    expected = smooth_texture(uv[..., 0], uv[..., 1])
+    for t in range(3):
+        seen = (clip.trust[t] > 0.99).numpy()
+        assert seen.sum() > (0.3 if t == 1 else 0.6) * r.n_texels
+        err = np.abs(clip.frames(t).numpy() - expected)[seen]
+        assert err.mean() < 0.006, (t, err.mean())  # 8-bit frames and 8-bit maps: ~1 level
+    lower = torch.as_tensor(np.isin(mesh.faces, list(lower_face_ids())).all(1)[np.maximum(r.face_id(), 0)] & r.mask)
+    # frame 0 shows most of the lower face (measured 79 %: the underside of the chin turns away)
+    assert clip.trust[1][lower].max() < 1e-6 and clip.trust[0][lower].mean() > 0.7
+    with pytest.raises(ValueError, match="vertex sets"):
+        fine.unwrap_clip(np.zeros((2, size, size, 3), np.uint8), torch.as_tensor(verts, dtype=torch.float32),
+                         mesh.faces, r, k)
+
+
+def test_pad_maps_fills_a_gutter_from_the_nearest_texel():
+    covered = np.zeros((16, 16), bool)
+    covered[4:12, 4:8] = True
+    maps = np.zeros((2, 16, 16), np.float32)
+    maps[0][covered] = np.arange(covered.sum())
+    maps[1][covered] = 7.0
+    out = uvspace.pad_maps(maps, covered, width=2)
+    assert_close(out[:, covered], maps[:, covered], what="covered texels unchanged")
+    assert out[1, 4:12, 2:4].min() == 7.0 and out[1, 4:12, 8:10].min() == 7.0  # two texels each side
+    assert out[1, :, 11:].max() == 0.0 and out[1, 0, :].max() == 0.0  # beyond the gutter
+    assert out[0, 6, 8] == maps[0, 6, 7] and out[0, 6, 3] == maps[0, 6, 4]
+
+
+def test_photo_residual_is_in_8_bit_levels():
+    n = torch.zeros(1, 4, 4, 3)
+    n[..., 2] = -1
+    albedo = torch.full((4, 4, 3), 0.5)
+    sh = torch.zeros(1, 9, 3)
+    sh[:, 0] = 1.0 / shading.sh_basis(n)[0, 0, 0, 0]  # shading 1
+    image = torch.full((1, 4, 4, 3), 0.5 + 2.0 / 255.0)
+    assert fine.photo_residual(image, albedo, sh, n, torch.ones(1, 4, 4)) == pytest.approx(2.0, abs=1e-4)
