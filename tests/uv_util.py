@@ -96,3 +96,56 @@ def one_thread():
             torch.set_num_threads(n)
 
     return ctx()
+
+
+def detail_light():
+    """(9, 3) a light with a key from the camera's right, above and in front (camera frame:
+    x right, y down, z forward), so that detail of any direction shades."""
+    import torch
+
+    sh = torch.zeros(9, 3, dtype=torch.float64)
+    sh[0] = 1.0  # ambient shading 0.89
+    sh[3] = 0.5  # from the right (+x)
+    sh[1] = -0.25  # from above (-y)
+    sh[2] = -0.45  # from the camera (-z)
+    return sh
+
+
+def render_detail_clip(d_true, yaws, pitches, *, size: int = 192, uv_size: int = 192, albedo=None, light=None):
+    """Frames of the canonical face whose surface carries a displacement d_true(u, v)
+    (metres along the normal), shaded under ``light``: per frame, the colour of every texel
+    (albedo x SH shading of the displaced surface's normals) is painted in UV space, then
+    drawn with the reference renderer. Returns (frames (T, size, size, 3) uint8, camera-
+    frame coarse vertices (T, V, 3), intrinsics)."""
+    import torch
+
+    from avface import shading, uvspace
+
+    mesh = load_canonical_mesh()
+    r = uvspace.rasterise_uv(mesh.uv, mesh.faces, uv_size)
+    k = intrinsics(size)
+    uvc = uvspace.texel_centres(uv_size)
+    d = torch.as_tensor(d_true(uvc[..., 0], uvc[..., 1]) * r.mask)[None]
+    alb = torch.as_tensor(0.25 + 0.4 * smooth_texture(uvc[..., 0], uvc[..., 1]) if albedo is None else albedo)
+    light = detail_light() if light is None else light
+    covered = torch.as_tensor(r.mask)
+    frames, verts = [], []
+    for yaw, pitch in zip(yaws, pitches):
+        v = posed_camera_vertices(yaw, pitch)
+        pts, n = uvspace.texel_geometry(r, mesh.faces, torch.as_tensor(v)[None])
+        nd = uvspace.detail_normals(pts, n, d, covered)
+        colour = shading.render(alb, nd, light[None])[0].clamp(0, 1).numpy().astype(np.float32)  # (S, S, 3)
+
+        def texture(u, vv, colour=colour):
+            # bilinear lookup of the painted map at continuous texel coordinates
+            x = np.clip(u * uv_size - 0.5, 0, uv_size - 1.001)
+            y = np.clip((1.0 - vv) * uv_size - 0.5, 0, uv_size - 1.001)
+            x0, y0 = np.floor(x).astype(int), np.floor(y).astype(int)
+            fx, fy = (x - x0)[:, None], (y - y0)[:, None]
+            return ((1 - fy) * ((1 - fx) * colour[y0, x0] + fx * colour[y0, x0 + 1])
+                    + fy * ((1 - fx) * colour[y0 + 1, x0] + fx * colour[y0 + 1, x0 + 1]))
+
+        img, _ = render_textured(v, mesh.faces, mesh.uv.astype(np.float64), k, size, texture=texture)
+        frames.append(np.round(255 * img).astype(np.uint8))
+        verts.append(v)
+    return np.stack(frames), np.stack(verts).astype(np.float32), k

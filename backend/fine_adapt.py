@@ -1,0 +1,223 @@
+"""Per-clip adaptation of the fine stage: fit the shading to the clip, train the detail
+network on the clip's trusted texels, predict D for every frame and carry it over what was
+not trusted (docs/fine_stage.md).
+
+This is the training side of :mod:`avface.models.fine`; it belongs with the other training
+code (``backend/train/``, DESIGN.md section 3) once that package exists, and is kept apart
+from :mod:`avface.fine` (losses and maps) so that inference needs no optimiser.
+
+Frames are split into training frames and held-out frames (every ``holdout_stride``-th
+frame): held-out frames never reach the optimiser, so the photometric residuals reported on
+them measure what the detail generalises to (the benchmark's ``detail_gain``).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import shading, uvspace
+from .fine import ClipUV, FineLossConfig, carry_displacement, fine_loss, photo_residual
+from avface.models.fine import DetailNet, FineNetConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FineAdaptConfig:
+    """Options of the fine stage's per-clip adaptation."""
+
+    steps: int = 300
+    """Optimiser steps (each one batch of frames)."""
+    batch: int = 4
+    """Frames per step."""
+    lr: float = 1e-3
+    """Adam learning rate. The paper's 1e-4 is for training on a corpus; per clip from a
+    fresh network it barely moves D in a few hundred steps."""
+    weight_decay: float = 5e-4
+    """Adam weight decay (the paper's)."""
+    holdout_stride: int = 5
+    """Every holdout_stride-th frame (1, 1 + stride, ...) is held out of training; 0 holds
+    none out."""
+    shading_frames: int = 48
+    """At most this many training frames, evenly spaced, fit the clip's albedo and light."""
+    albedo_blur_texels: float = 4.0
+    """Standard deviation of the Gaussian that low-passes the fitted albedo, in texels at
+    256^2 (scaled with the map size). A per-clip albedo absorbs whatever shading does not
+    change over the clip, wrinkles included, and would leave the detail nothing to explain;
+    skin albedo is smooth at this scale, so the low-pass keeps the wrinkles' shading in the
+    residual. 0 keeps the fitted albedo as it is."""
+    shading_prior: float = 0.05
+    """Pull of the shading-implied normals towards the coarse normals
+    (:func:`avface.shading.shading_normals`)."""
+    seed: int = 0
+    loss: FineLossConfig = field(default_factory=FineLossConfig)
+    net: FineNetConfig = field(default_factory=FineNetConfig)
+
+
+@dataclass(eq=False)
+class FineAdaptResult:
+    displacement: np.ndarray  #: (T, S, S) float32 metres, carried over untrusted texels
+    net: DetailNet
+    albedo: torch.Tensor  #: (S, S, 3)
+    sh: torch.Tensor  #: (T, 9, 3) per-frame light (coarse normals)
+    train_frames: np.ndarray  #: (Tt,) int
+    held_out: np.ndarray  #: (Th,) int
+    losses: list = field(default_factory=list)  #: per step, the total loss
+    photo_residual_coarse: float = math.nan  #: held-out frames, 8-bit levels
+    photo_residual_detail: float = math.nan
+    seconds: float = 0.0
+
+    @property
+    def detail_gain(self) -> float:
+        """1 - detail / coarse on the held-out frames."""
+        return 1.0 - self.photo_residual_detail / self.photo_residual_coarse
+
+
+def blur_masked(maps: torch.Tensor, mask: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Gaussian low-pass of (S, S, C) maps over the (S, S) mask only (normalised
+    convolution), so the empty background does not darken the borders; 0 outside the mask."""
+    if sigma <= 0:
+        return maps
+    radius = max(1, int(math.ceil(3 * sigma)))
+    x = torch.arange(-radius, radius + 1, dtype=maps.dtype, device=maps.device)
+    g = torch.exp(-x ** 2 / (2 * sigma ** 2))
+    g = g / g.sum()
+    m = mask.to(maps.dtype)[None, None]
+    v = (maps * mask[..., None]).permute(2, 0, 1)[:, None]  # (C, 1, S, S)
+
+    def sep(t):
+        t = F.conv2d(t, g.view(1, 1, 1, -1), padding=(0, radius))
+        return F.conv2d(t, g.view(1, 1, -1, 1), padding=(radius, 0))
+
+    out = sep(v) / sep(m).clamp_min(1e-6)
+    return (out[:, 0].permute(1, 2, 0)) * mask[..., None]
+
+
+def _split(n_frames: int, stride: int) -> tuple[np.ndarray, np.ndarray]:
+    idx = np.arange(n_frames)
+    if stride <= 0 or n_frames < 2:
+        return idx, idx[:0]
+    held = idx[1::stride]
+    return np.setdiff1d(idx, held), held
+
+
+def adapt_clip(clip: ClipUV, vertices: torch.Tensor, faces, raster: uvspace.UVRaster, audio: torch.Tensor | None,
+               cfg: FineAdaptConfig = FineAdaptConfig(), *, net: DetailNet | None = None,
+               mirror: tuple[np.ndarray, np.ndarray] | None = None, progress=None) -> FineAdaptResult:
+    """Fit the fine stage to one clip.
+
+    clip: the unwrapped frames (:func:`avface.fine.unwrap_clip`); vertices: (T, V, 3) the
+    same camera-frame vertices; audio: (T, A) per-frame audio features (A = the network's
+    ``audio_dim``), or None for silence; net: a network to start from (the generic
+    checkpoint's), else a fresh one; mirror: :func:`avface.uvspace.mirror_texels` of the
+    model, or None for no symmetry term. ``progress(fraction)`` is called now and then.
+    """
+    t0 = time.perf_counter()
+    n_frames = clip.image.shape[0]
+    device = vertices.device
+    if vertices.shape[0] != n_frames:
+        raise ValueError(f"{vertices.shape[0]} vertex sets for {n_frames} unwrapped frames")
+    net = net if net is not None else DetailNet(cfg.net, seed=cfg.seed).to(device)
+    net_cfg = net.cfg
+    if audio is None:
+        audio = torch.zeros(n_frames, net_cfg.audio_dim, device=device)
+    if audio.shape != (n_frames, net_cfg.audio_dim):
+        raise ValueError(f"expected ({n_frames}, {net_cfg.audio_dim}) audio features, got {tuple(audio.shape)}")
+    covered = uvspace.texel_mask(raster, device)
+    size = raster.size
+    if mirror is None:
+        mirror_idx = torch.zeros(size, size, dtype=torch.long, device=device)
+        mirror_ok = torch.zeros(size, size, dtype=torch.bool, device=device)
+    else:
+        mirror_idx = torch.as_tensor(mirror[0], device=device)
+        mirror_ok = torch.as_tensor(mirror[1], device=device)
+    min_trust = cfg.loss.min_trust
+    trusted = (clip.trust >= min_trust) & covered  # (T, S, S)
+    train, held = _split(n_frames, cfg.holdout_stride)
+    train = train[trusted[torch.as_tensor(train)].flatten(1).any(1).cpu().numpy()]
+    if len(train) == 0:
+        raise ValueError("no frame has a trusted texel: nothing to learn detail from")
+
+    def geometry(idx):
+        return uvspace.texel_geometry(raster, faces, vertices[torch.as_tensor(idx, device=device)].float())
+
+    # 1. the clip's albedo and light, on coarse normals, from training frames only
+    sfr = train[np.linspace(0, len(train) - 1, min(cfg.shading_frames, len(train))).round().astype(int)]
+    _, n_s = geometry(sfr)
+    fit = shading.fit_shading(clip.frames(torch.as_tensor(sfr)).to(device), n_s, trusted[torch.as_tensor(sfr)],
+                              seed=cfg.seed)
+    albedo = blur_masked(fit.albedo, fit.albedo.abs().sum(-1) > 0, cfg.albedo_blur_texels * size / 256.0)
+    clip_light = fit.sh.mean(0)
+    # every frame's own light under that albedo (held-out frames too: they are evaluated)
+    sh = torch.empty(n_frames, shading.N_SH, 3, dtype=albedo.dtype, device=device)
+    for s0 in range(0, n_frames, 32):
+        idx = np.arange(s0, min(s0 + 32, n_frames))
+        _, n_c = geometry(idx)
+        sh[idx] = shading.fit_lighting(clip.frames(torch.as_tensor(idx)).to(device), albedo, n_c, trusted[idx],
+                                       prior=clip_light, prior_weight=shading.LIGHT_TIE)
+
+    # 2. train
+    net.train()
+    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    rng = np.random.default_rng(cfg.seed)
+    losses = []
+    for step in range(cfg.steps):
+        idx = rng.choice(train, size=min(cfg.batch, len(train)), replace=False)
+        ti = torch.as_tensor(idx, device=device)
+        points, normals = geometry(idx)
+        image = clip.frames(torch.as_tensor(idx)).to(device)
+        trust = clip.trust[torch.as_tensor(idx)].to(device) * covered
+        with torch.no_grad():
+            target = shading.shading_normals(image, albedo, sh[ti], normals, trust >= min_trust,
+                                             prior=cfg.shading_prior)
+        d = net(image, normals, trust >= min_trust, audio[ti])
+        nd = uvspace.detail_normals(points, normals, d, covered)
+        loss, _ = fine_loss(cfg.loss, image_uv=image, albedo=albedo, sh=sh[ti], detail_normals=nd,
+                            shading_normals=target, displacement=d, trust=trust, covered=covered, mirror=mirror_idx,
+                            mirror_ok=mirror_ok)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+        if progress is not None and step % 20 == 0:
+            progress(0.9 * step / max(cfg.steps, 1))
+
+    # 3. predict every frame, carry D over what was not trusted, measure the held-out frames
+    net.eval()
+    out = np.zeros((n_frames, size, size), np.float32)
+    res_c = res_d = w_sum = 0.0
+    held_set = set(held.tolist())
+    with torch.no_grad():
+        for s0 in range(0, n_frames, cfg.batch):
+            idx = np.arange(s0, min(s0 + cfg.batch, n_frames))
+            ti = torch.as_tensor(idx, device=device)
+            points, normals = geometry(idx)
+            image = clip.frames(torch.as_tensor(idx)).to(device)
+            trust = clip.trust[torch.as_tensor(idx)].to(device) * covered
+            d = net(image, normals, trust >= min_trust, audio[ti]) * covered
+            out[idx] = d.cpu().numpy()
+            for j, t in enumerate(idx):
+                if t in held_set:
+                    w = (trust[j:j + 1] >= min_trust).float()
+                    nw = float(w.sum())
+                    if nw == 0:
+                        continue
+                    nd = uvspace.detail_normals(points[j:j + 1], normals[j:j + 1], d[j:j + 1], covered)
+                    res_c += nw * photo_residual(image[j:j + 1], albedo, sh[t:t + 1], normals[j:j + 1], w)
+                    res_d += nw * photo_residual(image[j:j + 1], albedo, sh[t:t + 1], nd, w)
+                    w_sum += nw
+    out = carry_displacement(out, trusted.cpu().numpy()) * raster.mask
+    result = FineAdaptResult(out.astype(np.float32), net, albedo, sh, train, held, losses,
+                             res_c / w_sum if w_sum else math.nan, res_d / w_sum if w_sum else math.nan,
+                             time.perf_counter() - t0)
+    log.info("fine stage: %d steps on %d frames in %.1f s; held-out photometric residual %.2f -> %.2f (8-bit)",
+             cfg.steps, len(train), result.seconds, result.photo_residual_coarse, result.photo_residual_detail)
+    if progress is not None:
+        progress(1.0)
+    return result
