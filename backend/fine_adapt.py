@@ -19,10 +19,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from . import shading, uvspace
-from .fine import ClipUV, FineLossConfig, carry_displacement, fine_loss, photo_residual
+from .fine import ClipUV, FineLossConfig, carry_displacement, fine_loss, masked_gaussian, photo_residual
 from avface.models.fine import DetailNet, FineNetConfig
 
 log = logging.getLogger(__name__)
@@ -82,21 +81,7 @@ class FineAdaptResult:
 def blur_masked(maps: torch.Tensor, mask: torch.Tensor, sigma: float) -> torch.Tensor:
     """Gaussian low-pass of (S, S, C) maps over the (S, S) mask only (normalised
     convolution), so the empty background does not darken the borders; 0 outside the mask."""
-    if sigma <= 0:
-        return maps
-    radius = max(1, int(math.ceil(3 * sigma)))
-    x = torch.arange(-radius, radius + 1, dtype=maps.dtype, device=maps.device)
-    g = torch.exp(-x ** 2 / (2 * sigma ** 2))
-    g = g / g.sum()
-    m = mask.to(maps.dtype)[None, None]
-    v = (maps * mask[..., None]).permute(2, 0, 1)[:, None]  # (C, 1, S, S)
-
-    def sep(t):
-        t = F.conv2d(t, g.view(1, 1, 1, -1), padding=(0, radius))
-        return F.conv2d(t, g.view(1, 1, -1, 1), padding=(radius, 0))
-
-    out = sep(v) / sep(m).clamp_min(1e-6)
-    return (out[:, 0].permute(1, 2, 0)) * mask[..., None]
+    return masked_gaussian(maps[None], mask[None], sigma)[0]
 
 
 def _split(n_frames: int, stride: int) -> tuple[np.ndarray, np.ndarray]:

@@ -117,9 +117,9 @@ def test_detail_learnt_on_a_clip_explains_held_out_frames_and_ignores_a_hand():
     mirror = uvspace.mirror_texels(r, mesh.faces, mesh.vertices)
     res = adapt_clip(clip, vt, mesh.faces, r, None, FineAdaptConfig(steps=100, batch=2, net=TINY_NET), mirror=mirror)
 
-    # Detail helps on frames it never trained on (measured: residual 3.46 -> 2.34 levels,
-    # gain 0.33; without the hand and with lambda_n = 0 the gain was 0.57 against 0.35 with
-    # lambda_n = 10: the normal term's per-texel targets are noisy, see docs/fine_stage.md).
+    # Detail helps on frames it never trained on (measured: residual 3.46 -> 2.15 levels,
+    # gain 0.38; FineLossConfig.normal_sigma_texels lists how the normal term's low-pass
+    # moves it).
     assert res.held_out.tolist() == [1, 6, 11]
     assert res.detail_gain > 0.15, (res.photo_residual_coarse, res.photo_residual_detail)
     # ...because it found the ripples (measured correlation 0.37)
