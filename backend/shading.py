@@ -15,8 +15,9 @@ and the joint fit eliminates the albedo in closed form and searches the light on
 
 Albedo and light trade a global scale, fixed here by making the shading average 1 over the
 trusted texels of the clip. A texel whose normal never changes over the clip cannot tell its
-albedo from its shading; head motion over the clip is what separates them, and a small ridge
-keeps the higher-order light terms from explaining albedo where it does not.
+albedo from its shading; head motion under one light is what separates them, so each
+frame's light is tied to the clip's (:func:`fit_shading`). The frames are used as they come
+(sRGB values / 255, as DECA does), not linearised.
 
 Maps are channels-last torch tensors, as in :mod:`avface.uvspace`: images (T, S, S, C),
 normals (T, S, S, 3), masks (T, S, S) bool or weights in [0, 1].

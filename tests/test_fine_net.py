@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from avface.models.fine import DetailNet, FineNetConfig, detail_net, init_params
+from avface.models.fine import DetailNet, FineNetConfig, detail_net
 from uv_util import one_thread
 
 TINY = FineNetConfig(widths=(8, 8, 16, 16, 16), audio_dim=12, groups=4)
