@@ -147,7 +147,21 @@ def adapt_clip(clip: ClipUV, vertices: torch.Tensor, faces, raster: uvspace.UVRa
         sh[idx] = shading.fit_lighting(clip.frames(torch.as_tensor(idx)).to(device), albedo, n_c, trusted[idx],
                                        prior=clip_light, prior_weight=shading.LIGHT_TIE)
 
-    # 2. train
+    # 2. train. The shading-implied normals depend only on the frame, the albedo and the
+    # light, all fixed while training: solved once per frame on first use, kept as float16.
+    cache: dict[int, torch.Tensor] = {}
+
+    def shading_targets(idx, image, normals, trust):
+        todo = [j for j, t in enumerate(idx) if int(t) not in cache]
+        if todo:
+            with torch.no_grad():
+                sel = torch.as_tensor(todo, device=device)
+                solved = shading.shading_normals(image[sel], albedo, sh[torch.as_tensor(idx[todo], device=device)],
+                                                 normals[sel], trust[sel] >= min_trust, prior=cfg.shading_prior)
+            for j, target in zip(todo, solved):
+                cache[int(idx[j])] = target.half()
+        return torch.stack([cache[int(t)] for t in idx]).to(normals.dtype)
+
     net.train()
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     rng = np.random.default_rng(cfg.seed)
@@ -158,9 +172,7 @@ def adapt_clip(clip: ClipUV, vertices: torch.Tensor, faces, raster: uvspace.UVRa
         points, normals = geometry(idx)
         image = clip.frames(torch.as_tensor(idx)).to(device)
         trust = clip.trust[torch.as_tensor(idx)].to(device) * covered
-        with torch.no_grad():
-            target = shading.shading_normals(image, albedo, sh[ti], normals, trust >= min_trust,
-                                             prior=cfg.shading_prior)
+        target = shading_targets(idx, image, normals, trust)
         d = net(image, normals, trust >= min_trust, audio[ti])
         nd = uvspace.detail_normals(points, normals, d, covered)
         loss, _ = fine_loss(cfg.loss, image_uv=image, albedo=albedo, sh=sh[ti], detail_normals=nd,

@@ -232,28 +232,38 @@ def shading_normals(images: torch.Tensor, albedo: torch.Tensor, sh: torch.Tensor
     along the light's gradient; the prior fixes the rest). The pseudo ground truth of the
     normal loss, in place of the paper's pretrained normal network.
 
-    Gauss-Newton on two tangent-plane coordinates per texel, vectorised over all texels;
-    texels outside ``mask`` keep their starting normal.
+    Gauss-Newton on two tangent-plane coordinates per texel, vectorised over the texels in
+    ``mask`` only (the others keep their starting normal), with the 2 x 2 normal equations
+    solved in closed form.
     """
-    n0 = F.normalize(normals, dim=-1, eps=1e-12)
+    m = mask if mask.dtype == torch.bool else mask > 0
+    out = normals.clone()
+    t_idx, i_idx, j_idx = torch.nonzero(m, as_tuple=True)
+    if len(t_idx) == 0:
+        return out
+    n0 = F.normalize(normals[m], dim=-1, eps=1e-12)  # (N, 3)
+    img = images[m]  # (N, C)
+    alb = albedo[i_idx, j_idx]  # (N, C)
+    light = sh[t_idx]  # (N, 9, C)
     n = n0
     # a tangent frame per texel: any vector not parallel to n, crossed twice
-    helper = torch.where((n0[..., 0:1].abs() < 0.9), torch.tensor([1.0, 0.0, 0.0], dtype=n0.dtype, device=n0.device),
-                         torch.tensor([0.0, 1.0, 0.0], dtype=n0.dtype, device=n0.device))
+    helper = torch.where(n0[:, 0:1].abs() < 0.9, n0.new_tensor([1.0, 0.0, 0.0]), n0.new_tensor([0.0, 1.0, 0.0]))
     for _ in range(iterations):
-        t1 = F.normalize(torch.cross(n, helper.expand_as(n), dim=-1), dim=-1, eps=1e-12)
+        t1 = F.normalize(torch.cross(n, helper, dim=-1), dim=-1, eps=1e-12)
         t2 = torch.cross(n, t1, dim=-1)
-        basis = torch.stack([t1, t2], dim=-1)  # (T, S, S, 3, 2)
-        y = sh_basis(n)
-        r_img = albedo[None] * torch.einsum("tijk,tkc->tijc", y, sh) - images  # (T, S, S, C)
-        dy = sh_basis_jacobian(n)  # (T, S, S, 9, 3)
-        # j_img[t, i, j, c, a] = albedo[i, j, c] * sum_k sh[t, k, c] * dY[k, :] . basis[:, a]
-        j_img = albedo[None, ..., None] * torch.einsum("tkc,tijkx,tijxa->tijca", sh, dy, basis)
-        r_prior = math.sqrt(prior) * torch.einsum("tijx,tijxa->tija", n - n0, basis)  # (T, S, S, 2)
-        j_prior = math.sqrt(prior) * torch.eye(2, dtype=n.dtype, device=n.device)
-        h = torch.einsum("tijca,tijcb->tijab", j_img, j_img) + j_prior @ j_prior.T
-        g = torch.einsum("tijca,tijc->tija", j_img, r_img) + torch.einsum("ab,tijb->tija", j_prior.T, r_prior)
-        step = -torch.linalg.solve(h, g[..., None])[..., 0]  # (T, S, S, 2)
-        n = F.normalize(n + torch.einsum("tijxa,tija->tijx", basis, step), dim=-1, eps=1e-12)
-    m = mask if mask.dtype == torch.bool else mask > 0
-    return torch.where(m[..., None], n, normals)
+        r = alb * torch.einsum("nk,nkc->nc", sh_basis(n), light) - img  # (N, C) colour residual
+        grad = torch.einsum("nkx,nkc->ncx", sh_basis_jacobian(n), light)  # (N, C, 3) d shading / d n
+        ja = alb * (grad * t1[:, None]).sum(-1)  # (N, C) Jacobian along t1
+        jb = alb * (grad * t2[:, None]).sum(-1)
+        h11 = (ja * ja).sum(-1) + prior
+        h12 = (ja * jb).sum(-1)
+        h22 = (jb * jb).sum(-1) + prior
+        # the prior's residual sqrt(prior) (n - n0) . t with Jacobian sqrt(prior) I
+        g1 = (ja * r).sum(-1) + prior * ((n - n0) * t1).sum(-1)
+        g2 = (jb * r).sum(-1) + prior * ((n - n0) * t2).sum(-1)
+        det = (h11 * h22 - h12 * h12).clamp_min(1e-20)
+        s1 = -(h22 * g1 - h12 * g2) / det
+        s2 = -(h11 * g2 - h12 * g1) / det
+        n = F.normalize(n + s1[:, None] * t1 + s2[:, None] * t2, dim=-1, eps=1e-12)
+    out[m] = n.to(out.dtype)
+    return out
