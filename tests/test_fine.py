@@ -300,3 +300,15 @@ def test_photo_residual_is_in_8_bit_levels():
     sh[:, 0] = 1.0 / shading.sh_basis(n)[0, 0, 0, 0]  # shading 1
     image = torch.full((1, 4, 4, 3), 0.5 + 2.0 / 255.0)
     assert fine.photo_residual(image, albedo, sh, n, torch.ones(1, 4, 4)) == pytest.approx(2.0, abs=1e-4)
+
+
+def test_detail_occluder_ratio():
+    clean = np.full((4, 8, 8), 1e-4, np.float32)
+    occluded = clean.copy()
+    occluded[2, 2:6, 2:6] = 5e-4  # an engraved hand in frame 2
+    region = np.zeros((8, 8), bool)
+    region[2:6, 2:6] = True
+    assert fine.detail_occluder_ratio(clean, clean, [1, 2], region) == pytest.approx(1.0)
+    assert fine.detail_occluder_ratio(occluded, clean, [1, 2], region) == pytest.approx(3.0)
+    with pytest.raises(ValueError, match="at least one frame"):
+        fine.detail_occluder_ratio(occluded, clean, [], region)
