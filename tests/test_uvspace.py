@@ -209,3 +209,27 @@ def test_confidence_map_lowers_only_the_region(canonical):
     assert (conf[0][torch.as_tensor(r.mask)] == 1.0).all()
     assert conf[1][torch.as_tensor(lips)].max() < 1e-6
     assert (conf[1][torch.as_tensor(forehead)] - 0.8).abs().max() < 1e-6
+
+
+def test_flame_layout_with_seams(tmp_path):
+    """FLAME keeps UV vertices apart from geometry vertices (seams): the raster works on
+    uv_faces, every per-vertex value goes through the geometry faces. On the synthetic
+    FLAME-format head with its cylindrical layout."""
+    from avface.models.flame import load_flame
+    from flame_fixture import write_synthetic_flame
+
+    model = load_flame(write_synthetic_flame(tmp_path, seed=0).folder)
+    assert len(model.uv) != model.n_vertices  # seams duplicate UV vertices
+    r = uvspace.rasterise_uv(model.uv, model.uv_faces, 128)
+    assert (r.texels_per_face()[_uv_areas(model.uv.astype(np.float64), model.uv_faces, 128) > 0] >= 1).all()
+    rest = torch.as_tensor(model.neutral_vertices(), dtype=torch.float32)[None]
+    pts, n = uvspace.texel_geometry(r, model.faces, rest)
+    m = torch.as_tensor(r.mask)
+    # texel points lie on the surface and normals point away from the head's centre
+    centre = rest[0].mean(0)
+    outward = ((pts[0][m] - centre) * n[0][m]).sum(-1)
+    assert (outward > 0).float().mean() > 0.95
+    # a texel's point is the barycentric blend of its triangle's geometry vertices
+    f, b = r.face[100], r.bary[100]
+    row, col = divmod(int(r.texel[100]), 128)
+    assert_close(pts[0, row, col].numpy(), b @ model.neutral_vertices()[model.faces[f]], atol=1e-6, what="texel point")
