@@ -123,9 +123,10 @@ def adapt_clip(clip: ClipUV, vertices: torch.Tensor, faces, raster: uvspace.UVRa
         mirror_idx = torch.as_tensor(mirror[0], device=device)
         mirror_ok = torch.as_tensor(mirror[1], device=device)
     min_trust = cfg.loss.min_trust
-    trusted = (clip.trust >= min_trust) & covered  # (T, S, S)
+    trust_all = clip.trust.to(device) * covered  # (T, S, S), on the device (the frames stay where they are)
+    trusted = trust_all >= min_trust
     train, held = _split(n_frames, cfg.holdout_stride)
-    train = train[trusted[torch.as_tensor(train)].flatten(1).any(1).cpu().numpy()]
+    train = train[trusted[torch.as_tensor(train, device=device)].flatten(1).any(1).cpu().numpy()]
     if len(train) == 0:
         raise ValueError("no frame has a trusted texel: nothing to learn detail from")
 
@@ -135,7 +136,7 @@ def adapt_clip(clip: ClipUV, vertices: torch.Tensor, faces, raster: uvspace.UVRa
     # 1. the clip's albedo and light, on coarse normals, from training frames only
     sfr = train[np.linspace(0, len(train) - 1, min(cfg.shading_frames, len(train))).round().astype(int)]
     _, n_s = geometry(sfr)
-    fit = shading.fit_shading(clip.frames(torch.as_tensor(sfr)).to(device), n_s, trusted[torch.as_tensor(sfr)],
+    fit = shading.fit_shading(clip.frames(torch.as_tensor(sfr)).to(device), n_s, trusted[torch.as_tensor(sfr, device=device)],
                               seed=cfg.seed)
     albedo = blur_masked(fit.albedo, fit.albedo.abs().sum(-1) > 0, cfg.albedo_blur_texels * size / 256.0)
     clip_light = fit.sh.mean(0)
@@ -144,7 +145,7 @@ def adapt_clip(clip: ClipUV, vertices: torch.Tensor, faces, raster: uvspace.UVRa
     for s0 in range(0, n_frames, 32):
         idx = np.arange(s0, min(s0 + 32, n_frames))
         _, n_c = geometry(idx)
-        sh[idx] = shading.fit_lighting(clip.frames(torch.as_tensor(idx)).to(device), albedo, n_c, trusted[idx],
+        sh[idx] = shading.fit_lighting(clip.frames(torch.as_tensor(idx)).to(device), albedo, n_c, trusted[torch.as_tensor(idx, device=device)],
                                        prior=clip_light, prior_weight=shading.LIGHT_TIE)
 
     # 2. train. The shading-implied normals depend only on the frame, the albedo and the
@@ -171,7 +172,7 @@ def adapt_clip(clip: ClipUV, vertices: torch.Tensor, faces, raster: uvspace.UVRa
         ti = torch.as_tensor(idx, device=device)
         points, normals = geometry(idx)
         image = clip.frames(torch.as_tensor(idx)).to(device)
-        trust = clip.trust[torch.as_tensor(idx)].to(device) * covered
+        trust = trust_all[ti]
         target = shading_targets(idx, image, normals, trust)
         d = net(image, normals, trust >= min_trust, audio[ti])
         nd = uvspace.detail_normals(points, normals, d, covered)
@@ -196,7 +197,7 @@ def adapt_clip(clip: ClipUV, vertices: torch.Tensor, faces, raster: uvspace.UVRa
             ti = torch.as_tensor(idx, device=device)
             points, normals = geometry(idx)
             image = clip.frames(torch.as_tensor(idx)).to(device)
-            trust = clip.trust[torch.as_tensor(idx)].to(device) * covered
+            trust = trust_all[ti]
             d = net(image, normals, trust >= min_trust, audio[ti]) * covered
             out[idx] = d.cpu().numpy()
             for j, t in enumerate(idx):
