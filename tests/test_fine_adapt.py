@@ -9,7 +9,7 @@ import torch
 from avface import fine, uvspace
 from avface.fine_adapt import FineAdaptConfig, _split, adapt_clip, blur_masked
 from avface.models.canonical_mesh import load_canonical_mesh
-from avface.models.fine import FineNetConfig
+from avface.models.fine import DetailNet, FineNetConfig
 from uv_util import one_thread
 
 TINY_NET = FineNetConfig(widths=(8, 16, 16, 32, 32), audio_dim=8)
@@ -132,3 +132,35 @@ def test_detail_learnt_on_a_clip_explains_held_out_frames_and_ignores_a_hand():
     assert hidden.sum() > 200
     carried = 0.5 * (res.displacement[6] + res.displacement[8])
     assert np.abs(res.displacement[7][hidden] - carried[hidden]).max() < 1e-9
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the 512^2 path of the fine stage)")
+def test_fine_stage_on_cuda_matches_the_cpu():
+    """Unwrap, shading, network, normals and loss on CUDA at 512^2 give the CPU's numbers."""
+    from uv_util import intrinsics, posed_camera_vertices, render_textured
+
+    mesh = load_canonical_mesh()
+    size = uvspace.default_uv_size("cuda")
+    assert size == 512
+    r = uvspace.rasterise_uv(mesh.uv, mesh.faces, size)
+    k = intrinsics(512)
+    verts = np.stack([posed_camera_vertices(y) for y in (-15.0, 15.0)]).astype(np.float32)
+    frames = np.stack([np.round(255 * render_textured(v, mesh.faces, mesh.uv.astype(np.float64), k, 512)[0])
+                       .astype(np.uint8) for v in verts])
+    outputs = {}
+    for device in ("cpu", "cuda"):
+        vt = torch.as_tensor(verts, device=device)
+        clip = fine.unwrap_clip(frames, vt, mesh.faces, r, k)
+        net = DetailNet(seed=0).to(device)
+        image = clip.frames(torch.arange(2, device=clip.image.device)).to(device)
+        pts, n = uvspace.texel_geometry(r, mesh.faces, vt)
+        valid = clip.trust.to(device) >= 0.5
+        with torch.no_grad():
+            d = net(image, n, valid, torch.zeros(2, net.cfg.audio_dim, device=device))
+            nd = uvspace.detail_normals(pts, n, d, uvspace.texel_mask(r, device))
+        outputs[device] = (clip.image.cpu(), clip.trust.cpu(), d.cpu(), nd.cpu())
+    for a, b in zip(outputs["cpu"], outputs["cuda"]):
+        if a.dtype == torch.uint8:
+            assert (a.int() - b.int()).abs().max() <= 1
+        else:
+            assert (a.float() - b.float()).abs().max() < 1e-3 * max(1.0, float(a.float().abs().max()))
