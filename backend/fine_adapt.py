@@ -71,6 +71,7 @@ class FineAdaptResult:
     photo_residual_coarse: float = math.nan  #: held-out frames, 8-bit levels
     photo_residual_detail: float = math.nan
     seconds: float = 0.0
+    phase_seconds: dict = field(default_factory=dict)  #: shading, train, predict
 
     @property
     def detail_gain(self) -> float:
@@ -133,6 +134,8 @@ def adapt_clip(clip: ClipUV, vertices: torch.Tensor, faces, raster: uvspace.UVRa
     def geometry(idx):
         return uvspace.texel_geometry(raster, faces, vertices[torch.as_tensor(idx, device=device)].float())
 
+    phases: dict[str, float] = {}
+    tp = time.perf_counter()
     # 1. the clip's albedo and light, on coarse normals, from training frames only
     sfr = train[np.linspace(0, len(train) - 1, min(cfg.shading_frames, len(train))).round().astype(int)]
     _, n_s = geometry(sfr)
@@ -148,6 +151,8 @@ def adapt_clip(clip: ClipUV, vertices: torch.Tensor, faces, raster: uvspace.UVRa
         sh[idx] = shading.fit_lighting(clip.frames(torch.as_tensor(idx)).to(device), albedo, n_c, trusted[torch.as_tensor(idx, device=device)],
                                        prior=clip_light, prior_weight=shading.LIGHT_TIE)
 
+    phases["shading"] = time.perf_counter() - tp
+    tp = time.perf_counter()
     # 2. train. The shading-implied normals depend only on the frame, the albedo and the
     # light, all fixed while training: solved once per frame on first use, kept as float16.
     cache: dict[int, torch.Tensor] = {}
@@ -186,6 +191,8 @@ def adapt_clip(clip: ClipUV, vertices: torch.Tensor, faces, raster: uvspace.UVRa
         if progress is not None and step % 20 == 0:
             progress(0.9 * step / max(cfg.steps, 1))
 
+    phases["train"] = time.perf_counter() - tp
+    tp = time.perf_counter()
     # 3. predict every frame, carry D over what was not trusted, measure the held-out frames
     net.eval()
     out = np.zeros((n_frames, size, size), np.float32)
@@ -211,11 +218,13 @@ def adapt_clip(clip: ClipUV, vertices: torch.Tensor, faces, raster: uvspace.UVRa
                     res_d += nw * photo_residual(image[j:j + 1], albedo, sh[t:t + 1], nd, w)
                     w_sum += nw
     out = carry_displacement(out, trusted.cpu().numpy()) * raster.mask
+    phases["predict"] = time.perf_counter() - tp
     result = FineAdaptResult(out.astype(np.float32), net, albedo, sh, train, held, losses,
                              res_c / w_sum if w_sum else math.nan, res_d / w_sum if w_sum else math.nan,
-                             time.perf_counter() - t0)
-    log.info("fine stage: %d steps on %d frames in %.1f s; held-out photometric residual %.2f -> %.2f (8-bit)",
-             cfg.steps, len(train), result.seconds, result.photo_residual_coarse, result.photo_residual_detail)
+                             time.perf_counter() - t0, phases)
+    log.info("fine stage: %d steps on %d frames in %.1f s (%s); held-out photometric residual %.2f -> %.2f (8-bit)",
+             cfg.steps, len(train), result.seconds, ", ".join(f"{k} {v:.1f} s" for k, v in phases.items()),
+             result.photo_residual_coarse, result.photo_residual_detail)
     if progress is not None:
         progress(1.0)
     return result
