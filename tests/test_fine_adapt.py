@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from avface import fine, uvspace
-from avface.fine_adapt import FineAdaptConfig, _split, adapt_clip, blur_masked
+from avface.train.fine import FineAdaptConfig, _split, adapt_clip, blur_masked
 from avface.models.canonical_mesh import load_canonical_mesh
 from avface.models.fine import DetailNet, FineNetConfig
 from uv_util import one_thread

@@ -2,9 +2,9 @@
 network on the clip's trusted texels, predict D for every frame and carry it over what was
 not trusted (docs/fine_stage.md).
 
-This is the training side of :mod:`avface.models.fine`; it belongs with the other training
-code (``backend/train/``, DESIGN.md section 3) once that package exists, and is kept apart
-from :mod:`avface.fine` (losses and maps) so that inference needs no optimiser.
+This is the training side of :mod:`avface.models.fine`, beside the other networks' training
+(:mod:`avface.train.adapt` adapts the coarse networks the same way), kept apart from
+:mod:`avface.fine` (losses and maps) so that inference needs no optimiser.
 
 Frames are split into training frames and held-out frames (every ``holdout_stride``-th
 frame): held-out frames never reach the optimiser, so the photometric residuals reported on
@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from . import shading, uvspace
-from .fine import ClipUV, FineLossConfig, carry_displacement, fine_loss, masked_gaussian, photo_residual
+from avface import shading, uvspace
+from avface.fine import ClipUV, FineLossConfig, carry_displacement, fine_loss, masked_gaussian, photo_residual
 from avface.models.fine import DetailNet, FineNetConfig
 
 log = logging.getLogger(__name__)
