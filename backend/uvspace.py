@@ -457,3 +457,40 @@ def pad_maps(maps: np.ndarray, covered: np.ndarray, width: int = 4) -> np.ndarra
     flat = maps.reshape(maps.shape[0], -1).copy()
     flat[:, fill.reshape(-1)] = flat[:, source[fill]]
     return flat.reshape(maps.shape)
+
+
+def splat(values: torch.Tensor, points: torch.Tensor, intrinsics, image_size: tuple[int, int],
+          mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw texel values into the frame, nearest texel per pixel: the inverse of
+    :func:`unwrap`, for previews and reports (a shaded detail panel), with no rasteriser.
+
+    values: (B, S, S, C); points: (B, S, S, 3) camera frame; mask: (S, S) or (B, S, S) bool
+    texels to draw (the visible ones). Each pixel takes the nearest of the texels that project
+    into it; with texels denser than pixels (256^2 over a face a few hundred pixels wide)
+    that covers the face without holes. Returns (image (B, H, W, C), drawn (B, H, W) bool).
+    """
+    b, s = points.shape[0], points.shape[1]
+    height, width = image_size
+    c = values.shape[-1]
+    px = project(points, intrinsics)
+    x, y = px[..., 0].floor().long(), px[..., 1].floor().long()
+    m = mask.expand(b, s, s) & (x >= 0) & (x < width) & (y >= 0) & (y < height) & (points[..., 2] > 0)
+    batch = torch.arange(b, device=points.device).view(b, 1, 1).expand(b, s, s)
+    pixel = (batch * height + y.clamp(0, height - 1)) * width + x.clamp(0, width - 1)  # (B, S, S) flat pixel
+    depth = points[..., 2]
+    zbuf = torch.full((b * height * width,), float("inf"), device=points.device, dtype=depth.dtype)
+    zbuf = zbuf.scatter_reduce(0, pixel[m], depth[m], reduce="amin")
+    winner = m & (depth <= zbuf[pixel])  # ties write the same pixel; any one of them will do
+    image = values.new_zeros(b * height * width, c)
+    image[pixel[winner]] = values[winner]
+    drawn = torch.isfinite(zbuf).view(b, height, width)
+    return image.view(b, height, width, c), drawn
+
+
+def normal_map_image(normals: torch.Tensor, mask: torch.Tensor | None = None) -> np.ndarray:
+    """(..., H, W, 3) unit normals to uint8 RGB, the usual (n + 1) / 2 encoding (camera frame:
+    x right is red, y down is green, z forward is blue); black where ``mask`` is False."""
+    img = ((normals.detach().float().cpu() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    if mask is not None:
+        img = img * mask.detach().cpu()[..., None].to(torch.uint8)
+    return img.numpy()

@@ -233,3 +233,28 @@ def test_flame_layout_with_seams(tmp_path):
     f, b = r.face[100], r.bary[100]
     row, col = divmod(int(r.texel[100]), 128)
     assert_close(pts[0, row, col].numpy(), b @ model.neutral_vertices()[model.faces[f]], atol=1e-6, what="texel point")
+
+
+def test_splat_draws_texels_back_into_the_frame(canonical):
+    """Unwrap a rendered frame, splat the unwrapped colours back: the face's pixels come back."""
+    mesh, r = canonical
+    size = 256
+    k = intrinsics(size)
+    verts = posed_camera_vertices(yaw_deg=30.0)
+    img, ids = render_textured(verts, mesh.faces, mesh.uv.astype(np.float64), k, size)
+    v = torch.as_tensor(verts, dtype=torch.float32)[None]
+    pts, n = uvspace.texel_geometry(r, mesh.faces, v)
+    kt = torch.as_tensor(k, dtype=torch.float32)
+    unwrapped, _ = uvspace.unwrap(torch.as_tensor(img).permute(2, 0, 1)[None], pts, kt)
+    vis = uvspace.visibility(pts, n, kt, (size, size), uvspace.texel_mask(r))
+    back, drawn = uvspace.splat(unwrapped, pts, kt, (size, size), vis)
+    face = ids >= 0
+    drawn = drawn[0].numpy()
+    # 256^2 texels cover the face without holes; what is left are grazing parts, not visible
+    # (measured: 94 % of the face's pixels, mean error 0.004)
+    assert (drawn & face).sum() > 0.9 * face.sum()
+    err = np.abs(back[0].numpy() - img)[drawn & face]
+    assert np.median(err) < 0.01 and err.mean() < 0.01, (np.median(err), err.mean())
+    rgb = uvspace.normal_map_image(n[0], uvspace.texel_mask(r))
+    assert rgb.dtype == np.uint8 and rgb.shape == (256, 256, 3)
+    assert (rgb[~r.mask] == 0).all() and rgb[r.mask, 2].mean() < 100  # camera-facing: z < 0, little blue
