@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import OutputError, SchemaError
+from . import shading
 from .shading import render
 
 log = logging.getLogger(__name__)
@@ -278,6 +279,37 @@ def detail_occluder_ratio(d_occluded: np.ndarray, d_clean: np.ndarray, frames, r
     occ = np.abs(np.asarray(d_occluded)[frames][:, region]).mean()
     clean = np.abs(np.asarray(d_clean)[frames][:, region]).mean()
     return float(occ / clean) if clean > 0 else (1.0 if occ == 0 else math.inf)
+
+
+PREVIEW_ALBEDO = 0.75
+"""Grey of the shaded preview surface."""
+
+
+def preview_light() -> torch.Tensor:
+    """(9, 1) a key light from the upper left and in front (camera frame), for previews."""
+    sh = torch.zeros(9, 1)
+    sh[0], sh[1], sh[2], sh[3] = 0.8, -0.35, -0.55, -0.3
+    return sh
+
+
+def shaded_detail_panel(vertices: torch.Tensor, faces, raster, intrinsics, image_size: tuple[int, int],
+                        displacement: torch.Tensor | None = None) -> np.ndarray:
+    """(H, W, 3) uint8: the surface drawn grey under :func:`preview_light`, with the detail's
+    normals when ``displacement`` (S, S) metres is given, the coarse ones otherwise: the
+    preview's second panel and the report's before/after pictures. vertices: (V, 3) camera
+    frame; the background is black."""
+    from . import uvspace
+
+    v = vertices[None].float()
+    points, normals = uvspace.texel_geometry(raster, faces, v)
+    covered = uvspace.texel_mask(raster, v.device)
+    k = torch.as_tensor(np.asarray(intrinsics), dtype=torch.float32, device=v.device)
+    vis = uvspace.visibility(points, normals, k, image_size, covered)  # coarse: one silhouette for both panels
+    if displacement is not None:
+        normals = uvspace.detail_normals(points, normals, displacement[None].to(points), covered)
+    grey = PREVIEW_ALBEDO * shading.shading(normals, preview_light().to(v.device)[None])  # (1, S, S, 1)
+    image, _ = uvspace.splat(grey.expand(-1, -1, -1, 3), points, k, image_size, vis)
+    return (image[0].clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
 
 
 # --------------------------------------------------------------------------- detail maps

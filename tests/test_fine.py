@@ -312,3 +312,25 @@ def test_detail_occluder_ratio():
     assert fine.detail_occluder_ratio(occluded, clean, [1, 2], region) == pytest.approx(3.0)
     with pytest.raises(ValueError, match="at least one frame"):
         fine.detail_occluder_ratio(occluded, clean, [], region)
+
+
+def test_shaded_detail_panel_shows_the_detail():
+    from uv_util import intrinsics
+
+    mesh = load_canonical_mesh()
+    r = uvspace.rasterise_uv(mesh.uv, mesh.faces, 128)
+    v = torch.as_tensor(posed_camera_vertices(yaw_deg=10.0), dtype=torch.float32)
+    k = intrinsics(192)
+    coarse = fine.shaded_detail_panel(v, mesh.faces, r, k, (192, 192))
+    uvc = uvspace.texel_centres(128)
+    d = torch.as_tensor(0.5e-3 * np.sin(2 * np.pi * 12 * uvc[..., 0]) * r.mask, dtype=torch.float32)
+    detailed = fine.shaded_detail_panel(v, mesh.faces, r, k, (192, 192), d)
+    assert coarse.shape == (192, 192, 3) and coarse.dtype == np.uint8
+    face = coarse.any(-1)
+    assert 0.1 < face.mean() < 0.5 and (coarse[~face] == 0).all()
+    # the ripples change the shading across the face, not just here and there (measured: a
+    # quarter of the face's pixels by more than 8 levels; the rest lie where the ripples'
+    # slope is small)
+    changed = np.abs(detailed.astype(int) - coarse.astype(int)).max(-1) > 8
+    assert changed[face].mean() > 0.15, changed[face].mean()
+    assert (detailed[~face] == 0).all()

@@ -86,8 +86,8 @@ def test_unwrapping_a_rendered_frame_gives_back_its_texture(canonical):
     mesh, r = canonical
     assert vis.sum() > 0.8 * r.n_texels  # a frontal face shows nearly all of itself
     err = np.abs(got - expected)[vis]  # (N, 3)
-    # Bilinear sampling of a 384 px frame of a smooth texture (measured: mean 0.0011, 99th
-    # percentile 0.012); the outliers are texels on the silhouette, whose pixel mixes face
+    # Bilinear sampling of a 384 px frame of a smooth texture (measured: mean 0.0009, 99th
+    # percentile 0.0096); the outliers are texels on the silhouette, whose pixel mixes face
     # and background.
     assert err.mean() < 0.003, err.mean()
     assert np.percentile(err, 99) < 0.03, np.percentile(err, 99)
@@ -99,7 +99,7 @@ def test_turned_head_hides_the_far_cheek_behind_the_nose(canonical):
     front_vis = _unwrap_rendered(canonical, yaw_deg=0.0)[1]
     assert vis.sum() < 0.85 * front_vis.sum()  # part of the face turned away or hidden
     err = np.abs(got - expected)[vis]
-    # measured: mean 0.0009, 99th percentile 0.013
+    # measured: mean 0.0009, 99th percentile 0.0128
     assert err.mean() < 0.003, err.mean()
     assert np.percentile(err, 99) < 0.03, np.percentile(err, 99)
     # Without the z-buffer the hidden cheek carries the nose's colour (measured 99th
@@ -251,8 +251,8 @@ def test_splat_draws_texels_back_into_the_frame(canonical):
     face = ids >= 0
     drawn = drawn[0].numpy()
     # 256^2 texels cover the face without holes; what is left are grazing parts, not visible
-    # (measured: 94 % of the face's pixels, mean error 0.004)
-    assert (drawn & face).sum() > 0.9 * face.sum()
+    # (measured: 99 % of the face's pixels, mean error 0.004)
+    assert (drawn & face).sum() > 0.97 * face.sum()
     err = np.abs(back[0].numpy() - img)[drawn & face]
     assert np.median(err) < 0.01 and err.mean() < 0.01, (np.median(err), err.mean())
     rgb = uvspace.normal_map_image(n[0], uvspace.texel_mask(r))
