@@ -8,10 +8,10 @@
 Steps:
 
 1. **Stage** ``blender_addon/`` into ``build/addon/avface_blender/`` and **vendor** into its
-   ``_vendor/`` subpackage the three pure-Python files the add-on shares with the backend,
+   ``_vendor/`` subpackage the four pure-Python files the add-on shares with the backend,
    copied from their one source at build time (never by hand, never committed):
-   ``backend/service/client.py``, ``backend/service/protocol.py`` and
-   ``backend/export/axes.py``. The add-on imports them as ``from ._vendor import client``.
+   ``backend/service/client.py``, ``backend/service/protocol.py``,
+   ``backend/export/axes.py`` and ``backend/export/kinematics.py``. The add-on imports them as ``from ._vendor import client``.
    The staged folder is named ``avface_blender`` so that tests which put ``build/addon`` on
    ``sys.path`` import exactly what the zip holds, never the source folder.
 2. **Wheels**: ``pip download --only-binary=:all:`` the pyzmq wheels, unmodified, for each
@@ -48,6 +48,8 @@ VENDORED = (
     (ROOT / "backend" / "service" / "client.py", "client.py"),
     (ROOT / "backend" / "service" / "protocol.py", "protocol.py"),
     (ROOT / "backend" / "export" / "axes.py", "axes.py"),
+    # the bones' per-frame transforms, computed as the USD/glTF rig computes them
+    (ROOT / "backend" / "export" / "kinematics.py", "kinematics.py"),
 )
 
 PYZMQ_REQUIREMENT = "pyzmq>=26,<28"
@@ -72,7 +74,7 @@ class BuildError(Exception):
 
 VENDOR_INIT = '''"""Files vendored by build_addon.py from the repository at build time; do not edit.
 
-client.py and protocol.py come from backend/service/, axes.py from backend/export/.
+client.py and protocol.py come from backend/service/, axes.py and kinematics.py from backend/export/.
 """
 '''
 

@@ -98,6 +98,9 @@ def result_arrays(fit: CoarseFit, arkit: np.ndarray, conf: np.ndarray, occluded:
     posedirs = getattr(getattr(m, "arrays", None), "posedirs", None)
     if posedirs is not None:  # FLAME: (V, 3, P) in the file's layout -> (P, V, 3)
         arrays["pose_correctives"] = np.ascontiguousarray(np.transpose(posedirs, (2, 0, 1)), np.float32)
+    expression_joints = m.expression_joints()
+    if expression_joints is not None:  # FLAME: the joints move with the expression
+        arrays["expression_joints"] = np.ascontiguousarray(expression_joints, np.float32)
     return arrays
 
 

@@ -14,7 +14,9 @@ Conventions (also written into ``meta["conventions"]``):
 - into Blender (Z up, front view looking along +Y): (x, y, z)_world -> (x, -z, y)_blender
   (``avface.export.axes``);
 - lip offsets (``lip_coeffs[t] . lip_basis``) are rest-frame offsets of ``lip_vertex_ids``,
-  added with the expression blend shapes before skinning, and do not move the joints.
+  added with the expression blend shapes before skinning, and do not move the joints;
+- FLAME's joints move with the expression: frame t rotates about
+  ``joints_rest + expression[t] . expression_joints`` (the optional ``expression_joints``).
 """
 from __future__ import annotations
 
@@ -41,6 +43,8 @@ CONVENTIONS = {
     "pose": "global_rot rotates about the root joint, then transl is added (smplx convention)",
     "lips": "lip_coeffs[t] . lip_basis are rest-frame offsets of lip_vertex_ids, added with the expression "
             "blend shapes before skinning; they do not move the joints",
+    "joints": "frame t's joints are joints_rest + expression[t] . expression_joints (FLAME; without "
+              "expression_joints they stay at joints_rest)",
 }
 
 # name -> (dtype kind, shape with symbols); symbols: T frames, V vertices, F faces, Vt uv
@@ -79,6 +83,11 @@ OPTIONAL = {
     # 9 * (j - 1) + 3 * r + c is (R_j - I)[r, c] for joint j >= 1 (neck, jaw, eyes), R_j the
     # joint's local rotation matrix. Absent for models without correctives.
     "pose_correctives": ("f", ("P", "V", 3)),
+    # How far one unit of each expression coefficient moves each rest joint (FLAME regresses
+    # its joints from the shaped mesh: J_regressor . expression_basis), so that the unposed
+    # joints of frame t are joints_rest + expression[t] . expression_joints. Absent where the
+    # joints do not move with the expression (the default model).
+    "expression_joints": ("f", ("E", "J", 3)),
 }
 META_KEYS = ("schema_version", "model", "fps", "n_frames", "width", "height", "source", "audio_present",
              "stages_run", "stage_seconds", "backend_version", "lip_pca_residual", "detail")

@@ -5,8 +5,8 @@ and nothing imports ``bpy`` at module level except the Blender-facing modules lo
 :func:`register`, so the pure parts (``io_result``, ``arkit_match``, the vendored client) can
 be imported and tested without Blender.
 
-Shared code with the backend lives in ``_vendor/`` (``client.py``, ``protocol.py`` and
-``axes.py``), which ``build_addon.py`` fills at build time from ``backend/``; the source folder
+Shared code with the backend lives in ``_vendor/`` (``client.py``, ``protocol.py``,
+``axes.py`` and ``kinematics.py``), which ``build_addon.py`` fills at build time from ``backend/``; the source folder
 never holds a copy. Tests and development import the staged package the build writes to
 ``build/addon/avface_blender`` (``python build_addon.py --stage-only``).
 """

@@ -231,9 +231,9 @@ def _animate(head, frames, mesh_obj, arm_obj, created):
     for j, joint in enumerate(head.joint_names):
         for i in range(4):
             bones.curve(f'pose.bones["{joint}"].rotation_quaternion', frames, head.bone_quaternions[:, j, i], index=i)
-    root = head.joint_names[0]
-    for i in range(3):
-        bones.curve(f'pose.bones["{root}"].location', frames, head.root_location[:, i], index=i)
+    for j in head.located_joints:
+        for i in range(3):
+            bones.curve(f'pose.bones["{head.joint_names[j]}"].location', frames, head.bone_locations[:, j, i], index=i)
 
     # ARKit curves and confidence as animated custom properties with their exact names
     props = Channels(mesh_obj, f"{mesh_obj.name} curves")

@@ -9,8 +9,12 @@ How the head is built in Blender, and why it reproduces the result's ``vertices`
 - one bone per joint of the result, head at ``joints_rest``, pointing along +y with no roll,
   so that the bone's rest axes are the model axes and a pose rotation is the joint's
   axis-angle rotation as it is;
-- the root bone also carries ``transl`` as its location (the model rotates about the root
-  joint, then translates: exactly a Blender bone's location then rotation);
+- each bone's location key is where its joint is on frame t relative to its rest offset from
+  the parent (``_vendor/kinematics.py``, the maths the USD and glTF rig uses): for the root
+  that is ``transl`` (the model rotates about the root joint, then translates: exactly a
+  Blender bone's location then rotation) plus the root joint's own motion; FLAME's joints are
+  regressed from the shaped mesh, so they move with the expression
+  (``expression_joints``), and their bones then carry location keys too;
 - the mesh is the neutral shape, skinned with ``skin_weights`` (vertex groups named after the
   bones); expression and lip offsets are shape keys, applied before the armature, as the
   model adds them before skinning.
@@ -34,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._vendor import axes
+from ._vendor import axes, kinematics
 
 SCHEMA_VERSION = 1
 #: Custom properties for the per-frame confidence (exact names; the ARKit curves keep theirs).
@@ -99,8 +103,12 @@ class HeadData:
     """(V, J) float32."""
     bone_quaternions: np.ndarray
     """(T, J, 4) float32 (w, x, y, z), sign-continuous over time."""
-    root_location: np.ndarray
-    """(T, 3) float32: ``transl``."""
+    bone_locations: np.ndarray
+    """(T, J, 3) float32 pose-bone locations: the root's is ``transl`` plus its joint's motion;
+    the others' are zero unless the joints move with the expression."""
+    located_joints: tuple[int, ...]
+    """The joints whose bones get location keys: the root, and every joint when the result's
+    joints move with the expression (FLAME)."""
     arkit_names: tuple[str, ...]
     arkit: np.ndarray
     """(T, 52) float32 in [0, 1]."""
@@ -169,6 +177,16 @@ def axis_angle_to_quaternion(rotvec: np.ndarray) -> np.ndarray:
     # sin(a/2)/a -> 1/2 as a -> 0
     scale = np.where(angle > 1e-12, np.sin(half) / np.maximum(angle, 1e-300), 0.5)
     return np.concatenate([np.cos(half), rotvec * scale], axis=-1)
+
+
+def quaternion_matrices(q: np.ndarray) -> np.ndarray:
+    """(..., 4) unit quaternions (w, x, y, z) -> (..., 3, 3) rotation matrices, float64."""
+    q = np.asarray(q, np.float64)
+    w, x, y, z = q[..., 0], q[..., 1], q[..., 2], q[..., 3]
+    rows = [[1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y)],
+            [2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x)],
+            [2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)]]
+    return np.stack([np.stack(r, axis=-1) for r in rows], axis=-2)
 
 
 def continuous_quaternions(q: np.ndarray) -> np.ndarray:
@@ -273,12 +291,16 @@ def _check(path: Path, a: dict, n: int) -> None:
                                                   "occluded", "speech_activity")]
     if "vertices" in a:
         checks.append(("vertices", a["vertices"].shape == (n, v, 3)))
+    if "expression_joints" in a:
+        checks.append(("expression_joints", a["expression_joints"].shape == (a["expression_basis"].shape[0],
+                                                                             len(a["joint_names"]), 3)))
     bad = [name for name, ok in checks if not ok]
     if bad:
         raise ResultError(f"{path}: arrays with the wrong shape for {n} frames and {v} vertices: "
                           + ", ".join(f"{k} {a[k].shape}" for k in bad))
-    for k in ("vertices_neutral", "expression_basis", "expression", "global_rot", "transl", "lip_basis", "lip_coeffs", "arkit"):
-        if not np.all(np.isfinite(a[k])):
+    for k in ("vertices_neutral", "expression_basis", "expression", "global_rot", "transl", "lip_basis", "lip_coeffs", "arkit",
+              "expression_joints"):
+        if k in a and not np.all(np.isfinite(a[k])):
             raise ResultError(f"{path}: {k} contains NaN or infinite values")
 
 
@@ -306,6 +328,7 @@ def read_result(path: str | Path) -> HeadData:
     joint_names = tuple(str(s) for s in a["joint_names"])
     rotvecs = np.stack([_joint_pose(name, j, a) for j, name in enumerate(joint_names)], axis=1)  # (T, J, 3)
     quats = continuous_quaternions(axis_angle_to_quaternion(rotvecs))
+    locations, located = _bone_locations(a, quats)
 
     matrix = np.eye(4)
     matrix[:3, :3] = axes.WORLD_TO_BLENDER
@@ -326,7 +349,8 @@ def read_result(path: str | Path) -> HeadData:
         joints_rest=np.asarray(a["joints_rest"], np.float32),
         skin_weights=np.asarray(a["skin_weights"], np.float32),
         bone_quaternions=quats.astype(np.float32),
-        root_location=np.asarray(a["transl"], np.float32),
+        bone_locations=locations.astype(np.float32),
+        located_joints=located,
         arkit_names=tuple(str(s) for s in a["arkit_names"]),
         arkit=np.asarray(a["arkit"], np.float32),
         confidence={prop: np.asarray(a[key], np.float32) for key, prop in CONFIDENCE_PROPERTIES.items()},
@@ -336,6 +360,22 @@ def read_result(path: str | Path) -> HeadData:
         extrinsics=np.asarray(a["extrinsics"], np.float64),
         correctives=_correctives(path, a, joint_names),
     )
+
+
+def _bone_locations(a: dict, quats: np.ndarray) -> tuple[np.ndarray, tuple[int, ...]]:
+    """((T, J, 3) pose-bone locations, the joints to key) for bones at ``joints_rest`` that
+    rotate by ``quats`` (T, J, 4): the per-frame joint transforms of ``_vendor/kinematics``."""
+    parents = np.asarray(a["joint_parents"], np.int64)
+    joints_rest = np.asarray(a["joints_rest"], np.float64)
+    expression_joints = a.get("expression_joints")
+    if expression_joints is not None and not np.any(expression_joints):
+        expression_joints = None
+    joints = kinematics.posed_rest_joints(joints_rest, a["expression"], expression_joints)
+    _, _, local_t = kinematics.joint_transforms(quaternion_matrices(quats), joints, joints_rest, parents,
+                                                np.asarray(a["transl"], np.float64))
+    locations = kinematics.bone_locations(local_t, joints_rest, parents)
+    located = tuple(range(len(parents))) if expression_joints is not None else (0,)
+    return locations, located
 
 
 def _correctives(path: Path, a: dict, joint_names: tuple[str, ...]) -> tuple:

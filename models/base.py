@@ -100,6 +100,11 @@ class FaceModel(abc.ABC):
     def rest_joints(self, betas: torch.Tensor | None = None) -> np.ndarray:
         """(J, 3) joint locations of the identity at rest."""
 
+    def expression_joints(self) -> np.ndarray | None:
+        """(E, J, 3) how far one unit of each expression coefficient moves each rest joint,
+        or None for a model whose joints do not move with the expression."""
+        return None
+
     def zero_params(self, batch: int, *, device="cpu", dtype=torch.float32) -> FaceParams:
         return FaceParams.zeros(batch, self.n_shape, self.n_expression, device=device, dtype=dtype)
 

@@ -625,6 +625,13 @@ class FlameModel(FaceModel):
         """(5, 3) rest joint locations of the identity `betas` (for the add-on's bones)."""
         return (self.arrays.j_regressor @ self.neutral_vertices(betas).astype(np.float64)).astype(np.float32)
 
+    def expression_joints(self) -> np.ndarray:
+        """(E, 5, 3) joint motion per unit expression: the joints are regressed from the shaped
+        mesh, so the expression moves them (the add-on's bones must follow)."""
+        # j_expr[e, j, k] = sum_v j_regressor[j, v] * dirs[v, k, n_shape + e]
+        j_expr = np.einsum("jv,vke->ejk", self.arrays.j_regressor, self._dirs[:, :, self._n_shape:])
+        return np.ascontiguousarray(j_expr, np.float32)
+
 
 # --------------------------------------------------------------------------------------
 # Finding and loading the files

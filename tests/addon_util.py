@@ -156,3 +156,18 @@ def flame_like_result(tmp_path_factory) -> Path:
             "stages_run": ["export"], "stage_seconds": {}, "backend_version": "test", "lip_pca_residual": 0.0,
             "detail": {"n_maps": 0, "folder": "detail", "map_size": 0, "metres_per_unit": 0.0, "format": "png16"}}
     return write_result(tmp_path_factory.mktemp("addon-flame") / "result.npz", arrays, meta)
+
+
+@pytest.fixture(scope="session")
+def flame_result(tmp_path_factory) -> Path:
+    """A real FLAME result (``tests/export_util.flame_result``: the synthetic FLAME model of
+    ``tests/flame_fixture.py`` run by the model code and written by ``assemble.result_arrays``)
+    with identity, expression and all five joints posed. Unlike ``flame_like_result``, its
+    joints are regressed from the shaped mesh, so they move with the expression, as FLAME's do.
+    25 fps, so that one result frame is one scene frame at the scene rate the checks set."""
+    from export_util import flame_result as make_flame_result
+    from flame_fixture import write_synthetic_flame
+
+    root = tmp_path_factory.mktemp("addon-flame-real")
+    write_synthetic_flame(root / "flame")
+    return make_flame_result(root / "result", root / "flame", fps=25.0)

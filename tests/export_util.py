@@ -69,6 +69,9 @@ def _finish(out_dir: Path, fit: CoarseFit, rng, *, n_lip: int, model_name: str, 
         arrays["lip_basis"] = arrays["expression_basis"][e:, lips].copy()
         arrays["lip_coeffs"] = arrays["expression"][:, e:].copy()
         arrays["expression_basis"] = arrays["expression_basis"][:e].copy()
+        if "expression_joints" in arrays:  # the fabricated lip components never move the joints
+            assert not arrays["expression_joints"][e:].any()
+            arrays["expression_joints"] = arrays["expression_joints"][:e].copy()
         arrays["expression"] = arrays["expression"][:, :e].copy()
     out_dir = Path(out_dir)
     if n_detail:

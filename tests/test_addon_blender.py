@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from addon_util import damaged_copy, demo_clip, flame_like_result, real_result, rich_result  # noqa: F401 (fixtures)
+from addon_util import damaged_copy, demo_clip, flame_like_result, flame_result, real_result, rich_result  # noqa: F401 (fixtures)
 from blender_harness import blender, staged_addon  # noqa: F401 (fixtures)
+from export_util import WORLD_F32
 
 pytestmark = [pytest.mark.blender, pytest.mark.slow]
 
@@ -61,9 +62,31 @@ def test_flame_joints_become_a_keyed_armature(blender, flame_like_result):
         assert err <= tol, f"frame {t}: vertices differ by up to {err:.3g} m (tolerance {tol:.3g} m)"
 
 
+def test_flame_joints_follow_the_expression(blender, flame_result):
+    """A real FLAME result: its joints are regressed from the shaped mesh, so they move with
+    the expression, and the bones must move with them (a joint shift times a rotation)."""
+    report = blender.run("bl_addon.py", "flame_armature", result=str(flame_result), frames=[0, 5, 9],
+                         world_f32=str(flame_result.parent / WORLD_F32))
+    off = [f"frame {t}: {err:.3g} m (tolerance {tol:.3g} m)"
+           for t, err, tol in zip(report["frames"], report["max_error_m"], report["tolerance_m"]) if err > tol]
+    assert not off, "vertices differ from the result's: " + "; ".join(off)
+    assert report["located_bones"] == ["global", "neck", "jaw", "left_eye", "right_eye"]
+    # below float16: against the model's own float32 mesh, only Blender's float32 sums remain
+    for t, err in zip(report["frames"], report["max_error_f32_m"]):
+        assert err < 1e-5, f"frame {t}: {err:.3g} m off the model's float32 mesh"
+
+
 def test_fbx_bakes_the_driven_pose_correctives(blender, flame_like_result, tmp_path):
     report = blender.run("bl_fbx.py", "fbx_round_trip", result=str(flame_like_result), fbx_path=str(tmp_path / "flame.fbx"))
     assert report["n_keys"] == [40, 40]  # 4 expression keys + 36 correctives, baked from their drivers
     assert report["vertex_motion_m"] > 1e-3
     for frame, key_err, vert_err in zip(report["frames"], report["key_error"], report["vertex_error_m"]):
         assert key_err < 1e-3 and vert_err < 1e-4, (frame, key_err, vert_err)
+
+
+def test_fbx_keeps_the_flame_bones_moving_with_the_expression(blender, flame_result, tmp_path):
+    report = blender.run("bl_fbx.py", "fbx_round_trip", result=str(flame_result), fbx_path=str(tmp_path / "flame.fbx"))
+    assert report["vertex_motion_m"] > 1e-3
+    for frame, key_err, bone_err, vert_err in zip(report["frames"], report["key_error"], report["bone_error"],
+                                                  report["vertex_error_m"]):
+        assert key_err < 1e-3 and bone_err < 1e-4 and vert_err < 1e-4, (frame, key_err, bone_err, vert_err)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from addon_util import addon_module, damaged_copy, demo_clip, flame_like_result, real_result, rich_result  # noqa: F401 (fixtures)
+from addon_util import addon_module, damaged_copy, demo_clip, flame_like_result, flame_result, real_result, rich_result  # noqa: F401 (fixtures)
 from conftest import assert_close
 
 io_result = addon_module("io_result")
@@ -18,6 +18,13 @@ def test_vendored_axes_is_the_backend_file():
     vendored = addon_module("_vendor.axes")
     assert np.array_equal(vendored.WORLD_TO_BLENDER, axes.WORLD_TO_BLENDER)
     assert open(vendored.__file__).read() == open(axes.__file__).read()
+
+
+def test_vendored_kinematics_is_the_backend_file():
+    from avface.export import kinematics
+
+    vendored = addon_module("_vendor.kinematics")
+    assert open(vendored.__file__).read() == open(kinematics.__file__).read()
 
 
 def test_real_result_arrays(real_result):
@@ -132,3 +139,79 @@ def test_flame_correctives_are_read_per_joint_entry(flame_like_result):
     jaw_12 = next(c for c in head.correctives if c.name == "pose_jaw_12")
     # jaw is joint 2, so its entries start at 9 * (2 - 1)
     assert_close(jaw_12.offsets, z["pose_correctives"][9 + 3 * 1 + 2], what="jaw (1, 2) corrective")
+
+
+def _blender_pose(head, frames) -> np.ndarray:
+    """(n, V, 3) the head as Blender poses it, in numpy: shape keys and correctives on the
+    neutral mesh, then bones with heads at ``joints_rest`` and the model's axes as rest axes,
+    whose pose matrix is parent pose x rest offset x location x rotation, skinned by the
+    vertex groups, then the armature object's matrix. Written from Blender's bone convention,
+    not from ``kinematics``, so that it checks the location keys that module computes."""
+    rest = head.joints_rest.astype(np.float64)
+    parents = head.joint_parents
+    out = []
+    for t in frames:
+        # mesh[v] = neutral[v] + sum_k value[t, k] * offset[k, v]
+        mesh = head.vertices_neutral + np.einsum("k,kvc->vc", head.shape_key_values[t].astype(np.float64),
+                                                 head.shape_key_offsets.astype(np.float64))
+        rot = io_result.quaternion_matrices(head.bone_quaternions[t].astype(np.float64))  # (J, 3, 3)
+        for corr in head.correctives:
+            j = head.joint_names.index(corr.joint)
+            mesh = mesh + (rot[j] - np.eye(3))[corr.row, corr.col] * corr.offsets
+        pose = []
+        for j in range(len(rest)):
+            basis = np.eye(4)
+            basis[:3, :3] = rot[j]
+            basis[:3, 3] = head.bone_locations[t, j]
+            offset = np.eye(4)
+            offset[:3, 3] = rest[j] - (rest[parents[j]] if parents[j] >= 0 else 0.0)
+            pose.append((pose[parents[j]] if parents[j] >= 0 else np.eye(4)) @ offset @ basis)
+        # skin[v] = sum_j w[v, j] * pose_j (mesh[v] - rest_j)
+        skin = sum(head.skin_weights[:, j, None] * ((mesh - rest[j]) @ pose[j][:3, :3].T + pose[j][:3, 3])
+                   for j in range(len(rest)))
+        out.append(skin @ head.object_matrix[:3, :3].T)
+    return np.stack(out)
+
+
+def test_flame_bones_follow_the_expression_and_reproduce_the_vertices(flame_result):
+    """FLAME regresses its joints from the shaped mesh: the bones' location keys carry that
+    motion, so the posed head matches the result's vertices (float16) and the model's own
+    float32 mesh, at three frames."""
+    from avface.export import axes
+    from export_util import WORLD_F32
+
+    head = io_result.read_result(flame_result)
+    assert head.located_joints == tuple(range(5)), "every FLAME bone needs location keys"
+    assert head.bone_locations.shape == (head.n_frames, 5, 3)
+    # the joints do move: a few tenths of a millimetre or more, which skinning turns into more
+    assert np.abs(head.bone_locations[:, 1:]).max() > 1e-4
+    frames = [0, 5, 9]
+    got = _blender_pose(head, frames)
+    want = io_result.expected_blender_vertices(head, frames)
+    stored = np.abs(head.vertices[frames]).astype(np.float16)
+    assert_close(got, want, atol=float(np.spacing(stored).max()) + 1e-4, rtol=0, what="posed head vs vertices")
+    world_f32 = axes.world_to_blender(np.load(flame_result.parent / WORLD_F32)[frames].astype(np.float64))
+    assert_close(got, world_f32, atol=1e-6, rtol=0, what="posed head vs the model's float32 mesh")
+
+
+def test_fixed_joints_key_only_the_root_location(real_result, flame_like_result):
+    """The default model (and a FLAME-like result without ``expression_joints``) keeps its
+    joints at rest: only the root bone is located, at ``transl``."""
+    for path in (real_result, flame_like_result):
+        head = io_result.read_result(path)
+        z = np.load(path)
+        assert "expression_joints" not in z.files
+        assert head.located_joints == (0,)
+        assert_close(head.bone_locations[:, 0], z["transl"], atol=1e-7, rtol=0, what="root location")
+        assert_close(head.bone_locations[:, 1:], np.zeros_like(head.bone_locations[:, 1:]), atol=1e-7, rtol=0,
+                     what="other bones' locations")
+    assert_close(_blender_pose(head, [3]), io_result.expected_blender_vertices(head, [3]), atol=1e-5, rtol=0,
+                 what="FLAME-like head")
+
+
+def test_expression_joints_of_the_wrong_shape_are_refused(flame_result, tmp_path):
+    z = dict(np.load(flame_result))
+    z["expression_joints"] = z["expression_joints"][:, :4]
+    np.savez(tmp_path / "result.npz", **z)
+    with pytest.raises(io_result.ResultError, match="expression_joints"):
+        io_result.read_result(tmp_path / "result.npz")

@@ -508,3 +508,20 @@ def test_flame_status(tmp_path, synthetic):
     s.embedding_path.write_bytes(b"broken")
     ok, reason = flame_status(s.folder)
     assert not ok and EMBEDDING_FILE in reason
+
+
+def test_expression_joints_are_how_the_expression_moves_the_rest_joints(model64):
+    """The result stores them (``expression_joints``) so that the add-on's bones can follow
+    joints that FLAME regresses from the shaped mesh."""
+    params = random_params(model64, 3, seed=4)
+    params = dataclasses.replace(params, betas=params.betas[:1].expand(3, -1),
+                                 global_orient=torch.zeros(3, 3, dtype=torch.float64),
+                                 neck_pose=torch.zeros(3, 3, dtype=torch.float64),
+                                 transl=torch.zeros(3, 3, dtype=torch.float64))
+    joints = model64.forward(params).joints.numpy()  # unposed root and neck: the rest joints of each frame
+    rest = model64.rest_joints(params.betas[:1])
+    e = model64.expression_joints()
+    assert e.shape == (model64.n_expression, 5, 3) and np.abs(e).max() > 0
+    want = rest[None] + np.einsum("te,ejk->tjk", params.expression.numpy(), e)
+    # with no global or neck rotation and no transl, the root and the neck sit where they rest
+    assert_close(joints[:, :2], want[:, :2], atol=1e-6, what="rest joints of each frame")

@@ -22,7 +22,8 @@ The rig here reproduces that exactly:
   ``posedirs[:, :, k]`` and the per-frame weight ``R_j[row, col] - delta(row, col)``;
 - one skeleton whose bind pose puts every joint at ``joints_rest`` with no rotation, and whose
   per-frame joint transforms are ``A_j[t]`` composed with the bind pose. Expression-driven joint
-  motion (FLAME) and ``transl`` therefore live in the animated joint translations.
+  motion (FLAME) and ``transl`` therefore live in the animated joint translations. That maths
+  is in ``kinematics`` (numpy only), which the Blender add-on vendors to pose its bones alike.
 
 Lip offsets (``lip_basis``, ``lip_coeffs``) are taken as rest-frame offsets added to ``shaped``
 before skinning, like the expression basis (they move with the jaw and the head); they do not
@@ -48,6 +49,7 @@ from avface.errors import ModelFileError, SchemaError
 from avface.result import Result
 
 from . import axes
+from .kinematics import joint_transforms, posed_rest_joints
 
 log = logging.getLogger(__name__)
 
@@ -168,28 +170,6 @@ def _rotations(rotvecs: np.ndarray) -> np.ndarray:
     return Rotation.from_rotvec(rotvecs).as_matrix()
 
 
-def forward_kinematics(local_rot: np.ndarray, joints: np.ndarray, parents: np.ndarray, transl: np.ndarray):
-    """The models' kinematic chain (``models.lbs.rigid_transform_chain``) in numpy.
-
-    local_rot: (T, J, 3, 3); joints: (T, J, 3) rest joint locations of each frame; parents (J,);
-    transl: (T, 3) added last. Returns the world rotations (T, J, 3, 3) and the translations
-    (T, J, 3) of the rest-to-posed transforms A_j(p) = R_j p + t_j.
-    """
-    n_frames, n_joints = joints.shape[:2]
-    g_rot = np.zeros((n_frames, n_joints, 3, 3))
-    g_t = np.zeros((n_frames, n_joints, 3))
-    for j in range(n_joints):
-        p = int(parents[j])
-        if p < 0:
-            g_rot[:, j] = local_rot[:, j]
-            g_t[:, j] = joints[:, j]
-        else:
-            g_rot[:, j] = g_rot[:, p] @ local_rot[:, j]
-            g_t[:, j] = np.einsum("tab,tb->ta", g_rot[:, p], joints[:, j] - joints[:, p]) + g_t[:, p]
-    a_t = g_t - np.einsum("tjab,tjb->tja", g_rot, joints) + transl[:, None, :]
-    return g_rot, a_t
-
-
 def _flame_dir_from_config(result_path: Path | None) -> str | None:
     """The FLAME folder the job used, from the config.yaml it wrote beside the result."""
     if result_path is None:
@@ -290,14 +270,14 @@ def rig_from_result(result: Result, result_path: str | Path | None = None, *, fl
         # joints regressed from the shaped mesh move with the expression:
         # j_expr[e, j, k] = sum_v J_regressor[j, v] * expression_basis[e, v, k]
         j_expr = np.einsum("jv,evk->ejk", parts.j_regressor, expr_basis.astype(np.float64))
-        joints = joints_rest[None] + np.einsum("te,ejk->tjk", expr.astype(np.float64), j_expr)
+        joints = posed_rest_joints(joints_rest, expr, j_expr)
     elif model == "mediapipe_canonical":
         if names != DEFAULT_JOINTS:
             raise SchemaError(f"a {model} result has joints {DEFAULT_JOINTS}; got {names}")
         rotvecs = [a["global_rot"], a["jaw"]]
         neutral = np.asarray(a["vertices_neutral"], np.float64)
         parts = None
-        joints = np.broadcast_to(joints_rest, (n_frames,) + joints_rest.shape)
+        joints = posed_rest_joints(joints_rest, expr, None)
     else:  # check_arrays already refuses unknown models; keep the error if that changes
         raise SchemaError(f"cannot export a {model!r} result")
 
@@ -314,13 +294,7 @@ def rig_from_result(result: Result, result_path: str | Path | None = None, *, fl
         weights.append(feature[:, keep].astype(np.float32))
         log.info("%d of %d pose-corrective shapes move in this clip", int(keep.sum()), len(keep))
 
-    g_rot, a_t = forward_kinematics(local_rot, joints, parents, transl)
-    # world joint transform W = A B with the bind B = translate(joints_rest)
-    world_t = a_t + np.einsum("tjab,jb->tja", g_rot, joints_rest)
-    local_t = world_t.copy()
-    for j in range(1, len(names)):
-        p = parents[j]
-        local_t[:, j] = np.einsum("tba,tb->ta", g_rot[:, p], world_t[:, j] - world_t[:, p])
+    g_rot, world_t, local_t = joint_transforms(local_rot, joints, joints_rest, parents, transl)
 
     rig = Rig(
         model=model, fps=float(meta["fps"]), neutral=neutral,

@@ -101,10 +101,13 @@ def import_refused(result, expect):
     return {"message": message}
 
 
-def flame_armature(result, frames):
+def flame_armature(result, frames, world_f32=None):
     """FLAME's five joints become bones with FLAME's parents, each keyed per frame, and the
-    skinned, posed mesh matches vertices made by the backend's own skinning."""
+    skinned, posed mesh matches vertices made by the backend's own skinning. With
+    ``world_f32`` (a .npy of the model's float32 world-frame mesh, (T, V, 3)), the report also
+    has the errors against it, far below the float16 rounding of the stored ``vertices``."""
     from avface_blender import io_result
+    from avface_blender._vendor import axes
 
     report = import_and_check(result, frames)
     head = io_result.read_result(result)
@@ -126,4 +129,12 @@ def flame_armature(result, frames):
         d = drivers[f'key_blocks["{kb.name}"].value'].driver
         assert d.is_valid and d.is_simple_expression, (kb.name, d.expression)
     report["bones"] = parents
+    report["located_bones"] = [head.joint_names[j] for j in head.located_joints]
+    for j in head.located_joints:
+        co = fcurve_values(arm_obj, f'pose.bones["{head.joint_names[j]}"].location', 2)
+        assert len(co) == head.n_frames and np.allclose(co[:, 1], head.bone_locations[:, j, 2], atol=1e-7)
+    if world_f32 is not None:
+        want = axes.world_to_blender(np.load(world_f32)[frames].astype(np.float64))
+        report["max_error_f32_m"] = [float(np.abs(evaluated_world_vertices(mesh_obj, 1 + t) - want[i]).max())
+                                     for i, t in enumerate(frames)]
     return report
