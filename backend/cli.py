@@ -102,6 +102,12 @@ def cmd_models(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from .train.__main__ import run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="avface", description="Audio-visual 4D face reconstruction for Blender (AVFace).")
     p.add_argument("--version", action="version", version=f"avface {__version__}")
@@ -142,6 +148,13 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--flame-dir")
     m.add_argument("--check", action="store_true", help="also verify the pretrained MediaPipe files (exit 5 if damaged)")
     m.set_defaults(func=cmd_models)
+
+    from .train.__main__ import add_arguments as add_train_arguments
+
+    t = sub.add_parser("train", help="train the AVFace networks on folders of talking-face videos (or prepared clips)",
+                       description="Train the AVFace networks; resumes from CKPT's last save (docs/networks.md).")
+    add_train_arguments(t)
+    t.set_defaults(func=cmd_train)
 
     from .bench import cli as bench_cli
     from .export import cli as export_cli
