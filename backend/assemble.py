@@ -11,6 +11,7 @@ from . import __version__
 from .arkit import ARKIT_NAMES, arkit_curves
 from .fit import CoarseFit
 from .geometry import WORLD_TO_CAMERA
+from .lips import LipPCA, posed_displacement
 from .result import SCHEMA_VERSION
 from .tracking import Tracking
 
@@ -29,14 +30,16 @@ class ResultSource:
 
 def build_result(fit: CoarseFit, tracking: Tracking, conf: np.ndarray, occluded: np.ndarray, activity: np.ndarray | None,
                  src: ResultSource, *, stages_run: list[str], stage_seconds: dict[str, float],
-                 write_vertices: bool = True, extra_meta: dict | None = None) -> tuple[dict[str, np.ndarray], dict]:
+                 write_vertices: bool = True, extra_meta: dict | None = None,
+                 lips: LipPCA | None = None) -> tuple[dict[str, np.ndarray], dict]:
     """(arrays, meta) of the result contract. Frames the fit filled count as occluded; the
-    ARKit curves are interpolated over occluded frames before filtering."""
+    ARKit curves are interpolated over occluded frames before filtering. ``lips``: the lip
+    refinement's rest-frame offsets as a PCA (avface.lips.lip_pca), or None for none."""
     n = tracking.n_frames
     occluded = occluded | fit.filled
     arkit = arkit_curves(tracking.blendshapes, tracking.blendshape_names, ~occluded, src.fps)
     activity = activity if activity is not None else np.zeros(n, np.float32)
-    arrays = result_arrays(fit, arkit, conf, occluded, activity, write_vertices=write_vertices)
+    arrays = result_arrays(fit, arkit, conf, occluded, activity, write_vertices=write_vertices, lips=lips)
     meta = {
         "schema_version": SCHEMA_VERSION,
         "model": fit.model.name,
@@ -49,7 +52,7 @@ def build_result(fit: CoarseFit, tracking: Tracking, conf: np.ndarray, occluded:
         "stages_run": list(stages_run),
         "stage_seconds": stage_seconds,
         "backend_version": __version__,
-        "lip_pca_residual": 0.0,
+        "lip_pca_residual": float(lips.residual_m) if lips is not None else 0.0,
         "detail": {"n_maps": 0, "folder": "detail", "map_size": 0, "metres_per_unit": 0.0, "format": "png16"},
         **(extra_meta or {}),
     }
@@ -57,12 +60,14 @@ def build_result(fit: CoarseFit, tracking: Tracking, conf: np.ndarray, occluded:
 
 
 def result_arrays(fit: CoarseFit, arkit: np.ndarray, conf: np.ndarray, occluded: np.ndarray,
-                  activity: np.ndarray, *, write_vertices: bool = True) -> dict[str, np.ndarray]:
-    """The contract's arrays from a coarse fit (no lip refinement or detail yet)."""
+                  activity: np.ndarray, *, write_vertices: bool = True,
+                  lips: LipPCA | None = None) -> dict[str, np.ndarray]:
+    """The contract's arrays from a coarse fit and, if given, its lip refinement; ``vertices``
+    is the coarse mesh plus the lips (no detail yet)."""
     m = fit.model
     p = fit.params
     n = p.batch
-    lips = np.asarray(m.lip_vertex_ids, np.int32)
+    lip_ids = np.asarray(m.lip_vertex_ids, np.int32)
     betas = p.betas[:1] if p.betas.shape[1] else None
     arrays = {
         # the clip's identity at rest (FLAME: the template plus its shape blend shapes)
@@ -84,9 +89,9 @@ def result_arrays(fit: CoarseFit, arkit: np.ndarray, conf: np.ndarray, occluded:
         "skin_weights": np.asarray(m.skin_weights, np.float32),
         "intrinsics": fit.intrinsics.astype(np.float32),
         "extrinsics": np.tile(_extrinsic(), (n, 1, 1)),
-        "lip_vertex_ids": lips,
-        "lip_basis": np.zeros((0, len(lips), 3), np.float32),
-        "lip_coeffs": np.zeros((n, 0), np.float32),
+        "lip_vertex_ids": lip_ids,
+        "lip_basis": lips.basis if lips is not None else np.zeros((0, len(lip_ids), 3), np.float32),
+        "lip_coeffs": lips.coeffs if lips is not None else np.zeros((n, 0), np.float32),
         "arkit_names": np.asarray(ARKIT_NAMES),
         "arkit": arkit.astype(np.float32),
         "visual_conf": conf.astype(np.float32),
@@ -94,7 +99,12 @@ def result_arrays(fit: CoarseFit, arkit: np.ndarray, conf: np.ndarray, occluded:
         "speech_activity": np.asarray(activity, np.float32),
     }
     if write_vertices:
-        arrays["vertices"] = fit.camera_vertices().astype(np.float16)
+        vertices = fit.camera_vertices()
+        if lips is not None and lips.basis.shape[0]:
+            rest = np.einsum("tk,klc->tlc", lips.coeffs, lips.basis)
+            world = posed_displacement(m, p, rest)
+            vertices[:, lip_ids] += (world @ WORLD_TO_CAMERA.T.astype(np.float64)).astype(np.float32)
+        arrays["vertices"] = vertices.astype(np.float16)
     posedirs = getattr(getattr(m, "arrays", None), "posedirs", None)
     if posedirs is not None:  # FLAME: (V, 3, P) in the file's layout -> (P, V, 3)
         arrays["pose_correctives"] = np.ascontiguousarray(np.transpose(posedirs, (2, 0, 1)), np.float32)

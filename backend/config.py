@@ -19,7 +19,8 @@ from .errors import InputError
 
 MODELS = ("default", "flame")
 DEVICES = ("cpu", "cuda")
-PATH_OPTIONS = {"flame_dir": "dir", "audio": "file", "transcript": "file", "cache_dir": "dir"}
+PATH_OPTIONS = {"flame_dir": "dir", "audio": "file", "transcript": "file", "cache_dir": "dir",
+                "networks_checkpoint": "file"}
 """Options that name a path on the backend's machine, and what they must name (the service
 accepts them only under its roots)."""
 
@@ -78,10 +79,31 @@ class FitConfig:
     since real identities vary more than the synthetic ones it was checked on. Synthetic clips
     with known identity, seeds 1 and 2 (the demo is seed 0): 3D error 2.31 -> 2.01 mm and
     2.08 -> 1.70 mm, landmark NME 0.7 -> 1.1 %. Set 0 to keep the tracker's shape exactly."""
+    w_networks: float = 1.0
+    """Weight of the networks' lower-face landmarks on frames whose mouth is not seen (times
+    1 - the mouth's confidence), against the tracker's landmarks at weight 1; used only when
+    the networks stage ran."""
     use_visual_confidence: bool = True
     """Weight the lower-face landmarks of each frame by the mouth's visual confidence, so
     that occluded spans are filled from their visible neighbours instead of fitted to a
     tracker that is guessing."""
+
+
+@dataclass(frozen=True)
+class NetworksStageConfig:
+    """Options of the networks stage (the audio-visual coarse stage and the lip SIREN,
+    docs/networks.md). It runs when ``ReconstructOptions.networks_checkpoint`` names a
+    checkpoint."""
+
+    adapt: bool = True
+    """Fine-tune the networks on the clip's own trusted frames before predicting (skipped,
+    with a warning, on a clip too short to hold a part out)."""
+    adapt_steps: int = 200
+    """Most adaptation steps (early stopping on the held-out part usually ends sooner)."""
+    lips: bool = True
+    """Refine the lips with the SIREN: the result's lip_basis and lip_coeffs."""
+    seed: int = 0
+    """Seeds adaptation; the same seed gives the same result."""
 
 
 @dataclass(frozen=True)
@@ -110,10 +132,15 @@ class ReconstructOptions:
     """Vertical field of view of the camera, degrees; None uses FitConfig.fov_deg."""
     cache_dir: str | None = None
     """Where tracking is cached; None uses ~/.cache/avface (or $AVFACE_CACHE_DIR)."""
+    networks_checkpoint: str | None = None
+    """The AVFace networks' checkpoint (``avface train``); None: video only, no networks
+    stage (until a default checkpoint ships)."""
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     """The tracking stage's options."""
     fit: FitConfig = field(default_factory=FitConfig)
     """The coarse fit's options."""
+    networks: NetworksStageConfig = field(default_factory=NetworksStageConfig)
+    """The networks stage's options."""
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -117,10 +117,14 @@ def fit_default(
     config: FitConfig = FitConfig(),
     *,
     mouth_conf: np.ndarray | None = None,
+    net_landmarks: np.ndarray | None = None,
     progress: Callable[[float, str], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
 ) -> CoarseFit:
-    """Fit the embedded default model to a clip's tracking."""
+    """Fit the embedded default model to a clip's tracking. ``net_landmarks`` (T, 468, 3),
+    the networks' tracker-like landmarks (avface.predict.Prediction.landmarks), join the
+    data term on the lower face of frames whose mouth is not seen (see :func:`_refine`);
+    without them the fit is exactly the video-only one."""
     t_start = time.perf_counter()
     det = np.asarray(tracking.detected, bool)
     if not det.any():
@@ -163,7 +167,7 @@ def fit_default(
     if progress:
         progress(0.3, "joint refinement")
     params = _refine(model, tracking, k, rot0, transl0, jaw0, expr0, det, config, progress, should_cancel,
-                     jaw_dof=1, mouth_conf=conf)
+                     jaw_dof=1, mouth_conf=conf, net_landmarks=net_landmarks)
     return CoarseFit(model, params, k, ~det, explained, time.perf_counter() - t_start)
 
 
@@ -245,15 +249,38 @@ def _landmark_targets(model, tracking: Tracking, det: np.ndarray, mouth_conf: np
     return target, iod, weights
 
 
+def _network_targets(model, net_landmarks: np.ndarray, det: np.ndarray, mouth_conf: np.ndarray | None,
+                     weight: float):
+    """(targets (T, M, 3) pixels, inter-ocular distance (T,), weights (T, M)) of the networks'
+    landmarks under the model's landmarks: the lower face only, as much as the mouth is not
+    seen."""
+    from avface.models.avnets import LOWER_FACE_LANDMARKS
+
+    net_landmarks = np.asarray(net_landmarks, np.float64)
+    if net_landmarks.shape[:1] != det.shape or net_landmarks.shape[1] < 468:
+        raise ValueError(f"expected ({len(det)}, 468, 3) network landmarks, got {net_landmarks.shape}")
+    ids = np.asarray(model.landmark_ids)
+    conf = det.astype(np.float64) if mouth_conf is None else np.asarray(mouth_conf, np.float64)
+    lower = np.isin(ids, LOWER_FACE_LANDMARKS) * np.where(np.isin(ids, LIPS), 2.0, 1.0)
+    weights = weight * (1.0 - np.clip(conf, 0.0, 1.0))[:, None] * lower[None, :]
+    return net_landmarks[:, ids], np.maximum(inter_ocular(net_landmarks), 1.0), weights
+
+
 def _refine(model, tracking, k, rot0, transl0, jaw0, expr0, det, config, progress, should_cancel, *,
             jaw_dof: int = 1, n_betas: int = 0, device: str = "cpu", p0: float = 0.3,
-            mouth_conf: np.ndarray | None = None) -> FaceParams:
+            mouth_conf: np.ndarray | None = None, net_landmarks: np.ndarray | None = None) -> FaceParams:
     """Joint refinement of all frames at once: perspective reprojection of the model's
     landmarks onto the tracker's, a weak relative-depth term, second-difference smoothness
     and priors. Undetected frames have no data term, so smoothness fills them.
 
     jaw_dof: 1 rotates the jaw about x only (the default model's hinge), 3 is a full
     ball joint (FLAME). n_betas > 0 fits one identity shared by all frames.
+
+    net_landmarks (T, 468, 3): the networks' landmarks, a second target for the model's
+    lower-face landmarks (the networks' 97) on every frame, weighted by
+    ``config.w_networks`` times how little the mouth is seen (1 - mouth confidence, so 1 on
+    occluded and undetected frames and 0 where the tracker is fully trusted); lips count
+    double as in the tracker's term. None leaves the fit as it is without networks.
     """
     n = len(det)
     dt = torch.float32
@@ -263,6 +290,10 @@ def _refine(model, tracking, k, rot0, transl0, jaw0, expr0, det, config, progres
     target, iod, lmk_w = (torch.as_tensor(a, dtype=dt, device=dev)
                           for a in _landmark_targets(model, tracking, det, mouth_conf))
     mask = torch.as_tensor(det, dtype=dt, device=dev)
+    net = None
+    if net_landmarks is not None:
+        net = tuple(torch.as_tensor(a, dtype=dt, device=dev)
+                    for a in _network_targets(model, net_landmarks, det, mouth_conf, config.w_networks))
 
     rot = torch.tensor(rot0, dtype=dt, device=dev, requires_grad=True)
     transl = torch.tensor(transl0, dtype=dt, device=dev, requires_grad=True)
@@ -297,6 +328,10 @@ def _refine(model, tracking, k, rot0, transl0, jaw0, expr0, det, config, progres
         tz = target[..., 2] - target[..., 2].mean(1, keepdim=True)
         depth = (100.0 * (zc - tz) / iod[:, None]).pow(2).mean(1)
         loss = ((data + config.w_depth * depth) * mask).sum() / n_det
+        if net is not None:
+            net_target, net_iod, net_w = net
+            err_net = (100.0 * (uv - net_target[..., :2]) / net_iod[:, None, None]).pow(2).sum(-1)
+            loss = loss + (err_net * net_w).mean(1).sum() / n_det
         # smoothness in degrees and millimetres per frame^2
         loss = loss + config.w_smooth_pose * (_second_diff(rot * DEG).pow(2).sum() + _second_diff(transl * 1000).pow(2).sum()) / n
         loss = loss + config.w_smooth_expression * (_second_diff(expr).pow(2).sum() + _second_diff(jaw * DEG).pow(2).sum()) / n
@@ -328,6 +363,7 @@ def fit_model(
     *,
     device: str = "cpu",
     mouth_conf: np.ndarray | None = None,
+    net_landmarks: np.ndarray | None = None,
     progress: Callable[[float, str], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
 ) -> CoarseFit:
@@ -359,7 +395,7 @@ def fit_model(
         progress(0.1, "joint refinement")
     params = _refine(model, tracking, k, rot, transl, np.zeros((n_all, 3)), np.zeros((n_all, model.n_expression)),
                      det, config, progress, should_cancel, jaw_dof=3, n_betas=model.n_shape, device=device, p0=0.1,
-                     mouth_conf=_mouth_confidence(mouth_conf, det, config))
+                     mouth_conf=_mouth_confidence(mouth_conf, det, config), net_landmarks=net_landmarks)
     return CoarseFit(model, params, k, ~det, float("nan"), time.perf_counter() - t_start)
 
 

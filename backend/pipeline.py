@@ -1,6 +1,8 @@
 """The whole reconstruction job, one short function per stage (docs/architecture.md):
-probe -> tracking -> audio -> confidence -> fit -> export (-> preview). Used by the CLI, the
-demo and the service's workers.
+probe -> tracking -> audio -> confidence (-> networks) -> fit -> export (-> preview). Used
+by the CLI, the demo and the service's workers. The networks stage (docs/networks.md) runs
+when a checkpoint is given: it feeds the fit the networks' landmarks where the mouth is not
+seen, and after the fit (timed as the same stage) gives the lips.
 
 ``progress(stage, fraction, message)`` is called with a stage name from ``STAGES`` and the
 fraction of that stage done; ``should_cancel()`` is polled and stops the job with
@@ -32,7 +34,7 @@ from avface.models.registry import available_models, load_model  # noqa: F401  (
 
 log = logging.getLogger(__name__)
 
-STAGES = ("probe", "tracking", "audio", "confidence", "fit", "export", "preview")
+STAGES = ("probe", "tracking", "audio", "confidence", "networks", "fit", "export", "preview")
 Progress = Callable[[str, float, str], None]
 
 
@@ -90,6 +92,7 @@ def reconstruct(
     _check_device(options.device)
     ensure_writable(out_dir)
     model = load_model(options.model, options.flame_dir)  # a missing FLAME file stops here, before any work
+    checkpoint = _load_networks(options)  # and so does a missing or damaged checkpoint
 
     with run.stage("probe"):
         inputs = _read_inputs(video, options)
@@ -99,11 +102,19 @@ def reconstruct(
         features = _speech(inputs, tracking.n_frames, run)
     with run.stage("confidence"):
         conf, occluded = visual_confidence(tracking)
+    net = None
+    if checkpoint is not None:
+        with run.stage("networks"):
+            net = _networks(checkpoint, tracking, features, conf, options, run)
     with run.stage("fit"):
-        fit, metrics = _fit(model, tracking, conf, options, run)
+        fit, metrics = _fit(model, tracking, conf, options, run, net)
     log.info("coarse fit: NME %.2f %% (lips %.2f %%) of the inter-ocular distance", metrics["nme"], metrics["nme_lips"])
+    lips = None
+    if net is not None and options.networks.lips:
+        with run.stage("networks"):
+            lips = _lips(net, fit, options)
     with run.stage("export"):
-        arrays, meta = _assemble(inputs, tracking, features, fit, metrics, conf, occluded, options, run)
+        arrays, meta = _assemble(inputs, tracking, features, fit, metrics, conf, occluded, options, run, net, lips)
         (out_dir / "config.yaml").write_text(yaml.safe_dump(options.to_dict(), sort_keys=False))
         path = write_result(out_dir / "result.npz", arrays, meta)
     if options.preview:
@@ -167,19 +178,115 @@ def _speech(inputs: _Inputs, n_frames: int, run: _Run):
                                       transcript=inputs.transcript, progress=lambda f: run.report("audio", f, "phones"))
 
 
-def _fit(model, tracking: Tracking, conf: np.ndarray, options: ReconstructOptions, run: _Run) -> tuple[CoarseFit, dict]:
-    fit_cfg = options.fit if options.fov_deg is None else dataclasses.replace(options.fit, fov_deg=options.fov_deg)
+def _fit_config(options: ReconstructOptions):
+    return options.fit if options.fov_deg is None else dataclasses.replace(options.fit, fov_deg=options.fov_deg)
+
+
+def _load_networks(options: ReconstructOptions):
+    """The networks' Checkpoint, or None without one (video only); ModelFileError when the
+    file is missing or damaged, never random weights."""
+    if options.networks_checkpoint is None:
+        return None
+    from avface.models.checkpoint import load_checkpoint
+
+    return load_checkpoint(options.networks_checkpoint)
+
+
+@dataclass
+class _NetworkRun:
+    """What the networks stage hands on: the (adapted) networks, the clip's evidence, their
+    prediction, and the record for the result's meta."""
+
+    networks: object
+    evidence: object
+    prediction: object
+    meta: dict
+
+
+def _networks(checkpoint, tracking: Tracking, features, conf: np.ndarray, options: ReconstructOptions,
+              run: _Run) -> _NetworkRun:
+    """Evidence -> (adaptation, seeded) -> prediction of pose and lower-face landmarks."""
+    from .evidence import build_evidence
+    from .geometry import intrinsics_for
+    from .predict import predict
+
+    fov = _fit_config(options).fov_deg
+    cfg = options.networks
+    evidence = build_evidence(tracking, features, mouth_conf=conf, fov_deg=fov)
+    networks = checkpoint.networks
+    meta = {"checkpoint": str(checkpoint.path), "checkpoint_sha256": checkpoint.sha256, "adapt": None,
+            "seed": cfg.seed}
+    if cfg.adapt:
+        networks, meta["adapt"] = _adapt(networks, tracking, features, conf, fov, options, run)
+    run.check_cancel()
+    run.report("networks", 0.8, "predicting")
+    prediction = predict(networks, evidence, intrinsics_for(tracking.width, tracking.height, fov),
+                         device=options.device)
+    return _NetworkRun(networks, evidence, prediction, meta)
+
+
+def _adapt(networks, tracking: Tracking, features, conf: np.ndarray, fov: float, options: ReconstructOptions,
+           run: _Run):
+    """(adapted networks, the adaptation's record for meta); the given networks and the reason
+    when the clip is too short to hold a part out."""
+    from .train.adapt import AdaptConfig, adapt, holdout_starts
+    from .train.data import prepare_clip
+
+    cfg = AdaptConfig(max_steps=options.networks.adapt_steps, seed=options.networks.seed)
+    kept, held = holdout_starts(tracking.n_frames, cfg)
+    if len(kept) == 0 or len(held) == 0:
+        reason = f"a clip of {tracking.n_frames} frames is too short to hold a part out (blocks of {cfg.block_frames})"
+        log.warning("adaptation skipped: %s", reason)
+        return networks, {"skipped": reason}
+    run.report("networks", 0.1, "adapting")
+    clip = prepare_clip(tracking, features, mouth_conf=conf, fov_deg=fov)
+    with torch_seeded(options.networks.seed):
+        adapted, record = adapt(networks, clip, cfg, device=options.device)
+    return adapted, record.to_meta()
+
+
+@contextlib.contextmanager
+def torch_seeded(seed: int):
+    """Torch's global generator seeded inside, restored after (adaptation's dropout and
+    any draw the networks make come from it)."""
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def _lips(net: _NetworkRun, fit: CoarseFit, options: ReconstructOptions):
+    """The SIREN's lip offsets for the fitted model's lip vertices, moved to the rest frame
+    the result contract wants, as a PCA (K <= 16)."""
+    from .lips import lip_pca, rest_frame_offsets
+    from .predict import predict_lips
+
+    m, p = fit.model, fit.params
+    betas = p.betas[:1] if p.betas.shape[1] else None
+    positions = m.neutral_vertices(betas)[np.asarray(m.lip_vertex_ids)]
+    head = predict_lips(net.networks, net.evidence, positions, device=options.device)
+    pca = lip_pca(rest_frame_offsets(m, p, head))
+    log.info("lips: %d components, PCA residual %.2e m", pca.basis.shape[0], pca.residual_m)
+    return pca
+
+
+def _fit(model, tracking: Tracking, conf: np.ndarray, options: ReconstructOptions, run: _Run,
+         net: _NetworkRun | None = None) -> tuple[CoarseFit, dict]:
+    fit_cfg = _fit_config(options)
+    net_landmarks = net.prediction.landmarks if net is not None else None
     if model is None:
-        fit = fit_default(tracking, fit_cfg, mouth_conf=conf, progress=run.progress_of("fit"),
-                          should_cancel=run.should_cancel)
+        fit = fit_default(tracking, fit_cfg, mouth_conf=conf, net_landmarks=net_landmarks,
+                          progress=run.progress_of("fit"), should_cancel=run.should_cancel)
     else:
-        fit = fit_model(model, tracking, fit_cfg, device=options.device, mouth_conf=conf,
+        fit = fit_model(model, tracking, fit_cfg, device=options.device, mouth_conf=conf, net_landmarks=net_landmarks,
                         progress=run.progress_of("fit"), should_cancel=run.should_cancel)
     return fit, fit_metrics(fit, tracking)
 
 
 def _assemble(inputs: _Inputs, tracking: Tracking, features, fit: CoarseFit, metrics: dict, conf: np.ndarray,
-              occluded: np.ndarray, options: ReconstructOptions, run: _Run) -> tuple[dict, dict]:
+              occluded: np.ndarray, options: ReconstructOptions, run: _Run, net: _NetworkRun | None = None,
+              lips=None) -> tuple[dict, dict]:
     info, start = inputs.info, inputs.start
     src = ResultSource(
         fps=info.fps, width=info.width, height=info.height, audio_present=inputs.wave is not None,
@@ -191,9 +298,11 @@ def _assemble(inputs: _Inputs, tracking: Tracking, features, fit: CoarseFit, met
         "transcript_aligned": bool(features.aligned) if features is not None else False,
         "device": options.device,
     }
+    if net is not None:
+        extra["networks"] = dict(net.meta, lips=lips is not None)
     return build_result(fit, tracking, conf, occluded, features.activity if features is not None else None, src,
                         stages_run=[s for s in STAGES if s in run.seconds] + ["export"], stage_seconds=run.seconds,
-                        write_vertices=options.write_vertices, extra_meta=extra)
+                        write_vertices=options.write_vertices, extra_meta=extra, lips=lips)
 
 
 def _preview(inputs: _Inputs, fit: CoarseFit, occluded: np.ndarray, out_dir: Path, run: _Run) -> None:

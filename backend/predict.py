@@ -56,14 +56,23 @@ def predict(networks: AVFaceNetworks, evidence: Evidence, k: np.ndarray, *,
     pose, camera = pose.cpu().numpy().astype(np.float64), camera.cpu().numpy()
     rotation, translation = pose_to_rigid(pose, *pose_reference(evidence.frame))
     landmarks = landmarks_from_offsets(offsets, evidence.frame, k, rotation, translation)
-    lips = None
-    if lip_positions is not None:
-        # the SIREN reads positions relative to the lip centroid in inter-ocular units; its
-        # output, in the same units, is scaled back to metres by the clip's own distance
-        iod = evidence.frame.iod
-        pos = normalise_lip_positions(lip_positions, iod).to(device)
-        x = to(evidence.expression)
-        out = networks.lip_offsets(pos, x["phones"][None], x["mel"][None], x["audio_present"][None],
-                                   evidence.activity.to(device)[None])
-        lips = out[0].cpu().numpy().astype(np.float64) * iod
+    lips = None if lip_positions is None else predict_lips(networks, evidence, lip_positions, device=device)
     return Prediction(offsets, pose.astype(np.float32), camera, rotation, translation, landmarks, lips)
+
+
+@torch.no_grad()
+def predict_lips(networks: AVFaceNetworks, evidence: Evidence, lip_positions: np.ndarray, *,
+                 device: str = "cpu") -> np.ndarray:
+    """(T, L, 3) the SIREN's offsets of a face model's lip vertices ``lip_positions`` (L, 3)
+    (neutral, head frame, metres), in metres, head frame; zero where nobody speaks. Separate
+    from :func:`predict` because the lip vertices are known only once the fit has made the
+    clip's identity."""
+    networks = networks.to(device).eval()
+    # the SIREN reads positions relative to the lip centroid in inter-ocular units; its
+    # output, in the same units, is scaled back to metres by the clip's own distance
+    iod = evidence.frame.iod
+    pos = normalise_lip_positions(lip_positions, iod).to(device)
+    x = {name: evidence.expression[name].to(device) for name in ("phones", "mel", "audio_present")}
+    out = networks.lip_offsets(pos, x["phones"][None], x["mel"][None], x["audio_present"][None],
+                               evidence.activity.to(device)[None])
+    return out[0].cpu().numpy().astype(np.float64) * iod

@@ -1,0 +1,138 @@
+"""The networks stage of `reconstruct` (issue 8): a tiny checkpoint trained in the test for a
+few steps, on a short synthetic clip with speech and a hand over the mouth. The result holds
+a lip basis, validates and round-trips; the same seed gives the same result; a missing
+checkpoint is the ModelFileError; the fit without networks is the video-only one."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from avface.config import NetworksStageConfig, ReconstructOptions
+from avface.errors import ModelFileError
+from avface.pipeline import reconstruct
+from avface.result import load_result, validate, write_result
+from avface.train.loop import TrainConfig, train
+
+from test_train import training_clip
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    """3.4 s: long enough for adaptation to hold a part out (its last fifth: 17 frames)."""
+    from avface.synth import make_demo_clip
+
+    return make_demo_clip(tmp_path_factory.mktemp("clip"), seed=2, duration_s=3.4, size=256)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ck") / "tiny.pt"
+    train([training_clip(40, 0), training_clip(30, 1)], path, TrainConfig(steps=5, batch=4, lr=1e-3, save_every=0))
+    return path
+
+
+def _options(clip, tmp_path, checkpoint=None, **networks) -> ReconstructOptions:
+    fov = math.degrees(2 * math.atan(clip.height / 2.0 / clip.K[1, 1]))
+    return ReconstructOptions(fov_deg=fov, cache_dir=str(tmp_path.parent / "cache"),
+                              networks_checkpoint=str(checkpoint) if checkpoint else None,
+                              networks=NetworksStageConfig(adapt_steps=4, **networks))
+
+
+def test_result_with_lips_validates_round_trips_and_repeats(clip, checkpoint, tmp_path):
+    path = reconstruct(clip.video_path, tmp_path / "a", _options(clip, tmp_path, checkpoint))
+    meta = validate(path)
+    r = load_result(path)
+    a = r.arrays
+    assert "networks" in meta["stages_run"] and meta["stage_seconds"]["networks"] > 0
+    net = meta["networks"]
+    assert net["checkpoint_sha256"] and net["lips"] and net["adapt"]["steps"] == 4
+    assert len(net["adapt"]["train_losses"]) == 4 and all(math.isfinite(v) for v in net["adapt"]["train_losses"])
+    k = a["lip_basis"].shape[0]
+    assert 1 <= k <= 16 and a["lip_coeffs"].shape == (meta["n_frames"], k)
+    assert np.isfinite(a["vertices"].astype(np.float32)).all() and meta["lip_pca_residual"] >= 0
+    # the lips are in the mesh: vertices differ from the coarse mesh on lip vertices only
+    # where the SIREN speaks (an untrained SIREN's offsets are small but not zero)
+    lips = a["lip_vertex_ids"]
+    rest = np.einsum("tk,klc->tlc", a["lip_coeffs"], a["lip_basis"])
+    assert np.abs(rest).max() > 0
+    silent = a["speech_activity"] == 0
+    if silent.any():
+        assert np.abs(rest[silent]).max() < 1e-6  # exactly zero in silence, up to the PCA
+    # round trip through the writer and reader
+    again = write_result(tmp_path / "copy.npz", a, meta)
+    b = load_result(again).arrays
+    for key in ("lip_basis", "lip_coeffs", "vertices", "lip_vertex_ids"):
+        assert np.array_equal(a[key], b[key]), key
+    # the same seed, the same result
+    path2 = reconstruct(clip.video_path, tmp_path / "b", _options(clip, tmp_path, checkpoint))
+    c = load_result(path2).arrays
+    for key in ("lip_basis", "lip_coeffs", "vertices", "expression", "jaw", "global_rot"):
+        assert np.array_equal(a[key], c[key]), key
+    assert load_result(path2).meta["networks"]["adapt"] == net["adapt"]
+    assert len(lips) == a["lip_basis"].shape[1]
+
+
+def test_without_lips_or_adaptation(clip, checkpoint, tmp_path):
+    path = reconstruct(clip.video_path, tmp_path / "a", _options(clip, tmp_path, checkpoint, lips=False, adapt=False))
+    meta = validate(path)
+    a = load_result(path).arrays
+    assert a["lip_basis"].shape[0] == 0 and meta["networks"]["adapt"] is None and not meta["networks"]["lips"]
+
+
+def test_missing_checkpoint_stops_before_any_work(clip, tmp_path):
+    with pytest.raises(ModelFileError, match="not found.*avface.train"):
+        reconstruct(clip.video_path, tmp_path / "a", _options(clip, tmp_path, tmp_path / "nope.pt"))
+    assert not (tmp_path / "a" / "result.npz").exists()
+
+
+def test_damaged_checkpoint_is_refused(clip, checkpoint, tmp_path):
+    bad = tmp_path / "bad.pt"
+    data = bytearray(checkpoint.read_bytes())
+    bad.write_bytes(bytes(data[: len(data) // 2]))
+    with pytest.raises(ModelFileError, match="damaged"):
+        reconstruct(clip.video_path, tmp_path / "a", _options(clip, tmp_path, bad))
+
+
+def test_rest_frame_offsets_are_what_skinning_turns_into_the_head_frame_offsets():
+    """A rest-frame lip offset added before skinning moves the posed vertex by exactly
+    posed_displacement; rest_frame_offsets inverts the head-frame part of it."""
+    from scipy.spatial.transform import Rotation
+
+    from avface.lips import posed_displacement, rest_frame_offsets
+    from avface.models.canonical import CanonicalModel
+    from avface.models.canonical_mesh import load_canonical_mesh
+
+    rng = np.random.default_rng(0)
+    neutral = load_canonical_mesh().vertices.astype(np.float32)
+    model = CanonicalModel(neutral)
+    t, lips = 5, np.asarray(model.lip_vertex_ids)
+    p = model.zero_params(t)
+    p.global_orient[:] = torch.as_tensor(rng.normal(0, 0.3, (t, 3)), dtype=torch.float32)
+    p.jaw_pose[:, 0] = torch.as_tensor(rng.uniform(0, 0.3, t), dtype=torch.float32)
+    p.transl[:] = torch.as_tensor(rng.normal(0, 0.1, (t, 3)), dtype=torch.float32)
+    rest = rng.normal(0, 2e-3, (t, len(lips), 3))
+    moved = []
+    with torch.no_grad():
+        base = model.forward(p).vertices.numpy().astype(np.float64)
+        for i in range(t):
+            shifted = neutral.copy()
+            shifted[lips] += rest[i].astype(np.float32)
+            pi = type(p)(*(getattr(p, f)[i:i + 1] for f in p.__dataclass_fields__))
+            moved.append(CanonicalModel(shifted).forward(pi).vertices.numpy()[0])
+    want = np.stack(moved)[:, lips] - base[:, lips]
+    got = posed_displacement(model, p, rest)
+    assert np.abs(got - want).max() < 2e-6
+    head = Rotation.from_rotvec(p.global_orient.numpy()).as_matrix()
+    head_frame = np.einsum("tba,tlb->tla", head, got)  # world -> head frame
+    assert np.abs(rest_frame_offsets(model, p, head_frame) - rest).max() < 1e-9
