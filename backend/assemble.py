@@ -9,9 +9,10 @@ import numpy as np
 
 from . import __version__
 from .arkit import ARKIT_NAMES, arkit_curves
+from .avstage import vertices_with_lips
 from .fit import CoarseFit
 from .geometry import WORLD_TO_CAMERA
-from .lips import LipPCA, posed_displacement
+from .lips import LipPCA
 from .result import SCHEMA_VERSION
 from .tracking import Tracking
 
@@ -99,12 +100,7 @@ def result_arrays(fit: CoarseFit, arkit: np.ndarray, conf: np.ndarray, occluded:
         "speech_activity": np.asarray(activity, np.float32),
     }
     if write_vertices:
-        vertices = fit.camera_vertices()
-        if lips is not None and lips.basis.shape[0]:
-            rest = np.einsum("tk,klc->tlc", lips.coeffs, lips.basis)
-            world = posed_displacement(m, p, rest)
-            vertices[:, lip_ids] += (world @ WORLD_TO_CAMERA.T.astype(np.float64)).astype(np.float32)
-        arrays["vertices"] = vertices.astype(np.float16)
+        arrays["vertices"] = vertices_with_lips(fit, lips).astype(np.float16)
     posedirs = getattr(getattr(m, "arrays", None), "posedirs", None)
     if posedirs is not None:  # FLAME: (V, 3, P) in the file's layout -> (P, V, 3)
         arrays["pose_correctives"] = np.ascontiguousarray(np.transpose(posedirs, (2, 0, 1)), np.float32)

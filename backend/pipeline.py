@@ -24,6 +24,7 @@ import yaml
 
 from . import media
 from .assemble import ResultSource, build_result
+from .avstage import NetworkRun, refine_lips, run_networks
 from .config import ReconstructOptions
 from .confidence import visual_confidence
 from .errors import CancelledError, InputError, MediaError
@@ -192,87 +193,20 @@ def _load_networks(options: ReconstructOptions):
     return load_checkpoint(options.networks_checkpoint)
 
 
-@dataclass
-class _NetworkRun:
-    """What the networks stage hands on: the (adapted) networks, the clip's evidence, their
-    prediction, and the record for the result's meta."""
-
-    networks: object
-    evidence: object
-    prediction: object
-    meta: dict
-
-
 def _networks(checkpoint, tracking: Tracking, features, conf: np.ndarray, options: ReconstructOptions,
-              run: _Run) -> _NetworkRun:
-    """Evidence -> (adaptation, seeded) -> prediction of pose and lower-face landmarks."""
-    from .evidence import build_evidence
-    from .geometry import intrinsics_for
-    from .predict import predict
-
-    fov = _fit_config(options).fov_deg
-    cfg = options.networks
-    evidence = build_evidence(tracking, features, mouth_conf=conf, fov_deg=fov)
-    networks = checkpoint.networks
-    meta = {"checkpoint": str(checkpoint.path), "checkpoint_sha256": checkpoint.sha256, "adapt": None,
-            "seed": cfg.seed}
-    if cfg.adapt:
-        networks, meta["adapt"] = _adapt(networks, tracking, features, conf, fov, options, run)
-    run.check_cancel()
-    run.report("networks", 0.8, "predicting")
-    prediction = predict(networks, evidence, intrinsics_for(tracking.width, tracking.height, fov),
-                         device=options.device)
-    return _NetworkRun(networks, evidence, prediction, meta)
+              run: _Run) -> NetworkRun:
+    """Evidence -> (adaptation, seeded) -> the networks' pose and lower-face landmarks."""
+    return run_networks(checkpoint, tracking, features, conf, fov_deg=_fit_config(options).fov_deg,
+                        config=options.networks, device=options.device, report=run.progress_of("networks"))
 
 
-def _adapt(networks, tracking: Tracking, features, conf: np.ndarray, fov: float, options: ReconstructOptions,
-           run: _Run):
-    """(adapted networks, the adaptation's record for meta); the given networks and the reason
-    when the clip is too short to hold a part out."""
-    from .train.adapt import AdaptConfig, adapt, holdout_starts
-    from .train.data import prepare_clip
-
-    cfg = AdaptConfig(max_steps=options.networks.adapt_steps, seed=options.networks.seed)
-    kept, held = holdout_starts(tracking.n_frames, cfg)
-    if len(kept) == 0 or len(held) == 0:
-        reason = f"a clip of {tracking.n_frames} frames is too short to hold a part out (blocks of {cfg.block_frames})"
-        log.warning("adaptation skipped: %s", reason)
-        return networks, {"skipped": reason}
-    run.report("networks", 0.1, "adapting")
-    clip = prepare_clip(tracking, features, mouth_conf=conf, fov_deg=fov)
-    with torch_seeded(options.networks.seed):
-        adapted, record = adapt(networks, clip, cfg, device=options.device)
-    return adapted, record.to_meta()
-
-
-@contextlib.contextmanager
-def torch_seeded(seed: int):
-    """Torch's global generator seeded inside, restored after (adaptation's dropout and
-    any draw the networks make come from it)."""
-    import torch
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
-
-
-def _lips(net: _NetworkRun, fit: CoarseFit, options: ReconstructOptions):
-    """The SIREN's lip offsets for the fitted model's lip vertices, moved to the rest frame
-    the result contract wants, as a PCA (K <= 16)."""
-    from .lips import lip_pca, rest_frame_offsets
-    from .predict import predict_lips
-
-    m, p = fit.model, fit.params
-    betas = p.betas[:1] if p.betas.shape[1] else None
-    positions = m.neutral_vertices(betas)[np.asarray(m.lip_vertex_ids)]
-    head = predict_lips(net.networks, net.evidence, positions, device=options.device)
-    pca = lip_pca(rest_frame_offsets(m, p, head))
-    log.info("lips: %d components, PCA residual %.2e m", pca.basis.shape[0], pca.residual_m)
-    return pca
+def _lips(net: NetworkRun, fit: CoarseFit, options: ReconstructOptions):
+    """The SIREN's lips for the fitted model, as the result's lip PCA."""
+    return refine_lips(net, fit, device=options.device)
 
 
 def _fit(model, tracking: Tracking, conf: np.ndarray, options: ReconstructOptions, run: _Run,
-         net: _NetworkRun | None = None) -> tuple[CoarseFit, dict]:
+         net: NetworkRun | None = None) -> tuple[CoarseFit, dict]:
     fit_cfg = _fit_config(options)
     net_landmarks = net.prediction.landmarks if net is not None else None
     if model is None:
@@ -285,7 +219,7 @@ def _fit(model, tracking: Tracking, conf: np.ndarray, options: ReconstructOption
 
 
 def _assemble(inputs: _Inputs, tracking: Tracking, features, fit: CoarseFit, metrics: dict, conf: np.ndarray,
-              occluded: np.ndarray, options: ReconstructOptions, run: _Run, net: _NetworkRun | None = None,
+              occluded: np.ndarray, options: ReconstructOptions, run: _Run, net: NetworkRun | None = None,
               lips=None) -> tuple[dict, dict]:
     info, start = inputs.info, inputs.start
     src = ResultSource(

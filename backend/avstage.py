@@ -1,0 +1,118 @@
+"""The networks stage (issue 8, docs/networks.md) as plain functions, shared by the pipeline
+and the benchmark's audio-visual methods: the clip's evidence, per-clip adaptation (seeded),
+the networks' prediction for the fit, and after the fit the lip refinement as the result
+contract wants it (rest-frame offsets, a PCA of K <= 16 components)."""
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from .config import NetworksStageConfig
+from .lips import LipPCA, lip_pca, posed_displacement, rest_frame_offsets
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class NetworkRun:
+    """What the networks stage hands on to the fit and the export."""
+
+    networks: object
+    """The (adapted) :class:`~avface.models.checkpoint.AVFaceNetworks`."""
+    evidence: object
+    """The clip's :class:`~avface.evidence.Evidence`."""
+    prediction: object
+    """Their :class:`~avface.predict.Prediction` (``landmarks`` go to the fit)."""
+    meta: dict
+    """Checkpoint path and hash, the seed, and the adaptation's record (None: not asked for;
+    ``{"skipped": reason}``: the clip was too short)."""
+
+
+@contextlib.contextmanager
+def torch_seeded(seed: int):
+    """Torch's global generator seeded inside and restored after, so that nothing the
+    networks draw depends on what ran before."""
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def run_networks(checkpoint, tracking, features, mouth_conf: np.ndarray, *, fov_deg: float,
+                 config: NetworksStageConfig = NetworksStageConfig(), device: str = "cpu", video: bool = True,
+                 report: Callable[[float, str], None] | None = None) -> NetworkRun:
+    """Evidence -> (adaptation) -> prediction. ``checkpoint`` is a loaded
+    :class:`~avface.models.checkpoint.Checkpoint`; ``video=False`` hides the face from the
+    expression branch (its embedding is the "missing" zero), so the lower face comes from
+    the speech and the context alone."""
+    from .evidence import build_evidence
+    from .geometry import intrinsics_for
+    from .predict import predict
+
+    evidence = build_evidence(tracking, features, mouth_conf=mouth_conf, fov_deg=fov_deg)
+    if not video:
+        evidence.expression["usable"] = evidence.expression["usable"] * 0.0
+    networks = checkpoint.networks
+    meta = {"checkpoint": str(checkpoint.path), "checkpoint_sha256": checkpoint.sha256, "seed": config.seed,
+            "adapt": None, "video": video}
+    if config.adapt:
+        if report:
+            report(0.05, "adapting")
+        networks, meta["adapt"] = _adapt(networks, tracking, features, mouth_conf, fov_deg, config, device)
+    if report:
+        report(0.8, "predicting")
+    k = intrinsics_for(tracking.width, tracking.height, fov_deg)
+    with torch_seeded(config.seed):
+        prediction = predict(networks, evidence, k, device=device)
+    return NetworkRun(networks, evidence, prediction, meta)
+
+
+def _adapt(networks, tracking, features, mouth_conf, fov_deg: float, config: NetworksStageConfig, device: str):
+    """(adapted networks, the record for meta); the given networks and the reason when the
+    clip is too short to hold a part out."""
+    from .train.adapt import AdaptConfig, adapt, holdout_starts
+    from .train.data import prepare_clip
+
+    cfg = AdaptConfig(max_steps=config.adapt_steps, seed=config.seed)
+    kept, held = holdout_starts(tracking.n_frames, cfg)
+    if len(kept) == 0 or len(held) == 0:
+        reason = f"a clip of {tracking.n_frames} frames is too short to hold a part out (blocks of {cfg.block_frames})"
+        log.warning("adaptation skipped: %s", reason)
+        return networks, {"skipped": reason}
+    clip = prepare_clip(tracking, features, mouth_conf=mouth_conf, fov_deg=fov_deg)
+    with torch_seeded(config.seed):
+        adapted, record = adapt(networks, clip, cfg, device=device)
+    return adapted, record.to_meta()
+
+
+def refine_lips(net: NetworkRun, fit, *, device: str = "cpu") -> LipPCA:
+    """The SIREN's offsets for the fitted model's lip vertices, moved from the head frame to
+    the rest frame (before skinning, as the result contract wants), as a PCA."""
+    from .predict import predict_lips
+
+    m, p = fit.model, fit.params
+    betas = p.betas[:1] if p.betas.shape[1] else None
+    positions = m.neutral_vertices(betas)[np.asarray(m.lip_vertex_ids)]
+    head = predict_lips(net.networks, net.evidence, positions, device=device)
+    pca = lip_pca(rest_frame_offsets(m, p, head))
+    log.info("lips: %d components, PCA residual %.2e m", pca.basis.shape[0], pca.residual_m)
+    return pca
+
+
+def vertices_with_lips(fit, lips: LipPCA | None) -> np.ndarray:
+    """(T, V, 3) float32 camera-frame vertices of the coarse fit plus the lips' rest-frame
+    offsets (``lip_coeffs . lip_basis``) as skinning moves them."""
+    from .geometry import WORLD_TO_CAMERA
+
+    vertices = fit.camera_vertices()
+    if lips is not None and lips.basis.shape[0]:
+        ids = np.asarray(fit.model.lip_vertex_ids)
+        rest = np.einsum("tk,klc->tlc", lips.coeffs, lips.basis)
+        world = posed_displacement(fit.model, fit.params, rest)
+        vertices[:, ids] += (world @ WORLD_TO_CAMERA.T.astype(np.float64)).astype(np.float32)
+    return vertices
