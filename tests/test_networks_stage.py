@@ -136,3 +136,46 @@ def test_rest_frame_offsets_are_what_skinning_turns_into_the_head_frame_offsets(
     head = Rotation.from_rotvec(p.global_orient.numpy()).as_matrix()
     head_frame = np.einsum("tba,tlb->tla", head, got)  # world -> head frame
     assert np.abs(rest_frame_offsets(model, p, head_frame) - rest).max() < 1e-9
+
+
+# --------------------------------------------------------------------------- benchmark methods
+
+
+def test_bench_methods_run_and_give_finite_meshes(clip, checkpoint, tmp_path, monkeypatch):
+    from avface import media
+    from avface.audio import extract_features
+    from avface.bench.methods import MethodInput, get_method, load_plugins, run_method
+    from avface.confidence import visual_confidence
+    from avface.config import FitConfig
+    from avface.tracking import track
+
+    load_plugins()
+    info = media.probe(clip.video_path)
+    tracking = track(info, 0, info.n_frames, cache_dir=tmp_path / "cache")
+    wave = media.read_audio(clip.video_path)
+    features = extract_features(wave, media.SAMPLE_RATE_HZ, tracking.n_frames, info.fps)
+    conf, occluded = visual_confidence(tracking)
+    fov = math.degrees(2 * math.atan(clip.height / 2.0 / clip.K[1, 1]))
+    inp = MethodInput("synth", "clean", tracking, features, wave, info.fps, FitConfig(fov_deg=fov), conf, occluded)
+
+    monkeypatch.delenv("AVFACE_BENCH_NETWORKS", raising=False)
+    with pytest.raises(ModelFileError, match="AVFACE_BENCH_NETWORKS"):
+        run_method(get_method("av"), inp)
+
+    monkeypatch.setenv("AVFACE_BENCH_NETWORKS", str(checkpoint))
+    monkeypatch.setenv("AVFACE_BENCH_ADAPT_STEPS", "2")
+    coarse = run_method(get_method("interp"), inp).vertices
+    outs = {}
+    for name in ("audio_only", "av", "av_lips"):
+        m = get_method(name)
+        assert "networks" in m.stages and "audio" in m.stages
+        outs[name] = run_method(m, inp)
+        v = outs[name].vertices
+        assert v.shape == coarse.shape and np.isfinite(v).all(), name
+        # a head where the coarse fit puts it: within 2 cm everywhere
+        assert np.abs(v - coarse).max() < 0.02, (name, np.abs(v - coarse).max())
+    # the lips are what av_lips adds to av
+    lips = outs["av_lips"].fit.model.lip_vertex_ids
+    other = np.setdiff1d(np.arange(468), lips)
+    assert np.array_equal(outs["av_lips"].vertices[:, other], outs["av"].vertices[:, other])
+    assert np.abs(outs["av_lips"].vertices[:, lips] - outs["av"].vertices[:, lips]).max() > 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -35,6 +36,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", help="tracking and variant cache (default OUT/cache)")
     p.add_argument("--plugin", action="append", default=[], metavar="MODULE",
                    help="import MODULE first, so the methods it registers can run (repeatable)")
+    p.add_argument("--networks", metavar="CKPT", help="networks checkpoint for the audio-visual methods "
+                   "(sets AVFACE_BENCH_NETWORKS; without one they are skipped)")
     p.add_argument("--list-methods", action="store_true", help="print the registered methods and exit")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
 
@@ -44,6 +47,8 @@ def cmd_bench(args) -> int:
     from .methods import available_methods, load_plugins
     from .report import main_table
 
+    if args.networks:
+        os.environ["AVFACE_BENCH_NETWORKS"] = str(Path(args.networks).resolve())
     if args.list_methods:
         load_plugins(tuple(args.plugin))
         for name, m in available_methods().items():

@@ -1,0 +1,110 @@
+"""The benchmark's audio-visual methods (issue 8), loaded by ``avface bench`` as every
+``avface/<pkg>/bench_methods.py`` is (avface.bench.methods):
+
+* ``audio_only``: the networks with no video evidence for the lower face (the expression
+  branch sees the face as missing, and the fit's tracker term on the lower face is off on
+  every frame; no adaptation, which learns from trusted mouths), so the mouth comes from the
+  speech, the head pose and the context (the clip's expression basis is still the PCA of
+  the tracker's motion);
+* ``av``: the coarse audio-visual stage: the networks' landmarks join the fit where the
+  mouth is not seen (what ``reconstruct --networks CKPT`` does, lips off);
+* ``av_lips``: ``av`` with the SIREN's lip refinement added to the mesh (what
+  ``reconstruct --networks CKPT`` does by default).
+
+Each runs the very functions ``reconstruct`` runs (avface.avstage), adaptation included.
+
+The checkpoint comes from the environment, since a method sees only its clip:
+``AVFACE_BENCH_NETWORKS=CKPT`` (``avface bench --networks CKPT`` sets it). Without one
+these methods are skipped: each clip variant logs that it failed with the ModelFileError
+saying how to give one, and the report leaves their figures empty.
+``AVFACE_BENCH_ADAPT_STEPS=N`` caps the per-clip adaptation (default: reconstruct's
+``NetworksStageConfig.adapt_steps``; 0 turns it off).
+
+The occlusion flags are the variant's visual-confidence flags (``MethodOutput.occluded``
+is left None): the networks do not flag occlusion themselves yet.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+
+import numpy as np
+
+from avface.avstage import refine_lips, run_networks, vertices_with_lips
+from avface.bench.methods import MethodInput, MethodOutput, register_method
+from avface.config import NetworksStageConfig
+from avface.errors import InputError, ModelFileError
+from avface.fit import fit_default
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_ENV = "AVFACE_BENCH_NETWORKS"
+ADAPT_STEPS_ENV = "AVFACE_BENCH_ADAPT_STEPS"
+STAGES = ("probe", "tracking", "audio", "confidence", "networks", "fit", "export")
+
+_LOADED: dict = {}
+
+
+def checkpoint():
+    """The loaded checkpoint named by AVFACE_BENCH_NETWORKS (read once per file), or
+    ModelFileError saying how to give one."""
+    path = os.environ.get(CHECKPOINT_ENV)
+    if not path:
+        if not _LOADED.get("warned"):
+            log.warning("audio_only, av and av_lips skipped: no networks checkpoint; set %s=CKPT or pass "
+                        "`avface bench --networks CKPT` (train one with `avface train`)", CHECKPOINT_ENV)
+            _LOADED["warned"] = True
+        raise ModelFileError(f"no networks checkpoint for the audio-visual methods: set {CHECKPOINT_ENV}=CKPT "
+                             f"(`avface train DIR -o CKPT` makes one)")
+    from avface.models.checkpoint import load_checkpoint
+
+    key = (path, os.stat(path).st_mtime_ns if os.path.exists(path) else None)
+    if _LOADED.get("key") != key:
+        _LOADED.update(key=key, checkpoint=load_checkpoint(path))
+    return _LOADED["checkpoint"]
+
+
+def stage_config() -> NetworksStageConfig:
+    cfg = NetworksStageConfig()
+    steps = os.environ.get(ADAPT_STEPS_ENV)
+    if steps:
+        try:
+            n = int(steps)
+        except ValueError:
+            raise InputError(f"{ADAPT_STEPS_ENV} must be a whole number of steps, got {steps!r}") from None
+        cfg = dataclasses.replace(cfg, adapt=n > 0, adapt_steps=max(n, 1))
+    return cfg
+
+
+def _run(inp: MethodInput, *, video: bool, lips: bool) -> MethodOutput:
+    ck = checkpoint()
+    cfg = stage_config()
+    if not video:  # adaptation learns from the clip's trusted mouths, and there are none
+        cfg = dataclasses.replace(cfg, adapt=False)
+    # no video for the lower face: the tracker's lower face counts on no frame
+    conf = inp.visual_conf if video else np.zeros_like(inp.visual_conf)
+    fit_cfg = dataclasses.replace(inp.fit_config, use_visual_confidence=True)
+    net = run_networks(ck, inp.tracking, inp.features, conf, fov_deg=fit_cfg.fov_deg, config=cfg,
+                       video=video)
+    fit = fit_default(inp.tracking, fit_cfg, mouth_conf=conf, net_landmarks=net.prediction.landmarks)
+    pca = refine_lips(net, fit) if lips else None
+    return MethodOutput(vertices_with_lips(fit, pca), fit.intrinsics, fit=fit, filled=fit.filled)
+
+
+@register_method("audio_only", description="networks with no video evidence for the lower face (speech and context)",
+                 stages=STAGES)
+def audio_only_method(inp: MethodInput) -> MethodOutput:
+    return _run(inp, video=False, lips=True)
+
+
+@register_method("av", description="coarse audio-visual stage: the networks' landmarks where the mouth is not seen",
+                 stages=STAGES)
+def av_method(inp: MethodInput) -> MethodOutput:
+    return _run(inp, video=True, lips=False)
+
+
+@register_method("av_lips", description="av with the lip SIREN's refinement (what reconstruct --networks does)",
+                 stages=STAGES)
+def av_lips_method(inp: MethodInput) -> MethodOutput:
+    return _run(inp, video=True, lips=True)
