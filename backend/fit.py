@@ -315,23 +315,8 @@ def _refine(model, tracking, k, rot0, transl0, jaw0, expr0, det, config, progres
         if should_cancel is not None and should_cancel():
             raise CancelledError("cancelled during the fit")
         opt.zero_grad()
-        out = model.forward(params_now(), full=False)
-        cam = out.landmarks @ f_cam.T  # (T, M, 3)
-        z = cam[..., 2:3].clamp(min=1e-3)
-        uv = cam[..., :2] / z * torch.stack([kt[0, 0], kt[1, 1]]) + torch.stack([kt[0, 2], kt[1, 2]])
-        # errors in percent of the inter-ocular distance, so that weights read as NME
-        err2d = (100.0 * (uv - target[..., :2]) / iod[:, None, None]).pow(2).sum(-1)  # (T, M)
-        data = (err2d * lmk_w).mean(1)
-        # relative depth: the tracker's z (pixels) against the model's, both centred per frame
-        zc = cam[..., 2] * kt[0, 0] / z[..., 0].mean(1, keepdim=True)
-        zc = zc - zc.mean(1, keepdim=True)
-        tz = target[..., 2] - target[..., 2].mean(1, keepdim=True)
-        depth = (100.0 * (zc - tz) / iod[:, None]).pow(2).mean(1)
-        loss = ((data + config.w_depth * depth) * mask).sum() / n_det
-        if net is not None:
-            net_target, net_iod, net_w = net
-            err_net = (100.0 * (uv - net_target[..., :2]) / net_iod[:, None, None]).pow(2).sum(-1)
-            loss = loss + (err_net * net_w).mean(1).sum() / n_det
+        cam = model.forward(params_now(), full=False).landmarks @ f_cam.T  # (T, M, 3)
+        loss = _data_loss(cam, kt, target, iod, lmk_w, mask, n_det, config.w_depth, net)
         # smoothness in degrees and millimetres per frame^2
         loss = loss + config.w_smooth_pose * (_second_diff(rot * DEG).pow(2).sum() + _second_diff(transl * 1000).pow(2).sum()) / n
         loss = loss + config.w_smooth_expression * (_second_diff(expr).pow(2).sum() + _second_diff(jaw * DEG).pow(2).sum()) / n
@@ -344,6 +329,33 @@ def _refine(model, tracking, k, rot0, transl0, jaw0, expr0, det, config, progres
             progress(p0 + (1 - p0) * min(state["it"] / max(config.iterations, 1), 1.0), f"refine {state['it']}")
         return loss
 
+    _step_single_threaded(opt, closure, dev)
+    return params_now().detach().to("cpu")
+
+
+def _data_loss(cam, kt, target, iod, lmk_w, mask, n_det: float, w_depth: float, net) -> torch.Tensor:
+    """The refinement's data term over detected frames: 2D reprojection of the model's
+    landmarks cam (T, M, 3) onto the tracker's, a relative-depth term, and, with ``net``
+    (targets, IOD, weights), the networks' landmarks as a second target."""
+    z = cam[..., 2:3].clamp(min=1e-3)
+    uv = cam[..., :2] / z * torch.stack([kt[0, 0], kt[1, 1]]) + torch.stack([kt[0, 2], kt[1, 2]])
+    # errors in percent of the inter-ocular distance, so that weights read as NME
+    err2d = (100.0 * (uv - target[..., :2]) / iod[:, None, None]).pow(2).sum(-1)  # (T, M)
+    data = (err2d * lmk_w).mean(1)
+    # relative depth: the tracker's z (pixels) against the model's, both centred per frame
+    zc = cam[..., 2] * kt[0, 0] / z[..., 0].mean(1, keepdim=True)
+    zc = zc - zc.mean(1, keepdim=True)
+    tz = target[..., 2] - target[..., 2].mean(1, keepdim=True)
+    depth = (100.0 * (zc - tz) / iod[:, None]).pow(2).mean(1)
+    loss = ((data + w_depth * depth) * mask).sum() / n_det
+    if net is not None:
+        net_target, net_iod, net_w = net
+        err_net = (100.0 * (uv - net_target[..., :2]) / net_iod[:, None, None]).pow(2).sum(-1)
+        loss = loss + (err_net * net_w).mean(1).sum() / n_det
+    return loss
+
+
+def _step_single_threaded(opt, closure, dev) -> None:
     # The problem is many tiny tensors: on a CPU, one thread beats several (no hand-offs),
     # and it stays fast when other processes load the cores.
     threads = torch.get_num_threads()
@@ -353,7 +365,6 @@ def _refine(model, tracking, k, rot0, transl0, jaw0, expr0, det, config, progres
         opt.step(closure)
     finally:
         torch.set_num_threads(threads)
-    return params_now().detach().to("cpu")
 
 
 def fit_model(
