@@ -11,7 +11,7 @@ Steps:
    ``_vendor/`` subpackage the four pure-Python files the add-on shares with the backend,
    copied from their one source at build time (never by hand, never committed):
    ``backend/service/client.py``, ``backend/service/protocol.py``,
-   ``backend/export/axes.py`` and ``backend/export/kinematics.py``. The add-on imports them as ``from ._vendor import client``.
+   ``backend/export/axes.py``, ``backend/export/kinematics.py`` and ``backend/arkit_names.py``. The add-on imports them as ``from ._vendor import client``.
    The staged folder is named ``avface_blender`` so that tests which put ``build/addon`` on
    ``sys.path`` import exactly what the zip holds, never the source folder.
 2. **Wheels**: ``pip download --only-binary=:all:`` the pyzmq wheels, unmodified, for each
@@ -50,6 +50,8 @@ VENDORED = (
     (ROOT / "backend" / "export" / "axes.py", "axes.py"),
     # the bones' per-frame transforms, computed as the USD/glTF rig computes them
     (ROOT / "backend" / "export" / "kinematics.py", "kinematics.py"),
+    # the 52 names the ARKit curves and retargeting go by
+    (ROOT / "backend" / "arkit_names.py", "arkit_names.py"),
 )
 
 PYZMQ_REQUIREMENT = "pyzmq>=26,<28"
@@ -74,7 +76,7 @@ class BuildError(Exception):
 
 VENDOR_INIT = '''"""Files vendored by build_addon.py from the repository at build time; do not edit.
 
-client.py and protocol.py come from backend/service/, axes.py and kinematics.py from backend/export/.
+client.py and protocol.py come from backend/service/, axes.py and kinematics.py from backend/export/, arkit_names.py from backend/.
 """
 '''
 

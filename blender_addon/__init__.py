@@ -6,7 +6,7 @@ and nothing imports ``bpy`` at module level except the Blender-facing modules lo
 be imported and tested without Blender.
 
 Shared code with the backend lives in ``_vendor/`` (``client.py``, ``protocol.py``,
-``axes.py`` and ``kinematics.py``), which ``build_addon.py`` fills at build time from ``backend/``; the source folder
+``axes.py``, ``kinematics.py`` and ``arkit_names.py``), which ``build_addon.py`` fills at build time from ``backend/``; the source folder
 never holds a copy. Tests and development import the staged package the build writes to
 ``build/addon/avface_blender`` (``python build_addon.py --stage-only``).
 """

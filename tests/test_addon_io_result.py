@@ -117,9 +117,12 @@ def test_match_names_reports_unmatched():
 
 
 def test_arkit_names_are_the_backends():
+    from avface import arkit_names
     from avface.arkit import ARKIT_NAMES
 
     assert arkit_match.ARKIT_NAMES == tuple(ARKIT_NAMES)
+    vendored = addon_module("_vendor.arkit_names")
+    assert open(vendored.__file__).read() == open(arkit_names.__file__).read()
 
 
 def test_corrective_driver_expressions_are_rotation_minus_identity():
