@@ -35,3 +35,18 @@ def assert_close(actual, expected, *, atol: float = 0.0, rtol: float = 1e-6, wha
             f"{what}: {int(bad.sum())} of {a.size} elements out of tolerance; worst at index {idx}: "
             f"got {a[idx]!r}, expected {e[idx]!r} (|diff| {err[idx]:.3g} > tol {tol[idx]:.3g})"
         )
+
+
+@pytest.fixture(scope="module")
+def torch_one_thread():
+    """torch on one thread for a test module, restored afterwards. The network tests work on small
+    tensors, where two threads on a loaded two-core machine are many times slower than one
+    (measured 20x for a 6 x 2048 x 9 product under a load of 8), and the cores are shared."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)

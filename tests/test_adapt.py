@@ -12,13 +12,7 @@ from avface.train.adapt import AdaptConfig, adapt, holdout_starts
 
 from test_train import training_clip
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 @pytest.fixture(scope="module")

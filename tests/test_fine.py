@@ -12,13 +12,9 @@ from avface import fine, shading, uvspace
 from avface.errors import SchemaError
 from avface.models.canonical_mesh import load_canonical_mesh
 from conftest import assert_close
-from uv_util import one_thread, posed_camera_vertices
+from uv_util import posed_camera_vertices
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def _plane(size=48, side_m=0.06):

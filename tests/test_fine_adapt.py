@@ -10,15 +10,10 @@ from avface import fine, uvspace
 from avface.train.fine import FineAdaptConfig, _split, adapt_clip, blur_masked
 from avface.models.canonical_mesh import load_canonical_mesh
 from avface.models.fine import DetailNet, FineNetConfig
-from uv_util import one_thread
+
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 TINY_NET = FineNetConfig(widths=(8, 16, 16, 32, 32), audio_dim=8)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with one_thread():
-        yield
 
 
 def test_blur_masked_keeps_constants_and_removes_fine_ripples():

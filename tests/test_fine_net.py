@@ -7,16 +7,11 @@ import torch
 import torch.nn.functional as F
 
 from avface.models.fine import DetailNet, FineNetConfig, detail_net
-from uv_util import one_thread
+
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 TINY = FineNetConfig(widths=(8, 8, 16, 16, 16), audio_dim=12, groups=4)
 SIZE = 32
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with one_thread():
-        yield
 
 
 def _inputs(batch, seed=0, size=SIZE):

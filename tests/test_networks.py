@@ -19,17 +19,10 @@ from avface.models.windows import average, run_windowed, unfold, window_index
 
 from conftest import assert_close
 
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+
 P = 41
 W = 16
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The machine is shared: one thread per test, restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -8,13 +8,9 @@ import torch
 from avface import shading, uvspace
 from avface.models.canonical_mesh import load_canonical_mesh
 from conftest import assert_close
-from uv_util import intrinsics, one_thread, posed_camera_vertices, smooth_texture
+from uv_util import intrinsics, posed_camera_vertices, smooth_texture
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 POSES = ((0, 0), (25, 5), (-25, -5), (12, 12), (-12, -10), (35, 0))  # (yaw, pitch) degrees

@@ -27,15 +27,9 @@ from conftest import assert_close
 from test_evidence import talking_head
 from test_fit import FOV, H, W, synthetic_tracking
 
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def fake_features(t: int, seed: int):

@@ -12,13 +12,7 @@ from avface.train.loop import plot_path, state_path
 
 from test_train import training_clip
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def test_train_writes_checkpoint_plot_and_resumes(tmp_path, capsys):

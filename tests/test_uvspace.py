@@ -10,14 +10,9 @@ from avface import uvspace
 from avface.models.canonical_mesh import load_canonical_mesh
 from avface.topology import LIPS, lower_face_ids
 from conftest import assert_close
-from uv_util import intrinsics, one_thread, posed_camera_vertices, render_textured, smooth_texture
+from uv_util import intrinsics, posed_camera_vertices, render_textured, smooth_texture
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with one_thread():
-        yield
-
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def _uv_areas(uv, faces, size):

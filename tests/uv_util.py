@@ -78,26 +78,6 @@ def render_textured(vertices_cam: np.ndarray, faces: np.ndarray, uv: np.ndarray,
     return img.astype(np.float32), ids
 
 
-def one_thread():
-    """Context for a test module: torch on one thread. These tests work on small tensors,
-    where two threads on a loaded two-core machine are many times slower than one (measured
-    20x for a 6 x 2048 x 9 product under a load of 8), and the cores are shared."""
-    import contextlib
-
-    import torch
-
-    @contextlib.contextmanager
-    def ctx():
-        n = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            yield
-        finally:
-            torch.set_num_threads(n)
-
-    return ctx()
-
-
 def detail_light():
     """(9, 3) a light with a key from the camera's right, above and in front (camera frame:
     x right, y down, z forward), so that detail of any direction shades."""
