@@ -267,3 +267,20 @@ def test_occlusion_flag_recall_precision_and_clean_false_alarms_by_hand():
     _flag_records(records, ctx, "m", outs)
     got = {r["metric"]: r["value"] for r in records}
     assert got["occl_recall_hand"] == 1.0 and got["occl_precision"] == 7 / 7
+
+
+def test_a_method_that_cannot_run_here_is_left_out_or_refused_with_its_reason():
+    from avface.bench.harness import BenchConfig, _resolve_methods
+
+    @register_method("needs_a_file", description="test method with a missing requirement",
+                     unavailable=lambda: "no such file; make one with `avface train`")
+    def _needs(inp):  # pragma: no cover - never run
+        raise AssertionError("must not run")
+
+    try:
+        names = [m.name for m in _resolve_methods(BenchConfig())]
+        assert "needs_a_file" not in names and "coarse_video" in names
+        with pytest.raises(InputError, match="needs_a_file.*cannot run here: no such file"):
+            _resolve_methods(BenchConfig(methods=("needs_a_file",)))
+    finally:
+        unregister_method("needs_a_file")

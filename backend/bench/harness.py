@@ -655,11 +655,17 @@ def _resolve_methods(cfg: BenchConfig) -> list[Method]:
     if REFERENCE_METHOD not in names:
         log.info("adding %s: the occlusion ratios are measured against it", REFERENCE_METHOD)
         names.insert(0, REFERENCE_METHOD)
-    seen = []
-    for n in names:
-        if n not in seen:
-            seen.append(n)
-    return [get_method(n) for n in seen]
+    methods = []
+    for n in dict.fromkeys(names):
+        m = get_method(n)
+        why = m.why_unavailable()
+        if why is None:
+            methods.append(m)
+        elif cfg.methods:
+            raise InputError(f"bench method {n!r} cannot run here: {why}")
+        else:
+            log.warning("%s left out: %s", n, why)
+    return methods
 
 
 def run_bench(clips_dir: Path | str, out_dir: Path | str, config: BenchConfig = BenchConfig(), *,

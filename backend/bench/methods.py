@@ -99,6 +99,11 @@ class Method:
     description: str
     stages: tuple[str, ...]
     """Pipeline stages this method needs, in order: its real-time factor is their sum."""
+    unavailable: Callable[[], str | None] | None = None
+    """Why the method cannot run here (a missing checkpoint, say), or None when it can."""
+
+    def why_unavailable(self) -> str | None:
+        return self.unavailable() if self.unavailable is not None else None
 
     @property
     def uses_audio(self) -> bool:
@@ -111,15 +116,17 @@ DEFAULT_STAGES = ("probe", "tracking", "confidence", "fit", "export")
 
 
 def register_method(name: str, *, description: str, stages: tuple[str, ...] = DEFAULT_STAGES,
-                    replace: bool = False):
-    """Decorator: register ``fn(MethodInput) -> MethodOutput`` under ``name``."""
+                    replace: bool = False, unavailable: Callable[[], str | None] | None = None):
+    """Decorator: register ``fn(MethodInput) -> MethodOutput`` under ``name``. ``unavailable()``
+    says why the method cannot run here (None when it can): a default run leaves such a
+    method out with one log line, and naming it with ``--methods`` is an error that says why."""
     if not name or not name.replace("_", "").isalnum():
         raise ValueError(f"method names are identifiers (letters, digits, _), got {name!r}")
 
     def deco(fn: Callable[[MethodInput], MethodOutput]):
         if name in _REGISTRY and not replace:
             raise ValueError(f"a bench method named {name!r} is already registered")
-        _REGISTRY[name] = Method(name, fn, description, tuple(stages))
+        _REGISTRY[name] = Method(name, fn, description, tuple(stages), unavailable)
         return fn
 
     return deco

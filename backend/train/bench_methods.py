@@ -15,8 +15,8 @@ Each runs the very functions ``reconstruct`` runs (avface.avstage), adaptation i
 
 The checkpoint comes from the environment, since a method sees only its clip:
 ``AVFACE_BENCH_NETWORKS=CKPT`` (``avface bench --networks CKPT`` sets it). Without one
-these methods are skipped: each clip variant logs that it failed with the ModelFileError
-saying how to give one, and the report leaves their figures empty.
+a default run leaves these methods out with one log line each, and naming them with
+``--methods`` is an error that says how to give one.
 ``AVFACE_BENCH_ADAPT_STEPS=N`` caps the per-clip adaptation (default: reconstruct's
 ``NetworksStageConfig.adapt_steps``; 0 turns it off).
 
@@ -44,6 +44,13 @@ ADAPT_STEPS_ENV = "AVFACE_BENCH_ADAPT_STEPS"
 STAGES = ("probe", "tracking", "audio", "confidence", "networks", "fit", "export")
 
 _LOADED: dict = {}
+_NO_CHECKPOINT = (f"no networks checkpoint; pass `avface bench --networks CKPT` or set {CHECKPOINT_ENV}=CKPT "
+                  "(`avface train DIR -o CKPT` makes one)")
+
+
+def _without_checkpoint() -> str | None:
+    """Why the audio-visual methods cannot run, or None when a checkpoint is named."""
+    return None if os.environ.get(CHECKPOINT_ENV) else _NO_CHECKPOINT
 
 
 def checkpoint():
@@ -51,12 +58,7 @@ def checkpoint():
     ModelFileError saying how to give one."""
     path = os.environ.get(CHECKPOINT_ENV)
     if not path:
-        if not _LOADED.get("warned"):
-            log.warning("audio_only, av and av_lips skipped: no networks checkpoint; set %s=CKPT or pass "
-                        "`avface bench --networks CKPT` (train one with `avface train`)", CHECKPOINT_ENV)
-            _LOADED["warned"] = True
-        raise ModelFileError(f"no networks checkpoint for the audio-visual methods: set {CHECKPOINT_ENV}=CKPT "
-                             f"(`avface train DIR -o CKPT` makes one)")
+        raise ModelFileError(f"no networks checkpoint for the audio-visual methods: {_NO_CHECKPOINT}")
     from avface.models.checkpoint import load_checkpoint
 
     key = (path, os.stat(path).st_mtime_ns if os.path.exists(path) else None)
@@ -93,18 +95,18 @@ def _run(inp: MethodInput, *, video: bool, lips: bool) -> MethodOutput:
 
 
 @register_method("audio_only", description="networks with no video evidence for the lower face (speech and context)",
-                 stages=STAGES)
+                 stages=STAGES, unavailable=_without_checkpoint)
 def audio_only_method(inp: MethodInput) -> MethodOutput:
     return _run(inp, video=False, lips=True)
 
 
 @register_method("av", description="coarse audio-visual stage: the networks' landmarks where the mouth is not seen",
-                 stages=STAGES)
+                 stages=STAGES, unavailable=_without_checkpoint)
 def av_method(inp: MethodInput) -> MethodOutput:
     return _run(inp, video=True, lips=False)
 
 
 @register_method("av_lips", description="av with the lip SIREN's refinement (what reconstruct --networks does)",
-                 stages=STAGES)
+                 stages=STAGES, unavailable=_without_checkpoint)
 def av_lips_method(inp: MethodInput) -> MethodOutput:
     return _run(inp, video=True, lips=True)
