@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from .errors import OutputError, SchemaError
 from . import shading
+from .result import ensure_writable
 from .shading import render
 
 log = logging.getLogger(__name__)
@@ -374,10 +375,7 @@ def write_detail_maps(out_dir, displacement: np.ndarray, encoding: DetailEncodin
     if d.ndim != 3 or d.shape[1:] != (encoding.size, encoding.size):
         raise ValueError(f"expected (T, {encoding.size}, {encoding.size}) displacement maps, got {d.shape}")
     folder = Path(out_dir) / DETAIL_DIR
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise OutputError(f"cannot create {folder}: {e}; choose a writable output folder") from e
+    ensure_writable(folder, "the detail-map folder")
     paths = []
     for t in range(d.shape[0]):
         p = detail_path(out_dir, t)

@@ -34,6 +34,7 @@ from avface.config import FitConfig, TrackingConfig
 from avface.confidence import OCCLUDED_BELOW, mouth_visible, visual_confidence
 from avface.errors import AVFaceError, InputError
 from avface.jsonutil import json_safe
+from avface.result import ensure_writable
 from avface.geometry import project
 from avface.topology import LIPS
 from avface.tracking import Tracking, track
@@ -674,12 +675,7 @@ def run_bench(clips_dir: Path | str, out_dir: Path | str, config: BenchConfig = 
     metrics document."""
     t0, c0 = time.perf_counter(), _cpu_seconds()
     clips_dir, out_dir = Path(clips_dir), Path(out_dir)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        from avface.errors import OutputError
-
-        raise OutputError(f"cannot create the output folder {out_dir}: {e.strerror or e}") from e
+    ensure_writable(out_dir)
     cache = Path(config.cache_dir) if config.cache_dir else out_dir / "cache"
     cache.mkdir(parents=True, exist_ok=True)
     methods = _resolve_methods(config)
