@@ -36,19 +36,12 @@ def exported(export_cases, tmp_path_factory):
     return out
 
 
+@pytest.mark.parametrize("fmt", ["gltf", "usd"])
 @pytest.mark.parametrize("case", CASES)
-def test_blenders_gltf_importer_reads_the_animated_head(blender, exported, case):
-    glb, _, expected, frames, fps, tol, n_expr = exported[case]
-    report = blender.run("bl_export.py", "import_gltf", path=str(glb), expected=str(expected), frames=frames, fps=fps)
+def test_blenders_importer_reads_the_animated_head(blender, exported, case, fmt):
+    glb, usd, expected, frames, fps, tol, n_expr = exported[case]
+    path = glb if fmt == "gltf" else usd
+    report = blender.run("bl_export.py", f"import_{fmt}", path=str(path), expected=str(expected), frames=frames, fps=fps)
     assert sum(k.startswith("expression_") for k in report["shape_keys"]) == n_expr, report["shape_keys"]
     for t, err in zip(frames, report["errors"]):
-        assert err <= tol, f"glTF, frame {t}: Blender's mesh is {err:.3g} m off the result (tolerance {tol:.3g} m)"
-
-
-@pytest.mark.parametrize("case", CASES)
-def test_blenders_usd_importer_reads_the_animated_head(blender, exported, case):
-    _, usd, expected, frames, fps, tol, n_expr = exported[case]
-    report = blender.run("bl_export.py", "import_usd", path=str(usd), expected=str(expected), frames=frames, fps=fps)
-    assert sum(k.startswith("expression_") for k in report["shape_keys"]) == n_expr, report["shape_keys"]
-    for t, err in zip(frames, report["errors"]):
-        assert err <= tol, f"USD, frame {t}: Blender's mesh is {err:.3g} m off the result (tolerance {tol:.3g} m)"
+        assert err <= tol, f"{fmt}, frame {t}: Blender's mesh is {err:.3g} m off the result (tolerance {tol:.3g} m)"
