@@ -31,6 +31,15 @@ class NetworkRun:
     """Checkpoint path and hash, the seed, and the adaptation's record (None: not asked for;
     ``{"skipped": reason}``: the clip was too short)."""
 
+    @property
+    def points(self) -> np.ndarray:
+        """(T, 97, 3) the predicted lower face as head-frame points, metres: the fit's
+        pose-free target where the mouth is not seen (``fit_default(net_points=...)``)."""
+        from .evidence import offsets_to_points
+
+        frame = self.evidence.frame
+        return offsets_to_points(self.prediction.offsets, frame.neutral, frame.iod)
+
 
 @contextlib.contextmanager
 def torch_seeded(seed: int):
@@ -59,17 +68,62 @@ def run_networks(checkpoint, tracking, features, mouth_conf: np.ndarray, *, fov_
         evidence.expression["usable"] = evidence.expression["usable"] * 0.0
     networks = checkpoint.networks
     meta = {"checkpoint": str(checkpoint.path), "checkpoint_sha256": checkpoint.sha256, "seed": config.seed,
-            "adapt": None, "video": video}
-    if config.adapt:
+            "adapt": None, "readout": None, "video": video}
+    if config.adapt and config.adapt_steps > 0:
         if report:
             report(0.05, "adapting")
         networks, meta["adapt"] = _adapt(networks, tracking, features, mouth_conf, fov_deg, config, device)
     if report:
-        report(0.8, "predicting")
+        report(0.6, "predicting")
     k = intrinsics_for(tracking.width, tracking.height, fov_deg)
     with torch_seeded(config.seed):
         prediction = predict(networks, evidence, k, device=device)
+    if config.adapt and video:
+        if report:
+            report(0.8, "adapting the fill")
+        prediction, meta["readout"] = _readout(networks, evidence, prediction, mouth_conf, k, config, device)
     return NetworkRun(networks, evidence, prediction, meta)
+
+
+def trusted_mouth(evidence, mouth_conf: np.ndarray) -> np.ndarray:
+    """(T,) bool: frames whose mouth the tracker sees (detected, confidence at least
+    avface.confidence.OCCLUDED_BELOW)."""
+    from .confidence import OCCLUDED_BELOW
+
+    usable = evidence.expression["usable"].numpy() > 0.5
+    return usable & (np.asarray(mouth_conf, np.float64) >= OCCLUDED_BELOW)
+
+
+def _readout(networks, evidence, prediction, mouth_conf: np.ndarray, k: np.ndarray, config: NetworksStageConfig,
+             device: str):
+    """The prediction with the frames whose mouth is not seen filled as the clip's own
+    closed-form adaptation chooses (avface.train.readout), and the record for meta."""
+    import dataclasses as dc
+
+    import torch
+
+    from .evidence import landmarks_from_offsets
+    from avface.models.avnets import infer_expression
+    from .train.readout import ReadoutConfig, adapt_fill
+
+    e = {name: v.to(device) for name, v in evidence.expression.items()}
+    trusted = trusted_mouth(evidence, mouth_conf)
+    net = networks.expression.to(device).eval()
+    f_a = None
+    if float(e["audio_present"].max()) > 0:
+        with torch.no_grad():
+            f_a = (net.audio(e["phones"], e["mel"]) * e["audio_present"][:, None]).cpu().numpy()
+
+    def network(hidden: np.ndarray) -> np.ndarray:
+        seen = torch.as_tensor(trusted & ~hidden, dtype=torch.float32, device=device)
+        return infer_expression(net, dict(e, usable=e["usable"] * seen)).cpu().numpy()
+
+    filled, record = adapt_fill(evidence.expression["landmarks"].numpy(), trusted, f_a, network,
+                                ReadoutConfig(seed=config.seed))
+    log.info("adapted fill: %s on %d frames (chosen on %d hidden trusted frames)", record.choice,
+             int((~trusted).sum()), record.hidden_frames)
+    landmarks = landmarks_from_offsets(filled, evidence.frame, k, prediction.rotation, prediction.translation)
+    return dc.replace(prediction, offsets=filled.astype(np.float32), landmarks=landmarks), record.to_meta()
 
 
 def _adapt(networks, tracking, features, mouth_conf, fov_deg: float, config: NetworksStageConfig, device: str):

@@ -96,10 +96,14 @@ class NetworksStageConfig:
     checkpoint."""
 
     adapt: bool = True
-    """Fine-tune the networks on the clip's own trusted frames before predicting (skipped,
-    with a warning, on a clip too short to hold a part out)."""
-    adapt_steps: int = 200
-    """Most adaptation steps (early stopping on the held-out part usually ends sooner)."""
+    """Adapt to the clip before filling the frames whose mouth is not seen: a closed-form
+    readout from the audio embedding to the speaker's own mouth, learned on the clip's
+    trusted frames, and the fill chosen on spans hidden from them (avface.train.readout).
+    Off: the generic networks' prediction fills those frames."""
+    adapt_steps: int = 0
+    """Gradient fine-tuning steps of the networks on the clip's trusted frames before the
+    readout (avface.train.adapt; early stopping on a held-out part). 0: none (on 2 CPU
+    cores 200 steps cost about ten times the tracking, for no measured gain)."""
     lips: bool = True
     """Refine the lips with the SIREN: the result's lip_basis and lip_coeffs."""
     seed: int = 0

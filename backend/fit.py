@@ -40,7 +40,7 @@ from .confidence import mouth_visible
 from .errors import CancelledError, NoFaceError
 from .geometry import WORLD_TO_CAMERA, backproject, intrinsics_for, project, rigid, similarity
 from .timeseries import fill_missing
-from .topology import LIPS, RIGID, inter_ocular, lower_face_ids, rigid_weights
+from .topology import LIPS, OUTER_EYE_CORNERS, RIGID, inter_ocular, lower_face_ids, rigid_weights
 from .tracking import Tracking
 
 log = logging.getLogger(__name__)
@@ -118,13 +118,16 @@ def fit_default(
     *,
     mouth_conf: np.ndarray | None = None,
     net_landmarks: np.ndarray | None = None,
+    net_points: np.ndarray | None = None,
     progress: Callable[[float, str], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
 ) -> CoarseFit:
     """Fit the embedded default model to a clip's tracking. ``net_landmarks`` (T, 468, 3),
-    the networks' tracker-like landmarks (avface.predict.Prediction.landmarks), join the
-    data term on the lower face of frames whose mouth is not seen (see :func:`_refine`);
-    without them the fit is exactly the video-only one."""
+    the networks' tracker-like landmarks (avface.predict.Prediction.landmarks), or
+    ``net_points`` (T, 97, 3), their lower-face points in the head frame
+    (avface.evidence.offsets_to_points), join the data term on the lower face of frames
+    whose mouth is not seen (see :func:`_refine`); without them the fit is exactly the
+    video-only one."""
     t_start = time.perf_counter()
     det = np.asarray(tracking.detected, bool)
     if not det.any():
@@ -167,7 +170,7 @@ def fit_default(
     if progress:
         progress(0.3, "joint refinement")
     params = _refine(model, tracking, k, rot0, transl0, jaw0, expr0, det, config, progress, should_cancel,
-                     jaw_dof=1, mouth_conf=conf, net_landmarks=net_landmarks)
+                     jaw_dof=1, mouth_conf=conf, net_landmarks=net_landmarks, net_points=net_points)
     return CoarseFit(model, params, k, ~det, explained, time.perf_counter() - t_start)
 
 
@@ -266,9 +269,45 @@ def _network_targets(model, net_landmarks: np.ndarray, det: np.ndarray, mouth_co
     return net_landmarks[:, ids], np.maximum(inter_ocular(net_landmarks), 1.0), weights
 
 
+def _network_points(model, net_points: np.ndarray, start: np.ndarray, det: np.ndarray,
+                    mouth_conf: np.ndarray | None, weight: float):
+    """(model landmark columns (S,), targets (T, S, 3) metres in the model's frame, the
+    model's inter-ocular distance, weights (T, S)) of the networks' lower-face points.
+
+    The head frame the networks work in and the model's own frame agree only up to a
+    similarity (a different neutral, FLAME's axes), so the points are mapped by the
+    similarity that best takes their median over trusted frames onto the model's starting
+    landmarks' median over the same frames: only their motion is a target, not the
+    clip's neutral."""
+    from avface.geometry import similarity
+    from avface.models.avnets import LOWER_FACE_LANDMARKS
+
+    net_points = np.asarray(net_points, np.float64)
+    lower = list(LOWER_FACE_LANDMARKS)
+    if net_points.shape != (len(det), len(lower), 3):
+        raise ValueError(f"expected ({len(det)}, {len(lower)}, 3) network points, got {net_points.shape}")
+    ids = np.asarray(model.landmark_ids)
+    sel = np.flatnonzero(np.isin(ids, lower))
+    cols = [lower.index(i) for i in ids[sel]]
+    conf = det.astype(np.float64) if mouth_conf is None else np.clip(np.asarray(mouth_conf, np.float64), 0.0, 1.0)
+    trusted = det & (conf >= 0.5)
+    if not trusted.any():
+        trusted = det
+    src = np.median(net_points[trusted][:, cols], axis=0)
+    dst = np.median(start[trusted][:, sel], axis=0)
+    s, r, t = similarity(src, dst)
+    target = s * net_points[:, cols] @ r.T + t
+    eyes = [int(np.flatnonzero(ids == i)[0]) for i in OUTER_EYE_CORNERS if (ids == i).any()]
+    # errors in percent of the model's inter-ocular distance (an adult's 9 cm if it has no eye corners)
+    iod = 0.09 if len(eyes) < 2 else float(np.linalg.norm(np.median(start[trusted][:, eyes[0]] - start[trusted][:, eyes[1]], axis=0)))
+    weights = weight * (1.0 - conf)[:, None] * np.where(np.isin(ids[sel], LIPS), 2.0, 1.0)[None, :]
+    return sel, target, iod, weights
+
+
 def _refine(model, tracking, k, rot0, transl0, jaw0, expr0, det, config, progress, should_cancel, *,
             jaw_dof: int = 1, n_betas: int = 0, device: str = "cpu", p0: float = 0.3,
-            mouth_conf: np.ndarray | None = None, net_landmarks: np.ndarray | None = None) -> FaceParams:
+            mouth_conf: np.ndarray | None = None, net_landmarks: np.ndarray | None = None,
+            net_points: np.ndarray | None = None) -> FaceParams:
     """Joint refinement of all frames at once: perspective reprojection of the model's
     landmarks onto the tracker's, a weak relative-depth term, second-difference smoothness
     and priors. Undetected frames have no data term, so smoothness fills them.
@@ -281,6 +320,10 @@ def _refine(model, tracking, k, rot0, transl0, jaw0, expr0, det, config, progres
     ``config.w_networks`` times how little the mouth is seen (1 - mouth confidence, so 1 on
     occluded and undetected frames and 0 where the tracker is fully trusted); lips count
     double as in the tracker's term. None leaves the fit as it is without networks.
+
+    net_points (T, 97, 3): the networks' lower-face points in the head frame (metres), a
+    pose-free target for the model's own lower-face landmarks with no head pose applied,
+    weighted as ``net_landmarks``; see :func:`_network_points`.
     """
     n = len(det)
     dt = torch.float32
@@ -311,12 +354,29 @@ def _refine(model, tracking, k, rot0, transl0, jaw0, expr0, det, config, progres
         jaw3 = torch.cat([jaw, torch.zeros(n, 3 - jaw_dof, dtype=dt, device=dev)], dim=1)
         return FaceParams(betas.expand(n, -1), expr, rot, zeros3, jaw3, zeros3, zeros3, transl)
 
+    def local_landmarks():  # the model's landmarks with no head pose: (T, M, 3) metres
+        p = params_now()
+        return model.forward(FaceParams(p.betas, p.expression, zeros3, zeros3, p.jaw_pose, zeros3, zeros3, zeros3),
+                             full=False).landmarks
+
+    pts = None
+    if net_points is not None:
+        with torch.no_grad():
+            start = local_landmarks().cpu().numpy()
+        sel, pts_target, pts_iod, pts_w = _network_points(model, net_points, start, det, mouth_conf, config.w_networks)
+        pts = (torch.as_tensor(sel, device=dev), torch.as_tensor(pts_target, dtype=dt, device=dev), pts_iod,
+               torch.as_tensor(pts_w, dtype=dt, device=dev))
+
     def closure():
         if should_cancel is not None and should_cancel():
             raise CancelledError("cancelled during the fit")
         opt.zero_grad()
         cam = model.forward(params_now(), full=False).landmarks @ f_cam.T  # (T, M, 3)
         loss = _data_loss(cam, kt, target, iod, lmk_w, mask, n_det, config.w_depth, net)
+        if pts is not None:
+            sel, pts_target, pts_iod, pts_w = pts
+            err = (100.0 * (local_landmarks()[:, sel] - pts_target) / pts_iod).pow(2).sum(-1)  # (T, S)
+            loss = loss + (err * pts_w).mean(1).sum() / n_det
         # smoothness in degrees and millimetres per frame^2
         loss = loss + config.w_smooth_pose * (_second_diff(rot * DEG).pow(2).sum() + _second_diff(transl * 1000).pow(2).sum()) / n
         loss = loss + config.w_smooth_expression * (_second_diff(expr).pow(2).sum() + _second_diff(jaw * DEG).pow(2).sum()) / n
@@ -375,6 +435,7 @@ def fit_model(
     device: str = "cpu",
     mouth_conf: np.ndarray | None = None,
     net_landmarks: np.ndarray | None = None,
+    net_points: np.ndarray | None = None,
     progress: Callable[[float, str], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
 ) -> CoarseFit:
@@ -406,7 +467,8 @@ def fit_model(
         progress(0.1, "joint refinement")
     params = _refine(model, tracking, k, rot, transl, np.zeros((n_all, 3)), np.zeros((n_all, model.n_expression)),
                      det, config, progress, should_cancel, jaw_dof=3, n_betas=model.n_shape, device=device, p0=0.1,
-                     mouth_conf=_mouth_confidence(mouth_conf, det, config), net_landmarks=net_landmarks)
+                     mouth_conf=_mouth_confidence(mouth_conf, det, config), net_landmarks=net_landmarks,
+                     net_points=net_points)
     return CoarseFit(model, params, k, ~det, float("nan"), time.perf_counter() - t_start)
 
 

@@ -208,12 +208,12 @@ def _lips(net: NetworkRun, fit: CoarseFit, options: ReconstructOptions):
 def _fit(model, tracking: Tracking, conf: np.ndarray, options: ReconstructOptions, run: _Run,
          net: NetworkRun | None = None) -> tuple[CoarseFit, dict]:
     fit_cfg = _fit_config(options)
-    net_landmarks = net.prediction.landmarks if net is not None else None
+    net_points = net.points if net is not None else None
     if model is None:
-        fit = fit_default(tracking, fit_cfg, mouth_conf=conf, net_landmarks=net_landmarks,
+        fit = fit_default(tracking, fit_cfg, mouth_conf=conf, net_points=net_points,
                           progress=run.progress_of("fit"), should_cancel=run.should_cancel)
     else:
-        fit = fit_model(model, tracking, fit_cfg, device=options.device, mouth_conf=conf, net_landmarks=net_landmarks,
+        fit = fit_model(model, tracking, fit_cfg, device=options.device, mouth_conf=conf, net_points=net_points,
                         progress=run.progress_of("fit"), should_cancel=run.should_cancel)
     return fit, fit_metrics(fit, tracking)
 

@@ -17,8 +17,9 @@ The checkpoint comes from the environment, since a method sees only its clip:
 ``AVFACE_BENCH_NETWORKS=CKPT`` (``avface bench --networks CKPT`` sets it). Without one
 a default run leaves these methods out with one log line each, and naming them with
 ``--methods`` is an error that says how to give one.
-``AVFACE_BENCH_ADAPT_STEPS=N`` caps the per-clip adaptation (default: reconstruct's
-``NetworksStageConfig.adapt_steps``; 0 turns it off).
+``AVFACE_BENCH_ADAPT_STEPS=N`` adds N steps of gradient fine-tuning to the per-clip
+adaptation (default: reconstruct's ``NetworksStageConfig.adapt_steps``, 0), and
+``AVFACE_BENCH_ADAPT=0`` turns the adaptation off (an ablation: the generic networks fill).
 
 The occlusion flags are the variant's visual-confidence flags (``MethodOutput.occluded``
 is left None): the networks do not flag occlusion themselves yet.
@@ -41,6 +42,7 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_ENV = "AVFACE_BENCH_NETWORKS"
 ADAPT_STEPS_ENV = "AVFACE_BENCH_ADAPT_STEPS"
+ADAPT_ENV = "AVFACE_BENCH_ADAPT"
 STAGES = ("probe", "tracking", "audio", "confidence", "networks", "fit", "export")
 
 _LOADED: dict = {}
@@ -68,14 +70,14 @@ def checkpoint():
 
 
 def stage_config() -> NetworksStageConfig:
-    cfg = NetworksStageConfig()
+    cfg = NetworksStageConfig(adapt=os.environ.get(ADAPT_ENV, "1") != "0")
     steps = os.environ.get(ADAPT_STEPS_ENV)
     if steps:
         try:
             n = int(steps)
         except ValueError:
             raise InputError(f"{ADAPT_STEPS_ENV} must be a whole number of steps, got {steps!r}") from None
-        cfg = dataclasses.replace(cfg, adapt=n > 0, adapt_steps=max(n, 1))
+        cfg = dataclasses.replace(cfg, adapt_steps=max(n, 0))
     return cfg
 
 
@@ -89,7 +91,7 @@ def _run(inp: MethodInput, *, video: bool, lips: bool) -> MethodOutput:
     fit_cfg = dataclasses.replace(inp.fit_config, use_visual_confidence=True)
     net = run_networks(ck, inp.tracking, inp.features, conf, fov_deg=fit_cfg.fov_deg, config=cfg,
                        video=video)
-    fit = fit_default(inp.tracking, fit_cfg, mouth_conf=conf, net_landmarks=net.prediction.landmarks)
+    fit = fit_default(inp.tracking, fit_cfg, mouth_conf=conf, net_points=net.points)
     pca = refine_lips(net, fit) if lips else None
     return MethodOutput(vertices_with_lips(fit, pca), fit.intrinsics, fit=fit, filled=fit.filled)
 
