@@ -145,15 +145,20 @@ def _adapt(networks, tracking, features, mouth_conf, fov_deg: float, config: Net
 
 
 def refine_lips(net: NetworkRun, fit, *, device: str = "cpu") -> LipPCA:
-    """The SIREN's offsets for the fitted model's lip vertices, moved from the head frame to
-    the rest frame (before skinning, as the result contract wants), as a PCA."""
+    """The SIREN's offsets for the fitted model's lip vertices, weighted by how little the
+    mouth is seen (1 - its confidence), moved from the head frame to the rest frame (before
+    skinning, as the result contract wants), as a PCA."""
     from .predict import predict_lips
 
     m, p = fit.model, fit.params
     betas = p.betas[:1] if p.betas.shape[1] else None
     positions = m.neutral_vertices(betas)[np.asarray(m.lip_vertex_ids)]
     head = predict_lips(net.networks, net.evidence, positions, device=device)
-    pca = lip_pca(rest_frame_offsets(m, p, head))
+    # where the tracker sees the lips the fit already follows them: the SIREN's offsets count
+    # as much as the mouth is not seen (measured: on every frame they cost visible frames'
+    # lips NME 0.89 -> 1.21 %)
+    unseen = 1.0 - np.clip(net.evidence.expression["region_conf"][:, 0].numpy(), 0.0, 1.0)
+    pca = lip_pca(rest_frame_offsets(m, p, head * unseen[:, None, None]))
     log.info("lips: %d components, PCA residual %.2e m", pca.basis.shape[0], pca.residual_m)
     return pca
 
