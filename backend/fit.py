@@ -146,6 +146,7 @@ def fit_default(
         seen = np.ones(len(pts), bool)
     if should_cancel is not None and should_cancel():
         raise CancelledError("cancelled during the fit")
+    neutral0 = neutral
     jaw_angle, resid = _solve_jaw(neutral, aligned)  # resid: what the expression basis must explain
 
     if progress:
@@ -166,12 +167,65 @@ def fit_default(
     # the mouth of an occluded frame starts from its visible neighbours, not from the guess
     jaw0 = _spread(np.stack([jaw_angle, np.zeros_like(jaw_angle), np.zeros_like(jaw_angle)], 1), det, mouth_visible(conf))
     expr0 = _spread(coeffs, det, mouth_visible(conf))
+    if net_points is not None and config.w_networks > 0:  # ... or from the networks' lower face, where it is not seen
+        unseen = ~mouth_visible(conf)
+        jaw_net, expr0[unseen] = _network_start(neutral0, mean, basis, aligned, net_points, conf, det, unseen)
+        jaw0[unseen, 0] = jaw_net
 
     if progress:
         progress(0.3, "joint refinement")
     params = _refine(model, tracking, k, rot0, transl0, jaw0, expr0, det, config, progress, should_cancel,
                      jaw_dof=1, mouth_conf=conf, net_landmarks=net_landmarks, net_points=net_points)
     return CoarseFit(model, params, k, ~det, explained, time.perf_counter() - t_start)
+
+
+#: Noise of the networks' lower-face points, metres per coordinate, when the fit starts from them.
+NETWORK_POINT_NOISE_M = 5e-4
+
+
+def _network_start(neutral: np.ndarray, mean: np.ndarray, basis: np.ndarray, aligned: np.ndarray,
+                   net_points: np.ndarray, conf: np.ndarray, det: np.ndarray, frames: np.ndarray):
+    """(jaw angle (F,), expression coefficients (F, E)) of the default model on ``frames``
+    (T,) bool (frames whose mouth is not seen), solved as the tracker's are but with the
+    networks' lower-face points (T, 97, 3) in place of the tracker's. The refinement
+    alone moves a long occluded span too slowly from its straight-line start (its
+    expression coefficients are badly scaled for L-BFGS)."""
+    from avface.models.avnets import LOWER_FACE_LANDMARKS
+
+    lower = list(LOWER_FACE_LANDMARKS)
+    net_points = np.asarray(net_points, np.float64)
+    if net_points.shape != (len(det), len(lower), 3):
+        raise ValueError(f"expected ({len(det)}, {len(lower)}, 3) network points, got {net_points.shape}")
+    full = np.repeat(np.median(aligned, axis=0)[None], len(det), axis=0)
+    full[det] = aligned
+    mapped = _to_frame(net_points, full[:, lower], det & mouth_visible(conf))
+    # the clip's median face with the networks' lower face: what the tracker saw of a frame
+    # whose mouth is hidden is not to be trusted, above the mouth either (a hand or a bar
+    # drags the whole mesh), and the refinement fits the upper face from it anyway
+    face = np.repeat(np.median(aligned, axis=0)[None], int(frames.sum()), axis=0)
+    face[:, lower] = mapped[frames]
+    jaw, resid = _solve_jaw(neutral, face)
+    flat = basis.reshape(len(basis), -1)
+    # the posterior mean under the basis' own prior (unit variance per coefficient) and
+    # noise of NETWORK_POINT_NOISE_M per coordinate: components the points barely move are
+    # not blown up by their noise
+    coeffs = (resid.reshape(len(resid), -1) - mean) @ flat.T / ((flat ** 2).sum(1) + NETWORK_POINT_NOISE_M ** 2)
+    return jaw, coeffs
+
+
+def _to_frame(points: np.ndarray, reference: np.ndarray, trusted: np.ndarray) -> np.ndarray:
+    """``points`` (T, S, 3) in another frame mapped onto ``reference`` (T, S, 3): by the
+    similarity that takes the points' median over ``trusted`` frames onto the reference's,
+    with each point's median replaced by the reference's, so that only their motion is
+    kept (the two 3D shapes differ by a millimetre or two that a model cannot take)."""
+    from avface.geometry import similarity
+
+    if not trusted.any():
+        trusted = np.isfinite(reference).all(axis=(1, 2))
+    src = np.median(points[trusted], axis=0)
+    dst = np.median(reference[trusted], axis=0)
+    s, r, _ = similarity(src, dst)
+    return dst + s * (points - src) @ r.T
 
 
 def _solve_jaw(neutral: np.ndarray, aligned: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -277,9 +331,8 @@ def _network_points(model, net_points: np.ndarray, start: np.ndarray, det: np.nd
     The head frame the networks work in and the model's own frame agree only up to a
     similarity (a different neutral, FLAME's axes), so the points are mapped by the
     similarity that best takes their median over trusted frames onto the model's starting
-    landmarks' median over the same frames: only their motion is a target, not the
-    clip's neutral."""
-    from avface.geometry import similarity
+    landmarks' median over the same frames, and each point's median is replaced by the
+    model's: only their motion is a target, not the clip's neutral."""
     from avface.models.avnets import LOWER_FACE_LANDMARKS
 
     net_points = np.asarray(net_points, np.float64)
@@ -293,10 +346,7 @@ def _network_points(model, net_points: np.ndarray, start: np.ndarray, det: np.nd
     trusted = det & (conf >= 0.5)
     if not trusted.any():
         trusted = det
-    src = np.median(net_points[trusted][:, cols], axis=0)
-    dst = np.median(start[trusted][:, sel], axis=0)
-    s, r, t = similarity(src, dst)
-    target = s * net_points[:, cols] @ r.T + t
+    target = _to_frame(net_points[:, cols], start[:, sel], trusted)
     eyes = [int(np.flatnonzero(ids == i)[0]) for i in OUTER_EYE_CORNERS if (ids == i).any()]
     # errors in percent of the model's inter-ocular distance (an adult's 9 cm if it has no eye corners)
     iod = 0.09 if len(eyes) < 2 else float(np.linalg.norm(np.median(start[trusted][:, eyes[0]] - start[trusted][:, eyes[1]], axis=0)))
@@ -364,6 +414,9 @@ def _refine(model, tracking, k, rot0, transl0, jaw0, expr0, det, config, progres
         with torch.no_grad():
             start = local_landmarks().cpu().numpy()
         sel, pts_target, pts_iod, pts_w = _network_points(model, net_points, start, det, mouth_conf, config.w_networks)
+        # across and up the face as the landmarks' image position; depth (MediaPipe's own
+        # guess, which the tracker term weighs by w_depth) as little
+        PTS_AXES = torch.tensor([1.0, 1.0, config.w_depth], dtype=dt, device=dev)
         pts = (torch.as_tensor(sel, device=dev), torch.as_tensor(pts_target, dtype=dt, device=dev), pts_iod,
                torch.as_tensor(pts_w, dtype=dt, device=dev))
 
@@ -375,7 +428,7 @@ def _refine(model, tracking, k, rot0, transl0, jaw0, expr0, det, config, progres
         loss = _data_loss(cam, kt, target, iod, lmk_w, mask, n_det, config.w_depth, net)
         if pts is not None:
             sel, pts_target, pts_iod, pts_w = pts
-            err = (100.0 * (local_landmarks()[:, sel] - pts_target) / pts_iod).pow(2).sum(-1)  # (T, S)
+            err = (100.0 * (local_landmarks()[:, sel] - pts_target) / pts_iod).pow(2) @ PTS_AXES  # (T, S)
             loss = loss + (err * pts_w).mean(1).sum() / n_det
         # smoothness in degrees and millimetres per frame^2
         loss = loss + config.w_smooth_pose * (_second_diff(rot * DEG).pow(2).sum() + _second_diff(transl * 1000).pow(2).sum()) / n

@@ -188,10 +188,11 @@ def test_network_points_fill_a_long_occlusion_in_any_frame():
     off = fit_default(tr, FitConfig(fov_deg=FOV, w_networks=0.0), mouth_conf=conf, net_points=points)
     e_interp, e_net, e_off = lip_error_mm(interp), lip_error_mm(with_net), lip_error_mm(off)
     print(f"lip error on a 24-frame occlusion: {e_interp:.2f} mm interpolated, {e_net:.2f} mm with the points")
-    # 1.93 -> 1.03 mm here; the floor is the clip's own expression basis (0.57 mm fitting
-    # the true landmarks on every frame), and the weight does not move it (1.03 at 16x)
+    # 1.93 -> 1.24 mm here; the floor is the clip's own expression basis (0.57 mm fitting
+    # the true landmarks on every frame)
     assert e_net < 0.65 * e_interp, (e_net, e_interp)
     assert abs(e_off - e_interp) < 1e-3  # weight 0: exactly the interpolating fit
-    # frames whose mouth is seen do not move
+    # frames whose mouth is seen keep their shape (the head's depth may shift a little)
     seen = ~occluded
-    assert np.abs(with_net.world_vertices()[seen] - interp.world_vertices()[seen]).max() < 1e-3
+    moved_mm = aligned_vertex_error(with_net.world_vertices(), interp.world_vertices(), seen) * 1000
+    assert moved_mm.max() < 0.1, moved_mm.max()

@@ -52,6 +52,10 @@ def test_result_with_lips_validates_round_trips_and_repeats(clip, checkpoint, tm
     net = meta["networks"]
     assert net["checkpoint_sha256"] and net["lips"] and net["adapt"]["steps"] == 4
     assert len(net["adapt"]["train_losses"]) == 4 and all(math.isfinite(v) for v in net["adapt"]["train_losses"])
+    # the closed-form adaptation chose the fill on hidden trusted frames, and says so
+    readout = net["readout"]
+    assert readout["hidden_frames"] > 0 and readout["choice"] == min(readout["scores"], key=readout["scores"].get)
+    assert {"interp", "network"} <= set(readout["scores"]) and any(n.startswith("ridge") for n in readout["scores"])
     k = a["lip_basis"].shape[0]
     assert 1 <= k <= 16 and a["lip_coeffs"].shape == (meta["n_frames"], k)
     assert np.isfinite(a["vertices"].astype(np.float32)).all() and meta["lip_pca_residual"] >= 0
@@ -74,6 +78,7 @@ def test_result_with_lips_validates_round_trips_and_repeats(clip, checkpoint, tm
     for key in ("lip_basis", "lip_coeffs", "vertices", "expression", "jaw", "global_rot"):
         assert np.array_equal(a[key], c[key]), key
     assert load_result(path2).meta["networks"]["adapt"] == net["adapt"]
+    assert load_result(path2).meta["networks"]["readout"] == readout
     assert len(lips) == a["lip_basis"].shape[1]
 
 
@@ -82,6 +87,7 @@ def test_without_lips_or_adaptation(clip, checkpoint, tmp_path):
     meta = validate(path)
     a = load_result(path).arrays
     assert a["lip_basis"].shape[0] == 0 and meta["networks"]["adapt"] is None and not meta["networks"]["lips"]
+    assert meta["networks"]["readout"] is None
 
 
 def test_missing_checkpoint_stops_before_any_work(clip, tmp_path):

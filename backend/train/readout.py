@@ -53,8 +53,9 @@ class ReadoutConfig:
     """Length range of the hidden spans, frames (0.5-1.5 s at 25 fps, as real occlusions)."""
     spans: int = 16
     """Spans hidden to choose the fill."""
-    min_trusted: int = 48
-    """Fewer trusted frames than this: no adaptation."""
+    min_trusted: int = 24
+    """Fewer trusted frames than this: no adaptation (the generic networks fill). With
+    more, but no room for a hidden span, the fill is the straight line."""
     seed: int = 0
     """Seeds the hidden spans."""
 
