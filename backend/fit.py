@@ -167,10 +167,10 @@ def fit_default(
     # the mouth of an occluded frame starts from its visible neighbours, not from the guess
     jaw0 = _spread(np.stack([jaw_angle, np.zeros_like(jaw_angle), np.zeros_like(jaw_angle)], 1), det, mouth_visible(conf))
     expr0 = _spread(coeffs, det, mouth_visible(conf))
-    if net_points is not None and config.w_networks > 0:  # ... or from the networks' lower face, where it is not seen
-        unseen = ~mouth_visible(conf)
-        jaw_net, expr0[unseen] = _network_start(neutral0, mean, basis, aligned, net_points, conf, det, unseen)
-        jaw0[unseen, 0] = jaw_net
+    unseen = ~mouth_visible(conf)
+    if net_points is not None and config.w_networks > 0 and unseen.any():
+        # ... or from the networks' lower face, where it is not seen
+        jaw0[unseen, 0], expr0[unseen] = _network_start(neutral0, mean, basis, aligned, net_points, conf, det, unseen)
 
     if progress:
         progress(0.3, "joint refinement")

@@ -196,3 +196,15 @@ def test_network_points_fill_a_long_occlusion_in_any_frame():
     seen = ~occluded
     moved_mm = aligned_vertex_error(with_net.world_vertices(), interp.world_vertices(), seen) * 1000
     assert moved_mm.max() < 0.1, moved_mm.max()
+
+
+def test_network_points_on_a_clip_whose_mouth_is_always_seen_change_nothing():
+    k = intrinsics_for(W, H, FOV)
+    _, _, verts = _canonical_truth(t=20)
+    tr = synthetic_tracking(_with_iris(verts), k)
+    from avface.models.avnets import LOWER_FACE_LANDMARKS
+
+    points = verts[:, list(LOWER_FACE_LANDMARKS)] + 0.01  # wrong, but nowhere needed
+    plain = fit_default(tr, FitConfig(fov_deg=FOV), mouth_conf=np.ones(20))
+    with_net = fit_default(tr, FitConfig(fov_deg=FOV), mouth_conf=np.ones(20), net_points=points)
+    np.testing.assert_allclose(with_net.world_vertices(), plain.world_vertices(), atol=1e-6)
