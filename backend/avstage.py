@@ -118,8 +118,15 @@ def _readout(networks, evidence, prediction, mouth_conf: np.ndarray, k: np.ndarr
         seen = torch.as_tensor(trusted & ~hidden, dtype=torch.float32, device=device)
         return infer_expression(net, dict(e, usable=e["usable"] * seen)).cpu().numpy()
 
+    lips = None
+    if config.lips:
+        from .predict import predict_lips
+        from .topology import LIPS
+
+        frame = evidence.frame
+        lips = predict_lips(networks, evidence, frame.neutral[list(LIPS)], device=device) / frame.iod
     filled, record = adapt_fill(evidence.expression["landmarks"].numpy(), trusted, f_a, network,
-                                ReadoutConfig(seed=config.seed))
+                                ReadoutConfig(seed=config.seed), lips=lips)
     log.info("adapted fill: %s on %d frames (chosen on %d hidden trusted frames)", record.choice,
              int((~trusted).sum()), record.hidden_frames)
     landmarks = landmarks_from_offsets(filled, evidence.frame, k, prediction.rotation, prediction.translation)
@@ -146,8 +153,9 @@ def _adapt(networks, tracking, features, mouth_conf, fov_deg: float, config: Net
 
 def refine_lips(net: NetworkRun, fit, *, device: str = "cpu") -> LipPCA:
     """The SIREN's offsets for the fitted model's lip vertices, weighted by how little the
-    mouth is seen (1 - its confidence), moved from the head frame to the rest frame (before
-    skinning, as the result contract wants), as a PCA."""
+    mouth is seen (1 - its confidence) and by the gain the clip's adaptation chose, moved
+    from the head frame to the rest frame (before skinning, as the result contract wants),
+    as a PCA."""
     from .predict import predict_lips
 
     m, p = fit.model, fit.params
@@ -158,7 +166,9 @@ def refine_lips(net: NetworkRun, fit, *, device: str = "cpu") -> LipPCA:
     # as much as the mouth is not seen (measured: on every frame they cost visible frames'
     # lips NME 0.89 -> 1.21 %)
     unseen = 1.0 - np.clip(net.evidence.expression["region_conf"][:, 0].numpy(), 0.0, 1.0)
-    pca = lip_pca(rest_frame_offsets(m, p, head * unseen[:, None, None]))
+    # and as much as they helped on the trusted frames the adaptation hid (all without it)
+    gain = net.meta["readout"]["lip_gain"] if net.meta.get("readout") else 1.0
+    pca = lip_pca(rest_frame_offsets(m, p, head * (gain * unseen)[:, None, None]))
     log.info("lips: %d components, PCA residual %.2e m", pca.basis.shape[0], pca.residual_m)
     return pca
 

@@ -57,15 +57,17 @@ def test_result_with_lips_validates_round_trips_and_repeats(clip, checkpoint, tm
     assert readout["hidden_frames"] > 0 and readout["choice"] == min(readout["scores"], key=readout["scores"].get)
     assert {"interp", "network"} <= set(readout["scores"]) and any(n.startswith("ridge") for n in readout["scores"])
     k = a["lip_basis"].shape[0]
-    assert 1 <= k <= 16 and a["lip_coeffs"].shape == (meta["n_frames"], k)
+    assert 0 <= k <= 16 and a["lip_coeffs"].shape == (meta["n_frames"], k)
+    # the SIREN's gain was chosen on the hidden spans, and the lips are in the result iff it is not 0
+    assert readout["lip_gain"] == float(min(readout["lip_scores"], key=readout["lip_scores"].get))
+    assert (k > 0) == (readout["lip_gain"] > 0)
     assert np.isfinite(a["vertices"].astype(np.float32)).all() and meta["lip_pca_residual"] >= 0
     # the lips are in the mesh: vertices differ from the coarse mesh on lip vertices only
     # where the SIREN speaks (an untrained SIREN's offsets are small but not zero)
     lips = a["lip_vertex_ids"]
     rest = np.einsum("tk,klc->tlc", a["lip_coeffs"], a["lip_basis"])
-    assert np.abs(rest).max() > 0
     silent = a["speech_activity"] == 0
-    if silent.any():
+    if silent.any() and k:
         assert np.abs(rest[silent]).max() < 1e-6  # exactly zero in silence, up to the PCA
     # round trip through the writer and reader
     again = write_result(tmp_path / "copy.npz", a, meta)
@@ -80,6 +82,18 @@ def test_result_with_lips_validates_round_trips_and_repeats(clip, checkpoint, tm
     assert load_result(path2).meta["networks"]["adapt"] == net["adapt"]
     assert load_result(path2).meta["networks"]["readout"] == readout
     assert len(lips) == a["lip_basis"].shape[1]
+
+
+def test_lips_without_adaptation_are_where_the_mouth_is_not_seen(clip, checkpoint, tmp_path):
+    path = reconstruct(clip.video_path, tmp_path / "a", _options(clip, tmp_path, checkpoint, adapt=False))
+    meta = validate(path)
+    a = load_result(path).arrays
+    k = a["lip_basis"].shape[0]
+    assert meta["networks"]["readout"] is None and 1 <= k <= 16
+    rest = np.linalg.norm(np.einsum("tk,klc->tlc", a["lip_coeffs"], a["lip_basis"]), axis=-1).max(1)
+    seen = a["visual_conf"] >= 1.0
+    assert rest.max() > 0 and seen.any()
+    assert rest[seen].max() < 1e-3 * rest.max()  # fully seen mouths keep the tracker's lips
 
 
 def test_without_lips_or_adaptation(clip, checkpoint, tmp_path):
@@ -174,8 +188,14 @@ def test_bench_methods_run_and_give_finite_meshes(clip, checkpoint, tmp_path, mo
         assert v.shape == coarse.shape and np.isfinite(v).all(), name
         # a head where the coarse fit puts it: within 2 cm everywhere
         assert np.abs(v - coarse).max() < 0.02, (name, np.abs(v - coarse).max())
-    # the lips are what av_lips adds to av
-    lips = outs["av_lips"].fit.model.lip_vertex_ids
+    # the lips are what av_lips adds to av (without adaptation, which may choose no lips, and
+    # would choose them alike for both)
+    monkeypatch.setenv("AVFACE_BENCH_ADAPT", "0")
+    av, av_lips = run_method(get_method("av"), inp), run_method(get_method("av_lips"), inp)
+    lips = av_lips.fit.model.lip_vertex_ids
     other = np.setdiff1d(np.arange(468), lips)
+    assert np.array_equal(av_lips.vertices[:, other], av.vertices[:, other])
+    assert np.abs(av_lips.vertices[:, lips] - av.vertices[:, lips]).max() > 0
+    lips_adapted = outs["av_lips"].vertices[:, lips] - outs["av"].vertices[:, lips]
     assert np.array_equal(outs["av_lips"].vertices[:, other], outs["av"].vertices[:, other])
-    assert np.abs(outs["av_lips"].vertices[:, lips] - outs["av"].vertices[:, lips]).max() > 0
+    assert np.isfinite(lips_adapted).all()

@@ -21,6 +21,8 @@ candidate fills them from what is left:
 
 The candidate with the lowest lip error on the hidden spans is refitted on every trusted
 frame and fills the frames that are not trusted; trusted frames keep the tracker's offsets.
+The lip SIREN's offsets are judged the same way: the gain (0, 0.5 or 1) that brings the
+chosen fill closest to the hidden lips is how much of them the result gets.
 A clip with too few trusted frames to hold spans out keeps the generic networks' prediction.
 """
 from __future__ import annotations
@@ -56,6 +58,8 @@ class ReadoutConfig:
     min_trusted: int = 24
     """Fewer trusted frames than this: no adaptation (the generic networks fill). With
     more, but no room for a hidden span, the fill is the straight line."""
+    lip_gains: tuple = (0.5, 1.0)
+    """Gains of the lip SIREN's offsets tried on the hidden spans (besides 0)."""
     seed: int = 0
     """Seeds the hidden spans."""
 
@@ -70,10 +74,16 @@ class ReadoutRecord:
     """Mean lip error (inter-ocular units) of every candidate on the hidden spans."""
     hidden_frames: int = 0
     """Trusted frames hidden to score the candidates."""
+    lip_gain: float = 0.0
+    """How much of the lip SIREN's offsets to add where the mouth is not seen, chosen on the
+    same hidden spans (0 when they did not help there, or were not given)."""
+    lip_scores: dict = field(default_factory=dict)
+    """Lip error of the chosen fill plus each gain of the SIREN's offsets on the hidden spans."""
 
     def to_meta(self) -> dict:
         return {"choice": self.choice, "scores": {k: round(float(v), 6) for k, v in self.scores.items()},
-                "hidden_frames": int(self.hidden_frames)}
+                "hidden_frames": int(self.hidden_frames), "lip_gain": float(self.lip_gain),
+                "lip_scores": {k: round(float(v), 6) for k, v in self.lip_scores.items()}}
 
 
 def linear_fill(x: np.ndarray, known: np.ndarray) -> np.ndarray:
@@ -170,12 +180,26 @@ def _candidates(offsets, known, features, network: np.ndarray | None, config: Re
     return out
 
 
+def _lip_gain(fill: np.ndarray, offsets: np.ndarray, lips: np.ndarray, hidden: np.ndarray,
+              config: ReadoutConfig) -> tuple[float, dict]:
+    """(the gain of the SIREN's lip offsets with the lowest lip error on the hidden spans,
+    every gain's error)."""
+    scores = {}
+    for g in (0.0,) + tuple(config.lip_gains):
+        est = fill[hidden][:, LIP_ROWS] + g * lips[hidden]
+        scores[f"{g:g}"] = float(np.linalg.norm(est - offsets[hidden][:, LIP_ROWS], axis=-1).mean())
+    best = min(scores, key=scores.get)
+    return float(best), scores
+
+
 def adapt_fill(offsets: np.ndarray, trusted: np.ndarray, f_a: np.ndarray | None,
-               network: Callable[[np.ndarray], np.ndarray] | None, config: ReadoutConfig = ReadoutConfig()
-               ) -> tuple[np.ndarray, ReadoutRecord]:
+               network: Callable[[np.ndarray], np.ndarray] | None, config: ReadoutConfig = ReadoutConfig(),
+               lips: np.ndarray | None = None) -> tuple[np.ndarray, ReadoutRecord]:
     """(filled offsets (T, M, 3), record). ``offsets`` are the tracker's (trusted frames
     matter), ``f_a`` (T, 64) the audio embedding (None: no speech), ``network(hidden)``
-    the generic networks' offsets with the ``hidden`` (T,) frames' video evidence removed."""
+    the generic networks' offsets with the ``hidden`` (T,) frames' video evidence removed,
+    ``lips`` (T, 40, 3) the lip SIREN's offsets of the lip landmarks (same units), whose
+    gain on top of the fill is chosen on the hidden spans too (``record.lip_gain``)."""
     offsets = np.asarray(offsets, np.float64)
     trusted = np.asarray(trusted, bool)
     features = None if f_a is None else stack_context(np.asarray(f_a, np.float64), config.context)
@@ -188,9 +212,12 @@ def adapt_fill(offsets: np.ndarray, trusted: np.ndarray, f_a: np.ndarray | None,
     if hidden.any():
         known = trusted & ~hidden
         net_hidden = None if network is None else np.asarray(network(hidden), np.float64)
-        for name, est in _candidates(offsets, known, features, net_hidden, config).items():
+        candidates = _candidates(offsets, known, features, net_hidden, config)
+        for name, est in candidates.items():
             record.scores[name] = _lip_error(est[hidden], offsets[hidden])
         record.choice = min(record.scores, key=record.scores.get)
+        if lips is not None:
+            record.lip_gain, record.lip_scores = _lip_gain(candidates[record.choice], offsets, lips, hidden, config)
     final = _candidates(offsets, trusted, features if "ridge" in record.choice else None,
                         base if record.choice == "network" else None,
                         config)[record.choice]
