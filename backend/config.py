@@ -23,6 +23,13 @@ PATH_OPTIONS = {"flame_dir": "dir", "audio": "file", "transcript": "file", "cach
                 "networks_checkpoint": "file"}
 """Options that name a path on the backend's machine, and what they must name (the service
 accepts them only under its roots)."""
+#: Values of a path option that name no path: the shipped checkpoint, or none.
+NAMED_CHECKPOINTS = ("default", "none")
+
+
+def networks_off(checkpoint: str | None) -> bool:
+    """True when ``networks_checkpoint`` turns the networks stage off (None or ``none``)."""
+    return checkpoint is None or checkpoint == "none"
 
 
 @dataclass(frozen=True)
@@ -136,9 +143,10 @@ class ReconstructOptions:
     """Vertical field of view of the camera, degrees; None uses FitConfig.fov_deg."""
     cache_dir: str | None = None
     """Where tracking is cached; None uses ~/.cache/avface (or $AVFACE_CACHE_DIR)."""
-    networks_checkpoint: str | None = None
-    """The AVFace networks' checkpoint (``avface train``); None: video only, no networks
-    stage (until a default checkpoint ships)."""
+    networks_checkpoint: str | None = "default"
+    """The AVFace networks' checkpoint: ``default`` (the one that ships,
+    ``models/weights/avface_networks.pt``), a file ``avface train`` wrote, or ``none``
+    (or None): video only, no networks stage."""
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     """The tracking stage's options."""
     fit: FitConfig = field(default_factory=FitConfig)

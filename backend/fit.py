@@ -168,6 +168,8 @@ def fit_default(
     jaw0 = _spread(np.stack([jaw_angle, np.zeros_like(jaw_angle), np.zeros_like(jaw_angle)], 1), det, mouth_visible(conf))
     expr0 = _spread(coeffs, det, mouth_visible(conf))
     unseen = ~mouth_visible(conf)
+    if net_points is not None:
+        unseen &= np.isfinite(net_points).all(axis=(1, 2))
     if net_points is not None and config.w_networks > 0 and unseen.any():
         # ... or from the networks' lower face, where it is not seen
         jaw0[unseen, 0], expr0[unseen] = _network_start(neutral0, mean, basis, aligned, net_points, conf, det, unseen)
@@ -198,7 +200,8 @@ def _network_start(neutral: np.ndarray, mean: np.ndarray, basis: np.ndarray, ali
         raise ValueError(f"expected ({len(det)}, {len(lower)}, 3) network points, got {net_points.shape}")
     full = np.repeat(np.median(aligned, axis=0)[None], len(det), axis=0)
     full[det] = aligned
-    mapped = _to_frame(net_points, full[:, lower], det & mouth_visible(conf))
+    given = np.isfinite(net_points).all(axis=(1, 2))
+    mapped = _to_frame(np.nan_to_num(net_points), full[:, lower], det & mouth_visible(conf) & given)
     # the clip's median face with the networks' lower face: what the tracker saw of a frame
     # whose mouth is hidden is not to be trusted, above the mouth either (a hand or a bar
     # drags the whole mesh), and the refinement fits the upper face from it anyway
@@ -346,11 +349,13 @@ def _network_points(model, net_points: np.ndarray, start: np.ndarray, det: np.nd
     trusted = det & (conf >= 0.5)
     if not trusted.any():
         trusted = det
-    target = _to_frame(net_points[:, cols], start[:, sel], trusted)
+    given = np.isfinite(net_points).all(axis=(1, 2))  # a NaN frame: no target there
+    target = np.nan_to_num(_to_frame(np.where(given[:, None, None], net_points, 0.0)[:, cols], start[:, sel],
+                                     trusted & given))
     eyes = [int(np.flatnonzero(ids == i)[0]) for i in OUTER_EYE_CORNERS if (ids == i).any()]
     # errors in percent of the model's inter-ocular distance (an adult's 9 cm if it has no eye corners)
     iod = 0.09 if len(eyes) < 2 else float(np.linalg.norm(np.median(start[trusted][:, eyes[0]] - start[trusted][:, eyes[1]], axis=0)))
-    weights = weight * (1.0 - conf)[:, None] * np.where(np.isin(ids[sel], LIPS), 2.0, 1.0)[None, :]
+    weights = weight * (given * (1.0 - conf))[:, None] * np.where(np.isin(ids[sel], LIPS), 2.0, 1.0)[None, :]
     return sel, target, iod, weights
 
 
@@ -373,7 +378,8 @@ def _refine(model, tracking, k, rot0, transl0, jaw0, expr0, det, config, progres
 
     net_points (T, 97, 3): the networks' lower-face points in the head frame (metres), a
     pose-free target for the model's own lower-face landmarks with no head pose applied,
-    weighted as ``net_landmarks``; see :func:`_network_points`.
+    weighted as ``net_landmarks`` (NaN on a frame: no target there); see
+    :func:`_network_points`.
     """
     n = len(det)
     dt = torch.float32

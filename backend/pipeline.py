@@ -104,7 +104,7 @@ def reconstruct(
     with run.stage("confidence"):
         conf, occluded = visual_confidence(tracking)
     net = None
-    if checkpoint is not None:
+    if checkpoint is not None and tracking.detected.any():  # no face at all: the fit says so
         with run.stage("networks"):
             net = _networks(checkpoint, tracking, features, conf, options, run)
     with run.stage("fit"):
@@ -120,7 +120,7 @@ def reconstruct(
         path = write_result(out_dir / "result.npz", arrays, meta)
     if options.preview:
         with run.stage("preview"):
-            _preview(inputs, fit, arrays["occluded"], out_dir, run)
+            _preview(inputs, fit, arrays["occluded"], out_dir, run, net.audio_frames if net is not None else None)
         # record the preview's time too
         meta["stage_seconds"] = run.seconds
         meta["stages_run"] = meta["stages_run"] + ["preview"]
@@ -186,10 +186,14 @@ def _fit_config(options: ReconstructOptions):
 def _load_networks(options: ReconstructOptions):
     """The networks' Checkpoint, or None without one (video only); ModelFileError when the
     file is missing or damaged, never random weights."""
-    if options.networks_checkpoint is None:
-        return None
-    from avface.models.checkpoint import load_checkpoint
+    from .config import networks_off
 
+    if networks_off(options.networks_checkpoint):
+        return None
+    from avface.models.checkpoint import load_checkpoint, load_default_checkpoint
+
+    if options.networks_checkpoint == "default":
+        return load_default_checkpoint()
     return load_checkpoint(options.networks_checkpoint)
 
 
@@ -239,10 +243,12 @@ def _assemble(inputs: _Inputs, tracking: Tracking, features, fit: CoarseFit, met
                         write_vertices=options.write_vertices, extra_meta=extra, lips=lips)
 
 
-def _preview(inputs: _Inputs, fit: CoarseFit, occluded: np.ndarray, out_dir: Path, run: _Run) -> None:
+def _preview(inputs: _Inputs, fit: CoarseFit, occluded: np.ndarray, out_dir: Path, run: _Run,
+             audio_frames: np.ndarray | None = None) -> None:
     from .preview import write_preview
 
     own_track = inputs.audio_source == str(inputs.video)
     write_preview(inputs.info, inputs.start, fit, occluded, out_dir / "preview.mp4", audio=inputs.audio_source,
+                  audio_frames=audio_frames,
                   audio_offset_s=inputs.start / inputs.info.fps if own_track else 0.0,
                   progress=lambda f: run.report("preview", f, "rendering"), should_cancel=run.should_cancel)

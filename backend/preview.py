@@ -1,6 +1,7 @@
 """preview.mp4: the fitted mesh drawn over the frames, with the original audio, so a person
 can check a reconstruction at a glance. Drawn with OpenCV: front-facing triangle edges in
-a thin wire, the lips in a brighter colour, and a banner on occluded or filled frames."""
+a thin wire, the lips in a brighter colour (green where the speech carried the mouth), and a
+banner on occluded or filled frames."""
 from __future__ import annotations
 
 import logging
@@ -19,6 +20,8 @@ log = logging.getLogger(__name__)
 WIRE_RGB = (90, 220, 255)
 LIPS_RGB = (255, 80, 120)
 BANNER_RGB = (255, 170, 0)
+#: The lips' colour on frames whose mouth the speech carried, so it shows without reading.
+AUDIO_LIPS_RGB = (80, 255, 120)
 
 
 def _lip_edges(faces: np.ndarray, lips: np.ndarray) -> np.ndarray:
@@ -28,7 +31,7 @@ def _lip_edges(faces: np.ndarray, lips: np.ndarray) -> np.ndarray:
 
 
 def draw_mesh(frame: np.ndarray, pts: np.ndarray, faces: np.ndarray, lip_edges: np.ndarray,
-              banner: str | None = None) -> np.ndarray:
+              banner: str | None = None, lips_rgb: tuple = LIPS_RGB) -> np.ndarray:
     """Draw projected vertices pts (V, 2) over an RGB frame (H, W, 3); returns a new frame."""
     import cv2
 
@@ -45,7 +48,7 @@ def draw_mesh(frame: np.ndarray, pts: np.ndarray, faces: np.ndarray, lip_edges: 
     for a, b in lip_edges:
         pa = tuple(np.round(pts[a] * scale).astype(int))
         pb = tuple(np.round(pts[b] * scale).astype(int))
-        cv2.line(out, pa, pb, LIPS_RGB, 2 if frame.shape[0] >= 400 else 1, cv2.LINE_AA, shift=2)
+        cv2.line(out, pa, pb, lips_rgb, 2 if frame.shape[0] >= 400 else 1, cv2.LINE_AA, shift=2)
     if banner:
         h = max(14, frame.shape[0] // 20)
         cv2.rectangle(out, (0, 0), (frame.shape[1], h + 6), (0, 0, 0), -1)
@@ -54,10 +57,12 @@ def draw_mesh(frame: np.ndarray, pts: np.ndarray, faces: np.ndarray, lip_edges: 
 
 
 def write_preview(info: "media.VideoInfo", start: int, fit: CoarseFit, occluded: np.ndarray, path: Path, *,
-                  audio: str | None = None, audio_offset_s: float = 0.0,
+                  audio: str | None = None, audio_offset_s: float = 0.0, audio_frames: np.ndarray | None = None,
                   progress: Callable[[float], None] | None = None,
                   should_cancel: Callable[[], bool] | None = None) -> Path:
-    """Stream the frames again, draw the fit over each, and encode with the audio."""
+    """Stream the frames again, draw the fit over each, and encode with the audio.
+    ``audio_frames`` (T,) bool marks the frames whose mouth the speech carried (the
+    networks stage's ``NetworkRun.audio_frames``): their banner says so."""
     verts = fit.camera_vertices()
     pts_all = project(verts, fit.intrinsics)
     faces = fit.model.faces
@@ -73,7 +78,11 @@ def write_preview(info: "media.VideoInfo", start: int, fit: CoarseFit, occluded:
                 banner = f"{start + i}: no face - filled"
             elif occluded[i]:
                 banner = f"{start + i}: occluded"
-            yield draw_mesh(frame, pts_all[i], faces, lip_edges, banner)
+            lips_rgb = LIPS_RGB
+            if audio_frames is not None and audio_frames[i]:
+                banner = (banner or f"{start + i}") + " - mouth from the audio"
+                lips_rgb = AUDIO_LIPS_RGB
+            yield draw_mesh(frame, pts_all[i], faces, lip_edges, banner, lips_rgb)
             if progress and i % 10 == 0:
                 progress((i + 1) / n)
 

@@ -165,6 +165,29 @@ class Checkpoint:
     path: Path
 
 
+#: The checkpoint that ships with the project, trained on the synthetic corpus only (nothing
+#: it learned comes from clips the project may not redistribute), pinned by size and hash.
+DEFAULT_CHECKPOINT = Path(__file__).with_name("weights") / "avface_networks.pt"
+DEFAULT_SIZE = 5849802
+DEFAULT_SHA256 = "daca45de5136d61d8c2e2b1923e9fe8a8be4843ad976cd667ccdcb10f905b71e"
+#: The one command that reproduces it (docs/networks.md, "The default checkpoint").
+DEFAULT_REBUILD = ("python -m avface.train.synthetic -o out/synth-corpus --clips 100 --seed 1 && "
+                   "python -m avface.train out/synth-corpus -o models/weights/avface_networks.pt "
+                   "--steps 6000 --batch 32 --threads 1 -q")
+
+
+def load_default_checkpoint(*, device: str | torch.device = "cpu") -> Checkpoint:
+    """The shipped checkpoint, verified against its pinned size and hash; ModelFileError
+    saying how to get it back otherwise (never random weights)."""
+    try:
+        return load_checkpoint(DEFAULT_CHECKPOINT, device=device, expected_size=DEFAULT_SIZE,
+                               expected_sha256=DEFAULT_SHA256)
+    except ModelFileError as e:
+        raise ModelFileError(f"the default networks checkpoint is missing or damaged ({e}); restore "
+                             f"models/weights/avface_networks.pt from the repository (`git checkout -- "
+                             f"models/weights`), or rebuild it with `{DEFAULT_REBUILD}`") from e
+
+
 def load_checkpoint(path: str | Path, *, device: str | torch.device = "cpu", expected_size: int | None = None,
                     expected_sha256: str | None = None) -> Checkpoint:
     """Read and verify a checkpoint. ``expected_size`` and ``expected_sha256`` (of the whole

@@ -131,3 +131,31 @@ def test_meta_must_be_json(tmp_path):
 def test_configs_are_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         NetworksConfig().lips.hidden = 3  # type: ignore[misc]
+
+
+def test_the_shipped_checkpoint_loads_pinned_and_was_trained_on_synthetic_clips_only():
+    from avface.models.checkpoint import DEFAULT_CHECKPOINT, DEFAULT_SIZE, load_default_checkpoint
+
+    assert DEFAULT_CHECKPOINT.stat().st_size == DEFAULT_SIZE <= 20 * 1024 * 1024
+    ck = load_default_checkpoint()
+    assert ck.path == DEFAULT_CHECKPOINT and ck.meta["steps"] >= 1000 and ck.meta["n_clips"] >= 50
+    # trained, not random: the lower-face head's weights moved far from a fresh build's
+    from avface.models.checkpoint import build_networks
+
+    fresh = build_networks(seed=0).state_dict()
+    moved = [float((v - fresh[k]).abs().max()) for k, v in ck.networks.state_dict().items() if v.dtype.is_floating_point]
+    assert max(moved) > 0.05
+
+
+def test_a_damaged_shipped_checkpoint_says_how_to_restore_it(tmp_path, monkeypatch):
+    import avface.models.checkpoint as C
+
+    bad = tmp_path / "avface_networks.pt"
+    data = C.DEFAULT_CHECKPOINT.read_bytes()
+    bad.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # same size, one bit off
+    monkeypatch.setattr(C, "DEFAULT_CHECKPOINT", bad)
+    with pytest.raises(ModelFileError, match="checksum.*git checkout -- models/weights.*avface.train.synthetic"):
+        C.load_default_checkpoint()
+    bad.unlink()
+    with pytest.raises(ModelFileError, match="not found.*restore"):
+        C.load_default_checkpoint()

@@ -56,6 +56,10 @@ def test_result_with_lips_validates_round_trips_and_repeats(clip, checkpoint, tm
     readout = net["readout"]
     assert readout["hidden_frames"] > 0 and readout["choice"] == min(readout["scores"], key=readout["scores"].get)
     assert {"interp", "network"} <= set(readout["scores"]) and any(n.startswith("ridge") for n in readout["scores"])
+    # the frames whose mouth the speech carried: not seen, speech active, and not the straight line
+    unseen = a["visual_conf"] < 0.5  # 0 where no face was found
+    carried = unseen & (a["speech_activity"] > 0.5) & (readout["choice"] != "interp")
+    assert net["audio_frames"] == int(carried.sum())
     k = a["lip_basis"].shape[0]
     assert 0 <= k <= 16 and a["lip_coeffs"].shape == (meta["n_frames"], k)
     # the SIREN's gain was chosen on the hidden spans, and the lips are in the result iff it is not 0
@@ -172,7 +176,7 @@ def test_bench_methods_run_and_give_finite_meshes(clip, checkpoint, tmp_path, mo
     fov = math.degrees(2 * math.atan(clip.height / 2.0 / clip.K[1, 1]))
     inp = MethodInput("synth", "clean", tracking, features, wave, info.fps, FitConfig(fov_deg=fov), conf, occluded)
 
-    monkeypatch.delenv("AVFACE_BENCH_NETWORKS", raising=False)
+    monkeypatch.setenv("AVFACE_BENCH_NETWORKS", "none")
     with pytest.raises(ModelFileError, match="AVFACE_BENCH_NETWORKS"):
         run_method(get_method("av"), inp)
 
@@ -199,3 +203,17 @@ def test_bench_methods_run_and_give_finite_meshes(clip, checkpoint, tmp_path, mo
     lips_adapted = outs["av_lips"].vertices[:, lips] - outs["av"].vertices[:, lips]
     assert np.array_equal(outs["av_lips"].vertices[:, other], outs["av"].vertices[:, other])
     assert np.isfinite(lips_adapted).all()
+
+
+def test_preview_marks_the_frames_the_audio_carried():
+    from avface.preview import AUDIO_LIPS_RGB, LIPS_RGB, draw_mesh
+
+    frame = np.zeros((120, 160, 3), np.uint8)
+    pts = np.array([[40.0, 40.0], [120.0, 40.0], [80.0, 100.0]])
+    faces = np.array([[0, 2, 1]])
+    edges = np.array([[0, 1], [1, 2], [2, 0]])
+    plain = draw_mesh(frame, pts, faces, edges, "7: occluded")
+    carried = draw_mesh(frame, pts, faces, edges, "7: occluded - mouth from the audio", AUDIO_LIPS_RGB)
+    has = lambda img, rgb: bool((np.abs(img.astype(int) - np.array(rgb)).sum(-1) < 30).any())  # noqa: E731
+    assert has(plain, LIPS_RGB) and not has(plain, AUDIO_LIPS_RGB)
+    assert has(carried, AUDIO_LIPS_RGB) and not has(carried, LIPS_RGB)

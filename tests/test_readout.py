@@ -102,8 +102,8 @@ def test_adapt_fill_without_speech_or_with_too_few_frames():
     few = _occlude(300, [(20, 300)])
     network = lambda hidden: np.full_like(offsets, 0.01)  # noqa: E731
     filled, record = adapt_fill(offsets, few, f_a, network)
-    assert record.choice == "network" and record.hidden_frames == 0
-    np.testing.assert_allclose(filled[~few], 0.01)
+    assert record.choice == "interp" and record.hidden_frames == 0  # nothing to judge the networks by
+    np.testing.assert_allclose(filled[~few], np.broadcast_to(offsets[19], filled[~few].shape))
 
 
 def test_adapt_fill_asks_the_network_with_the_hidden_frames_removed():
@@ -117,7 +117,9 @@ def test_adapt_fill_asks_the_network_with_the_hidden_frames_removed():
 
     _, record = adapt_fill(offsets, trusted, f_a, network)
     assert "network" in record.scores
-    assert not seen[0].any() and seen[1].sum() == record.hidden_frames
+    assert seen[0].sum() == record.hidden_frames > 0
+    if record.choice == "network":  # then once more, with nothing hidden
+        assert len(seen) == 2 and not seen[1].any()
 
 
 @pytest.mark.parametrize("t", [1, 20])

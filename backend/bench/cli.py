@@ -37,7 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plugin", action="append", default=[], metavar="MODULE",
                    help="import MODULE first, so the methods it registers can run (repeatable)")
     p.add_argument("--networks", metavar="CKPT", help="networks checkpoint for the audio-visual methods "
-                   "(sets AVFACE_BENCH_NETWORKS; without one they are skipped)")
+                   "(sets AVFACE_BENCH_NETWORKS; default: the one that ships; `none` leaves them out)")
     p.add_argument("--list-methods", action="store_true", help="print the registered methods and exit")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
 
@@ -48,7 +48,8 @@ def cmd_bench(args) -> int:
     from .report import main_table
 
     if args.networks:
-        os.environ["AVFACE_BENCH_NETWORKS"] = str(Path(args.networks).resolve())
+        named = args.networks in ("default", "none")
+        os.environ["AVFACE_BENCH_NETWORKS"] = args.networks if named else str(Path(args.networks).resolve())
     if args.list_methods:
         load_plugins(tuple(args.plugin))
         for name, m in available_methods().items():

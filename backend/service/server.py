@@ -23,7 +23,7 @@ from pathlib import Path
 import zmq
 
 import avface
-from avface.config import PATH_OPTIONS, ReconstructOptions
+from avface.config import NAMED_CHECKPOINTS, PATH_OPTIONS, ReconstructOptions
 from avface.errors import InputError
 from avface.service import protocol as P
 from avface.service import store as S
@@ -472,7 +472,7 @@ class Server:
         if out.get("frame_end") is not None and out["frame_end"] <= (out.get("frame_start") or 0):
             raise RequestError("bad_input", "frame_end must be greater than frame_start")
         for key, kind in PATH_OPTIONS.items():  # paths on this machine: under the roots only
-            if key in out:
+            if key in out and not (key == "networks_checkpoint" and out[key] in NAMED_CHECKPOINTS):
                 out[key] = str(self._check_path(out[key], key, want_dir=kind == "dir"))
         models = self.probe_info.get("models") or {}
         model = out.get("model")

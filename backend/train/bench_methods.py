@@ -14,9 +14,10 @@
 Each runs the very functions ``reconstruct`` runs (avface.avstage), adaptation included.
 
 The checkpoint comes from the environment, since a method sees only its clip:
-``AVFACE_BENCH_NETWORKS=CKPT`` (``avface bench --networks CKPT`` sets it). Without one
-a default run leaves these methods out with one log line each, and naming them with
-``--methods`` is an error that says how to give one.
+``AVFACE_BENCH_NETWORKS=CKPT`` (``avface bench --networks CKPT`` sets it); unset, the
+checkpoint that ships (what ``reconstruct`` uses). ``AVFACE_BENCH_NETWORKS=none`` leaves
+these methods out of a default run with one log line each, and naming them with
+``--methods`` is then an error that says so.
 ``AVFACE_BENCH_ADAPT_STEPS=N`` adds N steps of gradient fine-tuning to the per-clip
 adaptation (default: reconstruct's ``NetworksStageConfig.adapt_steps``, 0), and
 ``AVFACE_BENCH_ADAPT=0`` turns the adaptation off (an ablation: the generic networks fill).
@@ -29,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+from pathlib import Path
 
 import numpy as np
 
@@ -46,26 +48,27 @@ ADAPT_ENV = "AVFACE_BENCH_ADAPT"
 STAGES = ("probe", "tracking", "audio", "confidence", "networks", "fit", "export")
 
 _LOADED: dict = {}
-_NO_CHECKPOINT = (f"no networks checkpoint; pass `avface bench --networks CKPT` or set {CHECKPOINT_ENV}=CKPT "
-                  "(`avface train DIR -o CKPT` makes one)")
+_NO_CHECKPOINT = (f"{CHECKPOINT_ENV}=none turns the networks off; pass `avface bench --networks CKPT`, or leave "
+                  f"{CHECKPOINT_ENV} unset for the checkpoint that ships")
 
 
 def _without_checkpoint() -> str | None:
-    """Why the audio-visual methods cannot run, or None when a checkpoint is named."""
-    return None if os.environ.get(CHECKPOINT_ENV) else _NO_CHECKPOINT
+    """Why the audio-visual methods cannot run (``AVFACE_BENCH_NETWORKS=none``), or None."""
+    return _NO_CHECKPOINT if os.environ.get(CHECKPOINT_ENV) == "none" else None
 
 
 def checkpoint():
-    """The loaded checkpoint named by AVFACE_BENCH_NETWORKS (read once per file), or
-    ModelFileError saying how to give one."""
-    path = os.environ.get(CHECKPOINT_ENV)
-    if not path:
+    """The loaded checkpoint named by AVFACE_BENCH_NETWORKS (read once per file), the shipped
+    one when it names none or ``default``, or ModelFileError saying how to give one."""
+    path = os.environ.get(CHECKPOINT_ENV) or "default"
+    if path == "none":
         raise ModelFileError(f"no networks checkpoint for the audio-visual methods: {_NO_CHECKPOINT}")
-    from avface.models.checkpoint import load_checkpoint
+    from avface.models.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint, load_default_checkpoint
 
-    key = (path, os.stat(path).st_mtime_ns if os.path.exists(path) else None)
+    file = DEFAULT_CHECKPOINT if path == "default" else Path(path)
+    key = (str(file), file.stat().st_mtime_ns if file.exists() else None)
     if _LOADED.get("key") != key:
-        _LOADED.update(key=key, checkpoint=load_checkpoint(path))
+        _LOADED.update(key=key, checkpoint=load_default_checkpoint() if path == "default" else load_checkpoint(path))
     return _LOADED["checkpoint"]
 
 

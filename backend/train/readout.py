@@ -23,7 +23,8 @@ The candidate with the lowest lip error on the hidden spans is refitted on every
 frame and fills the frames that are not trusted; trusted frames keep the tracker's offsets.
 The lip SIREN's offsets are judged the same way: the gain (0, 0.5 or 1) that brings the
 chosen fill closest to the hidden lips is how much of them the result gets.
-A clip with too few trusted frames to hold spans out keeps the generic networks' prediction.
+A clip with too few trusted frames to hold spans out gets the straight line: on real clips
+the generic networks alone had 1.1-1.2x its error.
 """
 from __future__ import annotations
 
@@ -56,8 +57,8 @@ class ReadoutConfig:
     spans: int = 16
     """Spans hidden to choose the fill."""
     min_trusted: int = 24
-    """Fewer trusted frames than this: no adaptation (the generic networks fill). With
-    more, but no room for a hidden span, the fill is the straight line."""
+    """Fewer trusted frames than this, or no room for a hidden span: the straight line (the
+    generic networks alone were measured 1.1-1.2x its error on real clips)."""
     lip_gains: tuple = (0.5, 1.0)
     """Gains of the lip SIREN's offsets tried on the hidden spans (besides 0)."""
     seed: int = 0
@@ -203,10 +204,8 @@ def adapt_fill(offsets: np.ndarray, trusted: np.ndarray, f_a: np.ndarray | None,
     offsets = np.asarray(offsets, np.float64)
     trusted = np.asarray(trusted, bool)
     features = None if f_a is None else stack_context(np.asarray(f_a, np.float64), config.context)
-    base = None if network is None else np.asarray(network(np.zeros_like(trusted)), np.float64)
-    if trusted.sum() < config.min_trusted:
-        fill = base if base is not None else linear_fill(offsets, trusted)
-        return np.where(trusted[:, None, None], offsets, fill), ReadoutRecord("network" if base is not None else "interp")
+    if trusted.sum() < config.min_trusted:  # nothing to judge by: the safe fill
+        return np.where(trusted[:, None, None], offsets, linear_fill(offsets, trusted)), ReadoutRecord("interp")
     hidden = hidden_spans(trusted, config)
     record = ReadoutRecord("interp", hidden_frames=int(hidden.sum()))
     if hidden.any():
@@ -218,7 +217,6 @@ def adapt_fill(offsets: np.ndarray, trusted: np.ndarray, f_a: np.ndarray | None,
         record.choice = min(record.scores, key=record.scores.get)
         if lips is not None:
             record.lip_gain, record.lip_scores = _lip_gain(candidates[record.choice], offsets, lips, hidden, config)
-    final = _candidates(offsets, trusted, features if "ridge" in record.choice else None,
-                        base if record.choice == "network" else None,
-                        config)[record.choice]
+    base = np.asarray(network(np.zeros_like(trusted)), np.float64) if record.choice == "network" else None
+    final = _candidates(offsets, trusted, features if "ridge" in record.choice else None, base, config)[record.choice]
     return np.where(trusted[:, None, None], offsets, final), record
