@@ -1,5 +1,5 @@
 """The whole reconstruction job, one short function per stage (docs/architecture.md):
-probe -> tracking -> audio -> confidence (-> networks) -> fit -> export (-> preview). Used
+probe -> tracking -> audio -> confidence (-> networks) -> fit (-> lips) -> export (-> preview). Used
 by the CLI, the demo and the service's workers. The networks stage (docs/networks.md) runs
 when a checkpoint is given: it feeds the fit the networks' landmarks where the mouth is not
 seen, and after the fit (timed as the same stage) gives the lips.
@@ -35,7 +35,7 @@ from avface.models.registry import available_models, load_model  # noqa: F401  (
 
 log = logging.getLogger(__name__)
 
-STAGES = ("probe", "tracking", "audio", "confidence", "networks", "fit", "export", "preview")
+STAGES = ("probe", "tracking", "audio", "confidence", "networks", "fit", "lips", "export", "preview")
 Progress = Callable[[str, float, str], None]
 
 
@@ -112,7 +112,7 @@ def reconstruct(
     log.info("coarse fit: NME %.2f %% (lips %.2f %%) of the inter-ocular distance", metrics["nme"], metrics["nme_lips"])
     lips = None
     if net is not None and options.networks.lips:
-        with run.stage("networks"):
+        with run.stage("lips"):
             lips = _lips(net, fit, options)
     with run.stage("export"):
         arrays, meta = _assemble(inputs, tracking, features, fit, metrics, conf, occluded, options, run, net, lips)

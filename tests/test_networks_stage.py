@@ -49,6 +49,7 @@ def test_result_with_lips_validates_round_trips_and_repeats(clip, checkpoint, tm
     r = load_result(path)
     a = r.arrays
     assert "networks" in meta["stages_run"] and meta["stage_seconds"]["networks"] > 0
+    assert "lips" in meta["stages_run"] and meta["stage_seconds"]["lips"] > 0
     net = meta["networks"]
     assert net["checkpoint_sha256"] and net["lips"] and net["adapt"]["steps"] == 4
     assert len(net["adapt"]["train_losses"]) == 4 and all(math.isfinite(v) for v in net["adapt"]["train_losses"])

@@ -16,7 +16,7 @@ from service_util import ServerProcess, wait_for
 pytestmark = pytest.mark.slow
 
 DEMO_SECONDS = 2.0
-PIPELINE_STAGES = ["probe", "tracking", "audio", "confidence", "fit", "export"]
+PIPELINE_STAGES = ["probe", "tracking", "audio", "confidence", "networks", "fit", "lips", "export"]
 
 
 @pytest.fixture(scope="module")
