@@ -42,6 +42,18 @@ def _gt_method(truths: dict):
     return run
 
 
+def _still_method(truths: dict):
+    """A method that ignores the video: the ground truth's first frame on every frame, the
+    same on the clean clip and every variant."""
+    truth = _gt_method(truths)
+
+    def run(inp):
+        out = truth(inp)
+        return MethodOutput(np.repeat(out.vertices[:1], len(out.vertices), axis=0), out.intrinsics)
+
+    return run
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     from avface.synth import make_demo_clip
@@ -50,8 +62,11 @@ def runs(tmp_path_factory):
     clip = make_demo_clip(root / "clips" / "talk", seed=5, duration_s=CLIP_S, size=SIZE, occluder=False)
     truths = {"demo": (clip.gt_vertices, clip.K), "_synth_dir": root / "out1" / "synth"}
     register_method("ground_truth", description="returns the ground truth (test only)")(_gt_method(truths))
+    # a method blind to the video, measured against coarse_video's clean mesh (test only)
+    register_method("still_face", description="the first frame's truth on every frame (test only)",
+                    reference="coarse_video")(_still_method(truths))
     try:
-        cfg = BenchConfig(seed=SEED, methods=("tracker", "coarse_video", "interp", "ground_truth"), synth_clips=1,
+        cfg = BenchConfig(seed=SEED, methods=("tracker", "coarse_video", "interp", "ground_truth", "still_face"), synth_clips=1,
                           synth_duration_s=CLIP_S, synth_size=SIZE)
         doc1 = run_bench(root / "clips", root / "out1", cfg)
         # the second run renders nothing new for the synthetic clip (same parameters), but
@@ -60,6 +75,7 @@ def runs(tmp_path_factory):
         doc2 = run_bench(root / "clips", root / "out2", BenchConfig(**{**cfg.__dict__, "plots": False}))
     finally:
         unregister_method("ground_truth")
+        unregister_method("still_face")
     return root, clip, doc1, doc2
 
 
@@ -73,7 +89,7 @@ def test_writes_metrics_report_and_plots(runs):
     on_disk = json.loads((out / "metrics.json").read_text())
     assert on_disk["schema_version"] == SCHEMA_VERSION == 1
     assert on_disk["clips"] == ["demo", f"synth_seed{SEED}"]
-    assert on_disk["methods"] == ["tracker", "coarse_video", "interp", "ground_truth"]
+    assert on_disk["methods"] == ["tracker", "coarse_video", "interp", "ground_truth", "still_face"]
     for r in on_disk["records"]:
         assert set(r) == {"clip", "method", "metric", "value"}
         assert r["value"] is None or isinstance(r["value"], float)
@@ -96,7 +112,7 @@ def test_writes_metrics_report_and_plots(runs):
                  f"lip_opening_synth_seed{SEED}.png", "strip.mp4", "strip.png"):
         assert (out / "plots" / name).stat().st_size > 1000, name
     info = media.probe(out / "plots" / "strip.mp4")
-    assert info.width == 256 * 6 and info.n_frames > 10  # input, 4 methods, clean reference
+    assert info.width == 256 * 7 and info.n_frames > 10  # input, 5 methods, clean reference
     assert (out / "series" / "demo.npz").is_file()
 
 
@@ -180,3 +196,13 @@ def test_cli_registers_and_reports_errors(tmp_path, capsys):
     assert bench_main([str(tmp_path), "-o", str(tmp_path / "o"), "--synth", "0", "-q"]) == 2  # no clips
     assert bench_main([str(tmp_path), "-o", str(tmp_path / "o"), "--methods", "nope", "-q"]) == 2
     assert "unknown bench method" in capsys.readouterr().err
+
+
+def test_a_method_blind_to_the_video_is_measured_against_its_reference(runs):
+    """Against its own clean output a still face would score exactly 0 on the occluded and
+    audio-only frames; against coarse_video's clean mesh it scores the mouth's motion."""
+    _, _, doc, _ = runs
+    v = _values(doc, "demo")
+    for metric in ("lip_err_occluded", "lip_err_audio_only"):
+        assert v[("demo", "still_face", metric)] > 0.3, (metric, v[("demo", "still_face", metric)])
+    assert v[("demo", "still_face", "jitter")] in (0.0, None)  # its own mesh, which stands still

@@ -70,8 +70,9 @@ METRIC_DEFINITIONS = {
     "nme_lips_visible": "the same NME over the 40 lip landmarks",
     "auc_visible": "area under the cumulative per-frame NME curve from 0 to 10 %, divided by 10 % (1 is perfect)",
     "lip_err_occluded": "mm: mean lip-vertex error on occluded frames (both occluders pooled), the method on the "
-                        "occluded clip against the same method on the clean clip, after rigid alignment on the "
-                        "skull vertices",
+                        "occluded clip against the same method on the clean clip (a method that ignores the video "
+                        "everywhere: against its reference method's, see Method.reference), after rigid alignment "
+                        "on the skull vertices",
     "lip_err_occluded_hand": "lip_err_occluded with the hand occluder only",
     "lip_err_occluded_object": "lip_err_occluded with the plain object (bar or microphone) only",
     "lip_err_occluded_ratio": "lip_err_occluded / coarse_video's on the same clip (< 1 is better than the video-only fit)",
@@ -339,7 +340,8 @@ def bench_real_clip(clip: Clip, methods: list[Method], cfg: BenchConfig, cache: 
             o = outs[m.name]
             if o.get("clean") is None:
                 continue
-            _accuracy_records(records, series, ctx, m.name, o)
+            ref = outs.get(m.reference, {}).get("clean") if m.reference else None
+            _accuracy_records(records, series, ctx, m.name, o, ref)
             _flag_records(records, ctx, m.name, o)
             _speed_records(records, ctx, m, o["clean"], Path(tmp), rss, cuda)
             for v in ("clean",) + VARIANTS:
@@ -395,11 +397,15 @@ def _real_context(clip_id: str, info, plan: OcclusionPlan, inputs: dict[str, Met
 
 
 def _accuracy_records(records: list[dict], series: dict, ctx: _RealClip, name: str,
-                      o: dict[str, MethodOutput | None]) -> None:
-    """NME on visible frames, lip errors on occluded and audio-only spans, and jitter."""
+                      o: dict[str, MethodOutput | None], reference: MethodOutput | None = None) -> None:
+    """NME on visible frames, lip errors on occluded and audio-only spans (against the
+    method's own clean mesh, or ``reference``'s: Method.reference), and jitter."""
     cid, base = ctx.clip_id, o["clean"]
-    vc, vis = base.vertices, ctx.visible
-    p_clean = project(vc.astype(np.float64), base.intrinsics)
+    vis = ctx.visible
+    p_clean = project(base.vertices.astype(np.float64), base.intrinsics)
+    ref = reference if reference is not None else base
+    vc = ref.vertices
+    p_ref = project(vc.astype(np.float64), ref.intrinsics)
     e_all = M.nme_frames(p_clean[vis], ctx.ref2d[vis], ctx.iod[vis])
     series[f"nme_{name}"] = e_all
     _rec(records, cid, name, "nme_visible", M.safe_mean(e_all))
@@ -413,7 +419,7 @@ def _accuracy_records(records: list[dict], series: dict, ctx: _RealClip, name: s
             continue
         err = 1000.0 * M.lip_vertex_error(ov.vertices, vc, frames)
         pooled.append(err)
-        pooled_nme.append(M.lips_nme_between(project(ov.vertices.astype(np.float64), ov.intrinsics), p_clean, frames))
+        pooled_nme.append(M.lips_nme_between(project(ov.vertices.astype(np.float64), ov.intrinsics), p_ref, frames))
         _rec(records, cid, name, f"lip_err_occluded_{v}", M.safe_mean(err))
     _rec(records, cid, name, "lip_err_occluded", M.safe_mean(np.concatenate(pooled)) if pooled else None)
     _rec(records, cid, name, "nme_lips_occluded", M.safe_mean(np.concatenate(pooled_nme)) if pooled_nme else None)
@@ -424,11 +430,11 @@ def _accuracy_records(records: list[dict], series: dict, ctx: _RealClip, name: s
     if oa is not None and frames.any():
         _rec(records, cid, name, "lip_err_audio_only", M.safe_mean(1000.0 * M.lip_vertex_error(oa.vertices, vc, frames)))
         _rec(records, cid, name, "nme_lips_audio_only",
-             M.safe_mean(M.lips_nme_between(project(oa.vertices.astype(np.float64), oa.intrinsics), p_clean, frames)))
+             M.safe_mean(M.lips_nme_between(project(oa.vertices.astype(np.float64), oa.intrinsics), p_ref, frames)))
     else:
         _rec(records, cid, name, "lip_err_audio_only", None)
         _rec(records, cid, name, "nme_lips_audio_only", None)
-    _rec(records, cid, name, "jitter", M.jitter(1000.0 * vc, ctx.still) if ctx.still.any() else None)
+    _rec(records, cid, name, "jitter", M.jitter(1000.0 * base.vertices, ctx.still) if ctx.still.any() else None)
 
 
 def _flag_records(records: list[dict], ctx: _RealClip, name: str, o: dict[str, MethodOutput | None]) -> None:

@@ -101,6 +101,10 @@ class Method:
     """Pipeline stages this method needs, in order: its real-time factor is their sum."""
     unavailable: Callable[[], str | None] | None = None
     """Why the method cannot run here (a missing checkpoint, say), or None when it can."""
+    reference: str | None = None
+    """The method whose clean-clip mesh this one's occlusion errors are measured against
+    (None: its own). A method that ignores the video on the clean clip too would otherwise
+    measure only its own consistency: an audio-only method scores near zero that way."""
 
     def why_unavailable(self) -> str | None:
         return self.unavailable() if self.unavailable is not None else None
@@ -116,17 +120,19 @@ DEFAULT_STAGES = ("probe", "tracking", "confidence", "fit", "export")
 
 
 def register_method(name: str, *, description: str, stages: tuple[str, ...] = DEFAULT_STAGES,
-                    replace: bool = False, unavailable: Callable[[], str | None] | None = None):
+                    replace: bool = False, unavailable: Callable[[], str | None] | None = None,
+                    reference: str | None = None):
     """Decorator: register ``fn(MethodInput) -> MethodOutput`` under ``name``. ``unavailable()``
     says why the method cannot run here (None when it can): a default run leaves such a
-    method out with one log line, and naming it with ``--methods`` is an error that says why."""
+    method out with one log line, and naming it with ``--methods`` is an error that says why.
+    ``reference``: see :attr:`Method.reference`."""
     if not name or not name.replace("_", "").isalnum():
         raise ValueError(f"method names are identifiers (letters, digits, _), got {name!r}")
 
     def deco(fn: Callable[[MethodInput], MethodOutput]):
         if name in _REGISTRY and not replace:
             raise ValueError(f"a bench method named {name!r} is already registered")
-        _REGISTRY[name] = Method(name, fn, description, tuple(stages), unavailable)
+        _REGISTRY[name] = Method(name, fn, description, tuple(stages), unavailable, reference)
         return fn
 
     return deco
