@@ -51,12 +51,19 @@ def _package_dir(package: str) -> Path | None:
     return Path(list(spec.submodule_search_locations)[0])
 
 
-def _md5(path: Path) -> str:
-    h = hashlib.md5()
+#: Read size when hashing a file (1 MiB).
+HASH_CHUNK_BYTES = 1 << 20
+
+
+def file_hash(path: str | os.PathLike, algorithm: str = "sha256"):
+    """hashlib's hash object of a file's bytes, read in 1 MiB chunks: the one file-hashing
+    loop of the backend (pinned assets, checkpoints, cache keys; the service's vendored
+    protocol.py keeps its own, since the add-on ships it without this package)."""
+    h = hashlib.new(algorithm)
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
+        for chunk in iter(lambda: f.read(HASH_CHUNK_BYTES), b""):
             h.update(chunk)
-    return h.hexdigest()
+    return h
 
 
 @lru_cache(maxsize=None)
@@ -76,7 +83,7 @@ def locate(asset: Asset) -> Path:
         raise ModelFileError(f"{asset.name} not found at {path}; {how}")
     if asset.size is not None and path.stat().st_size != asset.size:
         raise ModelFileError(f"{path} has {path.stat().st_size} bytes, expected {asset.size}: the file is damaged or a different version; {how}")
-    if asset.md5 is not None and _md5(path) != asset.md5:
+    if asset.md5 is not None and file_hash(path, "md5").hexdigest() != asset.md5:
         raise ModelFileError(f"{path} fails its checksum (md5 {asset.md5} expected): the file is damaged or a different version; {how}")
     return path
 

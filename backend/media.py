@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import collections
 import functools
-import hashlib
 import logging
 import math
 import os
@@ -95,8 +94,6 @@ STDERR_KEEP_LINES = 200
 PROCESS_EXIT_TIMEOUT_S = 5.0
 """How long to wait for ffmpeg to exit after closing its pipes before killing it."""
 
-HASH_CHUNK_BYTES = 1 << 20
-"""Read size for content_hash (1 MiB)."""
 
 # AV_PKT_FLAG_DISCARD: packets an MP4 edit list trims away; the decoder drops them.
 _PKT_FLAG_DISCARD = 0x4
@@ -879,10 +876,9 @@ def content_hash(path: str | os.PathLike, extra: str = "") -> str:
     path = Path(path)
     if not path.is_file():  # an empty file is fine here: it has a hash
         raise MediaError(f"{path}: no such file" if not path.exists() else f"{path} is not a file")
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(HASH_CHUNK_BYTES), b""):
-            h.update(chunk)
+    from .assets import file_hash
+
+    h = file_hash(path)
     h.update(extra.encode("utf-8"))
     return h.hexdigest()
 

@@ -125,11 +125,10 @@ def _digest(configs: dict, meta: dict, state: dict[str, dict[str, torch.Tensor]]
 
 
 def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    """Hex SHA-256 of the whole file (what a shipped checkpoint is pinned by)."""
+    from avface.assets import file_hash
+
+    return file_hash(path).hexdigest()
 
 
 def save_checkpoint(path: str | Path, networks: AVFaceNetworks, meta: dict | None = None) -> str:
