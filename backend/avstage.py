@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import numpy as np
@@ -93,13 +93,14 @@ def run_networks(checkpoint, tracking, features, mouth_conf: np.ndarray, *, fov_
     k = intrinsics_for(tracking.width, tracking.height, fov_deg)
     with torch_seeded(config.seed):
         prediction = predict(networks, evidence, k, device=device)
+    trusted = trusted_mouth(evidence, mouth_conf)
     if config.adapt and video:
         if report:
             report(0.8, "adapting the fill")
-        prediction, meta["readout"] = _readout(networks, evidence, prediction, mouth_conf, k, config, device)
+        prediction, meta["readout"] = _readout(networks, evidence, prediction, trusted, k, config, device)
     speaking = evidence.activity.numpy() > AUDIO_CARRIES_ABOVE
     straight = meta["readout"] is not None and meta["readout"]["choice"] == "interp"
-    audio_frames = ~trusted_mouth(evidence, mouth_conf) & speaking & (not straight)
+    audio_frames = ~trusted & speaking & (not straight)
     meta["audio_frames"] = int(audio_frames.sum())
     return NetworkRun(networks, evidence, prediction, meta, audio_frames)
 
@@ -113,12 +114,10 @@ def trusted_mouth(evidence, mouth_conf: np.ndarray) -> np.ndarray:
     return usable & (np.asarray(mouth_conf, np.float64) >= OCCLUDED_BELOW)
 
 
-def _readout(networks, evidence, prediction, mouth_conf: np.ndarray, k: np.ndarray, config: NetworksStageConfig,
+def _readout(networks, evidence, prediction, trusted: np.ndarray, k: np.ndarray, config: NetworksStageConfig,
              device: str):
-    """The prediction with the frames whose mouth is not seen filled as the clip's own
+    """The prediction with the frames that are not ``trusted`` (T,) filled as the clip's own
     closed-form adaptation chooses (avface.train.readout), and the record for meta."""
-    import dataclasses as dc
-
     import torch
 
     from .evidence import landmarks_from_offsets
@@ -126,7 +125,6 @@ def _readout(networks, evidence, prediction, mouth_conf: np.ndarray, k: np.ndarr
     from .train.readout import ReadoutConfig, adapt_fill
 
     e = {name: v.to(device) for name, v in evidence.expression.items()}
-    trusted = trusted_mouth(evidence, mouth_conf)
     net = networks.expression.to(device).eval()
     f_a = None
     if float(e["audio_present"].max()) > 0:
@@ -149,7 +147,7 @@ def _readout(networks, evidence, prediction, mouth_conf: np.ndarray, k: np.ndarr
     log.info("adapted fill: %s on %d frames (chosen on %d hidden trusted frames)", record.choice,
              int((~trusted).sum()), record.hidden_frames)
     landmarks = landmarks_from_offsets(filled, evidence.frame, k, prediction.rotation, prediction.translation)
-    return dc.replace(prediction, offsets=filled.astype(np.float32), landmarks=landmarks), record.to_meta()
+    return replace(prediction, offsets=filled.astype(np.float32), landmarks=landmarks), record.to_meta()
 
 
 def _adapt(networks, tracking, features, mouth_conf, fov_deg: float, config: NetworksStageConfig, device: str):

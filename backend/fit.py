@@ -198,14 +198,15 @@ def _network_start(neutral: np.ndarray, mean: np.ndarray, basis: np.ndarray, ali
     net_points = np.asarray(net_points, np.float64)
     if net_points.shape != (len(det), len(lower), 3):
         raise ValueError(f"expected ({len(det)}, {len(lower)}, 3) network points, got {net_points.shape}")
-    full = np.repeat(np.median(aligned, axis=0)[None], len(det), axis=0)
+    median_face = np.median(aligned, axis=0)
+    full = np.repeat(median_face[None], len(det), axis=0)
     full[det] = aligned
     given = np.isfinite(net_points).all(axis=(1, 2))
     mapped = _to_frame(np.nan_to_num(net_points), full[:, lower], det & mouth_visible(conf) & given)
     # the clip's median face with the networks' lower face: what the tracker saw of a frame
     # whose mouth is hidden is not to be trusted, above the mouth either (a hand or a bar
     # drags the whole mesh), and the refinement fits the upper face from it anyway
-    face = np.repeat(np.median(aligned, axis=0)[None], int(frames.sum()), axis=0)
+    face = np.repeat(median_face[None], int(frames.sum()), axis=0)
     face[:, lower] = mapped[frames]
     jaw, resid = _solve_jaw(neutral, face)
     flat = basis.reshape(len(basis), -1)
