@@ -208,10 +208,10 @@ def load_result(path: Path) -> Result:
     check_arrays(arrays, meta)
     detail = meta.get("detail") or {}
     if detail.get("n_maps"):
-        folder = path.parent / detail.get("folder", "detail")
-        found = len(list(folder.glob("*.png"))) + len(list(folder.glob("*.exr"))) if folder.is_dir() else 0
-        if found != detail["n_maps"]:
-            raise SchemaError(f"meta says {detail['n_maps']} displacement maps, found {found} in {folder}")
+        # count, size and bit depth of every map (the fine stage writes them; avface.fine)
+        from .fine import DetailEncoding, check_detail_maps
+
+        check_detail_maps(path.parent, DetailEncoding.from_meta(detail), int(meta["n_frames"]))
     return Result(meta, arrays)
 
 

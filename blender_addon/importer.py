@@ -286,7 +286,7 @@ def _detail(head, frames, mesh_obj, created, name):
     uvmap.uv_map = UV_LAYER
     links.new(uvmap.outputs["UV"], tex.inputs["Vector"])
     disp = nodes.new("ShaderNodeDisplacement")
-    disp.inputs["Midlevel"].default_value = 0.5
+    disp.inputs["Midlevel"].default_value = detail.midlevel
     disp.inputs["Scale"].default_value = detail.metres_per_unit
     links.new(tex.outputs["Color"], disp.inputs["Height"])
     links.new(disp.outputs["Displacement"], output.inputs["Displacement"])
@@ -302,7 +302,7 @@ def _detail(head, frames, mesh_obj, created, name):
     mod.texture_coords = "UV"
     mod.uv_layer = UV_LAYER
     mod.direction = "NORMAL"
-    mod.mid_level = 0.5
+    mod.mid_level = detail.midlevel
     mod.strength = detail.metres_per_unit
 
 

@@ -26,8 +26,9 @@ largest coefficient magnitude over the clip (``*_scale``), and the keyframes hol
 coefficients divided by it, so no value is clamped by a slider range and FBX keeps them.
 
 Detail maps (``detail/``, 16-bit PNG or EXR, one per frame): the displacement along the normal
-is ``(value - 0.5) * metres_per_unit`` for a map value in [0, 1], which is what a Displace
-modifier with ``mid_level = 0.5`` and ``strength = metres_per_unit`` computes.
+is ``(value - midlevel) * metres_per_unit`` for a map value in [0, 1] (``meta.detail``;
+midlevel 0.5 when absent), which is what a Displace modifier with ``mid_level = midlevel``
+and ``strength = metres_per_unit`` computes.
 """
 from __future__ import annotations
 
@@ -63,6 +64,8 @@ class DetailMaps:
     """One map per frame, in frame order."""
     map_size: int
     metres_per_unit: float
+    """D = (value / 65535 - midlevel) * metres_per_unit, metres along the normal."""
+    midlevel: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -242,7 +245,7 @@ def _detail(path: Path, meta: dict, n_frames: int) -> DetailMaps | None:
     mpu = float(detail.get("metres_per_unit") or 0.0)
     if mpu <= 0:
         raise ResultError(f"{path}: detail maps without a positive metres_per_unit")
-    return DetailMaps(folder, files, int(detail.get("map_size") or 0), mpu)
+    return DetailMaps(folder, files, int(detail.get("map_size") or 0), mpu, float(detail.get("midlevel", 0.5)))
 
 
 def load_arrays(path: Path) -> tuple[dict, dict]:

@@ -183,7 +183,7 @@ def test_detail_maps_round_trip_and_rebuild_a_detailed_vertex_by_hand(tmp_path):
     vt = torch.as_tensor(verts, dtype=torch.float64)[None]
     pts = uvspace.interpolate(r, mesh.faces, vt)
     normals = uvspace.texel_normals(r, mesh.faces, vt)
-    enc = fine.DetailEncoding.for_range(size, 0.004, n_frames=2)
+    enc = fine.DetailEncoding.for_range(size, 0.004, n_maps=2)
     uvc = uvspace.texel_centres(size)
     d = np.stack([1.5e-3 * np.sin(12 * uvc[..., 0]) * np.cos(5 * uvc[..., 1]), np.full((size, size), -3.9e-3)])
     d *= r.mask
@@ -193,11 +193,11 @@ def test_detail_maps_round_trip_and_rebuild_a_detailed_vertex_by_hand(tmp_path):
     with Image.open(paths[0]) as im:
         assert im.mode.startswith("I;16") and im.size == (size, size)
     back = fine.read_detail_map(paths[0], enc)
-    assert np.abs(back - d[0]).max() <= 0.5 * enc.metres_per_unit + 1e-9
+    assert np.abs(back - d[0]).max() <= 0.5 * enc.metres_per_unit / 65535 + 1e-9
     # Blender's Displace modifier reads value / 65535: (value - midlevel) * strength is D
     meta = enc.to_meta()
     raw = np.asarray(Image.open(paths[0]), np.float64) / 65535.0
-    assert_close((raw - meta["blender_midlevel"]) * meta["blender_strength"], back, atol=1e-9, what="Blender D")
+    assert_close((raw - meta["midlevel"]) * meta["metres_per_unit"], back, atol=1e-9, what="Blender D")
     assert fine.DetailEncoding.from_meta(meta) == enc
 
     # By hand: texel (row, col) -> (u, v) -> the triangle holding it -> barycentrics -> point
@@ -220,7 +220,7 @@ def test_detail_maps_round_trip_and_rebuild_a_detailed_vertex_by_hand(tmp_path):
     normal = bary @ vn[[a, b, c]]
     normal /= np.linalg.norm(normal)
     png = np.asarray(Image.open(paths[0]))
-    d_texel = (int(png[row, col]) - meta["offset"]) * meta["metres_per_unit"]
+    d_texel = (int(png[row, col]) / 65535 - meta["midlevel"]) * meta["metres_per_unit"]
     by_hand = point + d_texel * normal
     vd = uvspace.displace(pts, normals, torch.as_tensor(back, dtype=torch.float64)[None])
     assert_close(vd[0, row, col].numpy(), by_hand, atol=1e-7, what="V_d at the texel")
@@ -232,6 +232,7 @@ def test_detail_maps_refusals(tmp_path):
     with pytest.raises(ValueError, match=r"\(T, 16, 16\)"):
         fine.write_detail_maps(tmp_path, np.zeros((2, 8, 8)), enc)
     fine.write_detail_maps(tmp_path, np.zeros((2, 16, 16)), enc)
+    enc = fine.DetailEncoding.for_range(16, 0.01, n_maps=2)
     with pytest.raises(SchemaError, match="expected 3 maps"):
         fine.check_detail_maps(tmp_path, enc, 3)
     # an 8-bit map in place of a 16-bit one
@@ -239,7 +240,7 @@ def test_detail_maps_refusals(tmp_path):
     with pytest.raises(SchemaError, match="16-bit greyscale"):
         fine.check_detail_maps(tmp_path, enc, 2)
     with pytest.raises(SchemaError, match="malformed"):
-        fine.DetailEncoding.from_meta({"size": 16})
+        fine.DetailEncoding.from_meta({"map_size": 16})
 
 
 def test_unwrap_clip_streams_frames_and_applies_confidence():
