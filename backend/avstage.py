@@ -105,6 +105,21 @@ def run_networks(checkpoint, tracking, features, mouth_conf: np.ndarray, *, fov_
     return NetworkRun(networks, evidence, prediction, meta, audio_frames)
 
 
+def audio_embedding(networks, evidence, device: str = "cpu") -> np.ndarray | None:
+    """(T, 64) float32 the audio encoder's f_a per frame, 0 where there is no speech
+    track; None for a clip without audio. The readout learns from it, and the fine stage
+    takes it as its audio channel."""
+    import torch
+
+    e = evidence.expression
+    if float(e["audio_present"].max()) <= 0:
+        return None
+    net = networks.expression.to(device).eval()
+    with torch.no_grad():
+        f_a = net.audio(e["phones"].to(device), e["mel"].to(device)) * e["audio_present"].to(device)[:, None]
+    return f_a.cpu().numpy()
+
+
 def trusted_mouth(evidence, mouth_conf: np.ndarray) -> np.ndarray:
     """(T,) bool: frames whose mouth the tracker sees (detected, confidence at least
     avface.confidence.OCCLUDED_BELOW)."""
@@ -126,10 +141,7 @@ def _readout(networks, evidence, prediction, trusted: np.ndarray, k: np.ndarray,
 
     e = {name: v.to(device) for name, v in evidence.expression.items()}
     net = networks.expression.to(device).eval()
-    f_a = None
-    if float(e["audio_present"].max()) > 0:
-        with torch.no_grad():
-            f_a = (net.audio(e["phones"], e["mel"]) * e["audio_present"][:, None]).cpu().numpy()
+    f_a = audio_embedding(networks, evidence, device)
 
     def network(hidden: np.ndarray) -> np.ndarray:
         seen = torch.as_tensor(trusted & ~hidden, dtype=torch.float32, device=device)

@@ -51,7 +51,7 @@ def _options_from_args(args):
         model=args.model, flame_dir=args.flame_dir, audio=args.audio, transcript=args.transcript,
         device=args.device, frame_start=args.start, frame_end=args.end, preview=args.preview or None,
         write_vertices=False if args.no_vertices else None, fov_deg=args.fov, cache_dir=args.cache_dir,
-        networks_checkpoint="none" if args.no_networks else args.networks,
+        networks_checkpoint="none" if args.no_networks else args.networks, detail=args.detail,
     )
     if args.config:
         return ReconstructOptions.from_yaml(Path(args.config), **overrides)
@@ -133,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--networks", metavar="CKPT", help="the AVFace networks' checkpoint: audio fills the occluded "
                    "mouth and the lips are refined (default: the one that ships; a file `avface train` wrote)")
     r.add_argument("--no-networks", action="store_true", help="video only: no networks stage")
+    r.add_argument("--detail", action=argparse.BooleanOptionalAction, default=None,
+                   help="run the fine stage: one 16-bit displacement map per frame in OUT/detail (default: off on "
+                        "the CPU, where it costs several times the tracking; see docs/fine_stage.md)")
     r.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     r.set_defaults(func=cmd_reconstruct)
 

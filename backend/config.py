@@ -118,6 +118,27 @@ class NetworksStageConfig:
 
 
 @dataclass(frozen=True)
+class DetailStageConfig:
+    """Options of the fine stage (per-frame UV displacement maps, docs/fine_stage.md). It
+    runs when ``ReconstructOptions.detail`` is on."""
+
+    map_size: int = 0
+    """Side of the UV maps in texels; 0: 256 on the CPU, 512 on CUDA."""
+    steps: int = 60
+    """Optimiser steps of the per-clip adaptation (batches of ``batch`` frames)."""
+    batch: int = 2
+    """Frames per step."""
+    train_frames: int = 24
+    """At most this many frames, evenly spaced over the trusted ones, train the network."""
+    holdout_stride: int = 5
+    """Every holdout_stride-th frame is kept out of training, and measured (meta.detail's
+    held-out photometric residuals); 0 keeps none out."""
+    seed: int = 0
+    """Seeds the network's initial weights and the order of training; the same seed gives
+    the same maps."""
+
+
+@dataclass(frozen=True)
 class ReconstructOptions:
     """What the user chooses for one job (the CLI's flags, the service's submit options)."""
 
@@ -147,12 +168,16 @@ class ReconstructOptions:
     """The AVFace networks' checkpoint: ``default`` (the one that ships,
     ``models/weights/avface_networks.pt``), a file ``avface train`` wrote, or ``none``
     (or None): video only, no networks stage."""
+    detail: bool = False
+    """Run the fine stage: one 16-bit displacement map per frame in ``detail/``."""
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     """The tracking stage's options."""
     fit: FitConfig = field(default_factory=FitConfig)
     """The coarse fit's options."""
     networks: NetworksStageConfig = field(default_factory=NetworksStageConfig)
     """The networks stage's options."""
+    fine: DetailStageConfig = field(default_factory=DetailStageConfig)
+    """The fine stage's options."""
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

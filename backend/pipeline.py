@@ -1,8 +1,9 @@
 """The whole reconstruction job, one short function per stage (docs/architecture.md):
-probe -> tracking -> audio -> confidence (-> networks) -> fit (-> lips) -> export (-> preview). Used
+probe -> tracking -> audio -> confidence (-> networks) -> fit (-> lips) (-> detail) -> export (-> preview). Used
 by the CLI, the demo and the service's workers. The networks stage (docs/networks.md) runs
 when a checkpoint is given: it feeds the fit the networks' landmarks where the mouth is not
-seen, and after the fit (timed as the same stage) gives the lips.
+seen, and after the fit gives the lips. The fine stage (``detail``, docs/fine_stage.md) writes one
+displacement map per frame into ``detail/``.
 
 ``progress(stage, fraction, message)`` is called with a stage name from ``STAGES`` and the
 fraction of that stage done; ``should_cancel()`` is polled and stops the job with
@@ -35,7 +36,7 @@ from avface.models.registry import available_models, load_model  # noqa: F401  (
 
 log = logging.getLogger(__name__)
 
-STAGES = ("probe", "tracking", "audio", "confidence", "networks", "fit", "lips", "export", "preview")
+STAGES = ("probe", "tracking", "audio", "confidence", "networks", "fit", "lips", "detail", "export", "preview")
 Progress = Callable[[str, float, str], None]
 
 
@@ -114,13 +115,26 @@ def reconstruct(
     if net is not None and options.networks.lips:
         with run.stage("lips"):
             lips = _lips(net, fit, options)
+    detail = None
+    if options.detail:
+        with run.stage("detail"):
+            detail = _detail(inputs, tracking, fit, lips, conf, net, options, run)
     with run.stage("export"):
         arrays, meta = _assemble(inputs, tracking, features, fit, metrics, conf, occluded, options, run, net, lips)
         (out_dir / "config.yaml").write_text(yaml.safe_dump(options.to_dict(), sort_keys=False))
+        from .detail import clear_detail, write_detail
+
+        if detail is not None:
+            meta["detail"] = write_detail(out_dir, detail)
+        else:
+            clear_detail(out_dir)
+            if options.detail:
+                meta["detail"]["skipped"] = "no frame had a trusted face texel to learn detail from"
         path = write_result(out_dir / "result.npz", arrays, meta)
     if options.preview:
         with run.stage("preview"):
-            _preview(inputs, fit, arrays["occluded"], out_dir, run, net.audio_frames if net is not None else None)
+            _preview(inputs, fit, arrays["occluded"], out_dir, run, net.audio_frames if net is not None else None,
+                     detail=detail, lips=lips, device=options.device)
         # record the preview's time too
         meta["stage_seconds"] = run.seconds
         meta["stages_run"] = meta["stages_run"] + ["preview"]
@@ -222,6 +236,20 @@ def _fit(model, tracking: Tracking, conf: np.ndarray, options: ReconstructOption
     return fit, fit_metrics(fit, tracking)
 
 
+def _detail(inputs: _Inputs, tracking: Tracking, fit: CoarseFit, lips, conf: np.ndarray, net: NetworkRun | None,
+            options: ReconstructOptions, run: _Run):
+    """The fine stage on the final (coarse + lips) mesh, with the networks' f_a as its audio
+    channel when they ran; None when no frame has a face texel to learn from."""
+    from .avstage import audio_embedding, vertices_with_lips
+    from .detail import run_detail
+
+    audio = audio_embedding(net.networks, net.evidence, options.device) if net is not None else None
+    frames = media.iter_frames(inputs.info, inputs.start, inputs.start + tracking.n_frames)
+    return run_detail(frames, vertices_with_lips(fit, lips), fit.model, fit.intrinsics, conf, tracking.detected, audio,
+                      options.fine, device=options.device, report=run.progress_of("detail"),
+                      should_cancel=run.should_cancel)
+
+
 def _assemble(inputs: _Inputs, tracking: Tracking, features, fit: CoarseFit, metrics: dict, conf: np.ndarray,
               occluded: np.ndarray, options: ReconstructOptions, run: _Run, net: NetworkRun | None = None,
               lips=None) -> tuple[dict, dict]:
@@ -244,11 +272,18 @@ def _assemble(inputs: _Inputs, tracking: Tracking, features, fit: CoarseFit, met
 
 
 def _preview(inputs: _Inputs, fit: CoarseFit, occluded: np.ndarray, out_dir: Path, run: _Run,
-             audio_frames: np.ndarray | None = None) -> None:
+             audio_frames: np.ndarray | None = None, *, detail=None, lips=None, device: str = "cpu") -> None:
     from .preview import write_preview
 
+    panel = None
+    if detail is not None:
+        from .avstage import vertices_with_lips
+        from .detail import detail_panels
+
+        panel = detail_panels(vertices_with_lips(fit, lips), fit.model, fit.intrinsics,
+                              (inputs.info.height, inputs.info.width), detail, device)
     own_track = inputs.audio_source == str(inputs.video)
     write_preview(inputs.info, inputs.start, fit, occluded, out_dir / "preview.mp4", audio=inputs.audio_source,
-                  audio_frames=audio_frames,
+                  audio_frames=audio_frames, detail_panel=panel,
                   audio_offset_s=inputs.start / inputs.info.fps if own_track else 0.0,
                   progress=lambda f: run.report("preview", f, "rendering"), should_cancel=run.should_cancel)

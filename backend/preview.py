@@ -58,11 +58,14 @@ def draw_mesh(frame: np.ndarray, pts: np.ndarray, faces: np.ndarray, lip_edges: 
 
 def write_preview(info: "media.VideoInfo", start: int, fit: CoarseFit, occluded: np.ndarray, path: Path, *,
                   audio: str | None = None, audio_offset_s: float = 0.0, audio_frames: np.ndarray | None = None,
+                  detail_panel: Callable[[int], np.ndarray] | None = None,
                   progress: Callable[[float], None] | None = None,
                   should_cancel: Callable[[], bool] | None = None) -> Path:
     """Stream the frames again, draw the fit over each, and encode with the audio.
     ``audio_frames`` (T,) bool marks the frames whose mouth the speech carried (the
-    networks stage's ``NetworkRun.audio_frames``): their banner says so."""
+    networks stage's ``NetworkRun.audio_frames``): their banner says so. ``detail_panel(i)``
+    gives frame i's second panel, drawn to the right: the surface shaded with the fine
+    stage's detail (``avface.detail.detail_panels``)."""
     verts = fit.camera_vertices()
     pts_all = project(verts, fit.intrinsics)
     faces = fit.model.faces
@@ -82,7 +85,8 @@ def write_preview(info: "media.VideoInfo", start: int, fit: CoarseFit, occluded:
             if audio_frames is not None and audio_frames[i]:
                 banner = (banner or f"{start + i}") + " - mouth from the audio"
                 lips_rgb = AUDIO_LIPS_RGB
-            yield draw_mesh(frame, pts_all[i], faces, lip_edges, banner, lips_rgb)
+            drawn = draw_mesh(frame, pts_all[i], faces, lip_edges, banner, lips_rgb)
+            yield drawn if detail_panel is None else np.concatenate([drawn, detail_panel(i)], axis=1)
             if progress and i % 10 == 0:
                 progress((i + 1) / n)
 
