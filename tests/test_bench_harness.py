@@ -54,6 +54,33 @@ def _still_method(truths: dict):
     return run
 
 
+DETAIL_S = 16
+
+
+def _detail_method(truths: dict):
+    """A method with a fine stage whose figures are known: D is 0.1 mm over the mouth on the
+    clean clip and 0.3 mm on the hand variant's occluded frames (an imprint of ratio 3), and
+    the held-out residual goes 10 -> 8 levels (gain 0.2)."""
+    from avface.bench.metrics import DetailFigures
+
+    truth = _gt_method(truths)
+
+    def run(inp):
+        out = truth(inp)
+        assert inp.video is not None and inp.video.is_file(), "a method sees its variant's video"
+        n = len(out.vertices)
+        mouth = np.zeros((DETAIL_S, DETAIL_S), bool)
+        mouth[10:14, 5:11] = True
+        d = np.where(mouth, 1e-4, 0.0)[None].repeat(n, 0).astype(np.float32)
+        if inp.variant == "hand":
+            d[inp.occluded | ~inp.tracking.detected] *= 3.0
+        grey = np.full((DETAIL_S, DETAIL_S, 3), 128, np.uint8)
+        out.detail = DetailFigures(d, mouth, 10.0, 8.0, n // 5, (1, grey, grey))
+        return out
+
+    return run
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     from avface.synth import make_demo_clip
@@ -65,8 +92,10 @@ def runs(tmp_path_factory):
     # a method blind to the video, measured against coarse_video's clean mesh (test only)
     register_method("still_face", description="the first frame's truth on every frame (test only)",
                     reference="coarse_video")(_still_method(truths))
+    register_method("fake_detail", description="the truth, with known detail figures (test only)")(_detail_method(truths))
     try:
-        cfg = BenchConfig(seed=SEED, methods=("tracker", "coarse_video", "interp", "ground_truth", "still_face"), synth_clips=1,
+        cfg = BenchConfig(seed=SEED, methods=("tracker", "coarse_video", "interp", "ground_truth", "still_face",
+                                              "fake_detail"), synth_clips=1,
                           synth_duration_s=CLIP_S, synth_size=SIZE)
         doc1 = run_bench(root / "clips", root / "out1", cfg)
         # the second run renders nothing new for the synthetic clip (same parameters), but
@@ -76,6 +105,7 @@ def runs(tmp_path_factory):
     finally:
         unregister_method("ground_truth")
         unregister_method("still_face")
+        unregister_method("fake_detail")
     return root, clip, doc1, doc2
 
 
@@ -89,7 +119,7 @@ def test_writes_metrics_report_and_plots(runs):
     on_disk = json.loads((out / "metrics.json").read_text())
     assert on_disk["schema_version"] == SCHEMA_VERSION == 1
     assert on_disk["clips"] == ["demo", f"synth_seed{SEED}"]
-    assert on_disk["methods"] == ["tracker", "coarse_video", "interp", "ground_truth", "still_face"]
+    assert on_disk["methods"] == ["tracker", "coarse_video", "interp", "ground_truth", "still_face", "fake_detail"]
     for r in on_disk["records"]:
         assert set(r) == {"clip", "method", "metric", "value"}
         assert r["value"] is None or isinstance(r["value"], float)
@@ -112,7 +142,7 @@ def test_writes_metrics_report_and_plots(runs):
                  f"lip_opening_synth_seed{SEED}.png", "strip.mp4", "strip.png"):
         assert (out / "plots" / name).stat().st_size > 1000, name
     info = media.probe(out / "plots" / "strip.mp4")
-    assert info.width == 256 * 7 and info.n_frames > 10  # input, 5 methods, clean reference
+    assert info.width == 256 * 8 and info.n_frames > 10  # input, 6 methods, clean reference
     assert (out / "series" / "demo.npz").is_file()
 
 
@@ -206,3 +236,21 @@ def test_a_method_blind_to_the_video_is_measured_against_its_reference(runs):
     for metric in ("lip_err_occluded", "lip_err_audio_only"):
         assert v[("demo", "still_face", metric)] > 0.3, (metric, v[("demo", "still_face", metric)])
     assert v[("demo", "still_face", "jitter")] in (0.0, None)  # its own mesh, which stands still
+
+
+def test_fine_stage_figures_and_pictures(runs):
+    root, _, doc1, _ = runs
+    v = {(r["clip"], r["method"], r["metric"]): r["value"] for r in doc1["records"]}
+    assert v[("demo", "fake_detail", "photo_residual_coarse")] == 10.0
+    assert v[("demo", "fake_detail", "detail_gain")] == pytest.approx(0.2)
+    # the hand's occluded frames as the plan places them: the method tripled D on the frames
+    # the visual confidence flags, so the ratio is 3 where the flags cover the span and
+    # between 1 and 3 where they miss part of it
+    ratio = v[("demo", "fake_detail", "detail_occluder_ratio")]
+    recall = v[("demo", "fake_detail", "occl_recall_hand")]
+    assert ratio == pytest.approx(1.0 + 2.0 * recall, abs=1e-6)
+    assert ("demo", "ground_truth", "detail_gain") not in v  # methods without a fine stage have none
+    detail = doc1["plots"]["detail"]
+    assert (root / "out1" / detail["normals"]).is_file() and (root / "out1" / detail["occluded"]).is_file()
+    report = (root / "out1" / "report.md").read_text()
+    assert "## Fine stage (`fake_detail`)" in report and detail["occluded"] in report

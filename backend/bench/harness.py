@@ -99,6 +99,14 @@ METRIC_DEFINITIONS = {
                       "occluded frames",
     "occl_clean_flagged": "share of the clean clip's detected frames that the method flags as occluded "
                           "(false alarms)",
+    "photo_residual_coarse": "8-bit levels: mean absolute photometric residual of the clean clip's held-out frames "
+                             "(never trained on) over trusted face texels, the per-clip albedo and light shading the "
+                             "coarse (+ lips) normals (methods with a fine stage)",
+    "photo_residual_detail": "the same shading the detailed normals (V_d = V_c + D N_c)",
+    "detail_gain": "1 - photo_residual_detail / photo_residual_coarse: the share of the coarse residual the detail "
+                   "explains on frames it did not see",
+    "detail_occluder_ratio": "mean |D| over the mouth's texels on the hand variant's occluded frames, divided by "
+                             "the same on the same frames of the clean clip (1: the hand left no imprint)",
     "rtf_<stage>": "seconds of that stage per second of video (real-time factor)",
     "rtf_total": "the sum of the real-time factors of the stages the method needs (decode excluded)",
     "cpu_rtf_total": "process CPU seconds (ffmpeg children included) of those stages per second of video",
@@ -183,6 +191,8 @@ class ClipResult:
     info: dict
     series: dict[str, np.ndarray] = field(default_factory=dict)
     strip: dict | None = None
+    detail: dict | None = None
+    """The fine stage's pictures for the report (:func:`_detail_pictures`)."""
 
 
 def _rec(out: list, clip: str, method: str, metric: str, value) -> None:
@@ -323,7 +333,8 @@ def bench_real_clip(clip: Clip, methods: list[Method], cfg: BenchConfig, cache: 
     with _timed(bench_time, "variant_tracking"):
         for v in VARIANTS:
             trackings[v] = _track_variant(paths[v], n, cfg, cache)
-    inputs = _method_inputs(clip.id, trackings, features, wave, fps, cfg.fit, stage)
+    inputs = _method_inputs(clip.id, trackings, features, wave, fps, cfg.fit, stage,
+                            videos={"clean": clip.video, **{v: paths[v] for v in VARIANTS}})
     _warm_up(clean, cfg.fit)
     with _timed(bench_time, "methods"):
         outs = _run_all(methods, inputs)
@@ -343,13 +354,34 @@ def bench_real_clip(clip: Clip, methods: list[Method], cfg: BenchConfig, cache: 
             ref = outs.get(m.reference, {}).get("clean") if m.reference else None
             _accuracy_records(records, series, ctx, m.name, o, ref)
             _flag_records(records, ctx, m.name, o)
+            _detail_records(records, ctx, m.name, o)
             _speed_records(records, ctx, m, o["clean"], Path(tmp), rss, cuda)
             for v in ("clean",) + VARIANTS:
                 if o.get(v) is not None:
                     series[f"lip_open_{m.name}_{v}"] = 1000.0 * M.lip_opening(o[v].vertices)
     _add_ratios(records, clip.id, [m.name for m in methods])
     strip = _strip_data(plan, outs, paths, info, records, clip.id)
-    return ClipResult(clip.id, "real", records, _real_clip_info(clip, ctx, features, bench_time), series, strip)
+    return ClipResult(clip.id, "real", records, _real_clip_info(clip, ctx, features, bench_time), series, strip,
+                      _detail_pictures(ctx, methods, outs))
+
+
+def _detail_pictures(ctx: _RealClip, methods: list[Method], outs) -> dict | None:
+    """The first fine-stage method's pictures: one held-out frame's normal maps before and
+    after the detail, and the displacement of the hand's most occluded frame next to the same
+    frame of the clean clip."""
+    for m in methods:
+        o = outs[m.name]
+        clean, hand = o.get("clean"), o.get("hand")
+        if clean is None or clean.detail is None or clean.detail.normal_maps is None:
+            continue
+        pics = {"clip": ctx.clip_id, "method": m.name, "normal_maps": clean.detail.normal_maps}
+        frames = np.nonzero(ctx.occ_frames["hand"])[0]
+        if hand is not None and hand.detail is not None and len(frames):
+            mouth = clean.detail.mouth
+            t = int(frames[np.argmax(np.abs(hand.detail.displacement[frames][:, mouth]).mean(1))])
+            pics["occluded"] = (t, hand.detail.displacement[t], clean.detail.displacement[t])
+        return pics
+    return None
 
 
 def _measure_front_end(clip: Clip, cfg: BenchConfig, cache: Path, stage: dict):
@@ -372,13 +404,15 @@ def _measure_front_end(clip: Clip, cfg: BenchConfig, cache: Path, stage: dict):
 
 
 def _method_inputs(clip_id: str, trackings: dict[str, Tracking], features, wave, fps: float, fit_cfg: FitConfig,
-                   stage: dict) -> dict[str, MethodInput]:
-    """One MethodInput per variant, with its visual confidence computed once (timed on the clean clip)."""
+                   stage: dict, videos: dict[str, Path] | None = None) -> dict[str, MethodInput]:
+    """One MethodInput per variant, with its visual confidence computed once (timed on the
+    clean clip); ``videos`` gives each variant's video file."""
     inputs = {}
     for v, tr in trackings.items():
         with _timed(stage if v == "clean" else {}, "confidence"):
             conf, occluded = visual_confidence(tr)
-        inputs[v] = MethodInput(clip_id, v, tr, features, wave, fps, fit_cfg, conf, occluded)
+        inputs[v] = MethodInput(clip_id, v, tr, features, wave, fps, fit_cfg, conf, occluded,
+                                video=(videos or {}).get(v))
     return inputs
 
 
@@ -460,6 +494,26 @@ def _flag_records(records: list[dict], ctx: _RealClip, name: str, o: dict[str, M
     _rec(records, cid, name, "occl_precision", np.concatenate(truths).mean() if sum(flagged_in) else None)
     clean, det = flags("clean"), ctx.inputs["clean"].tracking.detected
     _rec(records, cid, name, "occl_clean_flagged", clean[det].mean() if clean is not None and det.any() else None)
+
+
+def _detail_records(records: list[dict], ctx: _RealClip, name: str, o: dict[str, MethodOutput | None]) -> None:
+    """A fine stage's figures: the held-out photometric residuals of the clean clip with coarse
+    and detailed normals, their detail_gain, and detail_occluder_ratio: mean |D| over the
+    mouth's texels on the hand's occluded frames, against the same frames of the clean clip."""
+    clean = o["clean"].detail
+    if clean is None:
+        return
+    cid = ctx.clip_id
+    _rec(records, cid, name, "photo_residual_coarse", clean.photo_residual_coarse)
+    _rec(records, cid, name, "photo_residual_detail", clean.photo_residual_detail)
+    _rec(records, cid, name, "detail_gain", M.detail_gain(clean.photo_residual_coarse, clean.photo_residual_detail))
+    hand, frames = o.get("hand"), np.nonzero(ctx.occ_frames["hand"])[0]
+    ratio = None
+    if hand is not None and hand.detail is not None and len(frames) and clean.mouth.any():
+        from avface.fine import detail_occluder_ratio
+
+        ratio = detail_occluder_ratio(hand.detail.displacement, clean.displacement, frames, clean.mouth)
+    _rec(records, cid, name, "detail_occluder_ratio", ratio)
 
 
 def _speed_records(records: list[dict], ctx: _RealClip, m: Method, base: MethodOutput, tmp: Path,
@@ -592,7 +646,8 @@ def bench_synth_clip(index: int, methods: list[Method], cfg: BenchConfig, out_di
     tr = track(info, config=cfg.tracking, cache_dir=cache / "tracking")
     n = min(tr.n_frames, clip.n_frames)
     wave, features = _read_speech(clip.wav_path, tr.n_frames, float(info.fps))
-    inp = _method_inputs(clip_id, {"synth": tr}, features, wave, float(info.fps), cfg.fit, {})
+    inp = _method_inputs(clip_id, {"synth": tr}, features, wave, float(info.fps), cfg.fit, {},
+                         videos={"synth": Path(clip.video_path)})
     outs = _run_all(methods, inp)
     gt = clip.gt_vertices[:n].astype(np.float64)
     visible = clip.occlusion_fraction[:n] <= 0.0
@@ -733,6 +788,9 @@ def run_bench(clips_dir: Path | str, out_dir: Path | str, config: BenchConfig = 
                 worst = max(strips, key=lambda s: s["error_mm"])
                 say(f"side-by-side strip: {worst['clip']} frames {worst['range'][0]}..{worst['range'][1]}")
                 doc["plots"]["strip"] = plots.write_strip(worst, out_dir / "plots")
+        pictures = next((res.detail for res in results if res.detail is not None), None)
+        if pictures is not None:
+            doc["plots"]["detail"] = plots.write_detail_pictures(pictures, out_dir / "plots")
     doc["run"]["wall_s"] = time.perf_counter() - t0
     doc["run"]["cpu_s"] = _cpu_seconds() - c0
     doc["run"]["peak_rss_mb"] = peak_rss_mb()

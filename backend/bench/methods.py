@@ -31,6 +31,7 @@ import logging
 import pkgutil
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -71,6 +72,9 @@ class MethodInput:
     computed once per variant."""
     occluded: np.ndarray
     """(T,) bool: frames the visual confidence flags occluded."""
+    video: Path | None = None
+    """This variant's video file (its frames, for a method that looks at the pixels: the
+    fine stage), or None."""
 
 
 @dataclass
@@ -90,6 +94,9 @@ class MethodOutput:
     """Wall time of the method itself (set by :func:`run_method`)."""
     cpu_seconds: float = 0.0
     """Process CPU time of the method itself (set by :func:`run_method`)."""
+    detail: object | None = None
+    """What a method with a fine stage measured of its detail maps
+    (:class:`avface.bench.metrics.DetailFigures`), or None."""
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ Definitions (also written into report.md):
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -256,3 +257,26 @@ def geometric_mean(x) -> float:
     a = np.asarray(x, np.float64).ravel()
     a = a[np.isfinite(a) & (a > 0)]
     return float(np.exp(np.log(a).mean())) if a.size else float("nan")
+
+
+# --------------------------------------------------------------------------- the fine stage
+
+
+@dataclass(eq=False)
+class DetailFigures:
+    """What a method with a fine stage hands the benchmark of one clip variant."""
+
+    displacement: np.ndarray  #: (T, S, S) float32 metres, the maps as written
+    mouth: np.ndarray  #: (S, S) bool, the mouth's texels (detail_occluder_ratio's region)
+    photo_residual_coarse: float  #: held-out frames, 8-bit levels, coarse normals
+    photo_residual_detail: float  #: the same with the detailed normals
+    held_out_frames: int
+    normal_maps: tuple | None = None
+    """(frame, coarse, detailed): one held-out frame's UV normal maps, (S, S, 3) uint8 each,
+    for the report's before/after picture."""
+
+
+def detail_gain(coarse: float, detail: float) -> float:
+    """1 - detail / coarse: the share of the coarse shading's photometric residual that the
+    detail explains on frames it did not train on (NaN without a coarse residual)."""
+    return 1.0 - detail / coarse if coarse and math.isfinite(coarse) and math.isfinite(detail) else math.nan

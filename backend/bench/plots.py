@@ -318,3 +318,36 @@ def write_strip(strip: dict, out_dir: Path) -> dict:
         cv2.imwrite(str(png), cv2.cvtColor(still, cv2.COLOR_RGB2BGR))
     return {"video": str(path.relative_to(out_dir.parent)), "image": str(png.relative_to(out_dir.parent)),
             "clip": strip["clip"], "frames": [lo, hi], "span": [a, b], "methods": methods}
+
+
+DETAIL_PICTURE_RANGE_M = 1e-3
+"""Displacement pictures map -1 mm .. +1 mm to black .. white."""
+
+
+def _displacement_image(d: np.ndarray) -> np.ndarray:
+    grey = np.clip(0.5 + 0.5 * np.asarray(d, np.float64) / DETAIL_PICTURE_RANGE_M, 0, 1)
+    return np.repeat((grey * 255).round().astype(np.uint8)[..., None], 3, axis=2)
+
+
+def write_detail_pictures(pictures: dict, out_dir: Path) -> dict:
+    """detail_normals.png (one held-out frame's UV normal map, coarse | detailed) and, when
+    the hand variant ran, detail_occluded.png (the displacement of its most occluded frame |
+    the same frame of the clean clip, -1..+1 mm as black..white). Returns their paths,
+    relative to the report, with what they show."""
+    import cv2
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    clip, method = pictures["clip"], pictures["method"]
+    t, coarse, detailed = pictures["normal_maps"]
+    img = np.concatenate([_label(coarse.copy(), "coarse normals"), _label(detailed.copy(), "with detail")], axis=1)
+    path = out_dir / "detail_normals.png"
+    cv2.imwrite(str(path), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+    out = {"clip": clip, "method": method, "frame": t, "normals": f"plots/{path.name}"}
+    if "occluded" in pictures:
+        t, hand, clean = pictures["occluded"]
+        img = np.concatenate([_label(_displacement_image(hand), "hand over the mouth"),
+                              _label(_displacement_image(clean), "clean clip")], axis=1)
+        path = out_dir / "detail_occluded.png"
+        cv2.imwrite(str(path), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+        out.update(occluded_frame=t, occluded=f"plots/{path.name}")
+    return out

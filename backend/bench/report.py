@@ -63,6 +63,7 @@ def write_report(doc: dict, path: Path) -> Path:
         L += _occlusions(doc, real)
         L += _visible_accuracy(doc, real, methods)
         L += _speed(doc, real, methods)
+        L += _detail(doc, real, methods)
     if synth:
         L += _synthetic(doc, synth, methods)
     L += _plots(doc)
@@ -168,7 +169,7 @@ def _speed(doc: dict, real: list[str], methods: list[str]) -> list[str]:
     L += ["", "## Speed and memory", "",
           "Seconds per second of video (real-time factor) of each stage on the clean clip, measured in this run. "
           "`decode` is a decode-only pass for reference (tracking decodes as it goes, so it is not added). "
-          "`networks`: no AV network exists yet, so nothing is recorded for it.", ""]
+          "A method's own stages (networks, fit, lips, detail) are timed together as `fit`.", ""]
     fit_methods = [m for m in methods if "fit" in doc["method_info"][m]["stages"]]
     rows = []
     for c in real:
@@ -189,6 +190,26 @@ def _speed(doc: dict, real: list[str], methods: list[str]) -> list[str]:
           "(ffmpeg children not included)."
           + (f" CUDA: {run['cuda']['device']}, {_fmt(run['cuda']['peak_allocated_mb'], 0)} MiB peak allocated."
              if run.get("cuda") else " No CUDA device: no GPU figures.")]
+    return L
+
+
+DETAIL_COLUMNS = (("photo_residual_coarse", 2), ("photo_residual_detail", 2), ("detail_gain", 3),
+                  ("detail_occluder_ratio", 2), ("ratio_to_tracking", 2))
+
+
+def _detail(doc: dict, real: list[str], methods: list[str]) -> list[str]:
+    """The fine stage's figures per clip, for the methods that have one."""
+    fine = [m for m in methods if "detail_gain" in doc["aggregate"].get(m, {})]
+    L: list[str] = []
+    for m in fine:
+        L += ["", f"## Fine stage (`{m}`)", "",
+              "Held-out photometric residual of the clean clip (8-bit levels) shaded with the coarse and with the "
+              "detailed normals, `detail_gain` = 1 - detail / coarse, and what a hand over the mouth leaves in the "
+              "maps (`detail_occluder_ratio`, 1 = no imprint).", ""]
+        rows = [[c] + [_fmt(_value(doc, c, m, k), d) for k, d in DETAIL_COLUMNS] for c in real]
+        agg = doc["aggregate"][m]
+        rows.append(["**all**"] + [_fmt(agg.get(k), d) for k, d in DETAIL_COLUMNS])
+        L += _table(["clip"] + [f"`{k}`" for k, _ in DETAIL_COLUMNS], rows)
     return L
 
 
@@ -224,6 +245,14 @@ def _plots(doc: dict) -> list[str]:
             L += [f"Side by side, {strip['clip']} frames {strip['frames'][0]}–{strip['frames'][1]} (occluded "
                   f"{strip['span'][0]}–{strip['span'][1]}, red dot): [{strip['video']}]({strip['video']})", "",
                   f"![strip]({strip['image']})", ""]
+        detail = plots.get("detail")
+        if detail:
+            L += [f"The fine stage (`{detail['method']}`) on {detail['clip']}: frame {detail['frame']}'s UV normal map "
+                  "(held out of training), coarse and with the detail:", "", f"![detail normals]({detail['normals']})", ""]
+            if "occluded" in detail:
+                L += [f"Its displacement on frame {detail['occluded_frame']} with a hand over the mouth, next to the "
+                      "same frame of the clean clip (-1 mm black, +1 mm white): the hand should leave no imprint.",
+                      "", f"![detail under a hand]({detail['occluded']})", ""]
         for key, p in plots.items():
             if key.startswith("lip_opening_"):
                 L += [f"![{key}]({p})", ""]

@@ -11,7 +11,13 @@
 * ``av``: the coarse audio-visual stage: the networks' landmarks join the fit where the
   mouth is not seen (what ``reconstruct --networks CKPT`` does, lips off);
 * ``av_lips``: ``av`` with the SIREN's lip refinement added to the mesh (what
-  ``reconstruct --networks CKPT`` does by default).
+  ``reconstruct --networks CKPT`` does by default);
+* ``av_full``: ``av_lips`` and the fine stage (``reconstruct --detail``): per-frame UV
+  displacement maps, measured by their held-out photometric residual (``detail_gain``) and
+  by what a hand over the mouth leaves in them (``detail_occluder_ratio``). The maps change
+  no vertex, so the stage runs on the variants those figures read (``DETAIL_VARIANTS``: the
+  clean clip and the hand); elsewhere the method is ``av_lips``. Its speed is measured on
+  the clean clip, the fine stage included.
 
 Each runs the very functions ``reconstruct`` runs (avface.avstage), adaptation included.
 
@@ -86,7 +92,7 @@ def stage_config() -> NetworksStageConfig:
     return cfg
 
 
-def _run(inp: MethodInput, *, video: bool, lips: bool) -> MethodOutput:
+def _run(inp: MethodInput, *, video: bool, lips: bool, detail: bool = False) -> MethodOutput:
     ck = checkpoint()
     cfg = stage_config()
     if not video:  # adaptation learns from the clip's trusted mouths, and there are none
@@ -98,7 +104,50 @@ def _run(inp: MethodInput, *, video: bool, lips: bool) -> MethodOutput:
                        video=video)
     fit = fit_default(inp.tracking, fit_cfg, mouth_conf=conf, net_points=net.points)
     pca = refine_lips(net, fit) if lips else None
-    return MethodOutput(vertices_with_lips(fit, pca), fit.intrinsics, fit=fit, filled=fit.filled)
+    vertices = vertices_with_lips(fit, pca)
+    figures = None
+    if detail and inp.variant in DETAIL_VARIANTS and inp.video is not None:
+        figures = _detail_figures(inp, fit, vertices, net)
+    return MethodOutput(vertices, fit.intrinsics, fit=fit, filled=fit.filled, detail=figures)
+
+
+DETAIL_VARIANTS = ("clean", "hand")
+"""Where av_full runs its fine stage (the variants its detail figures are measured on)."""
+
+
+def _detail_figures(inp: MethodInput, fit, vertices: np.ndarray, net):
+    """The fine stage on one variant's frames, as reconstruct --detail runs it."""
+    from avface import media
+    from avface.avstage import audio_embedding
+    from avface.bench.metrics import DetailFigures
+    from avface.config import DetailStageConfig
+    from avface.detail import mouth_texels, run_detail
+
+    info = media.probe(inp.video)
+    frames = media.iter_frames(info, 0, len(vertices))
+    run = run_detail(frames, vertices, fit.model, fit.intrinsics, inp.visual_conf, inp.tracking.detected,
+                     audio_embedding(net.networks, net.evidence), DetailStageConfig())
+    if run is None:
+        return None
+    return DetailFigures(run.displacement, mouth_texels(run.raster, fit.model), run.adapt.photo_residual_coarse,
+                         run.adapt.photo_residual_detail, len(run.adapt.held_out), _normal_maps(run, fit, vertices))
+
+
+def _normal_maps(run, fit, vertices: np.ndarray):
+    """(frame, coarse, detailed) UV normal maps of the middle held-out frame."""
+    import torch
+
+    from avface import uvspace
+
+    held = run.adapt.held_out
+    if len(held) == 0:
+        return None
+    t = int(held[len(held) // 2])
+    faces = np.asarray(fit.model.faces)
+    points, normals = uvspace.texel_geometry(run.raster, faces, torch.as_tensor(vertices[t:t + 1], dtype=torch.float32))
+    covered = uvspace.texel_mask(run.raster)
+    detailed = uvspace.detail_normals(points, normals, torch.as_tensor(run.displacement[t:t + 1]), covered)
+    return t, uvspace.normal_map_image(normals[0], covered), uvspace.normal_map_image(detailed[0], covered)
 
 
 @register_method("audio_only", description="networks with no video evidence for the lower face (speech and context)",
@@ -117,3 +166,9 @@ def av_method(inp: MethodInput) -> MethodOutput:
                  stages=STAGES, unavailable=_without_checkpoint)
 def av_lips_method(inp: MethodInput) -> MethodOutput:
     return _run(inp, video=True, lips=True)
+
+
+@register_method("av_full", description="av_lips with the fine stage's per-frame displacement maps "
+                 "(what reconstruct --detail does)", stages=STAGES, unavailable=_without_checkpoint)
+def av_full_method(inp: MethodInput) -> MethodOutput:
+    return _run(inp, video=True, lips=True, detail=True)
