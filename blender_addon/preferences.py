@@ -6,10 +6,12 @@ from bpy.props import BoolProperty, EnumProperty, FloatProperty, StringProperty
 
 from ._vendor import protocol
 
-#: The stages the backend can be asked for today (the lip and detail stages are not in the
-#: backend yet; their results import when present).
+#: The stages the backend can be asked for (the networks and the lips always run when the
+#: backend has its checkpoint; the detail maps are asked for).
 STAGES = (
-    ("coarse", "Coarse", "Head pose, expression and jaw from video and speech (always run)"),
+    ("coarse", "Coarse", "Head pose, expression, jaw and lips from video and speech (always run)"),
+    ("detail", "Detail maps", "Per-frame UV displacement maps on the skin material and a Displace modifier "
+                              "(the fine stage: several times the tracking's time on a CPU)"),
     ("preview", "Preview", "Also render a preview video on the backend"),
 )
 

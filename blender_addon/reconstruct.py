@@ -418,7 +418,7 @@ class AVFaceSettings(bpy.types.PropertyGroup):
 def _options(context, settings, inputs) -> dict:
     prefs = preferences.get(context)
     options = {"model": settings.model, "frame_start": inputs["frame_start"], "frame_end": inputs["frame_end"],
-               "preview": "preview" in settings.stages}
+               "preview": "preview" in settings.stages, "detail": "detail" in settings.stages}
     if settings.model == "flame" and prefs.flame_dir:
         options["flame_dir"] = bpy.path.abspath(prefs.flame_dir)
     return options
