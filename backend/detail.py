@@ -142,12 +142,13 @@ def run_detail(frames, vertices: np.ndarray, model, intrinsics: np.ndarray, mout
     # the stage's own occlusion evidence: a lower face that does not look like itself (a
     # skin-toned hand the visual confidence missed) is not detail, and is carried over
     lower = uvspace.interpolate(raster, faces, torch.as_tensor(weights, device=device).T[None])[0, ..., 0]
-    outliers = appearance_outlier_frames(clip, lower > 0.5)
-    # a frame with something over the mouth teaches nothing anywhere (the occluder reaches
-    # past the lower face: fingers over a cheek, a microphone's stand) and is carried whole
     from .confidence import OCCLUDED_BELOW
 
-    occluded = outliers | (np.asarray(mouth_conf) < OCCLUDED_BELOW)
+    flagged = np.asarray(mouth_conf) < OCCLUDED_BELOW
+    outliers = appearance_outlier_frames(clip, lower > 0.5, reference=~flagged & np.asarray(detected, bool))
+    # a frame with something over the mouth teaches nothing anywhere (the occluder reaches
+    # past the lower face: fingers over a cheek, a microphone's stand) and is carried whole
+    occluded = outliers | flagged
     if occluded.any():
         drop = torch.as_tensor(occluded, device=clip.trust.device)
         clip = ClipUV(clip.image, torch.where(drop[:, None, None], torch.zeros_like(clip.trust), clip.trust))

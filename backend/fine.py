@@ -276,7 +276,8 @@ missed (styletalk_feifeili_clip1, seed 0, flagged on 0.31 of its frames) the sha
 or more on 90 % of the hand's frames and at most 0.10 on any other frame, speech included."""
 
 
-def appearance_outlier_frames(clip: ClipUV, region: torch.Tensor, *, deviation: float = OUTLIER_DEVIATION,
+def appearance_outlier_frames(clip: ClipUV, region: torch.Tensor, reference: np.ndarray | None = None, *,
+                              deviation: float = OUTLIER_DEVIATION,
                               share: float = OUTLIER_SHARE, margin: int = OUTLIER_MARGIN,
                               chunk: int = 64) -> np.ndarray:
     """(T,) bool: frames whose ``region`` (S, S) bool texels (the lower face) look unlike the
@@ -284,7 +285,10 @@ def appearance_outlier_frames(clip: ClipUV, region: torch.Tensor, *, deviation: 
     tracker's evidence missed is still not the face it covers, and in UV space every frame
     shows the same skin at the same texel, whatever the pose. Medians are over the frames
     where each texel is visible (trust > 0), so turned-away texels count for nothing; the
-    flags are widened by ``margin`` frames each way."""
+    flags are widened by ``margin`` frames each way. ``reference`` (T,) bool: the frames the
+    medians are taken over (those the visual confidence trusts), all when None or fewer
+    than 3. A median is only the face's own look when most of its frames show the face: when
+    more than half of the reference frames would be flagged, no frame is."""
     region = region.to(clip.trust.device).bool()
     n = clip.image.shape[0]
     if n < 3 or not region.any():
@@ -297,7 +301,10 @@ def appearance_outlier_frames(clip: ClipUV, region: torch.Tensor, *, deviation: 
     mean = (img * v[..., None]).sum(1) / v.sum(1, keepdim=True).clamp_min(1)  # (T, 3)
     norm = img / mean[:, None, :].clamp_min(1e-3)
     norm = torch.where(v[..., None], norm, torch.full_like(norm, float("nan")))
-    med = norm.nanmedian(dim=0).values  # (N, 3)
+    ref = torch.ones(n, dtype=torch.bool, device=norm.device)
+    if reference is not None and int(np.sum(reference)) >= 3:
+        ref = torch.as_tensor(np.asarray(reference, bool), device=norm.device)
+    med = norm[ref].nanmedian(dim=0).values  # (N, 3)
     out = np.zeros(n, bool)
     for s0 in range(0, n, chunk):
         dev = (norm[s0:s0 + chunk] - med).abs().mean(-1)  # (B, N), NaN where not visible
@@ -305,6 +312,9 @@ def appearance_outlier_frames(clip: ClipUV, region: torch.Tensor, *, deviation: 
         far = (dev > deviation) & seen
         frac = far.sum(1).float() / seen.sum(1).clamp_min(1).float()
         out[s0:s0 + chunk] = ((frac > share) & (seen.sum(1) > 0)).cpu().numpy()
+    if out[ref.cpu().numpy()].mean() > 0.5:
+        log.warning("the lower face looks unlike itself on most of the clip's frames: no appearance outliers")
+        return np.zeros(n, bool)
     if margin > 0 and out.any():
         from scipy.ndimage import binary_dilation
 

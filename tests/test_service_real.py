@@ -83,7 +83,8 @@ def test_demo_clip_by_path_and_as_bytes(server, demo, tmp_path):
 
 def test_audio_transcript_and_stage_options_reach_the_pipeline(server, demo):
     """Every option of ReconstructOptions travels through submit: a separate audio file and a
-    transcript (paths under the server's roots) and a stage's section."""
+    transcript (paths under the server's roots) and a stage's section; the fine stage's
+    detail maps come back with the result (small maps, few steps)."""
     import yaml
 
     from avface.result import load_result
@@ -93,7 +94,8 @@ def test_audio_transcript_and_stage_options_reach_the_pipeline(server, demo):
     transcript.write_text(demo.text)
     client = server.client(timeout_s=10.0)
     options = {"audio": str(demo.wav_path), "transcript": str(transcript), "fit": {"iterations": 7},
-               "tracking": {"hands": False}}
+               "tracking": {"hands": False}, "detail": True,
+               "fine": {"map_size": 32, "steps": 3, "train_frames": 4}}
     run = JobRun(client, video=demo.video_path, out_dir=work / "options-run", upload=False, options=options)
     for _ in range(20_000):  # bounded: each step waits at most 50 ms
         if run.finished:
@@ -106,6 +108,9 @@ def test_audio_transcript_and_stage_options_reach_the_pipeline(server, demo):
     config = yaml.safe_load((run.result_path.parent / "config.yaml").read_text())
     assert config["fit"]["iterations"] == 7 and config["tracking"]["hands"] is False
     assert config["transcript"] == str(transcript.resolve())
+    # load_result read every fetched map (count, size, bit depth)
+    assert meta["detail"]["n_maps"] == meta["n_frames"] and meta["detail"]["map_size"] == 32
+    assert len(list((run.result_path.parent / "detail").glob("*.png"))) == meta["n_frames"]
 
 
 def test_corrupt_video_and_no_face(server, tmp_path):

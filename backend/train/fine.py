@@ -139,6 +139,11 @@ def adapt_clip(clip: ClipUV, vertices: torch.Tensor, faces, raster: uvspace.UVRa
     if 0 < cfg.max_train_frames < len(candidates):
         candidates = candidates[np.linspace(0, len(candidates) - 1, cfg.max_train_frames).round().astype(int)]
     usable = trusted[torch.as_tensor(candidates, device=device)].flatten(1).any(1).cpu().numpy()
+    if not usable.any():  # the evenly spaced frames all covered: any training frame that is not
+        candidates = _split(n_frames, cfg.holdout_stride)[0]
+        usable = trusted[torch.as_tensor(candidates, device=device)].flatten(1).any(1).cpu().numpy()
+        candidates = candidates[usable][:cfg.max_train_frames or None]
+        usable = np.ones(len(candidates), bool)
     train = candidates[usable]
     if len(train) == 0:
         raise ValueError("no frame has a trusted texel: nothing to learn detail from")
