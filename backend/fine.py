@@ -288,7 +288,9 @@ def appearance_outlier_frames(clip: ClipUV, region: torch.Tensor, reference: np.
     flags are widened by ``margin`` frames each way. ``reference`` (T,) bool: the frames the
     medians are taken over (those the visual confidence trusts), all when None or fewer
     than 3. A median is only the face's own look when most of its frames show the face: when
-    more than half of the reference frames would be flagged, no frame is."""
+    more than half of the reference frames would be flagged, no frame is; and an occluder the
+    visual confidence misses on most of the clip is the median's look, so the clean frames
+    are then the ones flagged (a limit of this evidence: they are carried, not engraved)."""
     region = region.to(clip.trust.device).bool()
     n = clip.image.shape[0]
     if n < 3 or not region.any():

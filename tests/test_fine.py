@@ -331,3 +331,48 @@ def test_shaded_detail_panel_shows_the_detail():
     changed = np.abs(detailed.astype(int) - coarse.astype(int)).max(-1) > 8
     assert changed[face].mean() > 0.15, changed[face].mean()
     assert (detailed[~face] == 0).all()
+
+
+def test_appearance_outliers_flag_a_patch_over_the_region_and_not_light_changes():
+    """The fine stage's own occlusion evidence: in UV space a skin-toned patch over most of the
+    lower face departs from the texel's median look; a brighter frame (exposure) and small
+    per-texel noise (speech, compression) do not; and when the patch covers most of the clip,
+    the median is the patch, so nothing is flagged."""
+    rng = np.random.default_rng(0)
+    t, s = 30, 16
+    skin = rng.uniform(0.4, 0.7, (s, s, 3))  # a textured face
+    frames = np.repeat(skin[None], t, 0) * rng.uniform(0.97, 1.03, (t, s, s, 3))
+    frames[7] *= 1.3  # a brighter frame: exposure, not an occluder
+    # skin-toned, but not this skin: fingers and the shadows between them
+    hand = np.where((np.arange(12) // 2 % 2 == 0)[None, :, None], [0.85, 0.62, 0.5], [0.3, 0.2, 0.17])
+    covered = list(range(12, 16))
+    for k in covered:
+        frames[k, 6:16, 2:14] = hand
+    region = torch.zeros(s, s, dtype=torch.bool)
+    region[8:16, :] = True  # the lower face
+    image = torch.as_tensor(np.clip(frames * 255, 0, 255).round().astype(np.uint8))
+    clip = fine.ClipUV(image, torch.ones(t, s, s))
+    flags = fine.appearance_outlier_frames(clip, region, margin=0)
+    assert flags[covered].all() and flags.sum() == len(covered)
+    # widened by the margin on each side
+    wide = fine.appearance_outlier_frames(clip, region, margin=2)
+    assert np.array_equal(np.nonzero(wide)[0], np.arange(10, 18))
+    # texels that are not visible count for nothing: a frame whose region is all hidden
+    hidden = clip.trust.clone()
+    hidden[12:16, 8:16] = 0
+    assert not fine.appearance_outlier_frames(fine.ClipUV(image, hidden), region, margin=0)[12:16].any()
+    # the medians over reference frames only: a patch on 20 of 30 frames is the majority's
+    # look, yet it is found when the reference (the frames the visual confidence trusts)
+    # leaves those frames out
+    many = frames.copy()
+    for k in range(5, 25):
+        many[k, 6:16, 2:14] = hand
+    img2 = torch.as_tensor(np.clip(many * 255, 0, 255).round().astype(np.uint8))
+    ref = np.ones(t, bool)
+    ref[5:25] = False
+    found = fine.appearance_outlier_frames(fine.ClipUV(img2, torch.ones(t, s, s)), region, ref, margin=0)
+    assert found[5:25].all() and not found[ref].any()
+    # a clip whose lower face never looks the same twice has no usual look: nothing is flagged
+    wild = np.repeat(skin[None], t, 0) * rng.uniform(0.3, 1.7, (t, s, s, 3))
+    img3 = torch.as_tensor(np.clip(wild * 255, 0, 255).round().astype(np.uint8))
+    assert not fine.appearance_outlier_frames(fine.ClipUV(img3, torch.ones(t, s, s)), region, margin=0).any()
