@@ -114,6 +114,7 @@ def run_detail(frames, vertices: np.ndarray, model, intrinsics: np.ndarray, mout
     import torch
 
     from . import uvspace
+    from .confidence import OCCLUDED_BELOW
     from .fine import ClipUV, DetailEncoding, appearance_outlier_frames, unwrap_clip
     from .train.fine import FineAdaptConfig, adapt_clip
     from avface.models.fine import FineNetConfig
@@ -142,8 +143,6 @@ def run_detail(frames, vertices: np.ndarray, model, intrinsics: np.ndarray, mout
     # the stage's own occlusion evidence: a lower face that does not look like itself (a
     # skin-toned hand the visual confidence missed) is not detail, and is carried over
     lower = uvspace.interpolate(raster, faces, torch.as_tensor(weights, device=device).T[None])[0, ..., 0]
-    from .confidence import OCCLUDED_BELOW
-
     flagged = np.asarray(mouth_conf) < OCCLUDED_BELOW
     outliers = appearance_outlier_frames(clip, lower > 0.5, reference=~flagged & np.asarray(detected, bool))
     # a frame with something over the mouth teaches nothing anywhere (the occluder reaches
@@ -177,7 +176,8 @@ def run_detail(frames, vertices: np.ndarray, model, intrinsics: np.ndarray, mout
         "steps": cfg.steps, "train_frames": int(len(res.train_frames)), "held_out_frames": int(len(res.held_out)),
         "photo_residual_coarse": _finite(res.photo_residual_coarse),
         "photo_residual_detail": _finite(res.photo_residual_detail),
-        "detail_gain": _finite(res.detail_gain), "outlier_frames": int(outliers.sum()), "carried_frames": int(occluded.sum()), "mean_abs_mm": float(1000.0 * face.mean()),
+        "detail_gain": _finite(res.detail_gain), "outlier_frames": int(outliers.sum()),
+        "carried_frames": int(occluded.sum()), "mean_abs_mm": float(1000.0 * face.mean()),
         "max_abs_mm": float(1000.0 * face.max()), "audio": audio is not None, "seed": config.seed,
         "seconds": {"unwrap": t_unwrap, **{k: float(s) for k, s in res.phase_seconds.items()}},
         "start": "fresh network (no generic fine-stage checkpoint yet)",
