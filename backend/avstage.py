@@ -37,6 +37,10 @@ class NetworkRun:
     audio_frames: np.ndarray | None = None
     """(T,) bool: frames whose mouth the speech carried (not seen, speech active, and filled
     by the networks or the clip's audio readout rather than the straight line)."""
+    f_a: np.ndarray | None = None
+    """(T, 64) the (adapted) audio encoder's embedding per frame (:func:`audio_embedding`),
+    None without speech: the readout learned from it, and the fine stage takes it as its
+    audio channel."""
 
     @property
     def points(self) -> np.ndarray:
@@ -94,21 +98,22 @@ def run_networks(checkpoint, tracking, features, mouth_conf: np.ndarray, *, fov_
     with torch_seeded(config.seed):
         prediction = predict(networks, evidence, k, device=device)
     trusted = trusted_mouth(evidence, mouth_conf)
+    f_a = audio_embedding(networks, evidence, device)
     if config.adapt and video:
         if report:
             report(0.8, "adapting the fill")
-        prediction, meta["readout"] = _readout(networks, evidence, prediction, trusted, k, config, device)
+        prediction, meta["readout"] = _readout(networks, evidence, prediction, trusted, f_a, k, config, device)
     speaking = evidence.activity.numpy() > AUDIO_CARRIES_ABOVE
     straight = meta["readout"] is not None and meta["readout"]["choice"] == "interp"
     audio_frames = ~trusted & speaking & (not straight)
     meta["audio_frames"] = int(audio_frames.sum())
-    return NetworkRun(networks, evidence, prediction, meta, audio_frames)
+    return NetworkRun(networks, evidence, prediction, meta, audio_frames, f_a)
 
 
 def audio_embedding(networks, evidence, device: str = "cpu") -> np.ndarray | None:
     """(T, 64) float32 the audio encoder's f_a per frame, 0 where there is no speech
-    track; None for a clip without audio. The readout learns from it, and the fine stage
-    takes it as its audio channel."""
+    track; None for a clip without audio. Computed once per clip by :func:`run_networks`
+    (``NetworkRun.f_a``)."""
     import torch
 
     e = evidence.expression
@@ -129,10 +134,11 @@ def trusted_mouth(evidence, mouth_conf: np.ndarray) -> np.ndarray:
     return usable & (np.asarray(mouth_conf, np.float64) >= OCCLUDED_BELOW)
 
 
-def _readout(networks, evidence, prediction, trusted: np.ndarray, k: np.ndarray, config: NetworksStageConfig,
-             device: str):
+def _readout(networks, evidence, prediction, trusted: np.ndarray, f_a: np.ndarray | None, k: np.ndarray,
+             config: NetworksStageConfig, device: str):
     """The prediction with the frames that are not ``trusted`` (T,) filled as the clip's own
-    closed-form adaptation chooses (avface.train.readout), and the record for meta."""
+    closed-form adaptation chooses (avface.train.readout) from the audio embedding ``f_a``,
+    and the record for meta."""
     import torch
 
     from .evidence import landmarks_from_offsets
@@ -141,7 +147,6 @@ def _readout(networks, evidence, prediction, trusted: np.ndarray, k: np.ndarray,
 
     e = {name: v.to(device) for name, v in evidence.expression.items()}
     net = networks.expression.to(device).eval()
-    f_a = audio_embedding(networks, evidence, device)
 
     def network(hidden: np.ndarray) -> np.ndarray:
         seen = torch.as_tensor(trusted & ~hidden, dtype=torch.float32, device=device)

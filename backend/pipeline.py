@@ -134,7 +134,7 @@ def reconstruct(
     if options.preview:
         with run.stage("preview"):
             _preview(inputs, fit, arrays["occluded"], out_dir, run, net.audio_frames if net is not None else None,
-                     detail=detail, lips=lips, device=options.device)
+                     detail=detail, device=options.device)
         # record the preview's time too
         meta["stage_seconds"] = run.seconds
         meta["stages_run"] = meta["stages_run"] + ["preview"]
@@ -240,10 +240,10 @@ def _detail(inputs: _Inputs, tracking: Tracking, fit: CoarseFit, lips, conf: np.
             options: ReconstructOptions, run: _Run):
     """The fine stage on the final (coarse + lips) mesh, with the networks' f_a as its audio
     channel when they ran; None when no frame has a face texel to learn from."""
-    from .avstage import audio_embedding, vertices_with_lips
+    from .avstage import vertices_with_lips
     from .detail import run_detail
 
-    audio = audio_embedding(net.networks, net.evidence, options.device) if net is not None else None
+    audio = net.f_a if net is not None else None
     frames = media.iter_frames(inputs.info, inputs.start, inputs.start + tracking.n_frames)
     return run_detail(frames, vertices_with_lips(fit, lips), fit.model, fit.intrinsics, conf, tracking.detected, audio,
                       options.fine, device=options.device, report=run.progress_of("detail"),
@@ -272,16 +272,14 @@ def _assemble(inputs: _Inputs, tracking: Tracking, features, fit: CoarseFit, met
 
 
 def _preview(inputs: _Inputs, fit: CoarseFit, occluded: np.ndarray, out_dir: Path, run: _Run,
-             audio_frames: np.ndarray | None = None, *, detail=None, lips=None, device: str = "cpu") -> None:
+             audio_frames: np.ndarray | None = None, *, detail=None, device: str = "cpu") -> None:
     from .preview import write_preview
 
     panel = None
     if detail is not None:
-        from .avstage import vertices_with_lips
         from .detail import detail_panels
 
-        panel = detail_panels(vertices_with_lips(fit, lips), fit.model, fit.intrinsics,
-                              (inputs.info.height, inputs.info.width), detail, device)
+        panel = detail_panels(detail, fit.model, fit.intrinsics, (inputs.info.height, inputs.info.width), device)
     own_track = inputs.audio_source == str(inputs.video)
     write_preview(inputs.info, inputs.start, fit, occluded, out_dir / "preview.mp4", audio=inputs.audio_source,
                   audio_frames=audio_frames, detail_panel=panel,

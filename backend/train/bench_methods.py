@@ -118,7 +118,6 @@ DETAIL_VARIANTS = ("clean", "hand")
 def _detail_figures(inp: MethodInput, fit, vertices: np.ndarray, net):
     """The fine stage on one variant's frames, as reconstruct --detail runs it."""
     from avface import media
-    from avface.avstage import audio_embedding
     from avface.bench.metrics import DetailFigures
     from avface.config import DetailStageConfig
     from avface.detail import mouth_texels, run_detail
@@ -126,7 +125,7 @@ def _detail_figures(inp: MethodInput, fit, vertices: np.ndarray, net):
     info = media.probe(inp.video)
     frames = media.iter_frames(info, 0, len(vertices))
     run = run_detail(frames, vertices, fit.model, fit.intrinsics, inp.visual_conf, inp.tracking.detected,
-                     audio_embedding(net.networks, net.evidence), DetailStageConfig())
+                     net.f_a, DetailStageConfig())
     if run is None:
         return None
     return DetailFigures(run.displacement, mouth_texels(run.raster, fit.model), run.adapt.photo_residual_coarse,
