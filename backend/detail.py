@@ -35,17 +35,22 @@ PAD_TEXELS = 4
 """Gutter around the UV islands of the written maps (``uvspace.pad_maps``)."""
 
 
-def lower_face_weights(rest: np.ndarray, lip_ids) -> np.ndarray:
-    """(1, V) float32 in [0, 1]: how much each vertex of the rest shape (V, 3) belongs to the
-    lower face, by its distance from the lips' centre in mouth widths. Any topology: only the
-    lip vertices need be known."""
+def mouth_distance(rest: np.ndarray, lip_ids) -> np.ndarray:
+    """(V,) each vertex's distance from the lips' centre on the rest shape (V, 3), in mouth
+    widths (the lips' extent across the face). Any topology: only the lip vertices need be
+    known."""
     rest = np.asarray(rest, np.float64)
     lips = rest[np.asarray(lip_ids, int)]
-    centre = lips.mean(0)
     width = np.ptp(lips[:, 0])
     if width <= 0:
-        raise ValueError("the lip vertices have no width: cannot place the lower face")
-    d = np.linalg.norm(rest - centre, axis=1) / width
+        raise ValueError("the lip vertices have no width: cannot place the mouth")
+    return np.linalg.norm(rest - lips.mean(0), axis=1) / width
+
+
+def lower_face_weights(rest: np.ndarray, lip_ids) -> np.ndarray:
+    """(1, V) float32 in [0, 1]: how much each vertex of the rest shape (V, 3) belongs to the
+    lower face, by its :func:`mouth_distance`."""
+    d = mouth_distance(rest, lip_ids)
     w = np.clip((LOWER_FACE_OUTER - d) / (LOWER_FACE_OUTER - LOWER_FACE_INNER), 0.0, 1.0)
     return w[None].astype(np.float32)
 
@@ -63,9 +68,7 @@ def mouth_texels(raster, model, radius: float = MOUTH_RADIUS) -> np.ndarray:
 
     from . import uvspace
 
-    rest = np.asarray(model.neutral_vertices(None), np.float64)
-    lips = rest[np.asarray(model.lip_vertex_ids, int)]
-    d = np.linalg.norm(rest - lips.mean(0), axis=1) / np.ptp(lips[:, 0])
+    d = mouth_distance(model.neutral_vertices(None), model.lip_vertex_ids)
     texel_d = uvspace.interpolate(raster, np.asarray(model.faces), torch.as_tensor(d, dtype=torch.float32)[None, :, None],
                                   fill=np.inf)[0, ..., 0].numpy()
     return raster.mask & (texel_d <= radius)
@@ -97,6 +100,9 @@ class DetailRun:
     """The :class:`~avface.train.fine.FineAdaptResult` (network, albedo, light, residuals)."""
     meta: dict
     """The record for ``meta.detail`` besides the encoding."""
+    vertices: np.ndarray
+    """(T, V, 3) the camera-frame mesh the maps were made against (coarse + lips): D is
+    along its normals."""
 
 
 def run_detail(frames, vertices: np.ndarray, model, intrinsics: np.ndarray, mouth_conf: np.ndarray,
@@ -108,7 +114,7 @@ def run_detail(frames, vertices: np.ndarray, model, intrinsics: np.ndarray, mout
     frames: the clip's (H, W, 3) uint8 RGB frames in order (``media.iter_frames``);
     vertices: (T, V, 3) the result's camera-frame coarse + lips mesh; mouth_conf: (T,) the
     visual confidence of the mouth (the lower face's texels get it); detected: (T,) bool;
-    audio: (T, 64) the audio encoder's f_a (``avstage.audio_embedding``), or None. Returns
+    audio: (T, 64) the audio encoder's f_a (``NetworkRun.f_a``), or None. Returns
     None, with a warning, when no frame has a texel to learn from (a face never seen).
     """
     import torch
@@ -186,7 +192,7 @@ def run_detail(frames, vertices: np.ndarray, model, intrinsics: np.ndarray, mout
              "%.1f s", n, size, res.photo_residual_coarse, res.photo_residual_detail, res.detail_gain,
              meta["mean_abs_mm"], time.perf_counter() - t0)
     report(1.0, "done")
-    return DetailRun(maps, enc, raster, res, meta)
+    return DetailRun(maps, enc, raster, res, meta, np.asarray(vertices, np.float32))
 
 
 def _finite(x: float) -> float | None:
@@ -194,14 +200,13 @@ def _finite(x: float) -> float | None:
 
 
 def clear_detail(out_dir: Path) -> None:
-    """Remove the maps an earlier job left in ``out_dir/detail``: a result must never be read
-    with another run's maps."""
-    from .fine import DETAIL_DIR
+    """Remove the maps an earlier job left in ``out_dir/detail`` (every file the result's
+    validator would count, ``fine.detail_files``): a result must never be read with another
+    run's maps."""
+    from .fine import detail_files
 
-    folder = Path(out_dir) / DETAIL_DIR
-    if folder.is_dir():
-        for p in folder.glob("frame_*.png"):
-            p.unlink()
+    for p in detail_files(out_dir):
+        p.unlink()
 
 
 def write_detail(out_dir: Path, run: DetailRun) -> dict:
@@ -214,9 +219,9 @@ def write_detail(out_dir: Path, run: DetailRun) -> dict:
     return {**run.encoding.to_meta(), **run.meta}
 
 
-def detail_panels(vertices: np.ndarray, model, intrinsics: np.ndarray, image_size: tuple[int, int], run: DetailRun,
+def detail_panels(run: DetailRun, model, intrinsics: np.ndarray, image_size: tuple[int, int],
                   device: str = "cpu") -> Callable[[int], np.ndarray]:
-    """frame -> (H, W, 3) uint8: the mesh shaded grey with the detail's normals, the
+    """frame -> (H, W, 3) uint8: the run's mesh shaded grey with the detail's normals, the
     preview's second panel."""
     import torch
 
@@ -225,7 +230,7 @@ def detail_panels(vertices: np.ndarray, model, intrinsics: np.ndarray, image_siz
     faces = np.asarray(model.faces)
 
     def panel(i: int) -> np.ndarray:
-        v = torch.as_tensor(np.asarray(vertices[i], np.float32), device=device)
+        v = torch.as_tensor(run.vertices[i], device=device)
         d = torch.as_tensor(run.displacement[i], device=device)
         return shaded_detail_panel(v, faces, run.raster, intrinsics, image_size, d)
 

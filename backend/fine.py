@@ -469,17 +469,17 @@ def read_detail_map(path, encoding: DetailEncoding) -> np.ndarray:
     return encoding.decode(values)
 
 
-def detail_files(out_dir, encoding: DetailEncoding) -> list[Path]:
-    """The maps of a result folder in frame order (sorted by name, as the add-on and the
-    exporters read them)."""
-    folder = Path(out_dir) / encoding.folder
-    return sorted(folder.glob("*.png")) if folder.is_dir() else []
+def detail_files(out_dir, folder: str = DETAIL_DIR) -> list[Path]:
+    """The maps in a result folder's ``folder`` (meta.detail's), in frame order (sorted by
+    name, as the add-on and the exporters read them)."""
+    path = Path(out_dir) / folder
+    return sorted(path.glob("*.png")) if path.is_dir() else []
 
 
 def check_detail_maps(out_dir, encoding: DetailEncoding, n_frames: int) -> None:
     """Validate a result's detail maps: one per frame, no more, each a 16-bit greyscale PNG at
     the stated size. SchemaError says what is wrong."""
-    found = detail_files(out_dir, encoding)
+    found = detail_files(out_dir, encoding.folder)
     if encoding.n_maps != n_frames or len(found) != n_frames:
         raise SchemaError(f"{Path(out_dir) / encoding.folder}: expected {n_frames} maps (one per frame), meta says "
                           f"{encoding.n_maps} and the folder holds {len(found)}")
