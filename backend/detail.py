@@ -108,14 +108,16 @@ class DetailRun:
 def run_detail(frames, vertices: np.ndarray, model, intrinsics: np.ndarray, mouth_conf: np.ndarray,
                detected: np.ndarray, audio: np.ndarray | None, config: DetailStageConfig = DetailStageConfig(), *,
                device: str = "cpu", report: Callable[[float, str], None] | None = None,
-               should_cancel: Callable[[], bool] | None = None) -> DetailRun | None:
+               should_cancel: Callable[[], bool] | None = None, start=None) -> DetailRun | None:
     """The fine stage on one clip.
 
     frames: the clip's (H, W, 3) uint8 RGB frames in order (``media.iter_frames``);
     vertices: (T, V, 3) the result's camera-frame coarse + lips mesh; mouth_conf: (T,) the
     visual confidence of the mouth (the lower face's texels get it); detected: (T,) bool;
-    audio: (T, 64) the audio encoder's f_a (``NetworkRun.f_a``), or None. Returns
-    None, with a warning, when no frame has a texel to learn from (a face never seen).
+    audio: (T, 64) the audio encoder's f_a (``NetworkRun.f_a``), or None; start: the
+    checkpoint's generic :class:`~avface.models.fine.DetailNet` (``AVFaceNetworks.fine``) to
+    adapt a copy of, or None for a fresh, seeded network. Returns None, with a warning, when
+    no frame has a texel to learn from (a face never seen).
     """
     import torch
 
@@ -158,8 +160,14 @@ def run_detail(frames, vertices: np.ndarray, model, intrinsics: np.ndarray, mout
         drop = torch.as_tensor(occluded, device=clip.trust.device)
         clip = ClipUV(clip.image, torch.where(drop[:, None, None], torch.zeros_like(clip.trust), clip.trust))
     t_unwrap = time.perf_counter() - t0
+    net = None
+    if start is not None:
+        import copy
+
+        net = copy.deepcopy(start).to(device)
     cfg = FineAdaptConfig(steps=config.steps, batch=config.batch, holdout_stride=config.holdout_stride,
-                          max_train_frames=config.train_frames, seed=config.seed, net=FineNetConfig())
+                          max_train_frames=config.train_frames, seed=config.seed,
+                          net=net.cfg if net is not None else FineNetConfig())
     a = None if audio is None else torch.as_tensor(np.asarray(audio, np.float32), device=device)
     mirror = uvspace.mirror_texels(raster, faces, symmetric_rest(model))
 
@@ -169,7 +177,7 @@ def run_detail(frames, vertices: np.ndarray, model, intrinsics: np.ndarray, mout
         report(0.25 + 0.7 * fraction, "adapting the detail network")
 
     try:
-        res = adapt_clip(clip, v, faces, raster, a, cfg, mirror=mirror, progress=progress)
+        res = adapt_clip(clip, v, faces, raster, a, cfg, net=net, mirror=mirror, progress=progress)
     except ValueError as e:
         if "no frame has a trusted texel" not in str(e):
             raise
@@ -186,7 +194,7 @@ def run_detail(frames, vertices: np.ndarray, model, intrinsics: np.ndarray, mout
         "carried_frames": int(occluded.sum()), "mean_abs_mm": float(1000.0 * face.mean()),
         "max_abs_mm": float(1000.0 * face.max()), "audio": audio is not None, "seed": config.seed,
         "seconds": {"unwrap": t_unwrap, **{k: float(s) for k, s in res.phase_seconds.items()}},
-        "start": "fresh network (no generic fine-stage checkpoint yet)",
+        "start": "generic (the checkpoint's fine part)" if start is not None else "fresh network",
     }
     log.info("detail: %d maps of %d^2, held-out photometric residual %.2f -> %.2f (gain %.2f), mean |D| %.2f mm, "
              "%.1f s", n, size, res.photo_residual_coarse, res.photo_residual_detail, res.detail_gain,

@@ -239,7 +239,8 @@ def _fit(model, tracking: Tracking, conf: np.ndarray, options: ReconstructOption
 def _detail(inputs: _Inputs, tracking: Tracking, fit: CoarseFit, lips, conf: np.ndarray, net: NetworkRun | None,
             options: ReconstructOptions, run: _Run):
     """The fine stage on the final (coarse + lips) mesh, with the networks' f_a as its audio
-    channel when they ran; None when no frame has a face texel to learn from."""
+    channel and their generic fine part as its start when they ran; None when no frame has a
+    face texel to learn from."""
     from .avstage import vertices_with_lips
     from .detail import run_detail
 
@@ -247,7 +248,7 @@ def _detail(inputs: _Inputs, tracking: Tracking, fit: CoarseFit, lips, conf: np.
     frames = media.iter_frames(inputs.info, inputs.start, inputs.start + tracking.n_frames)
     return run_detail(frames, vertices_with_lips(fit, lips), fit.model, fit.intrinsics, conf, tracking.detected, audio,
                       options.fine, device=options.device, report=run.progress_of("detail"),
-                      should_cancel=run.should_cancel)
+                      should_cancel=run.should_cancel, start=net.networks.fine if net is not None else None)
 
 
 def _assemble(inputs: _Inputs, tracking: Tracking, features, fit: CoarseFit, metrics: dict, conf: np.ndarray,

@@ -64,6 +64,9 @@ class AVFaceNetworks(nn.Module):
         self.pose = PoseEncoder(config.pose)
         self.expression = ExpressionNet(config.expression)
         self.lips = LipSiren(config.lips)
+        #: The fine stage's generic detail network (:class:`avface.models.fine.DetailNet`),
+        #: which per-clip adaptation starts from; None in a checkpoint without that part.
+        self.fine = None
 
     def lip_offsets(self, positions: torch.Tensor, phones: torch.Tensor, mel: torch.Tensor,
                     audio_present: torch.Tensor, activity: torch.Tensor) -> torch.Tensor:
@@ -138,8 +141,11 @@ def save_checkpoint(path: str | Path, networks: AVFaceNetworks, meta: dict | Non
     configs = config_to_dict(networks.config)
     meta = dict(meta or {})
     json.dumps(meta)  # fail here, not in a reader, on something that is not JSON
+    parts = ("pose", "expression", "lips") + (("fine",) if networks.fine is not None else ())
+    if networks.fine is not None:
+        configs["fine"] = config_to_dict(networks.fine.cfg)
     state = {name: {k: v.detach().to("cpu").clone() for k, v in getattr(networks, name).state_dict().items()}
-             for name in ("pose", "expression", "lips")}
+             for name in parts}
     digest = _digest(configs, meta, state)
     payload = {"format": FORMAT, "format_version": FORMAT_VERSION, "configs": json.dumps(configs),
                "meta": json.dumps(meta), "state": state, "sha256": digest}
@@ -167,12 +173,15 @@ class Checkpoint:
 #: The checkpoint that ships with the project, trained on the synthetic corpus only (nothing
 #: it learned comes from clips the project may not redistribute), pinned by size and hash.
 DEFAULT_CHECKPOINT = Path(__file__).with_name("weights") / "avface_networks.pt"
-DEFAULT_SIZE = 5849802
-DEFAULT_SHA256 = "daca45de5136d61d8c2e2b1923e9fe8a8be4843ad976cd667ccdcb10f905b71e"
+DEFAULT_SIZE = 6629242
+DEFAULT_SHA256 = "1d6b55dd0d467ede7de0eee6fc82e54d38f1a3d0fb1e8aa91c609352ef10c467"
 #: The one command that reproduces it (docs/networks.md, "The default checkpoint").
 DEFAULT_REBUILD = ("python -m avface.train.synthetic -o out/synth-corpus --clips 100 --seed 1 && "
                    "python -m avface.train out/synth-corpus -o models/weights/avface_networks.pt "
-                   "--steps 6000 --batch 32 --threads 1 -q")
+                   "--steps 6000 --batch 32 --threads 1 -q && "
+                   "python -m avface.train.synthetic -o out/detail-corpus --clips 24 --seed 2 --size 512 --duration 4 "
+                   "--detail && python -m avface.train.fine_generic out/detail-corpus "
+                   "--networks models/weights/avface_networks.pt -o models/weights/avface_networks.pt")
 
 
 def load_default_checkpoint(*, device: str | torch.device = "cpu") -> Checkpoint:
@@ -225,10 +234,17 @@ def load_checkpoint(path: str | Path, *, device: str | torch.device = "cpu", exp
     if _digest(configs, meta, state) != stored:
         fail("fails its content check (SHA-256 of configs and weights): it is damaged")
     try:
+        configs = dict(configs)
+        fine_config = configs.pop("fine", None)
         config = config_from_dict(NetworksConfig, configs)
         networks = AVFaceNetworks(config)
         for name in ("pose", "expression", "lips"):
             getattr(networks, name).load_state_dict(state[name], strict=True)
+        if fine_config is not None:  # the fine stage's generic part (a checkpoint may lack it)
+            from .fine import DetailNet, FineNetConfig
+
+            networks.fine = DetailNet(config_from_dict(FineNetConfig, fine_config))
+            networks.fine.load_state_dict(state["fine"], strict=True)
     except (TypeError, ValueError, KeyError, RuntimeError) as e:
         fail(f"does not match this backend's networks ({e})", e)
     networks.to(device).eval()

@@ -22,15 +22,22 @@ from .occluder import OCCLUDED_MIN_FRACTION, Hand, draw_hand, make_hand, occlude
 from .renderer import SUPERSAMPLE
 from .scene import Scene
 from .speech import AUDIO_RATE_HZ, default_text, place_speech
+from .wrinkles import Wrinkles, make_wrinkles
+
+#: The skin detail's ground truth beside a clip rendered with ``detail=True``.
+DETAIL_GT_NAME = "demo_detail.npz"
+DETAIL_GT_SIZE = 256
+"""Side of the ground-truth height maps in ``demo_detail.npz`` (the fine stage's CPU map size)."""
 
 log = logging.getLogger(__name__)
 
 
 def _render_frames(scene: Scene, anim: Animation, verts_cam: np.ndarray, fps: float,
                   hand: Hand | None, timings: list | None = None,
-                  coverage: np.ndarray | None = None) -> Iterator[np.ndarray]:
+                  coverage: np.ndarray | None = None, wrinkles: Wrinkles | None = None) -> Iterator[np.ndarray]:
     """Yield (H, W, 3) uint8 RGB frames; fills ``coverage[t]`` with the fraction of the lips
-    under the hand and appends per-frame render seconds to ``timings``."""
+    under the hand and appends per-frame render seconds to ``timings``; ``wrinkles`` shades
+    the face's skin detail."""
     from avface.topology import LIPS_LOWER_OUTER, LIPS_UPPER_OUTER
 
     r = scene.renderer
@@ -39,7 +46,9 @@ def _render_frames(scene: Scene, anim: Animation, verts_cam: np.ndarray, fps: fl
     for k in range(len(verts_cam)):
         t0 = time.perf_counter()
         v = verts_cam[k]
-        img = r.render(scene.layers(k, anim, v), scene.background, scene.face.texture, scene.eye, scene.light)
+        bump = None if wrinkles is None else wrinkles.gradient(anim.expression[k])
+        img = r.render(scene.layers(k, anim, v, tangents=bump is not None), scene.background, scene.face.texture,
+                       scene.eye, scene.light, bump=bump)
         if hand is not None:
             xy = r.project(v.astype(np.float64))
             mouth = xy[lip_ring].mean(0)
@@ -141,7 +150,7 @@ def _prepare(seed: int, duration_s: float, fps: float, size: int, text: str | No
 def make_demo_clip(out_dir, *, seed: int = 0, duration_s: float = 6.0, fps: float = 25, size: int = 512,
                    text: str | None = None, occluder: bool = True,
                    occluder_span_s: tuple[float, float] | None = None,
-                   supersample: int = SUPERSAMPLE) -> SynthClip:
+                   supersample: int = SUPERSAMPLE, detail: bool = False) -> SynthClip:
     """Render the synthetic talking-face clip into ``out_dir``: ``demo.mp4`` (H.264 video
     with the speech as AAC), ``demo.wav`` (16 kHz mono) and ``demo_gt.npz`` (ground truth,
     read back with :func:`load_demo_gt`). Same arguments, same clip: the ground truth and
@@ -149,7 +158,10 @@ def make_demo_clip(out_dir, *, seed: int = 0, duration_s: float = 6.0, fps: floa
 
     ``text`` defaults to English sentences that fill the clip; speech starts after
     LEAD_SILENCE_S. With ``occluder`` a hand slides over the mouth for OCCLUDER_SPAN_S
-    (seeded, while someone speaks) or over ``occluder_span_s``.
+    (seeded, while someone speaks) or over ``occluder_span_s``. With ``detail`` the skin has
+    folds and wrinkles (:mod:`.wrinkles`, from a random stream of their own: nothing else in
+    the clip changes) and ``demo_detail.npz`` holds their height maps at DETAIL_GT_SIZE^2:
+    ``static`` (S, S) and ``dynamic`` (E, S, S) metres, height = static + expression @ dynamic.
     """
     from avface import media
 
@@ -163,7 +175,16 @@ def make_demo_clip(out_dir, *, seed: int = 0, duration_s: float = 6.0, fps: floa
     wav_path = media.write_wav(out_dir / WAV_NAME, p.wave, AUDIO_RATE_HZ)
     coverage = np.zeros(p.n_frames, np.float32)
     timings: list[float] = []
-    frames = _render_frames(p.scene, p.anim, p.gt, fps, p.hand, timings, coverage)
+    wrinkles = None
+    if detail:
+        wrinkles = make_wrinkles(np.random.default_rng([int(seed), 7]), p.face.uv, len(EXPRESSION_NAMES),
+                                 EXPRESSION_NAMES)
+        static, dynamic = wrinkles.resized(DETAIL_GT_SIZE)
+        np.savez_compressed(out_dir / DETAIL_GT_NAME, static=static.astype(np.float32),
+                            dynamic=dynamic.astype(np.float32), expression_names=np.array(EXPRESSION_NAMES))
+    elif (out_dir / DETAIL_GT_NAME).exists():
+        (out_dir / DETAIL_GT_NAME).unlink()
+    frames = _render_frames(p.scene, p.anim, p.gt, fps, p.hand, timings, coverage, wrinkles)
     video_path = media.write_video(frames, out_dir / VIDEO_NAME, fps, audio=wav_path)
     occluded = coverage >= OCCLUDED_MIN_FRACTION
     clip = SynthClip(

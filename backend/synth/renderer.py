@@ -20,7 +20,7 @@ M_GOURAUD, M_FACE, M_EYE, M_FLAT = 0, 1, 2, 3
 class Layer:
     verts: np.ndarray  # (N, 3) camera frame
     faces: np.ndarray  # (F, 3) CCW seen from outside / front
-    attrs: np.ndarray  # (N, 5): lit colour or normal (3), u, v
+    attrs: np.ndarray  # (N, 5): lit colour or normal (3), u, v; a bumped face adds dP/du, dP/dv (N, 11)
     material: int
     cull: bool = True
 
@@ -72,8 +72,10 @@ class Renderer:
         return uvw[:, :2] / uvw[:, 2:3]
 
     def render(self, layers: list[Layer], background: np.ndarray, texture: np.ndarray, eye: dict,
-               light: Light) -> np.ndarray:
-        """Linear RGB (H*s, W*s, 3) float32."""
+               light: Light, bump: np.ndarray | None = None) -> np.ndarray:
+        """Linear RGB (H*s, W*s, 3) float32. ``bump``: (S, S, 3) the face's height gradient in
+        UV space (dH/du, dH/dv, 0; :meth:`.wrinkles.Wrinkles.gradient`), which tilts the
+        face's normals; its layer then carries dP/du and dP/dv after the UVs."""
         ids = np.full((self.h, self.w), -1, np.int32)
         all_xy, all_attr, all_faces, all_mat = [], [], [], []
         offset_v = offset_f = 0
@@ -98,7 +100,8 @@ class Renderer:
             offset_v += len(xy)
             offset_f += len(f)
         xy = np.concatenate(all_xy).astype(np.float64)
-        attrs = np.concatenate(all_attr).astype(np.float64)
+        width = max(a.shape[1] for a in all_attr)  # layers without tangents get zeros there
+        attrs = np.concatenate([np.pad(a, ((0, 0), (0, width - a.shape[1]))) for a in all_attr]).astype(np.float64)
         faces = np.concatenate(all_faces)
         mats = np.concatenate(all_mat)
 
@@ -150,11 +153,19 @@ class Renderer:
             sel = np.flatnonzero(mat == m)
             if sel.size == 0:
                 continue
-            a = interpolate(sel, 5)
+            bumped = m == M_FACE and bump is not None
+            a = interpolate(sel, 11 if bumped else 5)
             n = a[:, :3]
             n /= np.maximum(np.sqrt(n[:, 0] * n[:, 0] + n[:, 1] * n[:, 1] + n[:, 2] * n[:, 2]), 1e-9)[:, None]
+            if bumped:
+                from .wrinkles import bump_normals
+
+                grad = _sample(bump, a[:, 3] * bump.shape[1] - 0.5, (1.0 - a[:, 4]) * bump.shape[0] - 0.5)
+                n = bump_normals(n, a[:, 5:8], a[:, 8:11], grad[:, :2]).astype(np.float32)
             if m == M_FACE:
                 albedo = _sample(texture, a[:, 3] * texture.shape[1] - 0.5, (1.0 - a[:, 4]) * texture.shape[0] - 0.5)
+                if bumped:  # a crease's floor gets less light
+                    albedo = albedo * (1.0 - grad[:, 2:3])
                 out[sel] = shade(albedo, n, light, spec=0.06, shininess=18.0)
             else:
                 out[sel] = shade(_eye_albedo(a[:, 3], eye), n, light, spec=0.9, shininess=120.0, wrap=0.1)

@@ -184,7 +184,9 @@ class Scene:
             return q @ Rc.T + tc
         return f
 
-    def layers(self, k: int, anim: Animation, verts_cam: np.ndarray) -> list[Layer]:
+    def layers(self, k: int, anim: Animation, verts_cam: np.ndarray, tangents: bool = False) -> list[Layer]:
+        """The frame's layers, back to front; ``tangents``: the face's layer carries dP/du and
+        dP/dv too, for a bump map (``Renderer.render(bump=...)``)."""
         R = Rotation.from_rotvec(anim.global_orient[k].astype(np.float64)).as_matrix()
         Rj = Rotation.from_rotvec(anim.jaw_pose[k].astype(np.float64)).as_matrix()
         tr = anim.transl[k].astype(np.float64)
@@ -240,7 +242,12 @@ class Scene:
         out.append(_teeth_layer(head(self.teeth_upper), tooth_n, self.teeth_albedo * 0.85, self.teeth_faces, R, Rc, light))
         # the face
         n_face = self.normals_face(verts_cam)
-        attrs = np.concatenate([n_face, self.face.uv], 1).astype(np.float32)
+        attrs = [n_face, self.face.uv]
+        if tangents:
+            from .wrinkles import vertex_tangents
+
+            attrs += list(vertex_tangents(verts_cam.astype(np.float64), self.face.faces, self.face.uv.astype(np.float64)))
+        attrs = np.concatenate(attrs, 1).astype(np.float32)
         out.append(Layer(verts_cam.astype(np.float32), self.face.faces, attrs, M_FACE, True))
         return out
 

@@ -125,7 +125,7 @@ def _detail_figures(inp: MethodInput, fit, vertices: np.ndarray, net):
     info = media.probe(inp.video)
     frames = media.iter_frames(info, 0, len(vertices))
     run = run_detail(frames, vertices, fit.model, fit.intrinsics, inp.visual_conf, inp.tracking.detected,
-                     net.f_a, DetailStageConfig())
+                     net.f_a, DetailStageConfig(), start=net.networks.fine)
     if run is None:
         return None
     return DetailFigures(run.displacement, mouth_texels(run.raster, fit.model), run.adapt.photo_residual_coarse,

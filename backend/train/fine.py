@@ -100,7 +100,8 @@ def _split(n_frames: int, stride: int) -> tuple[np.ndarray, np.ndarray]:
 
 def adapt_clip(clip: ClipUV, vertices: torch.Tensor, faces, raster: uvspace.UVRaster, audio: torch.Tensor | None,
                cfg: FineAdaptConfig = FineAdaptConfig(), *, net: DetailNet | None = None,
-               mirror: tuple[np.ndarray, np.ndarray] | None = None, progress=None) -> FineAdaptResult:
+               mirror: tuple[np.ndarray, np.ndarray] | None = None, progress=None,
+               shading_fit: tuple[torch.Tensor, torch.Tensor] | None = None, predict: bool = True) -> FineAdaptResult:
     """Fit the fine stage to one clip.
 
     clip: the unwrapped frames (:func:`avface.fine.unwrap_clip`); vertices: (T, V, 3) the
@@ -108,6 +109,9 @@ def adapt_clip(clip: ClipUV, vertices: torch.Tensor, faces, raster: uvspace.UVRa
     ``audio_dim``), or None for silence; net: a network to start from (the generic
     checkpoint's), else a fresh one; mirror: :func:`avface.uvspace.mirror_texels` of the
     model, or None for no symmetry term. ``progress(fraction)`` is called now and then.
+    shading_fit: (albedo, sh) of an earlier call on the same clip (the result's), to skip
+    the shading fit; predict: False skips the prediction of every frame (training on a
+    corpus, :mod:`avface.train.fine_generic`): the result's displacement is then empty.
     """
     t0 = time.perf_counter()
     n_frames = clip.image.shape[0]
@@ -155,6 +159,18 @@ def adapt_clip(clip: ClipUV, vertices: torch.Tensor, faces, raster: uvspace.UVRa
 
     phases: dict[str, float] = {}
     tp = time.perf_counter()
+    if shading_fit is not None:
+        albedo, sh = (t.to(device) for t in shading_fit)
+    else:
+        albedo, sh = _fit_clip_shading(clip, train, trusted, geometry, cfg, size, n_frames, device)
+    phases["shading"] = time.perf_counter() - tp
+    return _train_and_predict(clip, vertices, raster, audio, cfg, net, albedo, sh, trust_all, trusted, covered,
+                              candidates, usable_frame, train, held, mirror_idx, mirror_ok, geometry, phases, t0,
+                              progress, predict)
+
+
+def _fit_clip_shading(clip, train, trusted, geometry, cfg, size, n_frames, device):
+    """(albedo (S, S, 3), sh (T, 9, 3)): the clip's albedo and every frame's light."""
     # 1. the clip's albedo and light, on coarse normals, from training frames only
     sfr = train[np.linspace(0, len(train) - 1, min(cfg.shading_frames, len(train))).round().astype(int)]
     _, n_s = geometry(sfr)
@@ -169,8 +185,15 @@ def adapt_clip(clip: ClipUV, vertices: torch.Tensor, faces, raster: uvspace.UVRa
         _, n_c = geometry(idx)
         sh[idx] = shading.fit_lighting(clip.frames(torch.as_tensor(idx)).to(device), albedo, n_c, trusted[torch.as_tensor(idx, device=device)],
                                        prior=clip_light, prior_weight=shading.LIGHT_TIE)
+    return albedo, sh
 
-    phases["shading"] = time.perf_counter() - tp
+
+def _train_and_predict(clip, vertices, raster, audio, cfg, net, albedo, sh, trust_all, trusted, covered, candidates,
+                       usable_frame, train, held, mirror_idx, mirror_ok, geometry, phases, t0, progress, predict):
+    device = vertices.device
+    n_frames = clip.image.shape[0]
+    size = raster.size
+    min_trust = cfg.loss.min_trust
     tp = time.perf_counter()
     # 2. train. The shading-implied normals depend only on the frame, the albedo and the
     # light, all fixed while training: solved once per frame on first use, kept as float16.
@@ -214,6 +237,9 @@ def adapt_clip(clip: ClipUV, vertices: torch.Tensor, faces, raster: uvspace.UVRa
             progress(0.9 * step / max(cfg.steps, 1))
 
     phases["train"] = time.perf_counter() - tp
+    if not predict:
+        return FineAdaptResult(np.zeros((0, size, size), np.float32), net, albedo, sh, train, held, losses,
+                               seconds=time.perf_counter() - t0, phase_seconds=phases)
     tp = time.perf_counter()
     # 3. predict every frame, carry D over what was not trusted, measure the held-out frames
     net.eval()

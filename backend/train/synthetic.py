@@ -57,9 +57,11 @@ def random_text(rng: np.random.Generator, duration_s: float) -> str:
 
 
 def make_corpus(out_dir: str | Path, n_clips: int, *, seed: int = 0, duration_s: float = 6.0, size: int = 256,
-                p_hand: float = 0.5, progress: Callable[[int, int], None] | None = None) -> Path:
+                p_hand: float = 0.5, detail: bool = False, progress: Callable[[int, int], None] | None = None) -> Path:
     """Render ``n_clips`` synthetic clips into ``out_dir`` (clips already there are kept) and
-    write its ``manifest.json``; returns the manifest's path."""
+    write its ``manifest.json``; returns the manifest's path. ``detail``: the faces have skin
+    detail (folds, wrinkles; :mod:`avface.synth.wrinkles`) and each clip its height maps, the
+    corpus of the fine stage's generic network (:mod:`avface.train.fine_generic`)."""
     from avface.synth import make_demo_clip
 
     if n_clips < 1:
@@ -75,11 +77,12 @@ def make_corpus(out_dir: str | Path, n_clips: int, *, seed: int = 0, duration_s:
         hand = bool(rng.random() < p_hand)
         text = random_text(rng, duration_s)
         if not video.is_file():
-            make_demo_clip(clip_dir, seed=clip_seed, duration_s=duration_s, size=size, text=text, occluder=hand)
+            make_demo_clip(clip_dir, seed=clip_seed, duration_s=duration_s, size=size, text=text, occluder=hand,
+                           detail=detail)
         entries.append({"id": clip_dir.name, "video": f"{clip_dir.name}/demo.mp4", "audio_in_container": True,
                         "fps": 25, "resolution": f"{size}x{size}", "content": "synthetic talking face (avface.synth)",
                         "text": text, "hand_over_mouth": hand, "seed": clip_seed,
-                        "ground_truth": f"{clip_dir.name}/demo_gt.npz"})
+                        "ground_truth": f"{clip_dir.name}/demo_gt.npz", "skin_detail": detail})
         if progress:
             progress(i + 1, n_clips)
     manifest = out_dir / "manifest.json"
@@ -95,9 +98,10 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--duration", type=float, default=6.0, help="seconds per clip")
     ap.add_argument("--size", type=int, default=256, help="frame width and height, pixels")
+    ap.add_argument("--detail", action="store_true", help="skin detail (folds, wrinkles) and its height maps")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    make_corpus(args.out, args.clips, seed=args.seed, duration_s=args.duration, size=args.size,
+    make_corpus(args.out, args.clips, seed=args.seed, duration_s=args.duration, size=args.size, detail=args.detail,
                 progress=lambda i, n: log.info("clip %d/%d", i, n))
     return 0
 
