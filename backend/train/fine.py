@@ -162,38 +162,22 @@ def adapt_clip(clip: ClipUV, vertices: torch.Tensor, faces, raster: uvspace.UVRa
     if shading_fit is not None:
         albedo, sh = (t.to(device) for t in shading_fit)
     else:
-        albedo, sh = _fit_clip_shading(clip, train, trusted, geometry, cfg, size, n_frames, device)
+        # 1. the clip's albedo and light, on coarse normals, from training frames only
+        sfr = train[np.linspace(0, len(train) - 1, min(cfg.shading_frames, len(train))).round().astype(int)]
+        _, n_s = geometry(sfr)
+        fit = shading.fit_shading(clip.frames(torch.as_tensor(sfr)).to(device), n_s,
+                                  trusted[torch.as_tensor(sfr, device=device)], seed=cfg.seed)
+        albedo = blur_masked(fit.albedo, fit.albedo.abs().sum(-1) > 0, cfg.albedo_blur_texels * size / 256.0)
+        clip_light = fit.sh.mean(0)
+        # every frame's own light under that albedo (held-out frames too: they are evaluated)
+        sh = torch.empty(n_frames, shading.N_SH, 3, dtype=albedo.dtype, device=device)
+        for s0 in range(0, n_frames, 32):
+            idx = np.arange(s0, min(s0 + 32, n_frames))
+            _, n_c = geometry(idx)
+            sh[idx] = shading.fit_lighting(clip.frames(torch.as_tensor(idx)).to(device), albedo, n_c,
+                                           trusted[torch.as_tensor(idx, device=device)], prior=clip_light,
+                                           prior_weight=shading.LIGHT_TIE)
     phases["shading"] = time.perf_counter() - tp
-    return _train_and_predict(clip, vertices, raster, audio, cfg, net, albedo, sh, trust_all, trusted, covered,
-                              candidates, usable_frame, train, held, mirror_idx, mirror_ok, geometry, phases, t0,
-                              progress, predict)
-
-
-def _fit_clip_shading(clip, train, trusted, geometry, cfg, size, n_frames, device):
-    """(albedo (S, S, 3), sh (T, 9, 3)): the clip's albedo and every frame's light."""
-    # 1. the clip's albedo and light, on coarse normals, from training frames only
-    sfr = train[np.linspace(0, len(train) - 1, min(cfg.shading_frames, len(train))).round().astype(int)]
-    _, n_s = geometry(sfr)
-    fit = shading.fit_shading(clip.frames(torch.as_tensor(sfr)).to(device), n_s, trusted[torch.as_tensor(sfr, device=device)],
-                              seed=cfg.seed)
-    albedo = blur_masked(fit.albedo, fit.albedo.abs().sum(-1) > 0, cfg.albedo_blur_texels * size / 256.0)
-    clip_light = fit.sh.mean(0)
-    # every frame's own light under that albedo (held-out frames too: they are evaluated)
-    sh = torch.empty(n_frames, shading.N_SH, 3, dtype=albedo.dtype, device=device)
-    for s0 in range(0, n_frames, 32):
-        idx = np.arange(s0, min(s0 + 32, n_frames))
-        _, n_c = geometry(idx)
-        sh[idx] = shading.fit_lighting(clip.frames(torch.as_tensor(idx)).to(device), albedo, n_c, trusted[torch.as_tensor(idx, device=device)],
-                                       prior=clip_light, prior_weight=shading.LIGHT_TIE)
-    return albedo, sh
-
-
-def _train_and_predict(clip, vertices, raster, audio, cfg, net, albedo, sh, trust_all, trusted, covered, candidates,
-                       usable_frame, train, held, mirror_idx, mirror_ok, geometry, phases, t0, progress, predict):
-    device = vertices.device
-    n_frames = clip.image.shape[0]
-    size = raster.size
-    min_trust = cfg.loss.min_trust
     tp = time.perf_counter()
     # 2. train. The shading-implied normals depend only on the frame, the albedo and the
     # light, all fixed while training: solved once per frame on first use, kept as float16.
