@@ -57,7 +57,7 @@ class DetailTrainingClip:
     uv: object  #: :class:`avface.fine.ClipUV`
     vertices: torch.Tensor  #: (T, V, 3) camera frame (ground truth)
     audio: torch.Tensor | None  #: (T, 64) f_a, None without speech
-    height: np.ndarray | None  #: (T, S, S) ground-truth height, metres, where the corpus has it
+    height: np.ndarray | None  #: (T, S, S) ground-truth height, metres (``with_height``)
     shading_fit: tuple | None = None  #: (albedo, sh) after the first visit
 
 
@@ -74,9 +74,11 @@ def speech_embedding(networks, wave: np.ndarray, n_frames: int, fps: float) -> n
         return networks.expression.eval().audio(phones, mel).numpy().astype(np.float32)
 
 
-def load_detail_clip(clip_dir: Path, model, raster, networks=None) -> DetailTrainingClip:
-    """A synthetic clip folder (``demo.mp4``, ``demo_gt.npz``, optionally
-    ``demo_detail.npz``) unwrapped against its ground-truth mesh."""
+def load_detail_clip(clip_dir: Path, model, raster, networks=None, *, with_height: bool = False) -> DetailTrainingClip:
+    """A synthetic clip folder (``demo.mp4``, ``demo_gt.npz``) unwrapped against its
+    ground-truth mesh; networks: whose audio encoder gives the audio channel (None:
+    silence); with_height: also each frame's true height from ``demo_detail.npz`` (for
+    measuring, not for training: 26 MB a 100-frame clip at 256^2)."""
     from avface import media
     from avface.fine import ClipUV, unwrap_clip
     from avface.synth.clip import load_demo_gt
@@ -97,7 +99,7 @@ def load_detail_clip(clip_dir: Path, model, raster, networks=None) -> DetailTrai
         audio = torch.as_tensor(speech_embedding(networks, media.read_audio(gt.wav_path), n, gt.fps))
     height = None
     detail_path = Path(clip_dir) / DETAIL_GT_NAME
-    if detail_path.is_file():
+    if with_height and detail_path.is_file():
         d = np.load(detail_path)
         static, dynamic = d["static"], d["dynamic"]
         if static.shape[0] == raster.size:
@@ -138,39 +140,6 @@ def train_generic_fine(clips: list[DetailTrainingClip], model, raster, config: F
                 progress(done, total, rec)
     net.eval()
     return net, history
-
-
-def height_agreement(net, clip: DetailTrainingClip, raster, model, frames: np.ndarray | None = None) -> float:
-    """Correlation, over the covered texels of trusted frames, between the network's D and
-    the ground-truth height high-passed as D sees it (the mean over the face removed per
-    frame): how much of the real skin detail the network finds."""
-    from avface import uvspace
-
-    if clip.height is None:
-        raise ValueError(f"{clip.id} has no ground-truth height")
-    faces = np.asarray(model.faces)
-    n = clip.vertices.shape[0]
-    frames = np.arange(n) if frames is None else np.asarray(frames)
-    mask = torch.as_tensor(raster.mask)
-    xs, ys = [], []
-    with torch.no_grad():
-        for s0 in range(0, len(frames), 8):
-            idx = torch.as_tensor(frames[s0:s0 + 8])
-            _, normals = uvspace.texel_geometry(raster, faces, clip.vertices[idx])
-            trust = clip.uv.trust[idx]
-            audio = clip.audio[idx] if clip.audio is not None else torch.zeros(len(idx), net.cfg.audio_dim)
-            d = net(clip.uv.frames(idx), normals, trust >= 0.5, audio)
-            for j in range(len(idx)):
-                m = mask & (trust[j] >= 0.5)
-                if int(m.sum()) < 100:
-                    continue
-                xs.append(d[j][m].numpy())
-                ys.append(clip.height[int(idx[j])][m.numpy()])
-    if not xs:
-        return float("nan")
-    x = np.concatenate(xs)
-    y = np.concatenate(ys)
-    return float(np.corrcoef(x - x.mean(), y - y.mean())[0, 1])
 
 
 def main(argv=None) -> int:
