@@ -134,8 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "mouth and the lips are refined (default: the one that ships; a file `avface train` wrote)")
     r.add_argument("--no-networks", action="store_true", help="video only: no networks stage")
     r.add_argument("--detail", action=argparse.BooleanOptionalAction, default=None,
-                   help="run the fine stage: one 16-bit displacement map per frame in OUT/detail (default: off on "
-                        "the CPU, where it costs several times the tracking; see docs/fine_stage.md)")
+                   help="run the fine stage: one 16-bit displacement map per frame in OUT/detail (default: on; "
+                        "--no-detail saves about 5x the tracking's time on a CPU; see docs/fine_stage.md)")
     r.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     r.set_defaults(func=cmd_reconstruct)
 

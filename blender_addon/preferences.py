@@ -11,7 +11,7 @@ from ._vendor import protocol
 STAGES = (
     ("coarse", "Coarse", "Head pose, expression, jaw and lips from video and speech (always run)"),
     ("detail", "Detail maps", "Per-frame UV displacement maps on the skin material and a Displace modifier "
-                              "(the fine stage: several times the tracking's time on a CPU)"),
+                              "(the fine stage: about 5x the tracking's time on a CPU)"),
     ("preview", "Preview", "Also render a preview video on the backend"),
 )
 
@@ -41,7 +41,7 @@ class AVFACE_AP_preferences(bpy.types.AddonPreferences):
         name="FLAME folder", subtype="DIR_PATH", default="",
         description="Folder with generic_model.pkl or flame2023.pkl and mediapipe_landmark_embedding.npz")
     default_stages: EnumProperty(
-        name="Default stages", items=STAGES, options={"ENUM_FLAG"}, default={"coarse"},
+        name="Default stages", items=STAGES, options={"ENUM_FLAG"}, default={"coarse", "detail"},
         description="Stages a new reconstruction runs")
 
     def draw(self, context):

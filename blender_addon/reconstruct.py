@@ -409,7 +409,7 @@ def _redraw():
 # ---------------------------------------------------------------------------------------
 class AVFaceSettings(bpy.types.PropertyGroup):
     model: EnumProperty(name="Face model", items=MODELS, default="default")
-    stages: EnumProperty(name="Stages", options={"ENUM_FLAG"}, default={"coarse"}, items=preferences.STAGES)
+    stages: EnumProperty(name="Stages", options={"ENUM_FLAG"}, default={"coarse", "detail"}, items=preferences.STAGES)
     collection: PointerProperty(name="Collection", type=bpy.types.Collection,
                                 description="Where the head goes (a new collection when empty)")
     job_key: StringProperty(name="Job", default="")

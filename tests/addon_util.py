@@ -40,8 +40,8 @@ def demo_clip(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def real_result(tmp_path_factory, demo_clip) -> Path:
-    """result.npz of `avface reconstruct` on the demo clip (default model, no lip basis, no
-    detail maps: what the pipeline writes today)."""
+    """result.npz of `avface reconstruct` on the demo clip with the default options (default
+    model and networks, detail maps): what the pipeline writes today."""
     from avface.pipeline import ReconstructOptions, reconstruct
 
     return reconstruct(demo_clip.video_path, tmp_path_factory.mktemp("addon-result"), ReconstructOptions())

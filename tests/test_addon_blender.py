@@ -24,6 +24,8 @@ def test_import_matches_result_vertices(blender, real_result):
     for t, err, tol in zip(report["frames"], report["max_error_m"], report["tolerance_m"]):
         assert err <= tol, f"frame {t}: vertices differ by up to {err:.3g} m (tolerance {tol:.3g} m)"
     assert len(report["animated_properties"]) == 52 + 3
+    # a default reconstruction has detail maps: they come in as the Displace modifier
+    assert report.get("detail_maps") == report["n_frames"], report.get("detail_maps")
 
 
 def test_import_lip_keys_and_detail_maps(blender, rich_result):

@@ -48,7 +48,8 @@ def test_real_result_arrays(real_result):
     assert_close(np.linalg.norm(head.bone_quaternions, axis=-1), np.ones((t, 2)), atol=1e-6, what="unit quaternions")
     assert head.arkit.shape == (t, 52) and head.arkit_names == arkit_match.ARKIT_NAMES
     assert set(head.confidence) == {"avface_visual_conf", "avface_occluded", "avface_speech_activity"}
-    assert head.detail is None
+    # the fine stage is on by default: one map per frame, read as the Displace modifier will
+    assert head.detail is not None and len(head.detail.files) == t and head.detail.metres_per_unit > 0
     # the model frame goes into Blender by the one conversion in avface.export.axes
     from avface.export import axes
 

@@ -38,7 +38,7 @@ def checkpoint(tmp_path_factory):
 
 def _options(clip, tmp_path, checkpoint=None, **networks) -> ReconstructOptions:
     fov = math.degrees(2 * math.atan(clip.height / 2.0 / clip.K[1, 1]))
-    return ReconstructOptions(fov_deg=fov, cache_dir=str(tmp_path.parent / "cache"),
+    return ReconstructOptions(fov_deg=fov, cache_dir=str(tmp_path.parent / "cache"), detail=False,  # tests/test_detail_stage.py
                               networks_checkpoint=str(checkpoint) if checkpoint else None,
                               networks=NetworksStageConfig(adapt_steps=4, **networks))
 
