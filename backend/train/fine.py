@@ -101,7 +101,8 @@ def _split(n_frames: int, stride: int) -> tuple[np.ndarray, np.ndarray]:
 def adapt_clip(clip: ClipUV, vertices: torch.Tensor, faces, raster: uvspace.UVRaster, audio: torch.Tensor | None,
                cfg: FineAdaptConfig = FineAdaptConfig(), *, net: DetailNet | None = None,
                mirror: tuple[np.ndarray, np.ndarray] | None = None, progress=None,
-               shading_fit: tuple[torch.Tensor, torch.Tensor] | None = None, predict: bool = True) -> FineAdaptResult:
+               shading_fit: tuple[torch.Tensor, torch.Tensor] | None = None, predict: bool = True,
+               extra_loss=None) -> FineAdaptResult:
     """Fit the fine stage to one clip.
 
     clip: the unwrapped frames (:func:`avface.fine.unwrap_clip`); vertices: (T, V, 3) the
@@ -111,7 +112,9 @@ def adapt_clip(clip: ClipUV, vertices: torch.Tensor, faces, raster: uvspace.UVRa
     model, or None for no symmetry term. ``progress(fraction)`` is called now and then.
     shading_fit: (albedo, sh) of an earlier call on the same clip (the result's), to skip
     the shading fit; predict: False skips the prediction of every frame (training on a
-    corpus, :mod:`avface.train.fine_generic`): the result's displacement is then empty.
+    corpus, :mod:`avface.train.fine_generic`): the result's displacement is then empty;
+    extra_loss(frames, D, trust) -> scalar: a term added to every step's loss (the corpus's
+    supervision by its true height).
     """
     t0 = time.perf_counter()
     n_frames = clip.image.shape[0]
@@ -213,6 +216,8 @@ def adapt_clip(clip: ClipUV, vertices: torch.Tensor, faces, raster: uvspace.UVRa
         loss, _ = fine_loss(cfg.loss, image_uv=image, albedo=albedo, sh=sh[ti], detail_normals=nd,
                             shading_normals=target, displacement=d, trust=trust, covered=covered, mirror=mirror_idx,
                             mirror_ok=mirror_ok)
+        if extra_loss is not None:
+            loss = loss + extra_loss(idx, d, trust)
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -47,6 +47,9 @@ class FineCorpusConfig:
     batch: int = 2
     lr: float = 1e-3
     seed: int = 0
+    height_weight: float = 0.0
+    """Weight of the supervised term mean |D - H| / 1 mm over trusted texels, H the corpus's
+    true height (``demo_detail.npz``), added to the self-supervised losses; 0: those alone."""
 
 
 @dataclass(eq=False)
@@ -107,6 +110,20 @@ def load_detail_clip(clip_dir: Path, model, raster, networks=None, *, with_heigh
     return DetailTrainingClip(Path(clip_dir).name, clip, verts, audio, height)
 
 
+def _height_term(height: np.ndarray, weight: float):
+    """extra_loss for adapt_clip: weight x mean |D - H| in millimetres over trusted texels."""
+    from avface.fine import FineLossConfig
+
+    min_trust = FineLossConfig().min_trust
+
+    def term(idx, d, trust):
+        h = torch.as_tensor(height[np.asarray(idx)], dtype=d.dtype, device=d.device)
+        w = (trust >= min_trust).to(d.dtype)
+        return weight * ((d - h).abs() * w).sum() / w.sum().clamp_min(1.0) / 1e-3
+
+    return term
+
+
 def train_generic_fine(clips: list[DetailTrainingClip], model, raster, config: FineCorpusConfig = FineCorpusConfig(), *,
                        progress: Callable[[int, int, dict], None] | None = None):
     """Train one detail network over the clips; returns (DetailNet, history)."""
@@ -129,8 +146,13 @@ def train_generic_fine(clips: list[DetailTrainingClip], model, raster, config: F
             c = clips[i]
             cfg = FineAdaptConfig(steps=config.steps_per_clip, batch=config.batch, lr=config.lr, holdout_stride=0,
                                   seed=int(rng.integers(1 << 31)), net=net.cfg)
+            extra = None
+            if config.height_weight > 0:
+                if c.height is None:
+                    raise ValueError(f"{c.id} has no true height (load it with with_height=True) for height_weight")
+                extra = _height_term(c.height, config.height_weight)
             res = adapt_clip(c.uv, c.vertices, faces, raster, c.audio, cfg, net=net, mirror=mirror,
-                             shading_fit=c.shading_fit, predict=False)
+                             shading_fit=c.shading_fit, predict=False, extra_loss=extra)
             c.shading_fit = (res.albedo, res.sh)
             done += 1
             rec = {"round": r, "clip": c.id, "loss_first": res.losses[0] if res.losses else None,
@@ -150,6 +172,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=FineCorpusConfig.rounds)
     ap.add_argument("--steps-per-clip", type=int, default=FineCorpusConfig.steps_per_clip)
     ap.add_argument("--seed", type=int, default=FineCorpusConfig.seed)
+    ap.add_argument("--height-weight", type=float, default=FineCorpusConfig.height_weight,
+                    help="weight of the supervision by the corpus's true height (0: self-supervised only)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's choice)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -161,7 +185,8 @@ def main(argv=None) -> int:
     from avface.models.checkpoint import file_sha256, load_checkpoint, save_checkpoint
     from avface.models.canonical import CanonicalModel
 
-    config = FineCorpusConfig(rounds=args.rounds, steps_per_clip=args.steps_per_clip, seed=args.seed)
+    config = FineCorpusConfig(rounds=args.rounds, steps_per_clip=args.steps_per_clip, seed=args.seed,
+                              height_weight=args.height_weight)
     try:
         ckpt = load_checkpoint(args.networks)
     except AVFaceError as e:
@@ -173,7 +198,8 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     clips = []
     for k, entry in enumerate(manifest["clips"]):
-        clips.append(load_detail_clip(Path(args.corpus) / entry["id"], model, raster, ckpt.networks))
+        clips.append(load_detail_clip(Path(args.corpus) / entry["id"], model, raster, ckpt.networks,
+                                      with_height=config.height_weight > 0))
         log.info("unwrapped %d/%d: %s", k + 1, len(manifest["clips"]), entry["id"])
     net, history = train_generic_fine(
         clips, model, raster, config,
