@@ -188,3 +188,22 @@ def test_corpus_training_writes_a_fine_part(detail_clip, tmp_path):
     valid = torch.ones(1, 64, 64, dtype=torch.bool)
     with torch.no_grad():
         assert torch.equal(ck.networks.fine(x, n, valid, torch.zeros(1, 64)), net(x, n, valid, torch.zeros(1, 64)))
+
+
+def test_height_supervision_term():
+    """The corpus's optional supervised term: weight x mean |D - H| in millimetres over the
+    trusted texels only; a clip without its true height is refused, not trained on zeros."""
+    from avface.train.fine_generic import DetailTrainingClip, FineCorpusConfig, _height_term, train_generic_fine
+
+    height = np.zeros((3, 4, 4), np.float32)
+    height[1] = -0.002  # a 2 mm fold over frame 1
+    d = torch.full((2, 4, 4), 0.001)
+    trust = torch.ones(2, 4, 4)
+    trust[0, :2] = 0.0  # half of the first frame untrusted: it counts for nothing
+    term = _height_term(height, 0.5)
+    # frame 1: |1 - (-2)| = 3 mm on 16 texels; frame 2: |1 - 0| = 1 mm on 16; frame 1's hidden half
+    # excluded: (8 x 3 + 16 x 1) / 24
+    assert abs(float(term(np.array([1, 2]), d, trust)) - 0.5 * (8 * 3 + 16 * 1) / 24) < 1e-5
+    clip = DetailTrainingClip("no-height", None, torch.zeros(3, 468, 3), None, None)
+    with pytest.raises(ValueError, match="no true height"):
+        train_generic_fine([clip], None, None, FineCorpusConfig(height_weight=0.3))

@@ -134,6 +134,11 @@ def train_generic_fine(clips: list[DetailTrainingClip], model, raster, config: F
 
     if not clips:
         raise ValueError("no training clip")
+    if config.height_weight > 0:
+        missing = [c.id for c in clips if c.height is None]
+        if missing:  # before any work: a missing height is not a height of zero
+            raise ValueError(f"{', '.join(missing)} has no true height (load_detail_clip(with_height=True)) "
+                             f"for height_weight")
     faces = np.asarray(model.faces)
     mirror = uvspace.mirror_texels(raster, faces, symmetric_rest(model))
     net = DetailNet(FineNetConfig(), seed=config.seed)
@@ -146,11 +151,7 @@ def train_generic_fine(clips: list[DetailTrainingClip], model, raster, config: F
             c = clips[i]
             cfg = FineAdaptConfig(steps=config.steps_per_clip, batch=config.batch, lr=config.lr, holdout_stride=0,
                                   seed=int(rng.integers(1 << 31)), net=net.cfg)
-            extra = None
-            if config.height_weight > 0:
-                if c.height is None:
-                    raise ValueError(f"{c.id} has no true height (load it with with_height=True) for height_weight")
-                extra = _height_term(c.height, config.height_weight)
+            extra = _height_term(c.height, config.height_weight) if config.height_weight > 0 else None
             res = adapt_clip(c.uv, c.vertices, faces, raster, c.audio, cfg, net=net, mirror=mirror,
                              shading_fit=c.shading_fit, predict=False, extra_loss=extra)
             c.shading_fit = (res.albedo, res.sh)
