@@ -16,7 +16,8 @@ from service_util import ServerProcess, wait_for
 pytestmark = pytest.mark.slow
 
 DEMO_SECONDS = 2.0
-PIPELINE_STAGES = ["probe", "tracking", "audio", "confidence", "networks", "fit", "lips", "export"]
+PIPELINE_STAGES = ["probe", "tracking", "audio", "confidence", "networks", "fit", "lips", "detail", "export"]
+"""What a job with the default options runs, in order (the fine stage is on by default)."""
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +74,9 @@ def test_demo_clip_by_path_and_as_bytes(server, demo, tmp_path):
         metas[key] = validate(run.result_path)
         assert metas[key]["n_frames"] == demo.n_frames and metas[key]["audio_present"] is True
         assert (run.result_path.parent / "config.yaml").exists()
+        # the default job has the fine stage's maps, fetched beside the result
+        assert metas[key]["detail"]["n_maps"] == demo.n_frames
+        assert len(list((run.result_path.parent / "detail").glob("frame_*.png"))) == demo.n_frames
     assert client.status(runs["bytes"].job_id)["video"]["mode"] == "upload"
     a, b = load_result(runs["path"].result_path), load_result(runs["bytes"].result_path)
     assert a.arrays["vertices"].shape == b.arrays["vertices"].shape == (demo.n_frames, *a.arrays["vertices_neutral"].shape)
