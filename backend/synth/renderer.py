@@ -74,8 +74,9 @@ class Renderer:
     def render(self, layers: list[Layer], background: np.ndarray, texture: np.ndarray, eye: dict,
                light: Light, bump: np.ndarray | None = None) -> np.ndarray:
         """Linear RGB (H*s, W*s, 3) float32. ``bump``: (S, S, 3) the face's height gradient in
-        UV space (dH/du, dH/dv, 0; :meth:`.wrinkles.Wrinkles.gradient`), which tilts the
-        face's normals; its layer then carries dP/du and dP/dv after the UVs."""
+        UV space and the creases' darkening (dH/du, dH/dv, cavity;
+        :meth:`.wrinkles.Wrinkles.gradient`), which tilt the face's normals and darken its
+        albedo; its layer then carries dP/du and dP/dv after the UVs."""
         ids = np.full((self.h, self.w), -1, np.int32)
         all_xy, all_attr, all_faces, all_mat = [], [], [], []
         offset_v = offset_f = 0

@@ -6,7 +6,7 @@ trusted texels, no ground truth), and added to a networks checkpoint as its ``fi
 Per-clip adaptation then starts from it instead of from random weights
 (docs/fine_stage.md, "The generic start").
 
-    python -m avface.train.synthetic -o out/detail-corpus --clips 16 --seed 2 --size 512 --duration 4 --detail
+    python -m avface.train.synthetic -o out/detail-corpus --clips 24 --seed 2 --size 512 --duration 4 --detail
     python -m avface.train.fine_generic out/detail-corpus --networks models/weights/avface_networks.pt \\
         -o models/weights/avface_networks.pt
 
@@ -102,11 +102,14 @@ def load_detail_clip(clip_dir: Path, model, raster, networks=None, *, with_heigh
         audio = torch.as_tensor(speech_embedding(networks, media.read_audio(gt.wav_path), n, gt.fps))
     height = None
     detail_path = Path(clip_dir) / DETAIL_GT_NAME
-    if with_height and detail_path.is_file():
+    if with_height:
+        if not detail_path.is_file():
+            raise ValueError(f"{clip_dir} has no {DETAIL_GT_NAME}: render it with make_demo_clip(detail=True)")
         d = np.load(detail_path)
         static, dynamic = d["static"], d["dynamic"]
-        if static.shape[0] == raster.size:
-            height = static[None] + np.einsum("te,ehw->thw", gt.expression, dynamic)
+        if static.shape[0] != raster.size:
+            raise ValueError(f"{detail_path} holds {static.shape[0]}^2 height maps, the raster is {raster.size}^2")
+        height = static[None] + np.einsum("te,ehw->thw", gt.expression, dynamic)
     return DetailTrainingClip(Path(clip_dir).name, clip, verts, audio, height)
 
 
