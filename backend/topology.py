@@ -20,6 +20,15 @@ LIPS_LOWER_OUTER = (146, 91, 181, 84, 17, 314, 405, 321, 375)
 LIPS_UPPER_INNER = (78, 191, 80, 81, 82, 13, 312, 311, 310, 415, 308)
 LIPS_LOWER_INNER = (95, 88, 178, 87, 14, 317, 402, 318, 324)
 LIPS = tuple(sorted(set(LIPS_UPPER_OUTER + LIPS_LOWER_OUTER + LIPS_UPPER_INNER + LIPS_LOWER_INNER)))
+#: The lips' red part between the outer and inner contours (the canonical mesh's vertices
+#: inside the outer lip polygon and outside the inner one, in its frontal projection), and
+#: the skin around it (within 0.3 mouth widths of the outer contour, outside it): what the
+#: lip-contrast evidence compares. Each in the subject's right half (canonical x < 0) and
+#: left half, the midline in both (tests/test_confidence.py derives them again).
+VERMILION_RIGHT = (11, 12, 15, 16, 38, 41, 62, 72, 73, 74, 76, 77, 85, 86, 89, 90, 96, 179, 180, 184)
+VERMILION_LEFT = (11, 12, 15, 16, 268, 271, 292, 302, 303, 304, 306, 307, 315, 316, 319, 320, 325, 403, 404, 408)
+PERIORAL_RIGHT = (2, 18, 164, 43, 57, 83, 92, 97, 106, 165, 167, 182, 186, 202, 212)
+PERIORAL_LEFT = (2, 18, 164, 273, 287, 313, 322, 326, 335, 391, 393, 406, 410, 422, 432)
 RIGHT_EYE = (33, 7, 163, 144, 145, 153, 154, 155, 133, 246, 161, 160, 159, 158, 157, 173)
 LEFT_EYE = (263, 249, 390, 373, 374, 380, 381, 382, 362, 466, 388, 387, 386, 385, 384, 398)
 RIGHT_EYEBROW = (46, 53, 52, 65, 55, 70, 63, 105, 66, 107)

@@ -120,3 +120,102 @@ def test_evidence_combines_as_a_product_and_flags_below_the_threshold():
     assert (conf[clean] == 1.0).all()
     np.testing.assert_array_equal(occluded, conf < C.OCCLUDED_BELOW)
     np.testing.assert_array_equal(C.mouth_visible(conf), ~occluded)
+
+
+# ---------------------------------------------------------------- lip contrast
+
+from avface.topology import PERIORAL_LEFT, PERIORAL_RIGHT, VERMILION_LEFT, VERMILION_RIGHT  # noqa: E402
+
+LIP_RGB = np.array([170.0, 80.0, 85.0])
+SKIN_RGB = np.array([200.0, 150.0, 125.0])
+
+
+def _lipped(n=120, seed=0, lip=LIP_RGB, skin=SKIN_RGB, noise=3.0):
+    """A steady face, 50 cm from the camera and facing it, whose lips are redder than its skin."""
+    tr = _tracking(n=n, seed=seed)
+    rng = np.random.default_rng(seed + 1)
+    colors = skin + rng.normal(0.0, noise, (n, 468, 3))
+    colors[:, list(set(VERMILION_RIGHT + VERMILION_LEFT))] = lip + rng.normal(0.0, noise, (n, len(set(VERMILION_RIGHT + VERMILION_LEFT)), 3))
+    tr.colors[:] = np.clip(colors, 0, 255).astype(np.uint8)
+    tr.transforms[:, 2, 3] = -50.0
+    return tr
+
+
+def test_the_vermilion_and_perioral_ids_are_the_canonical_mesh_regions():
+    """Derived again from the canonical mesh: the lips' red part lies inside the outer lip
+    contour and outside the inner one; the skin around it within 0.3 mouth widths outside."""
+    from matplotlib.path import Path as Polygon
+
+    from avface.models.canonical_mesh import load_canonical_mesh
+    from avface.topology import LIPS_LOWER_INNER, LIPS_LOWER_OUTER, LIPS_UPPER_INNER, LIPS_UPPER_OUTER
+
+    v = load_canonical_mesh().vertices[:, :2].astype(np.float64)
+    outer = list(LIPS_UPPER_OUTER) + list(LIPS_LOWER_OUTER[::-1])
+    inner = list(LIPS_UPPER_INNER) + list(LIPS_LOWER_INNER[::-1])
+    po, pi = Polygon(v[outer]), Polygon(v[inner])
+    verm = {i for i in range(468) if po.contains_point(v[i]) and not pi.contains_point(v[i]) and i not in outer + inner}
+    width = np.linalg.norm(v[61] - v[291])
+    near = np.linalg.norm(v[:, None] - v[outer][None], axis=-1).min(1)
+    ring = {i for i in range(468) if 0.05 * width < near[i] < 0.3 * width and not po.contains_point(v[i])}
+    x = v[:, 0] - v[[61, 291], 0].mean()
+    assert set(VERMILION_RIGHT) | set(VERMILION_LEFT) == verm and set(PERIORAL_RIGHT) | set(PERIORAL_LEFT) == ring
+    for ids, sign in ((VERMILION_RIGHT, -1), (VERMILION_LEFT, 1), (PERIORAL_RIGHT, -1), (PERIORAL_LEFT, 1)):
+        assert (sign * x[list(ids)] >= -1e-6).all()  # each half on its side, the midline in both
+    assert len(verm) >= 30 and len(ring) >= 20
+
+
+def test_a_skin_coloured_hand_over_the_lips_is_flagged_by_their_lost_contrast():
+    tr = _lipped()
+    mouth = list(set(VERMILION_RIGHT + VERMILION_LEFT + PERIORAL_RIGHT + PERIORAL_LEFT))
+    # a hand the colour of the skin over the mouth: the other appearance terms see little
+    tr.colors[50:70, mouth] = np.clip(SKIN_RGB + 4.0, 0, 255).astype(np.uint8)
+    dep = C.lip_contrast_departure(tr)
+    assert np.nanmax(dep[:50]) < 0.3 and dep[50:70].min() > 0.9
+    conf, occluded = C.visual_confidence(tr)
+    assert occluded[50:70].all()
+    assert not occluded[:50].any() and not occluded[70:].any()
+
+
+def test_lip_contrast_tolerates_smiles_turns_and_a_half_covered_mouth():
+    tr = _lipped()
+    vr = list(VERMILION_RIGHT)
+    # a broad smile thins the lips: the contrast falls by 40 %
+    lab_mid = 0.6 * LIP_RGB + 0.4 * SKIN_RGB
+    tr.colors[20:30, list(set(VERMILION_RIGHT + VERMILION_LEFT))] = lab_mid.astype(np.uint8)
+    # one half of the mouth behind a finger (or darkened by a turn): the other half still shows lips
+    tr.colors[60:70, vr] = SKIN_RGB.astype(np.uint8)
+    dep = C.lip_contrast_departure(tr)
+    assert 0.25 < dep[20:30].min() and dep[20:30].max() < C.LIP_CONTRAST_ONSET
+    assert dep[60:70].max() < 0.3
+    assert not C.visual_confidence(tr)[1].any()
+
+
+def test_no_lip_contrast_evidence_without_contrast_or_facing_away():
+    # lips the colour of the skin (a grey-scale video, say): no evidence at all
+    flat = _lipped(lip=SKIN_RGB)
+    assert np.isnan(C.lip_contrast_departure(flat)).all()
+    # a head turned 50 degrees: the far half's skin is out of view, no evidence on those frames
+    tr = _lipped()
+    a = np.radians(50.0)
+    tr.transforms[40:60, :3, :3] = np.array([[np.cos(a), 0, np.sin(a)], [0, 1, 0], [-np.sin(a), 0, np.cos(a)]])
+    tr.colors[40:60, list(VERMILION_LEFT)] = 20  # what the far half now samples
+    tr.colors[40:60, list(VERMILION_RIGHT)] = 20
+    turn = C.head_turn_deg(tr.transforms)
+    assert abs(turn[45] - 50.0) < 1e-3 and turn[0] < 1e-3
+    dep = C.lip_contrast_departure(tr)
+    assert np.isnan(dep[40:60]).all() and np.isfinite(dep[:40]).all()
+    assert (C.lip_contrast_confidence(dep)[40:60] == 1.0).all()
+
+
+def test_lip_contrast_onset_rises_with_the_clips_own_noise():
+    steady = np.full(200, 0.1) + 0.02 * np.random.default_rng(0).standard_normal(200)
+    steady[100:110] = 0.8
+    conf = C.lip_contrast_confidence(steady)
+    assert (conf[100:110] < 0.5).all() and (conf[:100] == 1).all()
+    noisy = 0.4 + 0.25 * np.random.default_rng(1).standard_normal(200)  # small, far lips
+    noisy[100:110] = 0.8
+    assert (C.lip_contrast_confidence(noisy)[100:110] == 1.0).all()
+    ramp = C.lip_contrast_confidence(np.r_[np.zeros(20), [C.LIP_CONTRAST_ONSET + C.LIP_CONTRAST_RANGE / 2]])
+    assert abs(ramp[-1] - 0.5) < 1e-9
+    # NaN (no evidence) is confidence 1
+    assert (C.lip_contrast_confidence(np.full(30, np.nan)) == 1).all()
