@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .geometry import turn_from_camera_deg
 from .topology import (LIPS, LIPS_LOWER_INNER, LIPS_UPPER_INNER, PERIORAL_LEFT, PERIORAL_RIGHT, RIGID,
                        VERMILION_LEFT, VERMILION_RIGHT, inter_ocular, lower_face_ids)
 
@@ -149,14 +150,11 @@ def appearance_anomaly(tracking: Tracking) -> np.ndarray:
     the skull-rigid upper-face points (lighting and white balance change both alike; a hand
     or a microphone over the mouth changes only the lower face).
     """
-    import cv2
-
     det = np.asarray(tracking.detected, bool)
     score = np.zeros(len(det))
     if det.sum() < 5 or not hasattr(tracking, "colors"):
         return score
-    lab = cv2.cvtColor(tracking.colors[det].astype(np.float32).reshape(-1, 1, 3) / 255.0,
-                       cv2.COLOR_RGB2LAB).reshape(-1, 468, 3)
+    lab = landmark_lab(tracking.colors[det])
     lower = np.array([i for i in lower_face_ids() if i not in set(LIPS_UPPER_INNER + LIPS_LOWER_INNER)])
     ref = np.array([i for i in RIGID if i not in set(lower)])
     d = lab - np.median(lab, axis=0)  # (Td, 468, 3)
@@ -165,6 +163,15 @@ def appearance_anomaly(tracking: Tracking) -> np.ndarray:
     typical = np.median(dist, axis=0) + 2.0  # Lab units; the floor keeps flat regions from exploding
     score[det] = np.median(dist / typical, axis=1)
     return score
+
+
+def landmark_lab(colors: np.ndarray) -> np.ndarray:
+    """(T, 468, 3) float32 CIE Lab (L in 0..100) of the tracker's (T, 468, 3) uint8 RGB
+    colours at the landmarks."""
+    import cv2
+
+    c = np.asarray(colors)
+    return cv2.cvtColor(c.astype(np.float32).reshape(-1, 1, 3) / 255.0, cv2.COLOR_RGB2LAB).reshape(c.shape)
 
 
 def relative_anomaly_confidence(anomaly: np.ndarray, detected: np.ndarray) -> np.ndarray:
@@ -190,10 +197,7 @@ def lip_contrast(colors: np.ndarray) -> np.ndarray:
     """(T, 2, 3) the lips' mean colour minus the surrounding skin's, in Lab with lightness at
     ``LIP_CONTRAST_L_WEIGHT``, for the subject's right and left halves of the mouth.
     colors: (T, 468, 3) uint8 RGB at the landmarks."""
-    import cv2
-
-    c = np.asarray(colors)
-    lab = cv2.cvtColor(c.astype(np.float32).reshape(-1, 1, 3) / 255.0, cv2.COLOR_RGB2LAB).reshape(c.shape)
+    lab = landmark_lab(colors)
     halves = ((VERMILION_RIGHT, PERIORAL_RIGHT), (VERMILION_LEFT, PERIORAL_LEFT))
     out = np.stack([lab[:, list(lips)].mean(1) - lab[:, list(skin)].mean(1) for lips, skin in halves], axis=1)
     return out * np.array([LIP_CONTRAST_L_WEIGHT, 1.0, 1.0])
@@ -203,10 +207,7 @@ def head_turn_deg(transforms: np.ndarray) -> np.ndarray:
     """(T,) degrees between the face's forward axis and the direction to the camera, from the
     tracker's (T, 4, 4) facial transformations (NaN where there are none)."""
     t = np.asarray(transforms, np.float64)
-    forward = t[:, :3, 2]
-    to_camera = -t[:, :3, 3]
-    cos = (forward * to_camera).sum(1) / np.maximum(np.linalg.norm(forward, axis=1) * np.linalg.norm(to_camera, axis=1), 1e-9)
-    return np.degrees(np.arccos(np.clip(cos, -1.0, 1.0)))
+    return turn_from_camera_deg(t[:, :3, 2], t[:, :3, 3])
 
 
 def lip_contrast_departure(tracking: Tracking, reference: np.ndarray | None = None) -> np.ndarray:
@@ -237,7 +238,7 @@ def lip_contrast_departure(tracking: Tracking, reference: np.ndarray | None = No
         usual = np.median(c[ref], axis=0)  # (2, 3)
         size = np.linalg.norm(usual, axis=1)  # (2,)
         if size.min() < LIP_CONTRAST_MIN_LAB:
-            return np.full(len(det), np.nan)
+            return out
         dep = (np.linalg.norm(c - usual, axis=2) / size).min(axis=1)  # the more usual half
         # the usual contrast again without the frames that depart from it: an occluder on a
         # third of the clip pulls a median a long way

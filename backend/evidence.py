@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from scipy.spatial.transform import Rotation
 
-from .geometry import backproject, umeyama
+from .geometry import backproject, turn_from_camera_deg, umeyama
 from .topology import N_MESH_VERTICES, OUTER_EYE_CORNERS, rigid_weights
 
 #: Alignment rounds: similarity onto the neutral, then the neutral re-estimated.
@@ -179,9 +179,8 @@ def frontal_weight(frame: HeadFrame) -> np.ndarray:
     w = np.zeros(len(det), np.float32)
     if not det.any():
         return w
-    forward = frame.rotation[det][:, :, 2]  # the head's +z (out of the face) in the world
-    to_camera = -frame.translation[det] / np.linalg.norm(frame.translation[det], axis=1, keepdims=True)
-    angle = np.degrees(np.arccos(np.clip((forward * to_camera).sum(1), -1.0, 1.0)))
+    # the head's +z (out of the face) in the world, against the way to the camera
+    angle = turn_from_camera_deg(frame.rotation[det][:, :, 2], frame.translation[det])
     w[det] = np.clip((FRONTAL_NONE_DEG - angle) / (FRONTAL_NONE_DEG - FRONTAL_FULL_DEG), 0.0, 1.0)
     return w
 

@@ -33,6 +33,17 @@ def project(points_cam: np.ndarray, k: np.ndarray) -> np.ndarray:
     return points_cam[..., :2] / z * np.array([k[0, 0], k[1, 1]]) + np.array([k[0, 2], k[1, 2]])
 
 
+def turn_from_camera_deg(forward: np.ndarray, position: np.ndarray) -> np.ndarray:
+    """(T,) degrees between a head's forward axis ``forward`` (T, 3) and the direction from
+    the head at ``position`` (T, 3) to the camera at the origin: 0 facing the camera, 90 in
+    profile (NaN where either is NaN)."""
+    forward = np.asarray(forward, np.float64)
+    to_camera = -np.asarray(position, np.float64)
+    norms = np.linalg.norm(forward, axis=1) * np.linalg.norm(to_camera, axis=1)
+    cos = (forward * to_camera).sum(1) / np.maximum(norms, 1e-9)
+    return np.degrees(np.arccos(np.clip(cos, -1.0, 1.0)))
+
+
 def umeyama(src: np.ndarray, dst: np.ndarray, w: np.ndarray | None, with_scale: bool):
     """Weighted Umeyama/Kabsch of src (N, 3) onto dst (..., N, 3), batched over the leading
     axes of dst in one SVD call. Returns s (...), R (..., 3, 3), t (..., 3)."""
