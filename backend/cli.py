@@ -127,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--end", type=int, help="frame after the last one (default: the end)")
     r.add_argument("--preview", action="store_true", help="also write preview.mp4, the mesh over the frames with the audio")
     r.add_argument("--no-vertices", action="store_true", help="do not store the per-frame mesh in result.npz")
-    r.add_argument("--fov", type=float, help="vertical field of view of the camera in degrees")
+    r.add_argument("--fov", type=float, help="vertical field of view of the camera in degrees "
+                   "(default: estimated from the clip)")
     r.add_argument("--config", help="YAML file of options (command-line flags override it)")
     r.add_argument("--cache-dir", help="tracking cache folder (default ~/.cache/avface)")
     r.add_argument("--networks", metavar="CKPT", help="the AVFace networks' checkpoint: audio fills the occluded "

@@ -58,7 +58,8 @@ class FitConfig:
     """Options of the coarse fit."""
 
     fov_deg: float = 63.0
-    """Assumed vertical field of view of the camera, degrees."""
+    """Vertical field of view of the camera, degrees, where the pipeline has neither the
+    user's nor an estimate (ReconstructOptions.fov_deg)."""
     max_expression: int = 50
     """Upper bound on the per-clip expression basis size (FLAME uses 50)."""
     explained_variance: float = 0.999
@@ -161,7 +162,8 @@ class ReconstructOptions:
     write_vertices: bool = True
     """Store the final per-frame mesh (T, V, 3) float16 in the result."""
     fov_deg: float | None = None
-    """Vertical field of view of the camera, degrees; None uses FitConfig.fov_deg."""
+    """Vertical field of view of the camera, degrees; None estimates it from the clip
+    (avface.fit.estimate_fov; FitConfig.fov_deg where too few frames have a trusted face)."""
     cache_dir: str | None = None
     """Where tracking is cached; None uses ~/.cache/avface (or $AVFACE_CACHE_DIR)."""
     networks_checkpoint: str | None = "default"

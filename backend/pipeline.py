@@ -29,14 +29,14 @@ from .avstage import NetworkRun, refine_lips, run_networks
 from .config import ReconstructOptions
 from .confidence import visual_confidence
 from .errors import CancelledError, InputError, MediaError
-from .fit import CoarseFit, fit_default, fit_metrics, fit_model
+from .fit import CameraEstimate, CoarseFit, estimate_fov, fit_default, fit_metrics, fit_model
 from .result import ensure_writable, write_result
 from .tracking import Tracking, track
 from avface.models.registry import available_models, load_model  # noqa: F401  (the service's workers ask the pipeline)
 
 log = logging.getLogger(__name__)
 
-STAGES = ("probe", "tracking", "audio", "confidence", "networks", "fit", "lips", "detail", "export", "preview")
+STAGES = ("probe", "tracking", "audio", "confidence", "camera", "networks", "fit", "lips", "detail", "export", "preview")
 Progress = Callable[[str, float, str], None]
 
 
@@ -104,12 +104,15 @@ def reconstruct(
         features = _speech(inputs, tracking.n_frames, run)
     with run.stage("confidence"):
         conf, occluded = visual_confidence(tracking)
+    with run.stage("camera"):
+        camera = _camera(tracking, conf, options)
+    fit_cfg = dataclasses.replace(options.fit, fov_deg=camera.fov_deg)
     net = None
     if checkpoint is not None and tracking.detected.any():  # no face at all: the fit says so
         with run.stage("networks"):
-            net = _networks(checkpoint, tracking, features, conf, options, run)
+            net = _networks(checkpoint, tracking, features, conf, fit_cfg, options, run)
     with run.stage("fit"):
-        fit, metrics = _fit(model, tracking, conf, options, run, net)
+        fit, metrics = _fit(model, tracking, conf, fit_cfg, options, run, net)
     log.info("coarse fit: NME %.2f %% (lips %.2f %%) of the inter-ocular distance", metrics["nme"], metrics["nme_lips"])
     lips = None
     if net is not None and options.networks.lips:
@@ -120,7 +123,8 @@ def reconstruct(
         with run.stage("detail"):
             detail = _detail(inputs, tracking, fit, lips, conf, net, options, run)
     with run.stage("export"):
-        arrays, meta = _assemble(inputs, tracking, features, fit, metrics, conf, occluded, options, run, net, lips)
+        arrays, meta = _assemble(inputs, tracking, features, fit, metrics, conf, occluded, options, run, net, lips,
+                                 camera)
         (out_dir / "config.yaml").write_text(yaml.safe_dump(options.to_dict(), sort_keys=False))
         from .detail import clear_detail, write_detail
 
@@ -193,8 +197,11 @@ def _speech(inputs: _Inputs, n_frames: int, run: _Run):
                                       transcript=inputs.transcript, progress=lambda f: run.report("audio", f, "phones"))
 
 
-def _fit_config(options: ReconstructOptions):
-    return options.fit if options.fov_deg is None else dataclasses.replace(options.fit, fov_deg=options.fov_deg)
+def _camera(tracking: Tracking, conf: np.ndarray, options: ReconstructOptions) -> CameraEstimate:
+    """The user's field of view, or one estimated from the clip's trusted frames."""
+    if options.fov_deg is not None:
+        return CameraEstimate(float(options.fov_deg), False)
+    return estimate_fov(tracking, conf, options.fit)
 
 
 def _load_networks(options: ReconstructOptions):
@@ -211,10 +218,10 @@ def _load_networks(options: ReconstructOptions):
     return load_checkpoint(options.networks_checkpoint)
 
 
-def _networks(checkpoint, tracking: Tracking, features, conf: np.ndarray, options: ReconstructOptions,
+def _networks(checkpoint, tracking: Tracking, features, conf: np.ndarray, fit_cfg, options: ReconstructOptions,
               run: _Run) -> NetworkRun:
     """Evidence -> (adaptation, seeded) -> the networks' pose and lower-face landmarks."""
-    return run_networks(checkpoint, tracking, features, conf, fov_deg=_fit_config(options).fov_deg,
+    return run_networks(checkpoint, tracking, features, conf, fov_deg=fit_cfg.fov_deg,
                         config=options.networks, device=options.device, report=run.progress_of("networks"))
 
 
@@ -223,9 +230,8 @@ def _lips(net: NetworkRun, fit: CoarseFit, options: ReconstructOptions):
     return refine_lips(net, fit, device=options.device)
 
 
-def _fit(model, tracking: Tracking, conf: np.ndarray, options: ReconstructOptions, run: _Run,
+def _fit(model, tracking: Tracking, conf: np.ndarray, fit_cfg, options: ReconstructOptions, run: _Run,
          net: NetworkRun | None = None) -> tuple[CoarseFit, dict]:
-    fit_cfg = _fit_config(options)
     net_points = net.points if net is not None else None
     if model is None:
         fit = fit_default(tracking, fit_cfg, mouth_conf=conf, net_points=net_points,
@@ -253,7 +259,7 @@ def _detail(inputs: _Inputs, tracking: Tracking, fit: CoarseFit, lips, conf: np.
 
 def _assemble(inputs: _Inputs, tracking: Tracking, features, fit: CoarseFit, metrics: dict, conf: np.ndarray,
               occluded: np.ndarray, options: ReconstructOptions, run: _Run, net: NetworkRun | None = None,
-              lips=None) -> tuple[dict, dict]:
+              lips=None, camera: CameraEstimate | None = None) -> tuple[dict, dict]:
     info, start = inputs.info, inputs.start
     src = ResultSource(
         fps=info.fps, width=info.width, height=info.height, audio_present=inputs.wave is not None,
@@ -265,6 +271,8 @@ def _assemble(inputs: _Inputs, tracking: Tracking, features, fit: CoarseFit, met
         "transcript_aligned": bool(features.aligned) if features is not None else False,
         "device": options.device,
     }
+    if camera is not None:
+        extra["camera"] = camera.to_meta()
     if net is not None:
         extra["networks"] = dict(net.meta, lips=lips is not None)
     return build_result(fit, tracking, conf, occluded, features.activity if features is not None else None, src,

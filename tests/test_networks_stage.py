@@ -50,6 +50,9 @@ def test_result_with_lips_validates_round_trips_and_repeats(clip, checkpoint, tm
     a = r.arrays
     assert "networks" in meta["stages_run"] and meta["stage_seconds"]["networks"] > 0
     assert "lips" in meta["stages_run"] and meta["stage_seconds"]["lips"] > 0
+    # the field of view the caller gave is used as given, not estimated
+    assert meta["camera"]["estimated"] is False
+    assert meta["camera"]["fov_deg"] == pytest.approx(math.degrees(2 * math.atan(clip.height / 2.0 / clip.K[1, 1])), abs=0.01)
     net = meta["networks"]
     assert net["checkpoint_sha256"] and net["lips"] and net["adapt"]["steps"] == 4
     assert len(net["adapt"]["train_losses"]) == 4 and all(math.isfinite(v) for v in net["adapt"]["train_losses"])

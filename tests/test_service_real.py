@@ -16,7 +16,7 @@ from service_util import ServerProcess, wait_for
 pytestmark = pytest.mark.slow
 
 DEMO_SECONDS = 2.0
-PIPELINE_STAGES = ["probe", "tracking", "audio", "confidence", "networks", "fit", "lips", "detail", "export"]
+PIPELINE_STAGES = ["probe", "tracking", "audio", "confidence", "camera", "networks", "fit", "lips", "detail", "export"]
 """What a job with the default options runs, in order (the fine stage is on by default)."""
 
 
@@ -76,6 +76,9 @@ def test_demo_clip_by_path_and_as_bytes(server, demo, tmp_path):
         assert (run.result_path.parent / "config.yaml").exists()
         # the default job has the fine stage's maps, fetched beside the result
         assert metas[key]["detail"]["n_maps"] == demo.n_frames
+        # no field of view given: the job estimated the demo camera's (40 degrees) from the video
+        cam = metas[key]["camera"]
+        assert cam["estimated"] and 25.0 < cam["fov_deg"] < 55.0, cam
         assert len(list((run.result_path.parent / "detail").glob("frame_*.png"))) == demo.n_frames
     assert client.status(runs["bytes"].job_id)["video"]["mode"] == "upload"
     a, b = load_result(runs["path"].result_path), load_result(runs["bytes"].result_path)

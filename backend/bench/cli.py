@@ -34,6 +34,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-plots", action="store_true", help="metrics.json and report.md only")
     p.add_argument("--no-strip", action="store_true", help="skip the side-by-side strip video")
     p.add_argument("--cache-dir", help="tracking and variant cache (default OUT/cache)")
+    p.add_argument("--fov", type=float, metavar="DEG", help="every clip's vertical field of view "
+                   "(default: each clip's own estimate, as reconstruct makes it)")
     p.add_argument("--plugin", action="append", default=[], metavar="MODULE",
                    help="import MODULE first, so the methods it registers can run (repeatable)")
     p.add_argument("--networks", metavar="CKPT", help="networks checkpoint for the audio-visual methods "
@@ -62,6 +64,7 @@ def cmd_bench(args) -> int:
     cfg = BenchConfig(seed=args.seed, methods=_methods_arg(args.methods),
                       clip_ids=_methods_arg(args.clips), synth_clips=max(0, args.synth),
                       synth_duration_s=args.synth_seconds, plots=not args.no_plots, strip=not args.no_strip,
+                      fov_deg=args.fov,
                       cache_dir=args.cache_dir, plugins=tuple(args.plugin))
     out = Path(args.output)
     t0 = time.perf_counter()

@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
 """Version of metrics.json's layout; bumped when a reader would have to change."""
 
-STAGES = ("probe", "decode", "tracking", "audio", "confidence", "fit", "networks", "export")
+STAGES = ("probe", "decode", "tracking", "audio", "confidence", "camera", "fit", "networks", "export")
 """Stages whose real-time factor is reported. ``decode`` is a decode-only pass shown for
 reference: the pipeline decodes while it tracks, so ``tracking`` already includes it and
 ``decode`` never counts towards a total. ``networks`` has no method yet."""
@@ -139,6 +139,9 @@ class BenchConfig:
     """Tracking and variant cache; None: OUT/cache."""
     plugins: tuple[str, ...] = ()
     """Extra modules that register methods."""
+    fov_deg: float | None = None
+    """Every clip's vertical field of view, degrees; None estimates each clip's from its clean
+    clip, as reconstruct does (avface.fit.estimate_fov)."""
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     fit: FitConfig = field(default_factory=FitConfig)
 
@@ -333,13 +336,14 @@ def bench_real_clip(clip: Clip, methods: list[Method], cfg: BenchConfig, cache: 
     with _timed(bench_time, "variant_tracking"):
         for v in VARIANTS:
             trackings[v] = _track_variant(paths[v], n, cfg, cache)
-    inputs = _method_inputs(clip.id, trackings, features, wave, fps, cfg.fit, stage,
+    fit_cfg, camera = _clip_camera(clean, cfg, stage)
+    inputs = _method_inputs(clip.id, trackings, features, wave, fps, fit_cfg, stage,
                             videos={"clean": clip.video, **{v: paths[v] for v in VARIANTS}})
-    _warm_up(clean, cfg.fit)
+    _warm_up(clean, fit_cfg)
     with _timed(bench_time, "methods"):
         outs = _run_all(methods, inputs)
 
-    ctx = _real_context(clip.id, info, plan, inputs, stage, cfg.fit)
+    ctx = _real_context(clip.id, info, plan, inputs, stage, fit_cfg)
     rss, cuda = peak_rss_mb(), _cuda_peak_mb()
     records: list[dict] = []
     series: dict[str, np.ndarray] = {"fps": np.array(fps), "n_frames": np.array(n)}
@@ -361,7 +365,7 @@ def bench_real_clip(clip: Clip, methods: list[Method], cfg: BenchConfig, cache: 
                     series[f"lip_open_{m.name}_{v}"] = 1000.0 * M.lip_opening(o[v].vertices)
     _add_ratios(records, clip.id, [m.name for m in methods])
     strip = _strip_data(plan, outs, paths, info, records, clip.id)
-    return ClipResult(clip.id, "real", records, _real_clip_info(clip, ctx, features, bench_time), series, strip,
+    return ClipResult(clip.id, "real", records, _real_clip_info(clip, ctx, features, bench_time, camera), series, strip,
                       _detail_pictures(ctx, methods, outs))
 
 
@@ -401,6 +405,29 @@ def _measure_front_end(clip: Clip, cfg: BenchConfig, cache: Path, stage: dict):
         audio_path = clip.audio if clip.audio is not None else (clip.video if info.has_audio else None)
         wave, features = _read_speech(audio_path, clean.n_frames, float(info.fps))
     return info, clean, wave, features
+
+
+def _clip_camera(tracking: Tracking, cfg: BenchConfig, stage: dict):
+    """(fit config, CameraEstimate) of a clip: BenchConfig.fov_deg, or the field of view
+    estimated on its clean clip as reconstruct estimates it (timed as the ``camera`` stage).
+    Every method and variant of the clip shares it, so a comparison within the clip is not
+    moved by the estimate."""
+    from avface.fit import CameraEstimate, estimate_fov
+
+    if cfg.fov_deg is not None:
+        camera = CameraEstimate(float(cfg.fov_deg), False)
+    else:
+        with _timed(stage, "camera"):
+            conf, _ = visual_confidence(tracking)
+            camera = estimate_fov(tracking, conf, cfg.fit)
+    return dataclasses.replace(cfg.fit, fov_deg=camera.fov_deg), camera
+
+
+def _true_fov(clip) -> float:
+    """The synthetic clip's own camera, vertical degrees."""
+    import math
+
+    return math.degrees(2 * math.atan(clip.height / 2.0 / clip.K[1, 1]))
 
 
 def _method_inputs(clip_id: str, trackings: dict[str, Tracking], features, wave, fps: float, fit_cfg: FitConfig,
@@ -520,7 +547,7 @@ def _speed_records(records: list[dict], ctx: _RealClip, m: Method, base: MethodO
                    rss: float, cuda: float | None) -> None:
     """Real-time factors of the stages this method needs, measured on the clean clip in this run."""
     cid, stage, duration = ctx.clip_id, ctx.stage, ctx.duration
-    secs = {s: stage[s] for s in ("probe", "decode", "tracking", "audio", "confidence")}
+    secs = {s: stage[s] for s in ("probe", "decode", "tracking", "audio", "confidence", "camera") if s in stage}
     secs["fit"] = (base.seconds, base.cpu_seconds)
     if "export" in m.stages and base.fit is not None:
         secs["export"] = _time_export(base, ctx.inputs["clean"], ctx.info, tmp)
@@ -540,7 +567,7 @@ def _speed_records(records: list[dict], ctx: _RealClip, m: Method, base: MethodO
         _rec(records, cid, m.name, "cuda_peak_mb", cuda)
 
 
-def _real_clip_info(clip: Clip, ctx: _RealClip, features, bench_time: dict) -> dict:
+def _real_clip_info(clip: Clip, ctx: _RealClip, features, bench_time: dict, camera) -> dict:
     info, inputs, clean = ctx.info, ctx.inputs, ctx.inputs["clean"]
     flagged = {v: float(inputs[v].occluded[ctx.occ_frames[v]].mean()) if ctx.occ_frames[v].any() else float("nan")
                for v in VARIANTS}
@@ -557,6 +584,7 @@ def _real_clip_info(clip: Clip, ctx: _RealClip, features, bench_time: dict) -> d
         "stage_cpu_seconds": {k: round(c, 4) for k, (_, c) in ctx.stage.items()},
         "bench_seconds": {k: round(w, 3) for k, (w, _) in bench_time.items()},
         "speech": features is not None,
+        "camera": camera.to_meta(),
     }
 
 
@@ -646,7 +674,8 @@ def bench_synth_clip(index: int, methods: list[Method], cfg: BenchConfig, out_di
     tr = track(info, config=cfg.tracking, cache_dir=cache / "tracking")
     n = min(tr.n_frames, clip.n_frames)
     wave, features = _read_speech(clip.wav_path, tr.n_frames, float(info.fps))
-    inp = _method_inputs(clip_id, {"synth": tr}, features, wave, float(info.fps), cfg.fit, {},
+    fit_cfg, camera = _clip_camera(tr, cfg, {})
+    inp = _method_inputs(clip_id, {"synth": tr}, features, wave, float(info.fps), fit_cfg, {},
                          videos={"synth": Path(clip.video_path)})
     outs = _run_all(methods, inp)
     gt = clip.gt_vertices[:n].astype(np.float64)
@@ -669,7 +698,8 @@ def bench_synth_clip(index: int, methods: list[Method], cfg: BenchConfig, out_di
     info_d = {"kind": "synth", "video": str(clip.video_path), "seed": seed, "n_frames": n, "fps": float(info.fps),
               "duration_s": n / float(info.fps), "width": info.width, "height": info.height,
               "occluder_span_s": list(clip.occluder_span_s) if clip.occluder_span_s else None,
-              "occluded_frames": int(occluded.sum()), "visible_frames": int(visible.sum()), "text": clip.text}
+              "occluded_frames": int(occluded.sum()), "visible_frames": int(visible.sum()), "text": clip.text,
+              "camera": camera.to_meta(), "camera_fov_true_deg": round(_true_fov(clip), 2)}
     return ClipResult(clip_id, "synth", records, info_d, series)
 
 

@@ -123,7 +123,7 @@ class Method:
 
 _REGISTRY: dict[str, Method] = {}
 
-DEFAULT_STAGES = ("probe", "tracking", "confidence", "fit", "export")
+DEFAULT_STAGES = ("probe", "tracking", "confidence", "camera", "fit", "export")
 
 
 def register_method(name: str, *, description: str, stages: tuple[str, ...] = DEFAULT_STAGES,

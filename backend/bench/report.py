@@ -122,6 +122,17 @@ def _occlusion_errors(doc: dict, real: list[str], methods: list[str]) -> list[st
     return L
 
 
+def _camera(ci: dict) -> str:
+    """The clip's vertical field of view as the methods used it: ``est.`` when estimated."""
+    cam = ci.get("camera")
+    if not cam:
+        return "n/a"
+    s = f"{cam['fov_deg']:.1f}" + (" est." if cam.get("estimated") else "")
+    if ci.get("camera_fov_true_deg") is not None:
+        s += f" (true {ci['camera_fov_true_deg']:.1f})"
+    return s
+
+
 def _occlusions(doc: dict, real: list[str]) -> list[str]:
     """Where the occluders went, and how many of their frames the confidence flagged."""
     L: list[str] = []
@@ -139,9 +150,9 @@ def _occlusions(doc: dict, real: list[str]) -> list[str]:
                      ", ".join(f"{a:.2f}–{b:.2f}" for a, b in occ["audio_only_spans_s"]) or "none",
                      f"{ci['occluded_frames']['hand']} / {ci['occluded_frames']['object']} / {ci['occluded_frames']['audio_only']}",
                      f"{_fmt(fl.get('hand'))} / {_fmt(fl.get('object'))} / {_fmt(fl.get('audio_only'))}",
-                     _fmt(fl.get("clean_false_positive")), f"{ci['still_frames']}"])
+                     _fmt(fl.get("clean_false_positive")), f"{ci['still_frames']}", _camera(ci)])
     L += _table(["clip", "s", "occluder spans", "object", "audio-only spans", "occl. frames h/o/a",
-                 "flagged h/o/a", "clean flagged", "still frames"], rows)
+                 "flagged h/o/a", "clean flagged", "still frames", "camera fov °"], rows)
     return L
 
 
@@ -218,16 +229,17 @@ def _synthetic(doc: dict, synth: list[str], methods: list[str]) -> list[str]:
     L: list[str] = []
     L += ["", "## Synthetic clips with ground truth", "",
           "Mean vertex error (mm, similarity-aligned per frame) / lip-vertex error (mm) on frames without the "
-          "occluder and on occluded frames.", ""]
+          "occluder and on occluded frames. The methods fit with the field of view estimated from the video, as "
+          "for the real clips, not with the renderer's own (shown in brackets).", ""]
     rows = []
     for c in synth:
         ci = doc["clip_info"][c]
-        row = [c, f"{ci['occluded_frames']}/{ci['n_frames']}"]
+        row = [c, f"{ci['occluded_frames']}/{ci['n_frames']}", _camera(ci)]
         for m in methods:
             row.append(f"{_fmt(_value(doc, c, m, 'mm_synth_visible'))} / {_fmt(_value(doc, c, m, 'mm_synth_lips_visible'))}"
                        f" → {_fmt(_value(doc, c, m, 'mm_synth_occluded'))} / {_fmt(_value(doc, c, m, 'mm_synth_lips_occluded'))}")
         rows.append(row)
-    L += _table(["clip", "occl. frames"] + [f"`{m}` vis. → occl." for m in methods], rows)
+    L += _table(["clip", "occl. frames", "camera fov °"] + [f"`{m}` vis. → occl." for m in methods], rows)
     return L
 
 

@@ -53,7 +53,7 @@ log = logging.getLogger(__name__)
 CHECKPOINT_ENV = "AVFACE_BENCH_NETWORKS"
 ADAPT_STEPS_ENV = "AVFACE_BENCH_ADAPT_STEPS"
 ADAPT_ENV = "AVFACE_BENCH_ADAPT"
-STAGES = ("probe", "tracking", "audio", "confidence", "networks", "fit", "export")
+STAGES = ("probe", "tracking", "audio", "confidence", "camera", "networks", "fit", "export")
 
 _LOADED: dict = {}
 _NO_CHECKPOINT = (f"{CHECKPOINT_ENV}=none turns the networks off; pass `avface bench --networks CKPT`, or leave "
