@@ -189,8 +189,10 @@ def fit_default(
 #: Fields of view (degrees, vertical) the camera estimate tries: telephoto interviews to webcams.
 FOV_CANDIDATES = (15.0, 20.0, 26.0, 33.0, 42.0, 53.0, 65.0)
 #: Frames the camera estimate fits (spread evenly over the trusted ones), and its L-BFGS steps.
-FOV_FRAMES = 40
-FOV_ITERATIONS = 20
+#: On the benchmark's 11 clips, 24 frames and 15 steps choose within 3 degrees of 40 and 20
+#: (0.6 s a clip against 1.1 s); 16 and 12 drift by up to 9 degrees.
+FOV_FRAMES = 24
+FOV_ITERATIONS = 15
 #: Fewer trusted frames than this: no estimate, FitConfig.fov_deg.
 FOV_MIN_FRAMES = 5
 

@@ -138,7 +138,14 @@ def test_writes_metrics_report_and_plots(runs):
     assert 0 < vals[("demo", "coarse_video", "nme_visible")] < 5
     report = (out / "report.md").read_text()
     assert "## Main table" in report and "| `interp` |" in report and "Lip-vertex error, precisely" in report
-    for name in ("lip_error_ratio.png", "stage_timing.png", "nme_ced.png", "lip_opening_demo.png",
+    # every clip's camera is estimated from its video, as reconstruct does; both are the
+    # demo renderer's 40-degree camera
+    for c in ("demo", f"synth_seed{SEED}"):
+        cam = on_disk["clip_info"][c]["camera"]
+        assert cam["estimated"] and 25.0 < cam["fov_deg"] < 55.0, (c, cam)
+    assert on_disk["clip_info"][f"synth_seed{SEED}"]["camera_fov_true_deg"] == pytest.approx(40.0)
+    assert ("demo", "coarse_video", "rtf_camera") in vals and ("demo", "tracker", "rtf_camera") not in vals
+    for name in ("lip_error_ratio.png", "stage_timing.png", "nme_ced.png", "camera_fov.png", "lip_opening_demo.png",
                  f"lip_opening_synth_seed{SEED}.png", "strip.mp4", "strip.png"):
         assert (out / "plots" / name).stat().st_size > 1000, name
     info = media.probe(out / "plots" / "strip.mp4")

@@ -226,11 +226,11 @@ def _truth_at_fov(fov_deg: float, t: int = 40):
 def test_camera_estimate_finds_the_field_of_view():
     """The face's own perspective gives the camera away: a telephoto and a webcam-like
     field of view are each found within 15 %, and both far from the 63-degree fallback."""
-    from avface.fit import estimate_fov
+    from avface.fit import FOV_FRAMES, estimate_fov
 
     for true_fov in (22.0, 50.0):
         est = estimate_fov(_truth_at_fov(true_fov))
-        assert est.estimated and est.frames == 40
+        assert est.estimated and est.frames == FOV_FRAMES
         assert abs(est.fov_deg - true_fov) < 0.15 * true_fov, (true_fov, est)
         # what it chose by: the quick fit's residual is clearly worse at the far candidates
         res = dict(zip(est.candidates_deg, est.residual_px))

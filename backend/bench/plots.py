@@ -210,6 +210,37 @@ def ced_plot(doc: dict, series: dict, path: Path) -> Path | None:
     return path
 
 
+def camera_plot(doc: dict, path: Path) -> Path | None:
+    """Each clip's camera estimate: the quick fit's reprojection error at each candidate field
+    of view (relative to its best), the chosen one marked, and the renderer's own for the
+    synthetic clips."""
+    cams = [(c, doc["clip_info"][c]) for c in doc["clips"]
+            if (doc["clip_info"][c].get("camera") or {}).get("residual_px")]
+    if not cams:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    cycle = _colours([c for c, _ in cams])
+    for c, ci in cams:
+        cam = ci["camera"]
+        x, r = np.asarray(cam["candidates_deg"]), np.asarray(cam["residual_px"])
+        style = "--" if ci.get("kind") == "synth" else "-"
+        ax.plot(x, r / r.min(), style, color=cycle[c], marker=".", label=f"{c}: {cam['fov_deg']:.0f}°")
+        ax.axvline(cam["fov_deg"], color=cycle[c], lw=0.8, alpha=0.5)
+        if ci.get("camera_fov_true_deg") is not None:
+            ax.plot([ci["camera_fov_true_deg"]], [1.0], "*", color=cycle[c], ms=10)
+    ax.axvline(63.0, color="k", lw=1, ls=":", label="63° (the old fixed guess)")
+    ax.set_xlabel("vertical field of view (degrees)")
+    ax.set_ylabel("reprojection error ÷ the clip's best")
+    ax.set_title("camera estimate per clip (dashed: synthetic, ★ its true field of view)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
+
+
 def write_all(doc: dict, series: dict, out_dir: Path) -> dict:
     """Write every plot; returns {name: path relative to the output folder's parent}."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -225,7 +256,7 @@ def write_all(doc: dict, series: dict, out_dir: Path) -> dict:
             written[f"lip_opening_{clip}"] = lip_opening_plot(clip, s, methods, p)
         elif kind == "synth":
             written[f"lip_opening_{clip}"] = synth_lip_plot(clip, s, methods, p)
-    for name, fn in (("lip_error_ratio", ratio_bars), ("stage_timing", timing_bars)):
+    for name, fn in (("lip_error_ratio", ratio_bars), ("stage_timing", timing_bars), ("camera_fov", camera_plot)):
         p = fn(doc, out_dir / f"{name}.png")
         if p is not None:
             written[name] = p

@@ -249,7 +249,7 @@ def _plots(doc: dict) -> list[str]:
     plots = doc.get("plots") or {}
     if plots:
         L += ["", "## Plots", ""]
-        for key in ("lip_error_ratio", "stage_timing", "nme_ced"):
+        for key in ("lip_error_ratio", "stage_timing", "nme_ced", "camera_fov"):
             if key in plots:
                 L += [f"![{key}]({plots[key]})", ""]
         strip = plots.get("strip")
