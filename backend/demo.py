@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from pathlib import Path
 
 import numpy as np
 
 from .evaluate import aligned_vertex_error
+from .geometry import fov_of
 from .config import ReconstructOptions
 from .pipeline import reconstruct
 from .result import load_result
@@ -53,9 +53,8 @@ def run_demo(out_dir: Path, *, seed: int = 0, duration_s: float = 6.0, preview: 
     clip = make_demo_clip(out_dir / "clip", seed=seed, duration_s=duration_s)
     if progress:
         progress("synthesise", 1.0, "done")
-    # The demo knows its camera; a user's clip gets the default field of view.
-    fov = math.degrees(2 * math.atan(clip.height / 2.0 / clip.K[1, 1]))
-    opts = ReconstructOptions(preview=preview, fov_deg=fov, cache_dir=str(out_dir / "cache"))
+    # The demo knows its camera; a user's clip gets one estimated from the video.
+    opts = ReconstructOptions(preview=preview, fov_deg=fov_of(clip.K, clip.height), cache_dir=str(out_dir / "cache"))
     path = reconstruct(clip.video_path, out_dir, opts, progress=progress)
     if hasattr(progress, "close"):
         progress.close()

@@ -27,6 +27,12 @@ def intrinsics_for(width: int, height: int, fov_deg: float, dtype=np.float32) ->
     return np.array([[f, 0, width / 2.0], [0, f, height / 2.0], [0, 0, 1]], dtype)
 
 
+def fov_of(k: np.ndarray, height: int) -> float:
+    """The vertical field of view, degrees, of intrinsics ``k`` for frames ``height`` pixels
+    high (the inverse of :func:`intrinsics_for`)."""
+    return math.degrees(2.0 * math.atan(height / 2.0 / float(k[1, 1])))
+
+
 def project(points_cam: np.ndarray, k: np.ndarray) -> np.ndarray:
     """(..., 3) camera-frame points to (..., 2) pixels."""
     z = np.maximum(points_cam[..., 2:3], 1e-6)

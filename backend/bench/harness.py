@@ -35,7 +35,7 @@ from avface.confidence import OCCLUDED_BELOW, mouth_visible, visual_confidence
 from avface.errors import AVFaceError, InputError
 from avface.jsonutil import json_safe
 from avface.result import ensure_writable
-from avface.geometry import project
+from avface.geometry import fov_of, project
 from avface.topology import LIPS
 from avface.tracking import Tracking, track
 
@@ -423,13 +423,6 @@ def _clip_camera(tracking: Tracking, cfg: BenchConfig, stage: dict):
     return dataclasses.replace(cfg.fit, fov_deg=camera.fov_deg), camera
 
 
-def _true_fov(clip) -> float:
-    """The synthetic clip's own camera, vertical degrees."""
-    import math
-
-    return math.degrees(2 * math.atan(clip.height / 2.0 / clip.K[1, 1]))
-
-
 def _method_inputs(clip_id: str, trackings: dict[str, Tracking], features, wave, fps: float, fit_cfg: FitConfig,
                    stage: dict, videos: dict[str, Path] | None = None) -> dict[str, MethodInput]:
     """One MethodInput per variant, with its visual confidence computed once (timed on the
@@ -699,7 +692,7 @@ def bench_synth_clip(index: int, methods: list[Method], cfg: BenchConfig, out_di
               "duration_s": n / float(info.fps), "width": info.width, "height": info.height,
               "occluder_span_s": list(clip.occluder_span_s) if clip.occluder_span_s else None,
               "occluded_frames": int(occluded.sum()), "visible_frames": int(visible.sum()), "text": clip.text,
-              "camera": camera.to_meta(), "camera_fov_true_deg": round(_true_fov(clip), 2)}
+              "camera": camera.to_meta(), "camera_fov_true_deg": round(fov_of(clip.K, clip.height), 2)}
     return ClipResult(clip_id, "synth", records, info_d, series)
 
 
