@@ -77,6 +77,21 @@ def test_adapt_runs_and_carries_detail_over_untrusted_texels():
     assert (res.displacement[:, ~r.mask] == 0).all()
 
 
+def test_a_batch_that_lost_frames_weighs_each_remaining_frame_as_a_full_one():
+    """Half of every batch untrusted: with frame_weight the first step's loss (before any
+    update, from the same seeded network) is half the plain batch mean, so the two frames
+    left teach the network no harder than in a batch of four."""
+    clip, verts, faces, r = _tiny_clip(n_frames=4)
+    trust = clip.trust.clone()
+    trust[2:] = 0
+    clip = fine.ClipUV(clip.image, trust)
+    first = {}
+    for weighted in (True, False):
+        cfg = FineAdaptConfig(steps=1, batch=4, holdout_stride=0, net=TINY_NET, frame_weight=weighted)
+        first[weighted] = adapt_clip(clip, verts, faces, r, None, cfg, predict=False).losses[0]
+    assert first[False] > 0 and first[True] == pytest.approx(0.5 * first[False], rel=1e-5)
+
+
 @pytest.mark.slow
 def test_detail_learnt_on_a_clip_explains_held_out_frames_and_ignores_a_hand():
     """The whole stage on a synthetic clip: 15 frames of the canonical face, yaw -30..30

@@ -152,8 +152,9 @@ def train_generic_fine(clips: list[DetailTrainingClip], model, raster, config: F
     for r in range(config.rounds):
         for i in rng.permutation(len(clips)):
             c = clips[i]
+            # frame_weight off: the recipe the shipped checkpoint's fine part was trained with
             cfg = FineAdaptConfig(steps=config.steps_per_clip, batch=config.batch, lr=config.lr, holdout_stride=0,
-                                  seed=int(rng.integers(1 << 31)), net=net.cfg)
+                                  seed=int(rng.integers(1 << 31)), net=net.cfg, frame_weight=False)
             extra = _height_term(c.height, config.height_weight) if config.height_weight > 0 else None
             res = adapt_clip(c.uv, c.vertices, faces, raster, c.audio, cfg, net=net, mirror=mirror,
                              shading_fit=c.shading_fit, predict=False, extra_loss=extra)
