@@ -336,10 +336,10 @@ def bench_real_clip(clip: Clip, methods: list[Method], cfg: BenchConfig, cache: 
     with _timed(bench_time, "variant_tracking"):
         for v in VARIANTS:
             trackings[v] = _track_variant(paths[v], n, cfg, cache)
+    _warm_up(clean, cfg.fit)  # before the camera's quick fits, which would pay torch's start-up
     fit_cfg, camera = _clip_camera(clean, cfg, stage)
     inputs = _method_inputs(clip.id, trackings, features, wave, fps, fit_cfg, stage,
                             videos={"clean": clip.video, **{v: paths[v] for v in VARIANTS}})
-    _warm_up(clean, fit_cfg)
     with _timed(bench_time, "methods"):
         outs = _run_all(methods, inputs)
 
