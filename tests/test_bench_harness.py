@@ -138,11 +138,13 @@ def test_writes_metrics_report_and_plots(runs):
     assert 0 < vals[("demo", "coarse_video", "nme_visible")] < 5
     report = (out / "report.md").read_text()
     assert "## Main table" in report and "| `interp` |" in report and "Lip-vertex error, precisely" in report
-    # every clip's camera is estimated from its video, as reconstruct does; both are the
-    # demo renderer's 40-degree camera
+    # every clip's camera is estimated from its video, as reconstruct does (how close it
+    # comes is test_fit's and test_service_real's: these clips are short and small), and
+    # the residuals it chose by are recorded
     for c in ("demo", f"synth_seed{SEED}"):
         cam = on_disk["clip_info"][c]["camera"]
-        assert cam["estimated"] and 25.0 < cam["fov_deg"] < 55.0, (c, cam)
+        assert cam["estimated"] and 15.0 <= cam["fov_deg"] <= 65.0, (c, cam)
+        assert len(cam["residual_px"]) == len(cam["candidates_deg"]) == 7 and min(cam["residual_px"]) > 0
     assert on_disk["clip_info"][f"synth_seed{SEED}"]["camera_fov_true_deg"] == pytest.approx(40.0)
     assert ("demo", "coarse_video", "rtf_camera") in vals and ("demo", "tracker", "rtf_camera") not in vals
     for name in ("lip_error_ratio.png", "stage_timing.png", "nme_ced.png", "camera_fov.png", "lip_opening_demo.png",
