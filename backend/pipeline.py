@@ -29,7 +29,7 @@ from .avstage import NetworkRun, refine_lips, run_networks
 from .config import ReconstructOptions
 from .confidence import visual_confidence
 from .errors import CancelledError, InputError, MediaError
-from .fit import CameraEstimate, CoarseFit, estimate_fov, fit_default, fit_metrics, fit_model
+from .fit import CameraEstimate, CoarseFit, clip_camera, fit_default, fit_metrics, fit_model
 from .result import ensure_writable, write_result
 from .tracking import Tracking, track
 from avface.models.registry import available_models, load_model  # noqa: F401  (the service's workers ask the pipeline)
@@ -105,7 +105,7 @@ def reconstruct(
     with run.stage("confidence"):
         conf, occluded = visual_confidence(tracking)
     with run.stage("camera"):
-        camera = _camera(tracking, conf, options)
+        camera = clip_camera(tracking, conf, options.fit, options.fov_deg)
     fit_cfg = dataclasses.replace(options.fit, fov_deg=camera.fov_deg)
     net = None
     if checkpoint is not None and tracking.detected.any():  # no face at all: the fit says so
@@ -195,13 +195,6 @@ def _speech(inputs: _Inputs, n_frames: int, run: _Run):
 
     return audio_mod.extract_features(inputs.wave, media.SAMPLE_RATE_HZ, n_frames, inputs.info.fps,
                                       transcript=inputs.transcript, progress=lambda f: run.report("audio", f, "phones"))
-
-
-def _camera(tracking: Tracking, conf: np.ndarray, options: ReconstructOptions) -> CameraEstimate:
-    """The user's field of view, or one estimated from the clip's trusted frames."""
-    if options.fov_deg is not None:
-        return CameraEstimate(float(options.fov_deg), False)
-    return estimate_fov(tracking, conf, options.fit)
 
 
 def _load_networks(options: ReconstructOptions):

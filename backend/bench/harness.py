@@ -412,14 +412,13 @@ def _clip_camera(tracking: Tracking, cfg: BenchConfig, stage: dict):
     estimated on its clean clip as reconstruct estimates it (timed as the ``camera`` stage).
     Every method and variant of the clip shares it, so a comparison within the clip is not
     moved by the estimate."""
-    from avface.fit import CameraEstimate, estimate_fov
+    from avface.fit import clip_camera
 
     if cfg.fov_deg is not None:
-        camera = CameraEstimate(float(cfg.fov_deg), False)
+        camera = clip_camera(tracking, None, cfg.fit, cfg.fov_deg)
     else:
         with _timed(stage, "camera"):
-            conf, _ = visual_confidence(tracking)
-            camera = estimate_fov(tracking, conf, cfg.fit)
+            camera = clip_camera(tracking, visual_confidence(tracking)[0], cfg.fit)
     return dataclasses.replace(cfg.fit, fov_deg=camera.fov_deg), camera
 
 
