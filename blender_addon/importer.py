@@ -29,6 +29,11 @@ ARMATURE_MODIFIER = "AVFace armature"
 UV_LAYER = "UVMap"
 
 
+CAMERA_ROLE = "camera"
+CLIP_START_M = 0.01
+CLIP_END_M = 100.0
+
+
 @dataclass
 class ImportedHead:
     mesh_object: object
@@ -36,6 +41,14 @@ class ImportedHead:
     collection: object
     frames: np.ndarray
     created: list = field(default_factory=list)
+    camera_object: object = None
+    """The camera that sees the head as the video's camera saw the face (None: not made)."""
+    video_clip: object = None
+    """The source video as a movie clip, behind the head in that camera's view (None: the
+    video was not found where the result says it was read from)."""
+    video_size: tuple | None = None
+    """(width, height) of the video when the scene renders at another size, which the
+    camera needs to match (the resolution was left as it was)."""
 
 
 class _Created:
@@ -62,17 +75,22 @@ class _Created:
 
 _DATA_COLLECTIONS = {"Object": "objects", "Mesh": "meshes", "Armature": "armatures", "Action": "actions",
                      "Image": "images", "ImageTexture": "textures", "Material": "materials",
-                     "Collection": "collections", "Key": "shape_keys"}
+                     "Collection": "collections", "Key": "shape_keys", "Camera": "cameras",
+                     "MovieClip": "movieclips"}
 
 
 def import_result(context, path: str | Path, *, first_frame: float | None = None, collection=None,
-                  name: str | None = None, set_frame_range: bool = True) -> ImportedHead:
+                  name: str | None = None, set_frame_range: bool = True, match_camera: bool = True,
+                  set_resolution: bool = True) -> ImportedHead:
     """Import ``path`` into ``collection`` (a new one under the scene's by default).
 
     ``first_frame``: the scene frame of source frame 0 (for a movie strip its ``frame_start``);
     default the scene's start frame minus the result's first source frame, so the result
-    starts at the scene's start. Raises :class:`io_result.ResultError` before creating
-    anything when the file is not a usable result.
+    starts at the scene's start. ``match_camera``: also make the video's camera, with the
+    source video behind the head in its view (and make it the scene's camera when the scene
+    has none); ``set_resolution``: set the scene's render resolution to the video's, which
+    the match needs. Raises :class:`io_result.ResultError` before creating anything when the
+    file is not a usable result.
     """
     head = io_result.read_result(path)
     scene = context.scene
@@ -84,12 +102,29 @@ def import_result(context, path: str | Path, *, first_frame: float | None = None
     created = _Created()
     try:
         imported = _build(context, head, frames, created, collection, name or Path(path).parent.name or "AVFace")
+        if match_camera and head.camera is not None:
+            source_zero = frames[0] - head.source_frame_start * scene_fps / head.fps
+            imported.camera_object, imported.video_clip = _camera(context, head, source_zero, created,
+                                                                  imported.collection, imported.mesh_object.name)
     except Exception:
         created.remove_all()
         raise
     if set_frame_range:
         scene.frame_start = int(np.floor(frames[0]))
         scene.frame_end = int(np.ceil(frames[-1]))
+    if imported.camera_object is not None:
+        render = scene.render
+        size = (head.camera.width, head.camera.height)
+        if set_resolution:
+            render.resolution_x, render.resolution_y = size
+            render.resolution_percentage = 100
+            render.pixel_aspect_x = render.pixel_aspect_y = 1.0
+        elif (render.resolution_x, render.resolution_y) != size or render.pixel_aspect_x != render.pixel_aspect_y:
+            imported.video_size = size
+            log.warning("%s: the scene renders at %dx%d, the video is %dx%d: the camera matches the video "
+                        "at the video's resolution", path, render.resolution_x, render.resolution_y, *size)
+        if scene.camera is None:
+            scene.camera = imported.camera_object
     imported.created = created.ids
     return imported
 
@@ -116,6 +151,43 @@ def _build(context, head: io_result.HeadData, frames: np.ndarray, created: _Crea
     arm_obj[ROLE_PROPERTY] = "armature"
     mesh_obj["avface_model"] = head.model
     return ImportedHead(mesh_obj, arm_obj, collection, frames)
+
+
+def _camera(context, head, source_zero: float, created, collection, name):
+    """(camera object, movie clip or None): the video's camera, and the video behind the head
+    in its view, its frame 0 at scene frame ``source_zero``."""
+    settings = head.camera
+    data = created.add(bpy.data.cameras.new(f"{name} camera"))
+    data.type = "PERSP"
+    data.sensor_fit = "HORIZONTAL"
+    data.sensor_width = settings.sensor_width_mm
+    data.lens_unit = "MILLIMETERS"
+    data.lens = settings.lens_mm
+    data.shift_x, data.shift_y = settings.shift_x, settings.shift_y
+    data.clip_start, data.clip_end = CLIP_START_M, CLIP_END_M
+    obj = created.add(bpy.data.objects.new(f"{name} camera", data))
+    collection.objects.link(obj)
+    obj.matrix_world = mathutils.Matrix(settings.matrix_world.tolist())
+    obj[HEAD_PROPERTY] = str(head.path)
+    obj[ROLE_PROPERTY] = CAMERA_ROLE
+    clip = None
+    video = head.video_path
+    if video is not None and video.is_file():
+        try:
+            clip = created.add(bpy.data.movieclips.load(str(video), check_existing=False))
+        except RuntimeError as e:  # a video Blender cannot read: the camera still matches
+            log.warning("%s: the video %s cannot be shown behind the head: %s", head.path, video, e)
+    elif video is not None:
+        log.info("%s: the video %s is not there; the camera is made without it", head.path, video)
+    if clip is not None:
+        clip.frame_start = int(round(source_zero))
+        bg = data.background_images.new()
+        bg.source = "MOVIE_CLIP"
+        bg.clip = clip
+        bg.frame_method = "FIT"
+        bg.alpha = 1.0
+        data.show_background_images = True
+    return obj, clip
 
 
 def _armature(context, head, created, collection, name):

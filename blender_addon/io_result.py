@@ -25,6 +25,14 @@ Shape-key values are kept within [-1, 1]: each key holds its basis vector scaled
 largest coefficient magnitude over the clip (``*_scale``), and the keyframes hold the
 coefficients divided by it, so no value is clamped by a slider range and FBX keeps them.
 
+The video's camera: the result's camera sits at the world origin looking down the world's -z
+(``extrinsics``), which Blender sees as a camera at its origin looking along +y, rotated +90
+degrees about x. Its ``intrinsics`` become a lens on a sensor 36 mm wide fitted to the
+frame's width, with the principal point's distance from the frame's centre as the lens
+shift (:func:`camera_settings`): looking through that camera at a scene whose resolution is
+the video's, the head lies on the video's face pixel for pixel (checked in real Blender by
+``tests/blender/bl_addon.py::camera_match``).
+
 Detail maps (``detail/``, 16-bit PNG or EXR, one per frame): the displacement along the normal
 is ``(value - midlevel) * metres_per_unit`` for a map value in [0, 1] (``meta.detail``;
 midlevel 0.5 when absent), which is what a Displace modifier with ``mid_level = midlevel``
@@ -33,6 +41,7 @@ and ``strength = metres_per_unit`` computes.
 from __future__ import annotations
 
 import json
+import logging
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +49,8 @@ from pathlib import Path
 import numpy as np
 
 from ._vendor import axes, kinematics
+
+log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 #: Custom properties for the per-frame confidence (exact names; the ARKit curves keep theirs).
@@ -126,6 +137,89 @@ class HeadData:
     """(T, 4, 4) world-to-camera."""
     correctives: tuple = ()
     """Pose correctives (FLAME): one :class:`Corrective` per entry of the pose feature."""
+    camera: "CameraSettings | None" = None
+    """The video's camera as Blender's camera settings; None when the result has no
+    intrinsics or frame size."""
+    video_path: Path | None = None
+    """The video the result was made from (``meta.source.path``), when it was recorded."""
+
+
+@dataclass(frozen=True)
+class CameraSettings:
+    """A Blender camera that sees what the video's camera saw (sensor fit: horizontal)."""
+
+    lens_mm: float
+    sensor_width_mm: float
+    shift_x: float
+    """Lens shift, in units of the frame's width (Blender's unit for a horizontal fit)."""
+    shift_y: float
+    width: int
+    """The video's frame size, pixels: the scene's render resolution for the match."""
+    height: int
+    matrix_world: np.ndarray
+    """(4, 4) the camera object's world matrix in Blender's frame."""
+    square_pixels: bool
+    """False when the intrinsics' fx and fy differ (the camera then follows fx)."""
+
+
+#: The sensor width of the camera the add-on makes (Blender's default, a full-frame 35 mm
+#: sensor), so that its focal length reads as a photographer's.
+SENSOR_WIDTH_MM = 36.0
+
+# A Blender camera looks down its local -z with y up; an OpenCV camera down +z with y down.
+_BLENDER_CAMERA_TO_OPENCV = np.diag([1.0, -1.0, -1.0, 1.0])
+
+
+def camera_settings(intrinsics: np.ndarray, width: int, height: int, extrinsic: np.ndarray,
+                    sensor_width_mm: float = SENSOR_WIDTH_MM) -> CameraSettings:
+    """Blender camera settings for pinhole ``intrinsics`` (3, 3) in continuous pixel
+    coordinates (the frame spans [0, width] x [0, height], y down) and the world-to-camera
+    ``extrinsic`` (4, 4).
+
+    With a horizontal sensor fit Blender's focal length in pixels is ``lens / sensor_width *
+    width``, and a lens shift of s moves the view window by s frame widths, so the optical
+    axis meets the image ``s * width`` from the centre: left of it for a positive
+    ``shift_x``, above it (Blender's y is up, pixel rows go down) for a positive ``shift_y``.
+    """
+    k = np.asarray(intrinsics, np.float64)
+    if k.shape != (3, 3) or not np.all(np.isfinite(k)) or k[0, 0] <= 0 or k[1, 1] <= 0:
+        raise ValueError(f"not pinhole intrinsics: {k.tolist()}")
+    if width < 1 or height < 1:
+        raise ValueError(f"frame size {width}x{height}")
+    fx, fy, cx, cy = k[0, 0], k[1, 1], k[0, 2], k[1, 2]
+    world_to_camera = np.asarray(extrinsic, np.float64)
+    blender_world = np.eye(4)
+    blender_world[:3, :3] = axes.WORLD_TO_BLENDER
+    # Blender camera-local -> OpenCV camera -> world -> Blender world
+    matrix = blender_world @ np.linalg.inv(world_to_camera) @ _BLENDER_CAMERA_TO_OPENCV
+    return CameraSettings(
+        lens_mm=float(fx * sensor_width_mm / width), sensor_width_mm=float(sensor_width_mm),
+        shift_x=float((width / 2.0 - cx) / width), shift_y=float((cy - height / 2.0) / width),
+        width=int(width), height=int(height), matrix_world=matrix,
+        square_pixels=bool(abs(fx - fy) <= 1e-6 * fx))
+
+
+def project_pixels(points_cam: np.ndarray, intrinsics: np.ndarray) -> np.ndarray:
+    """(N, 2) pixel positions of (N, 3) OpenCV camera-frame points through ``intrinsics``."""
+    p = np.asarray(points_cam, np.float64) @ np.asarray(intrinsics, np.float64).T
+    return p[:, :2] / p[:, 2:3]
+
+
+def _camera(path: Path, meta: dict, a: dict) -> CameraSettings | None:
+    width, height = meta.get("width"), meta.get("height")
+    if "intrinsics" not in a or not width or not height:
+        return None
+    extrinsics = np.asarray(a["extrinsics"], np.float64)
+    # the contract's camera sits still at the world origin; a moving one is not matched
+    if not np.allclose(extrinsics, extrinsics[:1], atol=1e-6):
+        log.warning("%s: the camera moves over the clip; the matched camera takes its first frame", path)
+    try:
+        cam = camera_settings(a["intrinsics"], int(width), int(height), extrinsics[0])
+    except ValueError as e:
+        raise ResultError(f"{path}: its camera cannot be matched: {e}") from e
+    if not cam.square_pixels:
+        log.warning("%s: the camera's pixels are not square; the matched camera follows fx", path)
+    return cam
 
 
 @dataclass(frozen=True)
@@ -362,6 +456,8 @@ def read_result(path: str | Path) -> HeadData:
         vertices=a.get("vertices"),
         extrinsics=np.asarray(a["extrinsics"], np.float64),
         correctives=_correctives(path, a, joint_names),
+        camera=_camera(path, meta, a),
+        video_path=Path(source["path"]) if source.get("path") else None,
     )
 
 

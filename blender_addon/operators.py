@@ -37,6 +37,10 @@ class AVFACE_OT_import_result(bpy.types.Operator, ImportHelper):
         description="Put the result's first frame at the scene's start frame (else at Frame)")
     frame: IntProperty(name="Frame", default=1, description="Scene frame of the result's first frame")
     set_frame_range: BoolProperty(name="Set the scene's frame range", default=True)
+    match_camera: BoolProperty(
+        name="Match the video's camera", default=True,
+        description="Make the camera the video was shot with, the video behind the head in its view, "
+                    "and set the render resolution to the video's")
 
     def execute(self, context):
         try:
@@ -48,7 +52,8 @@ class AVFACE_OT_import_result(bpy.types.Operator, ImportHelper):
                 start = int((meta.get("source") or {}).get("frame_start") or 0)
                 first = self.frame - start * scene_fps / float(meta["fps"])
             head = importer.import_result(context, self.filepath, first_frame=first,
-                                          set_frame_range=self.set_frame_range)
+                                          set_frame_range=self.set_frame_range, match_camera=self.match_camera,
+                                          set_resolution=self.match_camera)
         except io_result.ResultError as e:
             self.report({"ERROR"}, str(e))
             return {"CANCELLED"}
@@ -57,8 +62,12 @@ class AVFACE_OT_import_result(bpy.types.Operator, ImportHelper):
             self.report({"ERROR"}, f"Import failed: {e}")
             return {"CANCELLED"}
         _select_only(context, [head.mesh_object, head.armature_object], active=head.mesh_object)
+        camera = ""
+        if head.camera_object is not None:
+            camera = f"; camera {head.camera_object.name}" + ("" if head.video_clip is not None else
+                                                             " (the source video was not found: no backdrop)")
         self.report({"INFO"}, f"Imported {head.mesh_object.name}: {len(head.frames)} frames "
-                              f"at scene frames {head.frames[0]:g}-{head.frames[-1]:g}")
+                              f"at scene frames {head.frames[0]:g}-{head.frames[-1]:g}{camera}")
         return {"FINISHED"}
 
 

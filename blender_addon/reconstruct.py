@@ -306,9 +306,11 @@ class JobManager:
             return
         collection = scene.avface.collection
         try:
-            # the strip already sits in the scene's range: leave the editor's frame range alone
+            # the strip already sits in the scene's range and output size: leave the editor's
+            # frame range and resolution alone
             head = importer.import_result(context, Path(rec.out_dir) / "result.npz", first_frame=rec.first_frame,
-                                          collection=collection, name=Path(rec.video).stem, set_frame_range=False)
+                                          collection=collection, name=Path(rec.video).stem, set_frame_range=False,
+                                          set_resolution=False)
         except io_result.ResultError as e:
             self._finish(t, "failed", f"The backend's result cannot be imported: {e}")
             return
@@ -318,6 +320,9 @@ class JobManager:
             return
         t.imported = [head.mesh_object.name, head.armature_object.name]
         note = "" if rec.audio_present else " (video only: the strip has no sound)"
+        if head.video_size is not None:
+            note += (f"; the scene renders at another size than the video's {head.video_size[0]}x{head.video_size[1]}:"
+                     " set it to that for the camera to match")
         self._finish(t, "imported", f"Imported {head.mesh_object.name}{note}")
 
     def _finish(self, t: Tracked, state: str, message: str) -> None:

@@ -75,6 +75,29 @@ def rich_result(tmp_path_factory, real_result) -> Path:
     return write_result(out / "result.npz", a, meta)
 
 
+@pytest.fixture(scope="session")
+def offcentre_result(tmp_path_factory, real_result) -> Path:
+    """The real result seen by another camera: a longer lens, the principal point off the
+    centre both ways, a frame wider than high, and a source video that is no longer where
+    the result says (the camera is still matched, without the video behind it)."""
+    from avface.result import load_result, write_result
+
+    res = load_result(real_result)
+    a = dict(res.arrays)
+    k = np.asarray(a["intrinsics"], np.float64).copy()
+    k[0, 0] *= 1.3
+    k[1, 1] *= 1.3
+    k[0, 2] += 37.0
+    k[1, 2] -= 21.0
+    a["intrinsics"] = k.astype(np.float32)
+    meta = {key: v for key, v in res.meta.items() if key != "conventions"}
+    meta["width"] = int(meta["width"]) + 96
+    meta["source"] = dict(meta["source"], path=str(tmp_path_factory.mktemp("moved") / "gone.mp4"))
+    meta["detail"] = None  # the camera's check needs no displacement maps
+    out = tmp_path_factory.mktemp("addon-offcentre")
+    return write_result(out / "result.npz", a, meta)
+
+
 def damaged_copy(src: Path, dest_dir: Path) -> Path:
     """A result whose bytes are cut in half: what a crash mid-copy leaves."""
     dest_dir.mkdir(parents=True, exist_ok=True)

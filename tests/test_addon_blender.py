@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from addon_util import damaged_copy, demo_clip, flame_like_result, flame_result, real_result, rich_result  # noqa: F401 (fixtures)
+from addon_util import (damaged_copy, demo_clip, flame_like_result, flame_result, offcentre_result,  # noqa: F401 (fixtures)
+                        real_result, result_meta, rich_result)
 from blender_harness import blender, staged_addon  # noqa: F401 (fixtures)
 from export_util import WORLD_F32
 
@@ -26,6 +27,28 @@ def test_import_matches_result_vertices(blender, real_result):
     assert len(report["animated_properties"]) == 52 + 3
     # a default reconstruction has detail maps: they come in as the Displace modifier
     assert report.get("detail_maps") == report["n_frames"], report.get("detail_maps")
+
+
+def test_camera_puts_the_head_on_the_video_pixels(blender, real_result, offcentre_result):
+    """Looking through the imported camera, every vertex of the head lands where the result's
+    intrinsics project it (so on the face in the video), with the video behind it."""
+    meta = result_meta(real_result)
+    video_frames = int(meta["source"]["frame_end"]) - int(meta["source"]["frame_start"])
+    report = blender.run("bl_addon.py", "camera_match", result=str(real_result), frames=[0, 17],
+                         video_frames=video_frames)
+    for t, cam_px, stored_px in zip(report["frames"], report["max_px_camera"], report["max_px_stored"]):
+        assert cam_px < 0.01, f"frame {t}: Blender's camera projects {cam_px:.3g} px away from the intrinsics"
+        assert stored_px < 0.5, f"frame {t}: the head lands {stored_px:.3g} px off the result's own vertices"
+    assert report["clip_size"] == [meta["width"], meta["height"]]
+    assert report["clip_frames"] == video_frames and report["clip_frame_start"] == 1
+    # another camera: a longer lens, an off-centre principal point, a wide frame, no video
+    off = blender.run("bl_addon.py", "camera_match", result=str(offcentre_result), frames=[0, 17])
+    assert off["size"] == [meta["width"] + 96, meta["height"]] and off["backdrop"] == 0
+    # the focal length in pixels is 1.3x (the lens in mm is fitted to the wider frame)
+    assert off["lens_mm"] * off["size"][0] == pytest.approx(1.3 * report["lens_mm"] * report["size"][0], rel=1e-5)
+    assert abs(off["shift"][0]) > 0.02 and abs(off["shift"][1]) > 0.02  # 11 px right of the centre, 21 px above
+    for t, cam_px in zip(off["frames"], off["max_px_camera"]):
+        assert cam_px < 0.01, f"frame {t}: {cam_px:.3g} px off with an off-centre principal point"
 
 
 def test_import_lip_keys_and_detail_maps(blender, rich_result):

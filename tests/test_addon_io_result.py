@@ -219,3 +219,46 @@ def test_expression_joints_of_the_wrong_shape_are_refused(flame_result, tmp_path
     np.savez(tmp_path / "result.npz", **z)
     with pytest.raises(io_result.ResultError, match="expression_joints"):
         io_result.read_result(tmp_path / "result.npz")
+
+
+def test_camera_settings_of_the_pipelines_camera():
+    """A centred 40-degree camera of the pipeline: a 49.46 mm lens on a 36 mm sensor, no shift,
+    and a Blender camera at the origin that looks along +y (the world's -z) with z up."""
+    from avface.assemble import _extrinsic
+    from avface.geometry import intrinsics_for
+
+    cam = io_result.camera_settings(intrinsics_for(256, 256, 40.0), 256, 256, _extrinsic())
+    assert cam.lens_mm == pytest.approx(18.0 / np.tan(np.radians(20.0)), rel=1e-6)
+    assert cam.shift_x == pytest.approx(0.0) and cam.shift_y == pytest.approx(0.0) and cam.square_pixels
+    m = cam.matrix_world
+    assert_close(m[:3, 3], np.zeros(3), what="camera position")
+    assert_close(m[:3, :3] @ [0, 0, -1], [0, 1, 0], what="viewing direction")  # Blender cameras look down local -z
+    assert_close(m[:3, :3] @ [0, 1, 0], [0, 0, 1], what="camera up")
+    # a wide frame: the focal length in pixels sets the lens against the frame's width
+    wide = io_result.camera_settings(intrinsics_for(320, 180, 40.0), 320, 180, _extrinsic())
+    assert wide.lens_mm == pytest.approx(90.0 / np.tan(np.radians(20.0)) * 36.0 / 320.0, rel=1e-6)
+
+
+def test_camera_shift_follows_the_principal_point():
+    """Blender shifts the view window in frame widths: the optical axis 32 px left of the
+    centre of a 320 px frame is a window shifted right by 0.1, and the axis 16 px below the
+    centre (rows go down) a window shifted up by 0.05. Real Blender checks the signs
+    (tests/blender/bl_addon.py::camera_match)."""
+    k = np.array([[400.0, 0, 160 - 32], [0, 400.0, 90 + 16], [0, 0, 1]])
+    cam = io_result.camera_settings(k, 320, 180, np.eye(4))
+    assert cam.shift_x == pytest.approx(0.1) and cam.shift_y == pytest.approx(0.05)
+    assert not io_result.camera_settings(np.diag([400.0, 380.0, 1.0]), 320, 180, np.eye(4)).square_pixels
+    with pytest.raises(ValueError, match="pinhole"):
+        io_result.camera_settings(np.zeros((3, 3)), 320, 180, np.eye(4))
+
+
+def test_real_result_has_its_camera(real_result):
+    """The camera read from a reconstruction is the one its meta records."""
+    head = io_result.read_result(real_result)
+    fov = np.radians(head.meta["camera"]["fov_deg"])
+    width, height = head.meta["width"], head.meta["height"]
+    assert head.camera is not None and (head.camera.width, head.camera.height) == (width, height)
+    # vertical fov -> horizontal focal length in mm on the 36 mm sensor
+    f_px = height / 2.0 / np.tan(fov / 2.0)
+    assert head.camera.lens_mm == pytest.approx(f_px * 36.0 / width, rel=1e-3)
+    assert head.video_path is not None and head.video_path.is_file()

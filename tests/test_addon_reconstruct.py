@@ -64,6 +64,8 @@ def test_end_to_end_from_a_movie_strip(blender, server, media, tmp_path):
     assert any(line.startswith("<") for line in panel["running"]) and "(avface.cancel)" in panel["running"]
     assert any(line.startswith("Imported") for line in panel["after"]), panel["after"]
     assert report["audio_present"] is True and "video only" not in report["message"]
+    # the editor's 1920x1080 output is left alone, and the message says the camera needs the video's size
+    assert "for the camera to match" in report["message"], report["message"]
     # progress reached the panel stage by stage (each tick sees the latest; a cached stage may pass unseen)
     assert "fit" in report["stages"] and len(report["stages"]) >= 3, report["stages"]
     assert len(report["animated_properties"]) == 55

@@ -1,5 +1,6 @@
 """Checks of the add-on inside Blender, called by tests/test_addon_blender.py."""
 import bpy
+import mathutils
 import numpy as np
 
 from bl_common import check_head, enable_addon, evaluated_world_vertices, fcurve_values, head_objects
@@ -137,4 +138,55 @@ def flame_armature(result, frames, world_f32=None):
         want = axes.world_to_blender(np.load(world_f32)[frames].astype(np.float64))
         report["max_error_f32_m"] = [float(np.abs(evaluated_world_vertices(mesh_obj, 1 + t) - want[i]).max())
                                      for i, t in enumerate(frames)]
+    return report
+
+
+def camera_match(result, frames, video_frames=None):
+    """The imported camera, looked through at the scene's resolution, puts the head's
+    evaluated vertices on the pixels where the result's intrinsics put them; with
+    ``video_frames``, the source video is behind the head in that view, frame 0 at the head's."""
+    from bpy_extras.object_utils import world_to_camera_view
+
+    from avface_blender import importer, io_result
+    from avface_blender._vendor import axes
+
+    enable_addon()
+    scene = bpy.context.scene
+    scene.frame_start = 1
+    out = bpy.ops.import_scene.avface_result(filepath=result)
+    assert out == {"FINISHED"}, out
+    head = io_result.read_result(result)
+    mesh_obj, _ = head_objects()
+    cams = [o for o in bpy.data.objects if o.get("avface_role") == importer.CAMERA_ROLE]
+    assert len(cams) == 1 and cams[0].type == "CAMERA", cams
+    cam = cams[0]
+    assert scene.camera == cam, "the scene had no camera: the match should become it"
+    width, height = int(head.meta["width"]), int(head.meta["height"])
+    assert (scene.render.resolution_x, scene.render.resolution_y) == (width, height)
+    k = np.asarray(np.load(result)["intrinsics"], np.float64)
+    ext = head.extrinsics
+    report = {"frames": [], "max_px_camera": [], "max_px_stored": [], "lens_mm": cam.data.lens,
+              "shift": [cam.data.shift_x, cam.data.shift_y], "size": [width, height]}
+    for t in frames:
+        world = evaluated_world_vertices(mesh_obj, 1 + t)
+        ndc = np.array([tuple(world_to_camera_view(scene, cam, mathutils.Vector(p))) for p in world])
+        assert (ndc[:, 2] > 0).all(), "the head is behind the camera"
+        got = np.stack([ndc[:, 0] * width, (1.0 - ndc[:, 1]) * height], axis=1)
+        # the same vertices into the result's camera frame, then through its intrinsics
+        model = world @ axes.WORLD_TO_BLENDER  # Blender -> model frame (an orthonormal matrix)
+        cam_pts = model @ ext[t, :3, :3].T + ext[t, :3, 3]
+        want = io_result.project_pixels(cam_pts, k)
+        stored = io_result.project_pixels(head.vertices[t].astype(np.float64), k)
+        report["frames"].append(int(t))
+        report["max_px_camera"].append(float(np.abs(got - want).max()))
+        report["max_px_stored"].append(float(np.abs(got - stored).max()))
+    bgs = cam.data.background_images
+    report["backdrop"] = len(bgs)
+    if video_frames is not None:
+        assert cam.data.show_background_images and len(bgs) == 1, len(bgs)
+        clip = bgs[0].clip
+        assert bgs[0].source == "MOVIE_CLIP" and clip is not None
+        report["clip_size"] = list(clip.size)
+        report["clip_frames"] = int(clip.frame_duration)
+        report["clip_frame_start"] = int(clip.frame_start)
     return report

@@ -91,7 +91,12 @@ def end_to_end(address, video, sound, frames, trim_start=0):
 
     _drive(watch)
     assert rec.state == "imported", (rec.state, rec.message)
-    assert _counts()["objects"] == before["objects"] + 2
+    assert _counts()["objects"] == before["objects"] + 3  # head, rig and the video's camera
+    cams = [o for o in bpy.data.objects if o.get("avface_role") == "camera"]
+    assert len(cams) == 1 and bpy.context.scene.camera == cams[0]
+    # the strip's video behind the head in the camera's view, its frame 0 where the strip's is
+    clip = cams[0].data.background_images[0].clip
+    assert os.path.samefile(bpy.path.abspath(clip.filepath), video) and clip.frame_start == STRIP_START, clip.frame_start
     report = check_head(os.path.join(rec.out_dir, "result.npz"), first_frame=STRIP_START, frames=frames)
     report.update(stages=stages, message=rec.message, job_id=rec.job_id, audio_present=rec.audio_present,
                   sound_strip=SOUND_STRIP, first_key_frame=float(_first_key(rec)))
