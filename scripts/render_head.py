@@ -4,6 +4,13 @@ CPU), for the README. Run it with a bpy venv's Python on any result:
     .venv/bin/avface demo -o out/demo --no-preview          # makes out/demo/result.npz
     .venv/bin/python build_addon.py --stage-only
     .venv-bpy/5.0.1/bin/python scripts/render_head.py out/demo/result.npz docs/images/addon_head.png
+
+``--through-camera`` renders instead through the camera the add-on imports (the video's own,
+``io_result.camera_settings``) at the video's resolution, and lays the head, half
+transparent, over the video's frame (read with the imageio-ffmpeg binary of ``.venv``):
+what an animator sees through that camera, the match at a glance::
+
+    .venv-bpy/5.0.1/bin/python scripts/render_head.py out/demo/result.npz docs/images/addon_camera.png --through-camera
 """
 from __future__ import annotations
 
@@ -24,6 +31,9 @@ def main() -> int:
     parser.add_argument("--size", type=int, default=256, help="pixels per frame (square)")
     parser.add_argument("--samples", type=int, default=24)
     parser.add_argument("--frames", type=int, nargs=3, help="three result frames (default: spread over the clip)")
+    parser.add_argument("--through-camera", action="store_true",
+                        help="render through the imported video camera, over the video's frames")
+    parser.add_argument("--opacity", type=float, default=0.45, help="the head's opacity over the video")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT / "build" / "addon"))
     import bpy  # first: addon_utils is on the path only once bpy is loaded
@@ -67,6 +77,8 @@ def main() -> int:
     centre = (points.min(0) + points.max(0)) / 2
     extent = float(np.max(points.max(0) - points.min(0)))
 
+    if args.through_camera:
+        return _through_camera(args, head, imported, scene_frames, frames)
     cam_data = bpy.data.cameras.new("camera")
     cam_data.type = "ORTHO"
     cam_data.ortho_scale = extent * 1.15
@@ -112,6 +124,64 @@ def main() -> int:
     out.file_format = "PNG"
     out.save()
     print(f"rendered result frames {frames} (scene frames {scene_frames}) to {args.output}")
+    return 0
+
+
+def _video_frame(video: Path, index: int, size: tuple[int, int]) -> np.ndarray:
+    """(H, W, 3) float RGB of frame ``index``, rows from the top, by ffmpeg (imageio-ffmpeg's binary)."""
+    import subprocess
+
+    binaries = sorted((ROOT / ".venv").glob("lib/python3*/site-packages/imageio_ffmpeg/binaries/ffmpeg*"))
+    if not binaries:
+        raise SystemExit("no ffmpeg: run `make setup` first (imageio-ffmpeg in .venv)")
+    w, h = size
+    raw = subprocess.run([str(binaries[0]), "-v", "error", "-i", str(video), "-vf", f"select=eq(n\\,{index}),scale={w}:{h}",
+                          "-frames:v", "1", "-f", "rawvideo", "-pix_fmt", "rgb24", "-"],
+                         capture_output=True, check=True).stdout
+    return np.frombuffer(raw[: w * h * 3], np.uint8).reshape(h, w, 3).astype(np.float32) / 255.0
+
+
+def _through_camera(args, head, imported, scene_frames, frames) -> int:
+    import bpy
+
+    scene = bpy.context.scene
+    if imported.camera_object is None or head.video_path is None or not head.video_path.is_file():
+        raise SystemExit(f"{args.result}: no camera or no source video to render over")
+    scene.camera = imported.camera_object
+    # the video's frame size, scaled down to --size pixels high when it is larger
+    scale = min(1.0, args.size / head.camera.height)
+    w, h = int(round(head.camera.width * scale)), int(round(head.camera.height * scale))
+    scene.render.engine = "BLENDER_WORKBENCH"
+    scene.display.shading.light = "STUDIO"
+    scene.display.shading.color_type = "SINGLE"
+    scene.display.shading.single_color = (0.25, 0.9, 0.45)  # a colour the skin never has
+    scene.render.film_transparent = True
+    scene.render.resolution_x, scene.render.resolution_y = w, h  # the same aspect: the camera still matches
+    scene.render.resolution_percentage = 100
+    scene.render.image_settings.file_format = "PNG"
+    scene.render.image_settings.color_mode = "RGBA"
+    tiles = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for f, t in zip(scene_frames, frames):
+            scene.frame_set(f)
+            scene.render.filepath = str(Path(tmp) / f"frame{f:04d}.png")
+            bpy.ops.render.render(write_still=True)
+            img = bpy.data.images.load(scene.render.filepath)
+            px = np.empty(w * h * 4, np.float32)
+            img.pixels.foreach_get(px)
+            bpy.data.images.remove(img)
+            render = px.reshape(h, w, 4)[::-1]  # rows from the top
+            video = _video_frame(head.video_path, head.source_frame_start + t, (w, h))
+            alpha = args.opacity * render[..., 3:4]
+            tiles.append(np.concatenate([video * (1 - alpha) + render[..., :3] * alpha, np.ones((h, w, 1))], axis=2))
+    strip = np.concatenate(tiles, axis=1)[::-1]  # back to Blender's rows from the bottom
+    out = bpy.data.images.new("strip", width=strip.shape[1], height=strip.shape[0], alpha=True)
+    out.pixels.foreach_set(strip.astype(np.float32).ravel())
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    out.filepath_raw = str(args.output)
+    out.file_format = "PNG"
+    out.save()
+    print(f"rendered result frames {frames} through the video's camera over the video to {args.output}")
     return 0
 
 
