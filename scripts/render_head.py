@@ -116,15 +116,21 @@ def main() -> int:
             img.pixels.foreach_get(px)
             tiles.append(px.reshape(args.size, args.size, 4))
             bpy.data.images.remove(img)
-    strip = np.concatenate(tiles, axis=1)  # (H, 3W, 4), rows from the bottom as Blender stores them
-    out = bpy.data.images.new("strip", width=strip.shape[1], height=strip.shape[0], alpha=True)
-    out.pixels.foreach_set(strip.ravel())
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    out.filepath_raw = str(args.output)
-    out.file_format = "PNG"
-    out.save()
+    _save_png(np.concatenate(tiles, axis=1), args.output)  # (H, 3W, 4), rows from the bottom as Blender stores them
     print(f"rendered result frames {frames} (scene frames {scene_frames}) to {args.output}")
     return 0
+
+
+def _save_png(pixels: np.ndarray, path: Path) -> None:
+    """Write (H, W, 4) float RGBA, rows from the bottom (Blender's order), as a PNG."""
+    import bpy
+
+    out = bpy.data.images.new("strip", width=pixels.shape[1], height=pixels.shape[0], alpha=True)
+    out.pixels.foreach_set(pixels.astype(np.float32).ravel())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    out.filepath_raw = str(path)
+    out.file_format = "PNG"
+    out.save()
 
 
 def _video_frame(video: Path, index: int, size: tuple[int, int]) -> np.ndarray:
@@ -174,13 +180,7 @@ def _through_camera(args, head, imported, scene_frames, frames) -> int:
             video = _video_frame(head.video_path, head.source_frame_start + t, (w, h))
             alpha = args.opacity * render[..., 3:4]
             tiles.append(np.concatenate([video * (1 - alpha) + render[..., :3] * alpha, np.ones((h, w, 1))], axis=2))
-    strip = np.concatenate(tiles, axis=1)[::-1]  # back to Blender's rows from the bottom
-    out = bpy.data.images.new("strip", width=strip.shape[1], height=strip.shape[0], alpha=True)
-    out.pixels.foreach_set(strip.astype(np.float32).ravel())
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    out.filepath_raw = str(args.output)
-    out.file_format = "PNG"
-    out.save()
+    _save_png(np.concatenate(tiles, axis=1)[::-1], args.output)  # back to Blender's rows from the bottom
     print(f"rendered result frames {frames} through the video's camera over the video to {args.output}")
     return 0
 
