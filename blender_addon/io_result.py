@@ -179,7 +179,8 @@ def camera_settings(intrinsics: np.ndarray, width: int, height: int, extrinsic: 
     With a horizontal sensor fit Blender's focal length in pixels is ``lens / sensor_width *
     width``, and a lens shift of s moves the view window by s frame widths, so the optical
     axis meets the image ``s * width`` from the centre: left of it for a positive
-    ``shift_x``, above it (Blender's y is up, pixel rows go down) for a positive ``shift_y``.
+    ``shift_x`` (the window moved right), below it for a positive ``shift_y`` (the window
+    moved up; pixel rows go down).
     """
     k = np.asarray(intrinsics, np.float64)
     if k.shape != (3, 3) or not np.all(np.isfinite(k)) or k[0, 0] <= 0 or k[1, 1] <= 0:
