@@ -104,8 +104,8 @@ def import_result(context, path: str | Path, *, first_frame: float | None = None
         imported = _build(context, head, frames, created, collection, name or Path(path).parent.name or "AVFace")
         if match_camera and head.camera is not None:
             source_zero = frames[0] - head.source_frame_start * scene_fps / head.fps
-            imported.camera_object, imported.video_clip = _camera(context, head, source_zero, created,
-                                                                  imported.collection, imported.mesh_object.name)
+            imported.camera_object, imported.video_clip = _camera(head, source_zero, created, imported.collection,
+                                                                  imported.mesh_object.name)
     except Exception:
         created.remove_all()
         raise
@@ -153,7 +153,7 @@ def _build(context, head: io_result.HeadData, frames: np.ndarray, created: _Crea
     return ImportedHead(mesh_obj, arm_obj, collection, frames)
 
 
-def _camera(context, head, source_zero: float, created, collection, name):
+def _camera(head, source_zero: float, created, collection, name):
     """(camera object, movie clip or None): the video's camera, and the video behind the head
     in its view, its frame 0 at scene frame ``source_zero``."""
     settings = head.camera

@@ -114,8 +114,9 @@ def clip_study(clip, seed: int, cache: Path, networks) -> dict[str, dict[str, fl
     paths = H._variant_paths(cache, clip.id)
     H._ensure_variants(info, plan, paths)
     trackings = {"clean": clean, **{v: H._track_variant(paths[v], clean.n_frames, cfg, cache) for v in VARIANTS}}
-    fit_cfg, _ = H._clip_camera(clean, cfg, {})
-    inputs = H._method_inputs(clip.id, trackings, feats, wave, float(info.fps), fit_cfg, {})
+    confidences = H._confidences(trackings, {})
+    fit_cfg, _ = H._clip_camera(clean, confidences["clean"][0], cfg, {})
+    inputs = H._method_inputs(clip.id, trackings, confidences, feats, wave, float(info.fps), fit_cfg)
 
     def evidence(v):
         return build_evidence(inputs[v].tracking, feats, mouth_conf=inputs[v].visual_conf, fov_deg=fit_cfg.fov_deg)

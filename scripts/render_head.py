@@ -151,7 +151,7 @@ def _through_camera(args, head, imported, scene_frames, frames) -> int:
     import bpy
 
     scene = bpy.context.scene
-    if imported.camera_object is None or head.video_path is None or not head.video_path.is_file():
+    if imported.video_clip is None:  # the importer found no camera or no video to put behind it
         raise SystemExit(f"{args.result}: no camera or no source video to render over")
     scene.camera = imported.camera_object
     # the video's frame size, scaled down to --size pixels high when it is larger

@@ -46,7 +46,7 @@ def test_camera_puts_the_head_on_the_video_pixels(blender, real_result, offcentr
     assert off["size"] == [meta["width"] + 96, meta["height"]] and off["backdrop"] == 0
     # the focal length in pixels is 1.3x (the lens in mm is fitted to the wider frame)
     assert off["lens_mm"] * off["size"][0] == pytest.approx(1.3 * report["lens_mm"] * report["size"][0], rel=1e-5)
-    assert abs(off["shift"][0]) > 0.02 and abs(off["shift"][1]) > 0.02  # 11 px right of the centre, 21 px above
+    assert abs(off["shift"][0]) > 0.02 and abs(off["shift"][1]) > 0.02  # 11 px left of the centre, 21 px above
     for t, cam_px in zip(off["frames"], off["max_px_camera"]):
         assert cam_px < 0.01, f"frame {t}: {cam_px:.3g} px off with an off-centre principal point"
 

@@ -337,8 +337,9 @@ def bench_real_clip(clip: Clip, methods: list[Method], cfg: BenchConfig, cache: 
         for v in VARIANTS:
             trackings[v] = _track_variant(paths[v], n, cfg, cache)
     _warm_up(clean, cfg.fit)  # before the camera's quick fits, which would pay torch's start-up
-    fit_cfg, camera = _clip_camera(clean, cfg, stage)
-    inputs = _method_inputs(clip.id, trackings, features, wave, fps, fit_cfg, stage,
+    confidences = _confidences(trackings, stage)
+    fit_cfg, camera = _clip_camera(clean, confidences["clean"][0], cfg, stage)
+    inputs = _method_inputs(clip.id, trackings, confidences, features, wave, fps, fit_cfg,
                             videos={"clean": clip.video, **{v: paths[v] for v in VARIANTS}})
     with _timed(bench_time, "methods"):
         outs = _run_all(methods, inputs)
@@ -407,32 +408,37 @@ def _measure_front_end(clip: Clip, cfg: BenchConfig, cache: Path, stage: dict):
     return info, clean, wave, features
 
 
-def _clip_camera(tracking: Tracking, cfg: BenchConfig, stage: dict):
+def _clip_camera(tracking: Tracking, mouth_conf: np.ndarray, cfg: BenchConfig, stage: dict):
     """(fit config, CameraEstimate) of a clip: BenchConfig.fov_deg, or the field of view
-    estimated on its clean clip as reconstruct estimates it (timed as the ``camera`` stage).
-    Every method and variant of the clip shares it, so a comparison within the clip is not
-    moved by the estimate."""
+    estimated on its clean clip (``mouth_conf``: that clip's visual confidence) as
+    reconstruct estimates it (timed as the ``camera`` stage). Every method and variant of the
+    clip shares it, so a comparison within the clip is not moved by the estimate."""
     from avface.fit import clip_camera
 
     if cfg.fov_deg is not None:
         camera = clip_camera(tracking, None, cfg.fit, cfg.fov_deg)
     else:
         with _timed(stage, "camera"):
-            camera = clip_camera(tracking, visual_confidence(tracking)[0], cfg.fit)
+            camera = clip_camera(tracking, mouth_conf, cfg.fit)
     return dataclasses.replace(cfg.fit, fov_deg=camera.fov_deg), camera
 
 
-def _method_inputs(clip_id: str, trackings: dict[str, Tracking], features, wave, fps: float, fit_cfg: FitConfig,
-                   stage: dict, videos: dict[str, Path] | None = None) -> dict[str, MethodInput]:
-    """One MethodInput per variant, with its visual confidence computed once (timed on the
-    clean clip); ``videos`` gives each variant's video file."""
-    inputs = {}
+def _confidences(trackings: dict[str, Tracking], stage: dict) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Each variant's (visual confidence, occluded flags), computed once for the camera and
+    the methods alike (timed as the ``confidence`` stage on the clean clip)."""
+    out = {}
     for v, tr in trackings.items():
         with _timed(stage if v == "clean" else {}, "confidence"):
-            conf, occluded = visual_confidence(tr)
-        inputs[v] = MethodInput(clip_id, v, tr, features, wave, fps, fit_cfg, conf, occluded,
-                                video=(videos or {}).get(v))
-    return inputs
+            out[v] = visual_confidence(tr)
+    return out
+
+
+def _method_inputs(clip_id: str, trackings: dict[str, Tracking], confidences: dict, features, wave, fps: float,
+                   fit_cfg: FitConfig, videos: dict[str, Path] | None = None) -> dict[str, MethodInput]:
+    """One MethodInput per variant, with its :func:`_confidences`; ``videos`` gives each
+    variant's video file."""
+    return {v: MethodInput(clip_id, v, tr, features, wave, fps, fit_cfg, *confidences[v], video=(videos or {}).get(v))
+            for v, tr in trackings.items()}
 
 
 def _real_context(clip_id: str, info, plan: OcclusionPlan, inputs: dict[str, MethodInput], stage: dict,
@@ -666,8 +672,9 @@ def bench_synth_clip(index: int, methods: list[Method], cfg: BenchConfig, out_di
     tr = track(info, config=cfg.tracking, cache_dir=cache / "tracking")
     n = min(tr.n_frames, clip.n_frames)
     wave, features = _read_speech(clip.wav_path, tr.n_frames, float(info.fps))
-    fit_cfg, camera = _clip_camera(tr, cfg, {})
-    inp = _method_inputs(clip_id, {"synth": tr}, features, wave, float(info.fps), fit_cfg, {},
+    confidences = _confidences({"synth": tr}, {})
+    fit_cfg, camera = _clip_camera(tr, confidences["synth"][0], cfg, {})
+    inp = _method_inputs(clip_id, {"synth": tr}, confidences, features, wave, float(info.fps), fit_cfg,
                          videos={"synth": Path(clip.video_path)})
     outs = _run_all(methods, inp)
     gt = clip.gt_vertices[:n].astype(np.float64)
