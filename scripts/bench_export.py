@@ -32,9 +32,18 @@ def main(argv=None) -> int:
     p.add_argument("--frames", type=int, default=1500)
     p.add_argument("--expressions", type=int, default=50)
     p.add_argument("--lips", type=int, default=16)
-    p.add_argument("--out", type=Path, help="keep the results and files here (default: a temporary folder)")
+    p.add_argument("--out", type=Path, help="keep the results and files here (default: a temporary "
+                                            "folder, removed at the end)")
     args = p.parse_args(argv)
-    root = args.out or Path(tempfile.mkdtemp(prefix="avface-bench-export-"))
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        return _run(args, args.out)
+    # The files of one run take about 225 MB: never leave them behind in /tmp.
+    with tempfile.TemporaryDirectory(prefix="avface-bench-export-") as tmp:
+        return _run(args, Path(tmp))
+
+
+def _run(args, root: Path) -> int:
     flame_dir = root / "flame"
     write_synthetic_flame(flame_dir, n_vertices=5000)
     t0 = time.perf_counter()
