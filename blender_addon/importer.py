@@ -30,6 +30,8 @@ UV_LAYER = "UVMap"
 
 
 CAMERA_ROLE = "camera"
+VIDEO_SIZE_PROPERTY = "avface_video_size"
+"""Custom property on the camera object: the video's (width, height), at which it matches."""
 CLIP_START_M = 0.01
 CLIP_END_M = 100.0
 
@@ -104,8 +106,8 @@ def import_result(context, path: str | Path, *, first_frame: float | None = None
         imported = _build(context, head, frames, created, collection, name or Path(path).parent.name or "AVFace")
         if match_camera and head.camera is not None:
             source_zero = frames[0] - head.source_frame_start * scene_fps / head.fps
-            imported.camera_object, imported.video_clip = _camera(head, source_zero, created, imported.collection,
-                                                                  imported.mesh_object.name)
+            imported.camera_object, imported.video_clip = _camera(head, source_zero, scene_fps, created,
+                                                                  imported.collection, imported.mesh_object.name)
     except Exception:
         created.remove_all()
         raise
@@ -144,7 +146,7 @@ def _build(context, head: io_result.HeadData, frames: np.ndarray, created: _Crea
     _correctives(head, mesh_obj, arm_obj)
     _animate(head, frames, mesh_obj, arm_obj, created)
     if head.detail is not None:
-        _detail(head, frames, mesh_obj, created, name)
+        _detail(head, frames, scene.render.fps / scene.render.fps_base, mesh_obj, created, name)
     for obj in (mesh_obj, arm_obj):
         obj[HEAD_PROPERTY] = str(head.path)
     mesh_obj[ROLE_PROPERTY] = "mesh"
@@ -153,9 +155,9 @@ def _build(context, head: io_result.HeadData, frames: np.ndarray, created: _Crea
     return ImportedHead(mesh_obj, arm_obj, collection, frames)
 
 
-def _camera(head, source_zero: float, created, collection, name):
+def _camera(head, source_zero: float, scene_fps: float, created, collection, name):
     """(camera object, movie clip or None): the video's camera, and the video behind the head
-    in its view, its frame 0 at scene frame ``source_zero``."""
+    in its view, its frame 0 at scene frame ``source_zero``, retimed to ``scene_fps``."""
     settings = head.camera
     data = created.add(bpy.data.cameras.new(f"{name} camera"))
     data.type = "PERSP"
@@ -170,6 +172,7 @@ def _camera(head, source_zero: float, created, collection, name):
     obj.matrix_world = mathutils.Matrix(settings.matrix_world.tolist())
     obj[HEAD_PROPERTY] = str(head.path)
     obj[ROLE_PROPERTY] = CAMERA_ROLE
+    obj[VIDEO_SIZE_PROPERTY] = [int(settings.width), int(settings.height)]
     clip = None
     video = head.video_path
     if video is not None and video.is_file():
@@ -180,7 +183,17 @@ def _camera(head, source_zero: float, created, collection, name):
     elif video is not None:
         log.info("%s: the video %s is not there; the camera is made without it", head.path, video)
     if clip is not None:
-        clip.frame_start = int(round(source_zero))
+        timing = io_result.retime(source_zero, fps=head.fps, scene_fps=scene_fps,
+                                  n_pictures=max(int(clip.frame_duration), 1))
+        if timing is None:
+            clip.frame_start = int(round(source_zero))
+        else:  # the scene's rate is not the video's: pick the picture nearest in time on each frame
+            # a clip shows picture (scene frame - frame_start) at each scene frame
+            starts = timing.scene - timing.index
+            clip.frame_start = int(starts[0])
+            keys = Channels(clip, f"{clip.name} timing")
+            created.add(keys.action)
+            keys.curve("frame_start", timing.scene, starts, interpolation="CONSTANT")
         bg = data.background_images.new()
         bg.source = "MOVIE_CLIP"
         bg.clip = clip
@@ -327,7 +340,9 @@ def _float_property(obj, name: str, lo: float, hi: float, description: str) -> N
     ui.update(min=lo, max=hi, soft_min=lo, soft_max=hi, description=description)
 
 
-def _detail(head, frames, mesh_obj, created, name):
+def _detail(head, frames, scene_fps, mesh_obj, created, name):
+    """The displacement maps as an image sequence, in the material (for renders) and in a
+    Displace modifier (for the viewport and export), map t shown at scene frame ``frames[t]``."""
     detail = head.detail
     first = detail.files[0]
     image = created.add(bpy.data.images.load(str(first), check_existing=False))
@@ -337,13 +352,27 @@ def _detail(head, frames, mesh_obj, created, name):
     digits = "".join(ch for ch in first.stem if ch.isdigit())
     number_of_first = int(digits) if digits else 1
 
-    def set_user(user):
-        user.frame_duration = head.n_frames
-        user.frame_start = int(round(frames[0]))
-        # the file shown at frame_start is numbered 1 + frame_offset
-        user.frame_offset = number_of_first - 1
+    timing = io_result.retime(float(frames[0]), fps=head.fps, scene_fps=scene_fps, n_pictures=head.n_frames)
+    if timing is not None:
+        # An image user shows file number min(scene frame - frame_start + 1, frame_duration)
+        # + frame_offset: key the offset so that each scene frame shows the map nearest in time.
+        offsets = number_of_first + timing.index - (timing.scene - timing.scene[0] + 1)
+
+    def set_user(user, owner, path):
         user.use_auto_refresh = True
         user.use_cyclic = False
+        if timing is None:
+            user.frame_duration = head.n_frames
+            user.frame_start = int(round(frames[0]))
+            # the file shown at frame_start is numbered 1 + frame_offset
+            user.frame_offset = number_of_first - 1
+            return
+        user.frame_duration = len(timing.scene)
+        user.frame_start = int(timing.scene[0])
+        user.frame_offset = int(offsets[0])
+        keys = Channels(owner, f"{name} detail timing")
+        created.add(keys.action)
+        keys.curve(f"{path}image_user.frame_offset", timing.scene, offsets, interpolation="CONSTANT")
 
     mat = created.add(bpy.data.materials.new(f"{name} skin"))
     mat.use_nodes = True
@@ -353,7 +382,7 @@ def _detail(head, frames, mesh_obj, created, name):
     tex.name = tex.label = "AVFace detail"
     tex.image = image
     tex.interpolation = "Linear"
-    set_user(tex.image_user)
+    set_user(tex.image_user, mat.node_tree, f'nodes["{tex.name}"].')
     uvmap = nodes.new("ShaderNodeUVMap")
     uvmap.uv_map = UV_LAYER
     links.new(uvmap.outputs["UV"], tex.inputs["Vector"])
@@ -368,7 +397,7 @@ def _detail(head, frames, mesh_obj, created, name):
 
     texture = created.add(bpy.data.textures.new(f"{name} detail", "IMAGE"))
     texture.image = image
-    set_user(texture.image_user)
+    set_user(texture.image_user, texture, "")
     mod = mesh_obj.modifiers.new(DETAIL_MODIFIER, "DISPLACE")
     mod.texture = texture
     mod.texture_coords = "UV"
@@ -391,3 +420,14 @@ def find_head(context):
             mesh = next((c for c in obj.children if c.get(ROLE_PROPERTY) == "mesh"), None)
             return mesh, obj
     return None, None
+
+
+def find_camera(mesh_obj):
+    """The video's camera imported with ``mesh_obj``'s head (same result, same collection), or None."""
+    if mesh_obj is None or HEAD_PROPERTY not in mesh_obj:
+        return None
+    for collection in mesh_obj.users_collection:
+        for obj in collection.objects:
+            if obj.get(ROLE_PROPERTY) == CAMERA_ROLE and obj.get(HEAD_PROPERTY) == mesh_obj[HEAD_PROPERTY]:
+                return obj
+    return None

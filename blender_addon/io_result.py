@@ -166,10 +166,6 @@ class CameraSettings:
 #: sensor), so that its focal length reads as a photographer's.
 SENSOR_WIDTH_MM = 36.0
 
-# A Blender camera looks down its local -z with y up; an OpenCV camera down +z with y down.
-_BLENDER_CAMERA_TO_OPENCV = np.diag([1.0, -1.0, -1.0, 1.0])
-
-
 def camera_settings(intrinsics: np.ndarray, width: int, height: int, extrinsic: np.ndarray,
                     sensor_width_mm: float = SENSOR_WIDTH_MM) -> CameraSettings:
     """Blender camera settings for pinhole ``intrinsics`` (3, 3) in continuous pixel
@@ -188,11 +184,10 @@ def camera_settings(intrinsics: np.ndarray, width: int, height: int, extrinsic: 
     if width < 1 or height < 1:
         raise ValueError(f"frame size {width}x{height}")
     fx, fy, cx, cy = k[0, 0], k[1, 1], k[0, 2], k[1, 2]
-    world_to_camera = np.asarray(extrinsic, np.float64)
     blender_world = np.eye(4)
     blender_world[:3, :3] = axes.WORLD_TO_BLENDER
-    # Blender camera-local -> OpenCV camera -> world -> Blender world
-    matrix = blender_world @ np.linalg.inv(world_to_camera) @ _BLENDER_CAMERA_TO_OPENCV
+    # Blender camera-local -> world -> Blender world
+    matrix = blender_world @ axes.camera_pose(extrinsic)
     return CameraSettings(
         lens_mm=float(fx * sensor_width_mm / width), sensor_width_mm=float(sensor_width_mm),
         shift_x=float((width / 2.0 - cx) / width), shift_y=float((cy - height / 2.0) / width),
@@ -306,6 +301,42 @@ def scene_frames(n_frames: int, *, fps: float, scene_fps: float, first_frame: fl
     if fps <= 0 or scene_fps <= 0:
         raise ValueError(f"frame rates must be positive, got fps={fps} scene_fps={scene_fps}")
     return first_frame + (source_frame_start + np.arange(n_frames, dtype=np.float64)) * (scene_fps / fps)
+
+
+@dataclass(frozen=True)
+class Retime:
+    """Which picture of a video or an image sequence to show at each whole scene frame, when
+    the scene's frame rate is not the source's.
+
+    Blender shows movie clips and image sequences one picture per scene frame, whatever their
+    own rate, while the head's keys are retimed to the scene's rate (:func:`scene_frames`).
+    At 24 fps a 30 fps video would play 1.25x too fast behind the head. ``scene`` holds the
+    whole scene frames from the first picture's to the last's, ``index`` the 0-based picture
+    nearest in time at each: the importer keys the clip's start or the image user's offset
+    (constant interpolation) so that Blender shows exactly that picture."""
+
+    scene: np.ndarray  # (S,) int64, consecutive whole scene frames
+    index: np.ndarray  # (S,) int64, 0-based source picture shown at each
+
+
+def retime(zero: float, *, fps: float, scene_fps: float, n_pictures: int) -> Retime | None:
+    """The pictures to show (see :class:`Retime`) for a source of ``n_pictures`` at ``fps``
+    whose picture 0 sits at scene frame ``zero`` (picture i at ``zero + i * scene_fps / fps``);
+    None when one picture per scene frame from a whole ``zero`` already shows the right one."""
+    if fps <= 0 or scene_fps <= 0:
+        raise ValueError(f"frame rates must be positive, got fps={fps} scene_fps={scene_fps}")
+    if n_pictures <= 0:
+        raise ValueError(f"a source needs at least one picture, got {n_pictures}")
+    ratio = fps / scene_fps
+    if abs(ratio - 1.0) < 1e-9 and abs(zero - round(zero)) < 1e-6:
+        return None
+    step = 1.0 / ratio  # scene frames per picture
+    first = int(np.floor(zero + 1e-9))
+    last = int(np.ceil(zero + (n_pictures - 1) * step - 1e-9))
+    scene = np.arange(first, last + 1, dtype=np.int64)
+    # nearest in time; halves round up (later picture), the same on every platform
+    index = np.floor((scene - zero) * ratio + 0.5 + 1e-9).astype(np.int64)
+    return Retime(scene, np.clip(index, 0, n_pictures - 1))
 
 
 def keyframe_co(frames: np.ndarray, values: np.ndarray) -> np.ndarray:

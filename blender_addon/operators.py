@@ -89,6 +89,10 @@ class AVFACE_OT_export_fbx(bpy.types.Operator, ExportHelper):
 
     filename_ext = ".fbx"
     filter_glob: StringProperty(default="*.fbx", options={"HIDDEN"})
+    include_camera: BoolProperty(
+        name="Include the video's camera", default=True,
+        description="Also export the camera the video was shot with (imported with the head), so that the "
+                    "head sits on the footage in the other tool too")
 
     @classmethod
     def poll(cls, context):
@@ -100,18 +104,24 @@ class AVFACE_OT_export_fbx(bpy.types.Operator, ExportHelper):
         if mesh is None or arm is None:
             self.report({"ERROR"}, "Select an imported AVFace head (its mesh or its armature)")
             return {"CANCELLED"}
+        camera = importer.find_camera(mesh) if self.include_camera else None
         try:
-            export_fbx(context, mesh, arm, self.filepath)
+            export_fbx(context, mesh, arm, self.filepath, camera=camera)
         except Exception as e:
             log.exception("FBX export failed")
             self.report({"ERROR"}, f"FBX export failed: {e}")
             return {"CANCELLED"}
-        self.report({"INFO"}, f"Exported {mesh.name} to {self.filepath}")
+        with_camera = f" with {camera.name}" if camera is not None else ""
+        self.report({"INFO"}, f"Exported {mesh.name}{with_camera} to {self.filepath}")
         return {"FINISHED"}
 
 
-def export_fbx(context, mesh, arm, filepath: str) -> None:
-    """Export ``mesh`` and ``arm`` with :data:`FBX_SETTINGS`; the selection is restored after."""
+def export_fbx(context, mesh, arm, filepath: str, camera=None) -> None:
+    """Export ``mesh`` and ``arm`` (and ``camera``, the video's) with :data:`FBX_SETTINGS`; the
+    selection and the render resolution are restored after.
+
+    Blender's FBX exporter writes a camera's film aspect from the scene's render resolution, so
+    the export runs at the video's size, at which the camera matches the video."""
     if not hasattr(bpy.ops.export_scene, "fbx"):
         import addon_utils
 
@@ -119,13 +129,28 @@ def export_fbx(context, mesh, arm, filepath: str) -> None:
     view_layer = context.view_layer
     selected = [o for o in view_layer.objects if o.select_get()]
     active = view_layer.objects.active
+    render = context.scene.render
+    saved = (render.resolution_x, render.resolution_y, render.resolution_percentage,
+             render.pixel_aspect_x, render.pixel_aspect_y)
+    settings = dict(FBX_SETTINGS)
+    objects = [mesh, arm]
+    if camera is not None:
+        settings["object_types"] = FBX_SETTINGS["object_types"] | {"CAMERA"}
+        objects.append(camera)
+        size = camera.get(importer.VIDEO_SIZE_PROPERTY)
+        if size is not None:
+            render.resolution_x, render.resolution_y = int(size[0]), int(size[1])
+            render.resolution_percentage = 100
+            render.pixel_aspect_x = render.pixel_aspect_y = 1.0
     try:
-        _select_only(context, [mesh, arm], active=mesh)
-        result = bpy.ops.export_scene.fbx(filepath=str(filepath), **FBX_SETTINGS)
+        _select_only(context, objects, active=mesh)
+        result = bpy.ops.export_scene.fbx(filepath=str(filepath), **settings)
         if "FINISHED" not in result:
             raise RuntimeError(f"the FBX exporter returned {result}")
     finally:
         _select_only(context, selected, active=active)
+        (render.resolution_x, render.resolution_y, render.resolution_percentage,
+         render.pixel_aspect_x, render.pixel_aspect_y) = saved
 
 
 class AVFACE_OT_retarget(bpy.types.Operator):

@@ -2,6 +2,7 @@
 result from the real pipeline, FBX round trip, retargeting."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from addon_util import (damaged_copy, demo_clip, flame_like_result, flame_result, offcentre_result,  # noqa: F401 (fixtures)
@@ -51,6 +52,30 @@ def test_camera_puts_the_head_on_the_video_pixels(blender, real_result, offcentr
         assert cam_px < 0.01, f"frame {t}: {cam_px:.3g} px off with an off-centre principal point"
 
 
+@pytest.mark.parametrize("scene_fps", [30, 24])
+def test_video_and_maps_keep_time_at_another_scene_rate(blender, rich_result, scene_fps):
+    """The head's keys are retimed to the scene's rate; Blender plays a movie clip and an
+    image sequence one picture per scene frame. At 30 fps (and 24) the 25 fps video behind the
+    head and the detail maps on it must still show, on each scene frame, the picture nearest
+    in time, not drift by a frame every few frames."""
+    report = blender.run("bl_addon.py", "retimed_sources", result=str(rich_result), scene_fps=scene_fps)
+    assert report["clip_fps"] == pytest.approx(25.0)
+    video = np.array(report["video"], np.float64)  # scene frame, source time, picture shown
+    inside = (video[:, 1] >= -0.5) & (video[:, 1] <= report["clip_frames"] - 0.5)
+    assert inside.sum() >= 25
+    off = np.abs(video[inside, 2] - video[inside, 1])
+    assert off.max() <= 0.5 + 1e-6, f"the video shows a picture {off.max():.2f} frames from the scene's time"
+    # one picture per scene frame from the start would have drifted out of that tolerance
+    naive = np.abs((video[inside, 0] - video[0, 0]) - video[inside, 1])
+    assert naive.max() > 1.0
+    maps = np.array(report["maps"], np.float64)  # scene frame, map time, map shown, its error, next best
+    assert len(maps) >= 25
+    assert (maps[:, 3] < 0.1 * maps[:, 4]).all(), "a frame's displacement matches no single map"
+    n_maps = int(result_meta(rich_result)["n_frames"])
+    want = np.clip(np.floor(maps[:, 1] + 0.5), 0, n_maps - 1)
+    assert np.array_equal(maps[:, 2], want), np.stack([maps[:, 0], maps[:, 1], maps[:, 2]], 1)[maps[:, 2] != want]
+
+
 def test_import_lip_keys_and_detail_maps(blender, rich_result):
     report = blender.run("bl_addon.py", "import_rich", result=str(rich_result))
     assert len(report["lip_keys"]) == 3
@@ -72,6 +97,10 @@ def test_fbx_round_trip_keeps_shape_key_and_bone_animation(blender, rich_result,
         assert key_err < 1e-3, f"frame {frame}: shape-key values differ by {key_err:.3g}"
         assert bone_err < 1e-4, f"frame {frame}: bone transforms differ by {bone_err:.3g}"
         assert vert_err < 1e-4, f"frame {frame}: vertices differ by {vert_err:.3g} m"
+    # the video's camera went along, at the video's size although the scene rendered at 1920x1080
+    assert report["n_cameras"] == 1
+    for frame, px in zip(report["frames"], report["camera_px"]):
+        assert px < 0.01, f"frame {frame}: through the FBX's camera the head is {px:.3g} px off the video's"
 
 
 def test_retarget_to_arkit_named_keys(blender, real_result):

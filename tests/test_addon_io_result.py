@@ -91,6 +91,29 @@ def test_scene_frames_and_keyframe_co():
     assert co.dtype == np.float32 and list(co[:4]) == pytest.approx([14, 0.1, 16, 0.2])
 
 
+def test_retime_picks_the_picture_nearest_in_time():
+    # the video's own rate from a whole frame: Blender's one picture per frame is already right
+    assert io_result.retime(10.0, fps=25.0, scene_fps=25.0, n_pictures=30) is None
+    # 25 fps shown at 30 fps: 30 pictures span 35 scene frames, some shown twice
+    r = io_result.retime(10.0, fps=25.0, scene_fps=30.0, n_pictures=30)
+    assert r.scene[0] == 10 and r.scene[-1] == 10 + 35 and np.all(np.diff(r.scene) == 1)
+    time = (r.scene - 10.0) * 25.0 / 30.0
+    assert np.abs(r.index - time).max() <= 0.5 + 1e-9
+    assert set(r.index.tolist()) == set(range(30)) and np.all(np.diff(r.index) >= 0)
+    # 30 fps shown at 24 fps from a fractional start: every picture nearest in time, some skipped
+    r = io_result.retime(3.4, fps=30.0, scene_fps=24.0, n_pictures=60)
+    time = (r.scene - 3.4) * 30.0 / 24.0
+    assert r.scene[0] == 3 and r.index[0] == 0  # before picture 0's time: held at 0
+    inside = (time >= 0) & (time <= 59)
+    assert np.abs(r.index[inside] - time[inside]).max() <= 0.5 + 1e-9
+    assert r.index.max() == 59 and len(set(r.index.tolist())) < 60
+    # the same rate from half a frame off: shifted by one, not left half a frame late
+    r = io_result.retime(4.5, fps=25.0, scene_fps=25.0, n_pictures=5)
+    assert r.scene.tolist() == [4, 5, 6, 7, 8, 9] and r.index.tolist() == [0, 1, 2, 3, 4, 4]
+    with pytest.raises(ValueError, match="positive"):
+        io_result.retime(0.0, fps=0.0, scene_fps=24.0, n_pictures=3)
+
+
 def test_unreadable_results_are_refused_with_a_reason(real_result, tmp_path):
     with pytest.raises(io_result.ResultError, match="does not exist"):
         io_result.read_result(tmp_path / "missing.npz")

@@ -43,3 +43,19 @@ def test_shape_errors_name_the_shape():
     import pytest
     with pytest.raises(ValueError, match=r"\(T, N, 3\)"):
         axes.camera_to_world(np.zeros((4, 3)), np.zeros((4, 4, 4)))
+
+
+def test_camera_pose_is_the_gl_camera_that_sees_what_the_extrinsic_sees():
+    from scipy.spatial.transform import Rotation
+    # the contract's camera: at the origin, looking down world -z, y up
+    np.testing.assert_allclose(axes.camera_pose(np.diag([1.0, -1.0, -1.0, 1.0])), np.eye(4), atol=1e-15)
+    rng = np.random.default_rng(2)
+    ext = np.eye(4)
+    ext[:3, :3] = Rotation.from_rotvec(rng.normal(size=3)).as_matrix()
+    ext[:3, 3] = rng.normal(size=3)
+    pose = axes.camera_pose(ext)
+    world = rng.normal(size=(5, 3))
+    cv = world @ ext[:3, :3].T + ext[:3, 3]  # OpenCV camera frame
+    local = (world - pose[:3, 3]) @ pose[:3, :3]  # the GL camera's own frame
+    np.testing.assert_allclose(local, cv * [1.0, -1.0, -1.0], atol=1e-12)  # same point, -z forward, y up
+    assert abs(np.linalg.det(pose[:3, :3]) - 1.0) < 1e-12  # a proper rotation: readers need one

@@ -59,3 +59,19 @@ def camera_to_world(points_cam: np.ndarray, extrinsics: np.ndarray) -> np.ndarra
 def camera_to_blender(points_cam: np.ndarray, extrinsics: np.ndarray) -> np.ndarray:
     """(T, N, 3) camera-frame points (a result's ``vertices``) -> (T, N, 3) in Blender's frame."""
     return world_to_blender(camera_to_world(points_cam, extrinsics))
+
+
+# A camera in Blender, USD and glTF looks down its local -z with y up; an OpenCV camera (the
+# result's ``extrinsics``) looks down +z with y down.
+GL_CAMERA_TO_OPENCV = np.diag([1.0, -1.0, -1.0, 1.0])
+
+
+def camera_pose(extrinsic: np.ndarray) -> np.ndarray:
+    """(4, 4) world-from-camera matrix, in the world frame, of the camera that looks down its
+    local -z with y up (Blender's, USD's and glTF's convention) and sees what the result's
+    world-to-camera ``extrinsic`` (4, 4, OpenCV) sees. For the contract's camera (at the
+    origin, looking down world -z) it is the identity."""
+    ext = np.asarray(extrinsic, np.float64)
+    if ext.shape != (4, 4):
+        raise ValueError(f"expected a (4, 4) extrinsic, got {ext.shape}")
+    return np.linalg.inv(ext) @ GL_CAMERA_TO_OPENCV

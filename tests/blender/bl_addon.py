@@ -52,9 +52,13 @@ def import_rich(result):
     from avface_blender import importer, io_result
 
     enable_addon()
+    scene = bpy.context.scene
+    # at the video's rate, one map per scene frame from the start (retimed_sources checks other rates)
+    scene.render.fps, scene.render.fps_base = 25, 1.0
     out = bpy.ops.import_scene.avface_result(filepath=result)
     assert out == {"FINISHED"}, out
     head = io_result.read_result(result)
+    assert head.fps == 25.0
     mesh_obj, arm_obj = head_objects()
     names = [k.name for k in mesh_obj.data.shape_keys.key_blocks]
     lips = [n for n in names if n.startswith("lip_")]
@@ -189,4 +193,56 @@ def camera_match(result, frames, video_frames=None):
         report["clip_size"] = list(clip.size)
         report["clip_frames"] = int(clip.frame_duration)
         report["clip_frame_start"] = int(clip.frame_start)
+    return report
+
+
+def _displacement_norms(imported, frame):
+    """(V,) how far the detail maps' Displace modifier moves each vertex at scene ``frame``."""
+    from avface_blender import importer
+
+    mod = imported.mesh_object.modifiers[importer.DETAIL_MODIFIER]
+    mod.show_viewport = False
+    plain = evaluated_world_vertices(imported.mesh_object, frame)
+    mod.show_viewport = True
+    return np.linalg.norm(evaluated_world_vertices(imported.mesh_object, frame) - plain, axis=1)
+
+
+def retimed_sources(result, scene_fps):
+    """In a scene whose rate is not the video's, the video behind the head and the detail maps
+    on it show, on each scene frame, the picture nearest in time to that frame, as the head's
+    retimed keys do. The maps are identified by what they do: each frame's displacement is
+    matched against the displacements of a reference import at the video's own rate."""
+    from avface_blender import importer, io_result
+
+    enable_addon()
+    head = io_result.read_result(result)
+    scene = bpy.context.scene
+    scene.frame_start = 1
+    # reference: at the video's rate, result frame t is scene frame 1 + t (the static timing)
+    scene.render.fps, scene.render.fps_base = int(round(head.fps)), 1.0
+    ref = importer.import_result(bpy.context, result, name="reference")
+    reference = np.stack([_displacement_norms(ref, 1 + t) for t in range(head.n_frames)])
+    for obj in (ref.mesh_object, ref.armature_object):
+        obj.hide_viewport = True  # out of the way; its keys do not touch the other head
+
+    scene.render.fps = int(scene_fps)
+    imported = importer.import_result(bpy.context, result, name="retimed", first_frame=10.0)
+    ratio = head.fps / scene_fps
+    source_zero = 10.0  # scene frame of source frame 0 (first_frame)
+    clip = imported.video_clip
+    assert clip is not None, "the source video was not found"
+    report = {"video": [], "maps": []}
+    last_map_frame = int(np.ceil(imported.frames[-1]))
+    for s in range(int(np.floor(imported.frames[0])), last_map_frame + 1):
+        scene.frame_set(s)
+        video_time = (s - source_zero) * ratio  # the source frame the scene frame stands for
+        report["video"].append([s, video_time, s - clip.frame_start])  # the clip shows picture s - start
+        norms = _displacement_norms(imported, s)
+        err = np.abs(reference - norms[None]).mean(axis=1)
+        shown = int(np.argmin(err))
+        second = float(np.partition(err, 1)[1]) if len(err) > 1 else float("inf")
+        map_time = video_time - head.source_frame_start
+        report["maps"].append([s, map_time, shown, float(err[shown]), second])
+    report["clip_fps"] = float(clip.fps)
+    report["clip_frames"] = int(clip.frame_duration)
     return report

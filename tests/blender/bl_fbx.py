@@ -46,7 +46,12 @@ def fbx_round_trip(result, fbx_path):
     has_displace = importer.DETAIL_MODIFIER in mesh_obj.modifiers
     # the FBX holds no modifiers, so compare against the head without its displacement
     before = _state(mesh_obj, arm_obj, skip_modifier=importer.DETAIL_MODIFIER if has_displace else None)
+    has_camera = importer.find_camera(mesh_obj) is not None
+    # the animator renders at another size: the camera must still go out at the video's
+    render = bpy.context.scene.render
+    render.resolution_x, render.resolution_y = 1920, 1080
     assert bpy.ops.avface.export_fbx(filepath=fbx_path) == {"FINISHED"}
+    assert (render.resolution_x, render.resolution_y) == (1920, 1080), "the export left the resolution changed"
     if has_displace:
         assert mesh_obj.modifiers[importer.DETAIL_MODIFIER].show_viewport, "the export left the Displace switched off"
 
@@ -75,7 +80,37 @@ def fbx_round_trip(result, fbx_path):
     k_first, k_last = after[0][0], after[-1][0]
     report["key_motion"] = max(abs(k_first[n] - k_last[n]) for n in k_first)
     report["vertex_motion_m"] = float(np.abs(after[0][2] - after[-1][2]).max())
+    cameras = [o for o in bpy.data.objects if o.type == "CAMERA"]
+    report["n_cameras"] = len(cameras)
+    if has_camera and len(cameras) == 1:
+        report["camera_px"] = _camera_px(result, mesh2, cameras[0])
     return report
+
+
+def _camera_px(result, mesh_obj, cam):
+    """Through the re-imported camera at the video's size: per checked frame, the largest
+    distance (pixels) between where Blender puts each evaluated vertex and where the result's
+    intrinsics and extrinsic put the same vertex."""
+    import mathutils
+    from bpy_extras.object_utils import world_to_camera_view
+
+    from avface_blender import io_result
+    from avface_blender._vendor import axes
+
+    head = io_result.read_result(result)
+    scene = bpy.context.scene
+    width, height = int(head.meta["width"]), int(head.meta["height"])
+    scene.render.resolution_x, scene.render.resolution_y, scene.render.resolution_percentage = width, height, 100
+    k = np.asarray(np.load(result)["intrinsics"], np.float64)
+    ext = head.extrinsics[0]
+    errors = []
+    for frame in FRAMES:
+        world = evaluated_world_vertices(mesh_obj, frame)
+        ndc = np.array([tuple(world_to_camera_view(scene, cam, mathutils.Vector(p))) for p in world])
+        got = np.stack([ndc[:, 0] * width, (1.0 - ndc[:, 1]) * height], axis=1)
+        q = ((world @ axes.WORLD_TO_BLENDER) @ ext[:3, :3].T + ext[:3, 3]) @ k.T
+        errors.append(float(np.abs(got - q[:, :2] / q[:, 2:3]).max()))
+    return errors
 
 
 def retarget(result):
