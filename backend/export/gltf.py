@@ -11,6 +11,10 @@ world frame, so no axis conversion):
   ``inverseBindMatrices`` undo it), ``JOINTS_n`` / ``WEIGHTS_n`` with every joint's weight;
 - one animation, sampled at the clip's frame rate (input times t / fps), LINEAR: the morph
   weights of the mesh node, and each joint's rotation and translation;
+- the video's camera, when the result has one: a perspective camera on node ``Camera`` whose
+  field of view and aspect put the head on the face in the video. glTF's cameras have no lens
+  shift, so a principal point off the frame's centre is lost (a warning says so; our own
+  estimated cameras are centred); ``asset.extras.avface.camera`` keeps the exact intrinsics;
 - ``asset.extras.avface``: model, fps, frame count and, when the result has detail maps, their
   paths relative to the .glb (the per-frame displacement maps stay beside it, never inlined).
 """
@@ -82,6 +86,44 @@ def _continuous(q: np.ndarray) -> np.ndarray:
     return q
 
 
+#: znear, zfar of the camera, metres
+CLIPPING_RANGE_M = (0.01, 100.0)
+#: how far (pixels) the principal point may sit off the frame's centre before the loss is reported
+CENTRE_TOLERANCE_PX = 0.5
+
+
+def camera_perspective(camera) -> dict[str, float]:
+    """glTF's perspective camera for ``camera`` (a RigCamera).
+
+    glTF projects x_ndc = x / (aspect tan(yfov/2) (-z)) and y_ndc = y / (tan(yfov/2) (-z)), and a
+    viewer maps NDC onto the whole frame, so fy = h / (2 tan(yfov/2)) and fx = w / (2 aspect
+    tan(yfov/2)): yfov = 2 atan(h / 2 fy) and aspect = w fy / (h fx) (w / h for square pixels).
+    The principal point is the frame's centre: glTF has no lens shift."""
+    fx, fy = camera.focal_px
+    w, h = camera.width, camera.height
+    return {"yfov": float(2.0 * np.arctan(h / (2.0 * fy))), "aspectRatio": float(w * fy / (h * fx)),
+            "znear": CLIPPING_RANGE_M[0], "zfar": CLIPPING_RANGE_M[1]}
+
+
+def _camera(gltf, camera, path: Path) -> int:
+    """Add the camera and its node; returns the node's index."""
+    import pygltflib as g
+
+    cx, cy = camera.principal_px
+    off = (cx - camera.width / 2.0, cy - camera.height / 2.0)
+    if max(abs(off[0]), abs(off[1])) > CENTRE_TOLERANCE_PX:
+        log.warning("%s: glTF cameras have no lens shift: the principal point, %.1f, %.1f px from the frame's "
+                    "centre, is dropped (asset.extras.avface.camera keeps the intrinsics; USD keeps it all)",
+                    path, *off)
+    gltf.cameras.append(g.Camera(name="Video camera", type="perspective",
+                                 perspective=g.Perspective(**camera_perspective(camera))))
+    pose = np.asarray(camera.pose, np.float64)
+    quat = Rotation.from_matrix(pose[:3, :3]).as_quat()  # x, y, z, w as glTF
+    gltf.nodes.append(g.Node(name="Camera", camera=len(gltf.cameras) - 1, rotation=quat.tolist(),
+                             translation=pose[:3, 3].tolist()))
+    return len(gltf.nodes) - 1
+
+
 def write_gltf(rig: Rig, path: str | Path, *, progress: Callable[[float], None] | None = None) -> Path:
     """Write `rig` as a binary glTF 2.0 file at `path` (.glb)."""
     import pygltflib as g
@@ -135,7 +177,10 @@ def write_gltf(rig: Rig, path: str | Path, *, progress: Callable[[float], None] 
     # glTF matrices are column-major: store each matrix transposed in C order
     gltf.skins.append(g.Skin(name="Skeleton", joints=[1 + j for j in range(n_joints)], skeleton=roots[0],
                              inverseBindMatrices=blob.add(ibm.transpose(0, 2, 1).copy(), "MAT4", FLOAT)))
-    gltf.scenes.append(g.Scene(name="AVFace", nodes=[0] + roots))
+    scene_nodes = [0] + roots
+    if rig.camera is not None:
+        scene_nodes.append(_camera(gltf, rig.camera, path))
+    gltf.scenes.append(g.Scene(name="AVFace", nodes=scene_nodes))
     gltf.scene = 0
 
     if n_frames:
@@ -164,6 +209,9 @@ def write_gltf(rig: Rig, path: str | Path, *, progress: Callable[[float], None] 
         folder = path.resolve().parent
         extras["detail_maps"] = [Path(os.path.relpath(p, folder)).as_posix() for p in rig.detail_maps]
         extras["detail"] = {k: v for k, v in rig.detail.items() if isinstance(v, (int, float, str))}
+    if rig.camera is not None:
+        extras["camera"] = {"intrinsics": np.asarray(rig.camera.intrinsics, np.float64).tolist(),
+                            "width": rig.camera.width, "height": rig.camera.height}
     gltf.asset.extras = {"avface": extras}
 
     gltf.buffers.append(g.Buffer(byteLength=len(blob.data)))

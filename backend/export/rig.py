@@ -60,6 +60,35 @@ FLAME_MODELS = ("flame2020", "flame2023")
 
 
 @dataclass(frozen=True)
+class RigCamera:
+    """The video's camera, as every writer needs it: pinhole ``intrinsics`` (3, 3) in
+    continuous pixel coordinates (the frame spans [0, width] x [0, height], y down) and its
+    ``pose`` (4, 4), world-from-camera in the world frame, for a camera that looks down its
+    local -z with y up (``axes.camera_pose``): USD's and glTF's convention. Still: the
+    result's first extrinsic (the contract's camera sits at the origin)."""
+
+    intrinsics: np.ndarray
+    width: int
+    height: int
+    pose: np.ndarray
+
+    @property
+    def focal_px(self) -> tuple[float, float]:
+        return float(self.intrinsics[0, 0]), float(self.intrinsics[1, 1])
+
+    @property
+    def principal_px(self) -> tuple[float, float]:
+        return float(self.intrinsics[0, 2]), float(self.intrinsics[1, 2])
+
+    def project(self, world_points: np.ndarray) -> np.ndarray:
+        """(N, 2) pixel positions of (N, 3) world points."""
+        p = np.asarray(world_points, np.float64) @ self.pose[:3, :3] - self.pose[:3, 3] @ self.pose[:3, :3]
+        p_cv = p * np.array([1.0, -1.0, -1.0])  # camera-local (-z forward, y up) -> OpenCV
+        q = p_cv @ np.asarray(self.intrinsics, np.float64).T
+        return q[:, :2] / q[:, 2:3]
+
+
+@dataclass(frozen=True)
 class Rig:
     """A result as a rig: rest mesh + blend shapes + skeleton, all in the world (model) frame,
     metres, y up, z towards the viewer. T frames, V vertices, B blend shapes, J joints."""
@@ -92,6 +121,7 @@ class Rig:
     source: str = ""  #: the result file the rig came from
     #: (B, 2) per shape, the (lo, hi) that ``unit_weights`` mapped to (0, 1); None: not remapped
     weight_ranges: np.ndarray | None = None
+    camera: RigCamera | None = None  #: the video's camera; None when the result has none
 
     @property
     def n_frames(self) -> int:
@@ -215,6 +245,22 @@ def _flame_parts(result: Result, flame_dir, result_path: Path | None) -> _FlameP
     return _FlameParts(neutral, model.arrays.posedirs, model.arrays.j_regressor)
 
 
+def _camera(result: Result, result_path) -> RigCamera | None:
+    """The result's camera (its first extrinsic), or None when it has no intrinsics or frame size."""
+    a, meta = result.arrays, result.meta
+    width, height = meta.get("width"), meta.get("height")
+    if "intrinsics" not in a or "extrinsics" not in a or not width or not height or not len(a["extrinsics"]):
+        return None
+    k = np.asarray(a["intrinsics"], np.float64)
+    if k.shape != (3, 3) or not np.all(np.isfinite(k)) or k[0, 0] <= 0 or k[1, 1] <= 0:
+        raise SchemaError(f"intrinsics {k.tolist()} are not a pinhole camera's")
+    ext = np.asarray(a["extrinsics"], np.float64)
+    if not np.allclose(ext, ext[:1], atol=1e-6):
+        log.warning("%s: the camera moves over the clip; the exported camera takes its first frame",
+                    result_path or "the result")
+    return RigCamera(intrinsics=k, width=int(width), height=int(height), pose=axes.camera_pose(ext[0]))
+
+
 def _detail_maps(result: Result, result_path: Path | None) -> tuple[Path, ...]:
     detail = result.meta.get("detail") or {}
     if not detail.get("n_maps") or result_path is None:
@@ -310,6 +356,7 @@ def rig_from_result(result: Result, result_path: str | Path | None = None, *, fl
         global_rot=np.asarray(a["global_rot"], np.float64), eyes=np.asarray(a["eyes"], np.float64),
         detail_maps=_detail_maps(result, Path(result_path) if result_path else None),
         detail=dict(meta.get("detail") or {}), source=str(result_path or ""),
+        camera=_camera(result, result_path),
     )
     if check and "vertices" in a and n_frames:
         check_against_stored(rig, result)

@@ -15,6 +15,9 @@ frames at time codes 0 .. T-1):
         Looks/Detail            Material whose UsdUVTexture reads the per-frame displacement maps
                                 (an animated asset path per frame into ``detail/``; only when the
                                 result has them: referenced, never copied into the file)
+        Camera                  Camera: the video's (when the result has one), so that looking
+                                through it puts the head on the face in the video, principal
+                                point included (the aperture offsets)
 
 The world frame of a result (y up, z towards the viewer, metres) is USD's Y-up frame as it is,
 so no axis conversion is needed; ``upAxis`` and ``metersPerUnit`` say so to every reader.
@@ -148,6 +151,8 @@ def write_usd(rig: Rig, path: str | Path, *, progress: Callable[[float], None] |
     curves = [arkit.CreateAttribute(name, Sdf.ValueTypeNames.Float, custom=True) for name in rig.arkit_names]
 
     texture_file = _detail_material(stage, rig, path, mesh) if rig.detail_maps else None
+    if rig.camera is not None:
+        _camera(stage, rig.camera)
 
     step = max(1, n_frames // 20)
     for t in range(n_frames):
@@ -173,6 +178,48 @@ def write_usd(rig: Rig, path: str | Path, *, progress: Callable[[float], None] |
             raise OSError(f"USD could not write {tmp}")
     report(1.0)
     return path
+
+
+#: The camera's filmback: a full-frame 35 mm sensor's width, as the Blender add-on's camera.
+SENSOR_WIDTH_M = 0.036
+CLIPPING_RANGE_M = (0.01, 100.0)
+
+
+def camera_lens(camera) -> dict[str, float]:
+    """UsdGeomCamera's lens and filmback for ``camera`` (a RigCamera), in USD's units: tenths
+    of a scene unit (the stage is in metres, so 1 mm is 0.01).
+
+    A point at (x, y, -z) in the camera's frame lands on the film at f x / z, and the film's
+    window spans the aperture around its offset, so pixel u = w/2 + (f x / z - offset) w /
+    aperture. Matching u = cx + fx x / z gives f / aperture = fx / w and offset = (w/2 - cx)
+    aperture / w; vertically (y up, pixel rows down) offset = (cy - h/2) aperture / h. Each
+    axis has its own aperture, so fx and fy may differ."""
+    tenths = 10.0  # tenths of a metre per metre
+    fx, fy = camera.focal_px
+    cx, cy = camera.principal_px
+    w, h = camera.width, camera.height
+    h_aperture = SENSOR_WIDTH_M * tenths
+    focal = fx * h_aperture / w
+    v_aperture = focal * h / fy
+    return {"focalLength": focal, "horizontalAperture": h_aperture, "verticalAperture": v_aperture,
+            "horizontalApertureOffset": (w / 2.0 - cx) * h_aperture / w,
+            "verticalApertureOffset": (cy - h / 2.0) * v_aperture / h}
+
+
+def _camera(stage, camera) -> None:
+    from pxr import Gf, UsdGeom
+
+    cam = UsdGeom.Camera.Define(stage, f"{ROOT}/Camera")
+    cam.CreateProjectionAttr(UsdGeom.Tokens.perspective)
+    for name, value in camera_lens(camera).items():
+        getattr(cam, f"Create{name[0].upper()}{name[1:]}Attr")(float(value))
+    cam.CreateClippingRangeAttr(Gf.Vec2f(*CLIPPING_RANGE_M))
+    # Gf matrices act on row vectors: the transpose of the column-vector pose
+    cam.AddTransformOp().Set(Gf.Matrix4d(np.asarray(camera.pose, np.float64).T.tolist()))
+    prim = cam.GetPrim()
+    prim.SetCustomDataByKey("avface:image_size", Gf.Vec2i(camera.width, camera.height))
+    prim.SetDocumentation(f"The video's camera ({camera.width} x {camera.height} pixels): looking through it "
+                          f"at that aspect, the head sits on the face in the video")
 
 
 def _relative(target: Path, out_file: Path) -> str:

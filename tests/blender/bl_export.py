@@ -43,7 +43,36 @@ def _compare(obj, expected_path, frames, vertex_ids=None):
     return errors, first
 
 
-def import_gltf(path, expected, frames, fps):
+def _camera_errors(obj, first, frames, camera):
+    """Looking through the imported camera at the video's size: the largest distance (pixels)
+    at each of ``frames`` between where Blender puts each evaluated vertex and where the
+    result's intrinsics and extrinsic put the same vertex."""
+    import mathutils
+    from bpy_extras.object_utils import world_to_camera_view
+
+    from avface_blender._vendor import axes
+
+    cams = [o for o in bpy.data.objects if o.type == "CAMERA"]
+    assert len(cams) == 1, f"expected the video's camera, got {[o.name for o in cams]}"
+    scene = bpy.context.scene
+    width, height = camera["width"], camera["height"]
+    scene.render.resolution_x, scene.render.resolution_y = width, height
+    scene.render.resolution_percentage = 100
+    k = np.asarray(camera["intrinsics"], np.float64)
+    ext = np.asarray(camera["extrinsic"], np.float64)
+    errors = []
+    for t in frames:
+        world = evaluated_world_vertices(obj, first + t)
+        ndc = np.array([tuple(world_to_camera_view(scene, cams[0], mathutils.Vector(p))) for p in world])
+        got = np.stack([ndc[:, 0] * width, (1.0 - ndc[:, 1]) * height], axis=1)
+        cam = (world @ axes.WORLD_TO_BLENDER) @ ext[:3, :3].T + ext[:3, 3]  # Blender -> world -> camera
+        q = cam @ k.T
+        errors.append(float(np.abs(got - q[:, :2] / q[:, 2:3]).max()))
+    data = cams[0].data
+    return {"camera_px": errors, "lens_mm": data.lens, "sensor_mm": data.sensor_width, "sensor_fit": data.sensor_fit}
+
+
+def import_gltf(path, expected, frames, fps, camera=None):
     bpy.context.scene.render.fps = int(round(fps))
     bpy.ops.import_scene.gltf(filepath=path)
     obj = _animated_mesh()
@@ -54,15 +83,21 @@ def import_gltf(path, expected, frames, fps):
     ids = np.empty(len(obj.data.vertices), np.int32 if attr.data_type == "INT" else np.float32)
     attr.data.foreach_get("value", ids)
     errors, first = _compare(obj, expected, frames, ids.astype(np.int64))
-    return {"errors": errors, "shape_keys": names, "first_frame": first, "n_vertices": len(obj.data.vertices)}
+    report = {"errors": errors, "shape_keys": names, "first_frame": first, "n_vertices": len(obj.data.vertices)}
+    if camera is not None:
+        report.update(_camera_errors(obj, first, frames, camera))
+    return report
 
 
-def import_usd(path, expected, frames, fps):
+def import_usd(path, expected, frames, fps, camera=None):
     bpy.context.scene.render.fps = int(round(fps))
     bpy.ops.wm.usd_import(filepath=path)
     obj = _animated_mesh()
     names = [k.name for k in obj.data.shape_keys.key_blocks]
     errors, first = _compare(obj, expected, frames)
-    return {"errors": errors, "shape_keys": names, "first_frame": first, "n_vertices": len(obj.data.vertices),
-            "scene_fps": bpy.context.scene.render.fps}
+    report = {"errors": errors, "shape_keys": names, "first_frame": first, "n_vertices": len(obj.data.vertices),
+              "scene_fps": bpy.context.scene.render.fps}
+    if camera is not None:
+        report.update(_camera_errors(obj, first, frames, camera))
+    return report
 
