@@ -183,8 +183,11 @@ def _camera(head, source_zero: float, scene_fps: float, created, collection, nam
     elif video is not None:
         log.info("%s: the video %s is not there; the camera is made without it", head.path, video)
     if clip is not None:
+        # keyed over the result's frames and a second either side, not a whole long video
+        margin = int(np.ceil(head.fps))
+        span = (head.source_frame_start - margin, head.source_frame_start + head.n_frames - 1 + margin)
         timing = io_result.retime(source_zero, fps=head.fps, scene_fps=scene_fps,
-                                  n_pictures=max(int(clip.frame_duration), 1))
+                                  n_pictures=max(int(clip.frame_duration), 1), span=span)
         if timing is None:
             clip.frame_start = int(round(source_zero))
         else:  # the scene's rate is not the video's: pick the picture nearest in time on each frame
@@ -354,7 +357,7 @@ def _detail(head, frames, scene_fps, mesh_obj, created, name):
 
     timing = io_result.retime(float(frames[0]), fps=head.fps, scene_fps=scene_fps, n_pictures=head.n_frames)
     if timing is not None:
-        # An image user shows file number min(scene frame - frame_start + 1, frame_duration)
+        # An image user shows file number clamp(scene frame - frame_start + 1, 0, frame_duration)
         # + frame_offset: key the offset so that each scene frame shows the map nearest in time.
         offsets = number_of_first + timing.index - (timing.scene - timing.scene[0] + 1)
 

@@ -319,20 +319,27 @@ class Retime:
     index: np.ndarray  # (S,) int64, 0-based source picture shown at each
 
 
-def retime(zero: float, *, fps: float, scene_fps: float, n_pictures: int) -> Retime | None:
+def retime(zero: float, *, fps: float, scene_fps: float, n_pictures: int,
+           span: tuple[int, int] | None = None) -> Retime | None:
     """The pictures to show (see :class:`Retime`) for a source of ``n_pictures`` at ``fps``
-    whose picture 0 sits at scene frame ``zero`` (picture i at ``zero + i * scene_fps / fps``);
-    None when one picture per scene frame from a whole ``zero`` already shows the right one."""
+    whose picture 0 sits at scene frame ``zero`` (picture i at ``zero + i * scene_fps / fps``),
+    over the scene frames of pictures ``span`` (first, last; default all); None when one
+    picture per scene frame from a whole ``zero`` already shows the right one (rates that
+    differ by less than a hundredth of a frame over the whole source count as the same:
+    Blender keeps NTSC's 30/1.001 in float32)."""
     if fps <= 0 or scene_fps <= 0:
         raise ValueError(f"frame rates must be positive, got fps={fps} scene_fps={scene_fps}")
     if n_pictures <= 0:
         raise ValueError(f"a source needs at least one picture, got {n_pictures}")
     ratio = fps / scene_fps
-    if abs(ratio - 1.0) < 1e-9 and abs(zero - round(zero)) < 1e-6:
+    if abs(ratio - 1.0) * n_pictures < 1e-2 and abs(zero - round(zero)) < 1e-6:
         return None
+    lo, hi = (0, n_pictures - 1) if span is None else (max(0, int(span[0])), min(n_pictures - 1, int(span[1])))
+    if lo > hi:
+        raise ValueError(f"pictures {span} are outside the source's 0-{n_pictures - 1}")
     step = 1.0 / ratio  # scene frames per picture
-    first = int(np.floor(zero + 1e-9))
-    last = int(np.ceil(zero + (n_pictures - 1) * step - 1e-9))
+    first = int(np.floor(zero + lo * step + 1e-9))
+    last = int(np.ceil(zero + hi * step - 1e-9))
     scene = np.arange(first, last + 1, dtype=np.int64)
     # nearest in time; halves round up (later picture), the same on every platform
     index = np.floor((scene - zero) * ratio + 0.5 + 1e-9).astype(np.int64)

@@ -81,7 +81,7 @@ def _select_only(context, objects, active=None):
 
 
 class AVFACE_OT_export_fbx(bpy.types.Operator, ExportHelper):
-    """Export the active AVFace head (mesh, armature, shape-key and bone animation) to FBX"""
+    """Export the active AVFace head (mesh, armature, shape-key and bone animation) and the video's camera to FBX"""
 
     bl_idname = "avface.export_fbx"
     bl_label = "Export AVFace Head to FBX"
@@ -106,22 +106,28 @@ class AVFACE_OT_export_fbx(bpy.types.Operator, ExportHelper):
             return {"CANCELLED"}
         camera = importer.find_camera(mesh) if self.include_camera else None
         try:
-            export_fbx(context, mesh, arm, self.filepath, camera=camera)
+            note = export_fbx(context, mesh, arm, self.filepath, camera=camera)
         except Exception as e:
             log.exception("FBX export failed")
             self.report({"ERROR"}, f"FBX export failed: {e}")
             return {"CANCELLED"}
-        with_camera = f" with {camera.name}" if camera is not None else ""
-        self.report({"INFO"}, f"Exported {mesh.name}{with_camera} to {self.filepath}")
+        if note:
+            self.report({"WARNING"}, f"Exported {mesh.name} to {self.filepath}; {note}")
+        else:
+            with_camera = f" with {camera.name}" if camera is not None else ""
+            self.report({"INFO"}, f"Exported {mesh.name}{with_camera} to {self.filepath}")
         return {"FINISHED"}
 
 
-def export_fbx(context, mesh, arm, filepath: str, camera=None) -> None:
+def export_fbx(context, mesh, arm, filepath: str, camera=None) -> str:
     """Export ``mesh`` and ``arm`` (and ``camera``, the video's) with :data:`FBX_SETTINGS`; the
-    selection and the render resolution are restored after.
+    selection and the render settings are restored after. Returns a note for the user, empty
+    when everything asked for went out.
 
     Blender's FBX exporter writes a camera's film aspect from the scene's render resolution, so
-    the export runs at the video's size, at which the camera matches the video."""
+    the export runs at the video's size, at which the camera matches the video. It exports the
+    selection, and a hidden object cannot be selected: a hidden head is an error, a hidden
+    camera is left out with a note."""
     if not hasattr(bpy.ops.export_scene, "fbx"):
         import addon_utils
 
@@ -133,24 +139,34 @@ def export_fbx(context, mesh, arm, filepath: str, camera=None) -> None:
     saved = (render.resolution_x, render.resolution_y, render.resolution_percentage,
              render.pixel_aspect_x, render.pixel_aspect_y)
     settings = dict(FBX_SETTINGS)
-    objects = [mesh, arm]
-    if camera is not None:
-        settings["object_types"] = FBX_SETTINGS["object_types"] | {"CAMERA"}
-        objects.append(camera)
-        size = camera.get(importer.VIDEO_SIZE_PROPERTY)
-        if size is not None:
-            render.resolution_x, render.resolution_y = int(size[0]), int(size[1])
-            render.resolution_percentage = 100
-            render.pixel_aspect_x = render.pixel_aspect_y = 1.0
+    note = ""
     try:
-        _select_only(context, objects, active=mesh)
+        _select_only(context, [o for o in (mesh, arm, camera) if o is not None], active=mesh)
+        hidden = [o.name for o in (mesh, arm) if not o.select_get()]
+        if hidden:
+            raise RuntimeError(f"{' and '.join(hidden)} cannot be selected (hidden, or not selectable in the "
+                               f"viewport): unhide them and export again")
+        if camera is not None and not camera.select_get():
+            note = f"{camera.name} is hidden, so it was left out: unhide it to export it with the head"
+            camera = None
+        if camera is not None:
+            settings["object_types"] = FBX_SETTINGS["object_types"] | {"CAMERA"}
+            size = camera.get(importer.VIDEO_SIZE_PROPERTY)
+            if size is None:
+                note = (f"{camera.name} does not record its video's size (an older import): it went out at the "
+                        f"scene's resolution, at which it matches only if that is the video's")
+            else:
+                render.resolution_x, render.resolution_y = int(size[0]), int(size[1])
+                render.resolution_percentage = 100
+                render.pixel_aspect_x = render.pixel_aspect_y = 1.0
         result = bpy.ops.export_scene.fbx(filepath=str(filepath), **settings)
         if "FINISHED" not in result:
             raise RuntimeError(f"the FBX exporter returned {result}")
     finally:
-        _select_only(context, selected, active=active)
         (render.resolution_x, render.resolution_y, render.resolution_percentage,
          render.pixel_aspect_x, render.pixel_aspect_y) = saved
+        _select_only(context, selected, active=active)
+    return note
 
 
 class AVFACE_OT_retarget(bpy.types.Operator):

@@ -68,6 +68,7 @@ def test_video_and_maps_keep_time_at_another_scene_rate(blender, rich_result, sc
     # one picture per scene frame from the start would have drifted out of that tolerance
     naive = np.abs((video[inside, 0] - video[0, 0]) - video[inside, 1])
     assert naive.max() > 1.0
+    assert report["material_follows"], "the material's image sequence shows another map than the modifier's"
     maps = np.array(report["maps"], np.float64)  # scene frame, map time, map shown, its error, next best
     assert len(maps) >= 25
     assert (maps[:, 3] < 0.1 * maps[:, 4]).all(), "a frame's displacement matches no single map"
@@ -101,6 +102,13 @@ def test_fbx_round_trip_keeps_shape_key_and_bone_animation(blender, rich_result,
     assert report["n_cameras"] == 1
     for frame, px in zip(report["frames"], report["camera_px"]):
         assert px < 0.01, f"frame {frame}: through the FBX's camera the head is {px:.3g} px off the video's"
+
+
+def test_fbx_export_says_when_it_leaves_the_camera_out(blender, real_result, tmp_path):
+    report = blender.run("bl_fbx.py", "fbx_hidden_camera", result=str(real_result), fbx_path=str(tmp_path / "head.fbx"))
+    assert "hidden" in report["note"] and "left out" in report["note"], report["note"]
+    assert report["types"] == ["ARMATURE", "MESH"], report["types"]
+    assert "cannot be selected" in report["hidden_head"] and "unhide" in report["hidden_head"], report["hidden_head"]
 
 
 def test_retarget_to_arkit_named_keys(blender, real_result):

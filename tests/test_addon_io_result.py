@@ -110,6 +110,13 @@ def test_retime_picks_the_picture_nearest_in_time():
     # the same rate from half a frame off: shifted by one, not left half a frame late
     r = io_result.retime(4.5, fps=25.0, scene_fps=25.0, n_pictures=5)
     assert r.scene.tolist() == [4, 5, 6, 7, 8, 9] and r.index.tolist() == [0, 1, 2, 3, 4, 4]
+    # NTSC as Blender holds it (30 / float32(1.001)) against the video's 30000 / 1001: the same
+    assert io_result.retime(1.0, fps=30000 / 1001, scene_fps=30 / float(np.float32(1.001)), n_pictures=10 ** 5) is None
+    # only the pictures of a span: the scene frames around them, the same pictures as the whole
+    whole = io_result.retime(0.0, fps=30.0, scene_fps=24.0, n_pictures=1000)
+    part = io_result.retime(0.0, fps=30.0, scene_fps=24.0, n_pictures=1000, span=(100, 160))
+    assert part.scene[0] == 80 and part.scene[-1] == 128
+    assert np.array_equal(part.index, whole.index[np.isin(whole.scene, part.scene)])
     with pytest.raises(ValueError, match="positive"):
         io_result.retime(0.0, fps=0.0, scene_fps=24.0, n_pictures=3)
 

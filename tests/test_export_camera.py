@@ -27,9 +27,19 @@ PIXEL_TOL = 1e-3
 
 def _off_centre(case, out_dir):
     """The case's result seen by another camera: a lens 1.3x longer, non-square pixels (fy
-    1.1x fx), the principal point 37 px right and 21 px up of the centre, a frame 96 px wider."""
+    1.1x fx), the principal point 37 px right and 21 px up of the centre, a frame 96 px wider,
+    and the camera turned and moved (so the writers' pose, not only the identity, is checked;
+    the stored camera-frame ``vertices`` move with it)."""
+    from scipy.spatial.transform import Rotation
+
     res = load_result(case.result_path)
     a = dict(res.arrays)
+    motion = np.eye(4)  # camera frame -> the new camera frame
+    motion[:3, :3] = Rotation.from_rotvec([0.08, -0.15, 0.05]).as_matrix()
+    motion[:3, 3] = [0.02, -0.01, 0.03]
+    a["extrinsics"] = (motion @ np.asarray(a["extrinsics"], np.float64)).astype(np.float32)
+    v = np.asarray(a["vertices"], np.float64)
+    a["vertices"] = (v @ motion[:3, :3].T + motion[:3, 3]).astype(a["vertices"].dtype)
     k = np.asarray(a["intrinsics"], np.float64).copy()
     k[0, 0] *= 1.3
     k[1, 1] *= 1.3 * 1.1
@@ -60,7 +70,8 @@ def _usd_pixels(path, world: np.ndarray, width: int, height: int) -> np.ndarray:
     clip = np.c_[world, np.ones(len(world))] @ view @ proj  # Gf: row vectors
     ndc = clip[:, :3] / clip[:, 3:4]
     assert (clip[:, 3] > 0).all(), "the head is behind the camera"
-    # the frustum's window covers the whole frame: the aperture's aspect is the frame's
+    # the frustum's window is mapped onto the whole frame (with non-square pixels its aspect is
+    # w fy / (h fx), not the frame's)
     return np.stack([(ndc[:, 0] + 1) / 2 * width, (1 - ndc[:, 1]) / 2 * height], axis=1)
 
 

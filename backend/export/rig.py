@@ -80,13 +80,6 @@ class RigCamera:
     def principal_px(self) -> tuple[float, float]:
         return float(self.intrinsics[0, 2]), float(self.intrinsics[1, 2])
 
-    def project(self, world_points: np.ndarray) -> np.ndarray:
-        """(N, 2) pixel positions of (N, 3) world points."""
-        p = np.asarray(world_points, np.float64) @ self.pose[:3, :3] - self.pose[:3, 3] @ self.pose[:3, :3]
-        p_cv = p * np.array([1.0, -1.0, -1.0])  # camera-local (-z forward, y up) -> OpenCV
-        q = p_cv @ np.asarray(self.intrinsics, np.float64).T
-        return q[:, :2] / q[:, 2:3]
-
 
 @dataclass(frozen=True)
 class Rig:

@@ -157,9 +157,12 @@ def camera_match(result, frames, video_frames=None):
     enable_addon()
     scene = bpy.context.scene
     scene.frame_start = 1
+    # the clip's rate: result frame t is scene frame 1 + t (retimed_sources checks other rates)
+    scene.render.fps, scene.render.fps_base = 25, 1.0
     out = bpy.ops.import_scene.avface_result(filepath=result)
     assert out == {"FINISHED"}, out
     head = io_result.read_result(result)
+    assert head.fps == 25.0
     mesh_obj, _ = head_objects()
     cams = [o for o in bpy.data.objects if o.get("avface_role") == importer.CAMERA_ROLE]
     assert len(cams) == 1 and cams[0].type == "CAMERA", cams
@@ -231,10 +234,15 @@ def retimed_sources(result, scene_fps):
     source_zero = 10.0  # scene frame of source frame 0 (first_frame)
     clip = imported.video_clip
     assert clip is not None, "the source video was not found"
-    report = {"video": [], "maps": []}
+    report = {"video": [], "maps": [], "material_follows": True}
+    texture_user = imported.mesh_object.modifiers[importer.DETAIL_MODIFIER].texture.image_user
+    node = next(n for n in imported.mesh_object.data.materials[0].node_tree.nodes if n.type == "TEX_IMAGE")
     last_map_frame = int(np.ceil(imported.frames[-1]))
     for s in range(int(np.floor(imported.frames[0])), last_map_frame + 1):
         scene.frame_set(s)
+        # the material's image (for renders) shows the same map as the modifier's (checked below)
+        pair = [(u.frame_start, u.frame_duration, u.frame_offset) for u in (texture_user, node.image_user)]
+        report["material_follows"] &= pair[0] == pair[1]
         video_time = (s - source_zero) * ratio  # the source frame the scene frame stands for
         report["video"].append([s, video_time, s - clip.frame_start])  # the clip shows picture s - start
         norms = _displacement_norms(imported, s)

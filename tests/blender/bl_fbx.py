@@ -50,8 +50,10 @@ def fbx_round_trip(result, fbx_path):
     # the animator renders at another size: the camera must still go out at the video's
     render = bpy.context.scene.render
     render.resolution_x, render.resolution_y = 1920, 1080
+    render.resolution_percentage, render.pixel_aspect_x = 50, 2.0
     assert bpy.ops.avface.export_fbx(filepath=fbx_path) == {"FINISHED"}
-    assert (render.resolution_x, render.resolution_y) == (1920, 1080), "the export left the resolution changed"
+    assert (render.resolution_x, render.resolution_y, render.resolution_percentage, render.pixel_aspect_x) == \
+        (1920, 1080, 50, 2.0), "the export left the render settings changed"
     if has_displace:
         assert mesh_obj.modifiers[importer.DETAIL_MODIFIER].show_viewport, "the export left the Displace switched off"
 
@@ -111,6 +113,30 @@ def _camera_px(result, mesh_obj, cam):
         q = ((world @ axes.WORLD_TO_BLENDER) @ ext[:3, :3].T + ext[:3, 3]) @ k.T
         errors.append(float(np.abs(got - q[:, :2] / q[:, 2:3]).max()))
     return errors
+
+
+def fbx_hidden_camera(result, fbx_path):
+    """A hidden camera cannot be selected, so the exporter would drop it: the export says so
+    and goes on with the head; a hidden head is an error that says what to do."""
+    from avface_blender import importer, operators
+
+    mesh_obj, arm_obj = _setup(result)
+    camera = importer.find_camera(mesh_obj)
+    assert camera is not None
+    camera.hide_set(True)
+    note = operators.export_fbx(bpy.context, mesh_obj, arm_obj, fbx_path, camera=camera)
+    mesh_obj.hide_set(True)
+    try:
+        operators.export_fbx(bpy.context, mesh_obj, arm_obj, fbx_path + ".2.fbx", camera=None)
+    except RuntimeError as e:
+        hidden_head = str(e)
+    else:
+        raise AssertionError("a hidden head was exported")
+    bpy.ops.wm.read_factory_settings(use_empty=True)
+    enable_addon()
+    assert bpy.ops.import_scene.fbx(filepath=fbx_path, anim_offset=0.0) == {"FINISHED"}
+    types = sorted(o.type for o in bpy.data.objects)
+    return {"note": note, "hidden_head": hidden_head, "types": types}
 
 
 def retarget(result):
