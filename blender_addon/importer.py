@@ -16,6 +16,7 @@ import mathutils
 import numpy as np
 
 from . import io_result
+from ._vendor import axes
 from .anim import Channels
 
 log = logging.getLogger(__name__)
@@ -32,8 +33,7 @@ UV_LAYER = "UVMap"
 CAMERA_ROLE = "camera"
 VIDEO_SIZE_PROPERTY = "avface_video_size"
 """Custom property on the camera object: the video's (width, height), at which it matches."""
-CLIP_START_M = 0.01
-CLIP_END_M = 100.0
+CLIP_START_M, CLIP_END_M = axes.CAMERA_CLIP_M
 
 
 @dataclass
@@ -118,9 +118,7 @@ def import_result(context, path: str | Path, *, first_frame: float | None = None
         render = scene.render
         size = (head.camera.width, head.camera.height)
         if set_resolution:
-            render.resolution_x, render.resolution_y = size
-            render.resolution_percentage = 100
-            render.pixel_aspect_x = render.pixel_aspect_y = 1.0
+            set_video_resolution(render, size)
         elif (render.resolution_x, render.resolution_y) != size or render.pixel_aspect_x != render.pixel_aspect_y:
             imported.video_size = size
             log.warning("%s: the scene renders at %dx%d, the video is %dx%d: the camera matches the video "
@@ -423,6 +421,14 @@ def find_head(context):
             mesh = next((c for c in obj.children if c.get(ROLE_PROPERTY) == "mesh"), None)
             return mesh, obj
     return None, None
+
+
+def set_video_resolution(render, size) -> None:
+    """Render at the video's (width, height), full size, square pixels: the settings at which
+    the imported camera matches the video."""
+    render.resolution_x, render.resolution_y = int(size[0]), int(size[1])
+    render.resolution_percentage = 100
+    render.pixel_aspect_x = render.pixel_aspect_y = 1.0
 
 
 def find_camera(mesh_obj):

@@ -163,8 +163,9 @@ class CameraSettings:
 
 
 #: The sensor width of the camera the add-on makes (Blender's default, a full-frame 35 mm
-#: sensor), so that its focal length reads as a photographer's.
-SENSOR_WIDTH_MM = 36.0
+#: sensor, as every camera made from a result), so that its focal length reads as a photographer's.
+SENSOR_WIDTH_MM = axes.SENSOR_WIDTH_M * 1000.0
+
 
 def camera_settings(intrinsics: np.ndarray, width: int, height: int, extrinsic: np.ndarray,
                     sensor_width_mm: float = SENSOR_WIDTH_MM) -> CameraSettings:
@@ -178,9 +179,7 @@ def camera_settings(intrinsics: np.ndarray, width: int, height: int, extrinsic: 
     ``shift_x`` (the window moved right), below it for a positive ``shift_y`` (the window
     moved up; pixel rows go down).
     """
-    k = np.asarray(intrinsics, np.float64)
-    if k.shape != (3, 3) or not np.all(np.isfinite(k)) or k[0, 0] <= 0 or k[1, 1] <= 0:
-        raise ValueError(f"not pinhole intrinsics: {k.tolist()}")
+    k = axes.pinhole(intrinsics)
     if width < 1 or height < 1:
         raise ValueError(f"frame size {width}x{height}")
     fx, fy, cx, cy = k[0, 0], k[1, 1], k[0, 2], k[1, 2]
@@ -205,12 +204,12 @@ def _camera(path: Path, meta: dict, a: dict) -> CameraSettings | None:
     width, height = meta.get("width"), meta.get("height")
     if "intrinsics" not in a or not width or not height:
         return None
-    extrinsics = np.asarray(a["extrinsics"], np.float64)
     # the contract's camera sits still at the world origin; a moving one is not matched
-    if not np.allclose(extrinsics, extrinsics[:1], atol=1e-6):
+    extrinsic, moves = axes.still_extrinsic(a["extrinsics"])
+    if moves:
         log.warning("%s: the camera moves over the clip; the matched camera takes its first frame", path)
     try:
-        cam = camera_settings(a["intrinsics"], int(width), int(height), extrinsics[0])
+        cam = camera_settings(a["intrinsics"], int(width), int(height), extrinsic)
     except ValueError as e:
         raise ResultError(f"{path}: its camera cannot be matched: {e}") from e
     if not cam.square_pixels:

@@ -156,9 +156,7 @@ def export_fbx(context, mesh, arm, filepath: str, camera=None) -> str:
                 note = (f"{camera.name} does not record its video's size (an older import): it went out at the "
                         f"scene's resolution, at which it matches only if that is the video's")
             else:
-                render.resolution_x, render.resolution_y = int(size[0]), int(size[1])
-                render.resolution_percentage = 100
-                render.pixel_aspect_x = render.pixel_aspect_y = 1.0
+                importer.set_video_resolution(render, size)
         result = bpy.ops.export_scene.fbx(filepath=str(filepath), **settings)
         if "FINISHED" not in result:
             raise RuntimeError(f"the FBX exporter returned {result}")

@@ -65,6 +65,28 @@ def camera_to_blender(points_cam: np.ndarray, extrinsics: np.ndarray) -> np.ndar
 # result's ``extrinsics``) looks down +z with y down.
 GL_CAMERA_TO_OPENCV = np.diag([1.0, -1.0, -1.0, 1.0])
 
+#: The filmback of every camera made from a result (the add-on's, USD's): a full-frame 35 mm
+#: sensor's width, so that its focal length reads as a photographer's.
+SENSOR_WIDTH_M = 0.036
+#: Near and far clipping distances of every camera made from a result, metres.
+CAMERA_CLIP_M = (0.01, 100.0)
+
+
+def pinhole(intrinsics: np.ndarray) -> np.ndarray:
+    """(3, 3) float64 ``intrinsics``, or ValueError when they are not a pinhole camera's
+    (finite, with positive focal lengths)."""
+    k = np.asarray(intrinsics, np.float64)
+    if k.shape != (3, 3) or not np.all(np.isfinite(k)) or k[0, 0] <= 0 or k[1, 1] <= 0:
+        raise ValueError(f"intrinsics {k.tolist()} are not a pinhole camera's")
+    return k
+
+
+def still_extrinsic(extrinsics: np.ndarray) -> tuple[np.ndarray, bool]:
+    """(the first frame's (4, 4) extrinsic, whether the camera moves over the clip) of (T, 4, 4)
+    ``extrinsics``: the cameras made from a result are still, as the contract's camera is."""
+    ext = np.asarray(extrinsics, np.float64)
+    return ext[0], not np.allclose(ext, ext[:1], atol=1e-6)
+
 
 def camera_pose(extrinsic: np.ndarray) -> np.ndarray:
     """(4, 4) world-from-camera matrix, in the world frame, of the camera that looks down its

@@ -28,6 +28,7 @@ from typing import Callable
 import numpy as np
 from scipy.spatial.transform import Rotation
 
+from . import axes
 from ._io import atomic_path
 from .rig import Rig
 
@@ -86,8 +87,6 @@ def _continuous(q: np.ndarray) -> np.ndarray:
     return q
 
 
-#: znear, zfar of the camera, metres
-CLIPPING_RANGE_M = (0.01, 100.0)
 #: how far (pixels) the principal point may sit off the frame's centre before the loss is reported
 CENTRE_TOLERANCE_PX = 0.5
 
@@ -102,7 +101,7 @@ def camera_perspective(camera) -> dict[str, float]:
     fx, fy = camera.focal_px
     w, h = camera.width, camera.height
     return {"yfov": float(2.0 * np.arctan(h / (2.0 * fy))), "aspectRatio": float(w * fy / (h * fx)),
-            "znear": CLIPPING_RANGE_M[0], "zfar": CLIPPING_RANGE_M[1]}
+            "znear": axes.CAMERA_CLIP_M[0], "zfar": axes.CAMERA_CLIP_M[1]}
 
 
 def _camera(gltf, camera, path: Path) -> int:

@@ -244,14 +244,15 @@ def _camera(result: Result, result_path) -> RigCamera | None:
     width, height = meta.get("width"), meta.get("height")
     if "intrinsics" not in a or "extrinsics" not in a or not width or not height or not len(a["extrinsics"]):
         return None
-    k = np.asarray(a["intrinsics"], np.float64)
-    if k.shape != (3, 3) or not np.all(np.isfinite(k)) or k[0, 0] <= 0 or k[1, 1] <= 0:
-        raise SchemaError(f"intrinsics {k.tolist()} are not a pinhole camera's")
-    ext = np.asarray(a["extrinsics"], np.float64)
-    if not np.allclose(ext, ext[:1], atol=1e-6):
+    try:
+        k = axes.pinhole(a["intrinsics"])
+    except ValueError as e:
+        raise SchemaError(str(e)) from e
+    extrinsic, moves = axes.still_extrinsic(a["extrinsics"])
+    if moves:
         log.warning("%s: the camera moves over the clip; the exported camera takes its first frame",
                     result_path or "the result")
-    return RigCamera(intrinsics=k, width=int(width), height=int(height), pose=axes.camera_pose(ext[0]))
+    return RigCamera(intrinsics=k, width=int(width), height=int(height), pose=axes.camera_pose(extrinsic))
 
 
 def _detail_maps(result: Result, result_path: Path | None) -> tuple[Path, ...]:

@@ -32,6 +32,7 @@ from typing import Callable
 import numpy as np
 from scipy.spatial.transform import Rotation
 
+from . import axes
 from ._io import atomic_path
 from .rig import Rig
 
@@ -180,11 +181,6 @@ def write_usd(rig: Rig, path: str | Path, *, progress: Callable[[float], None] |
     return path
 
 
-#: The camera's filmback: a full-frame 35 mm sensor's width, as the Blender add-on's camera.
-SENSOR_WIDTH_M = 0.036
-CLIPPING_RANGE_M = (0.01, 100.0)
-
-
 def camera_lens(camera) -> dict[str, float]:
     """UsdGeomCamera's lens and filmback for ``camera`` (a RigCamera), in USD's units: tenths
     of a scene unit (the stage is in metres, so 1 mm is 0.01).
@@ -198,7 +194,7 @@ def camera_lens(camera) -> dict[str, float]:
     fx, fy = camera.focal_px
     cx, cy = camera.principal_px
     w, h = camera.width, camera.height
-    h_aperture = SENSOR_WIDTH_M * tenths
+    h_aperture = axes.SENSOR_WIDTH_M * tenths
     focal = fx * h_aperture / w
     v_aperture = focal * h / fy
     return {"focalLength": focal, "horizontalAperture": h_aperture, "verticalAperture": v_aperture,
@@ -213,7 +209,7 @@ def _camera(stage, camera) -> None:
     cam.CreateProjectionAttr(UsdGeom.Tokens.perspective)
     for name, value in camera_lens(camera).items():
         getattr(cam, f"Create{name[0].upper()}{name[1:]}Attr")(float(value))
-    cam.CreateClippingRangeAttr(Gf.Vec2f(*CLIPPING_RANGE_M))
+    cam.CreateClippingRangeAttr(Gf.Vec2f(*axes.CAMERA_CLIP_M))
     # Gf matrices act on row vectors: the transpose of the column-vector pose
     cam.AddTransformOp().Set(Gf.Matrix4d(np.asarray(camera.pose, np.float64).T.tolist()))
     prim = cam.GetPrim()

@@ -1,9 +1,9 @@
 """Checks of the add-on inside Blender, called by tests/test_addon_blender.py."""
 import bpy
-import mathutils
 import numpy as np
 
-from bl_common import check_head, enable_addon, evaluated_world_vertices, fcurve_values, head_objects
+from bl_common import (camera_view_pixels, check_head, enable_addon, evaluated_world_vertices, fcurve_values,
+                       head_objects, result_pixels)
 
 OPERATORS = ("import_scene.avface_result", "avface.export_fbx", "avface.retarget")
 
@@ -149,10 +149,7 @@ def camera_match(result, frames, video_frames=None):
     """The imported camera, looked through at the scene's resolution, puts the head's
     evaluated vertices on the pixels where the result's intrinsics put them; with
     ``video_frames``, the source video is behind the head in that view, frame 0 at the head's."""
-    from bpy_extras.object_utils import world_to_camera_view
-
     from avface_blender import importer, io_result
-    from avface_blender._vendor import axes
 
     enable_addon()
     scene = bpy.context.scene
@@ -176,13 +173,9 @@ def camera_match(result, frames, video_frames=None):
               "shift": [cam.data.shift_x, cam.data.shift_y], "size": [width, height]}
     for t in frames:
         world = evaluated_world_vertices(mesh_obj, 1 + t)
-        ndc = np.array([tuple(world_to_camera_view(scene, cam, mathutils.Vector(p))) for p in world])
-        assert (ndc[:, 2] > 0).all(), "the head is behind the camera"
-        got = np.stack([ndc[:, 0] * width, (1.0 - ndc[:, 1]) * height], axis=1)
+        got = camera_view_pixels(cam, world, width, height)
         # the same vertices into the result's camera frame, then through its intrinsics
-        model = world @ axes.WORLD_TO_BLENDER  # Blender -> model frame (an orthonormal matrix)
-        cam_pts = model @ ext[t, :3, :3].T + ext[t, :3, 3]
-        want = io_result.project_pixels(cam_pts, k)
+        want = result_pixels(world, k, ext[t])
         stored = io_result.project_pixels(head.vertices[t].astype(np.float64), k)
         report["frames"].append(int(t))
         report["max_px_camera"].append(float(np.abs(got - want).max()))

@@ -34,6 +34,32 @@ def evaluated_world_vertices(obj, frame) -> np.ndarray:
     return co @ m[:3, :3].T + m[:3, 3]
 
 
+def camera_view_pixels(cam, world, width, height) -> np.ndarray:
+    """(N, 2) pixels (x right, y down) where Blender's camera object ``cam``, rendering at
+    ``width`` x ``height``, shows the (N, 3) world points, which must lie in front of it."""
+    import mathutils
+    from bpy_extras.object_utils import world_to_camera_view
+
+    scene = bpy.context.scene
+    render = scene.render
+    render.resolution_x, render.resolution_y, render.resolution_percentage = int(width), int(height), 100
+    ndc = np.array([tuple(world_to_camera_view(scene, cam, mathutils.Vector(p))) for p in world])
+    assert (ndc[:, 2] > 0).all(), "the head is behind the camera"
+    return np.stack([ndc[:, 0] * width, (1.0 - ndc[:, 1]) * height], axis=1)
+
+
+def result_pixels(world, intrinsics, extrinsic) -> np.ndarray:
+    """(N, 2) pixels where a result's camera (OpenCV ``intrinsics`` (3, 3) and world-to-camera
+    ``extrinsic`` (4, 4)) puts (N, 3) points of Blender's world."""
+    from avface_blender._vendor import axes
+
+    k = np.asarray(intrinsics, np.float64)
+    ext = np.asarray(extrinsic, np.float64)
+    cam = (np.asarray(world, np.float64) @ axes.WORLD_TO_BLENDER) @ ext[:3, :3].T + ext[:3, 3]  # -> world -> camera
+    q = cam @ k.T
+    return q[:, :2] / q[:, 2:3]
+
+
 def head_objects():
     meshes = [o for o in bpy.data.objects if o.get("avface_role") == "mesh"]
     arms = [o for o in bpy.data.objects if o.get("avface_role") == "armature"]

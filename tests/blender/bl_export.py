@@ -4,7 +4,7 @@ Run inside Blender by runner.py; no AVFace add-on involved."""
 import bpy
 import numpy as np
 
-from bl_common import evaluated_world_vertices
+from bl_common import camera_view_pixels, evaluated_world_vertices, result_pixels
 
 
 def _animated_mesh():
@@ -47,27 +47,13 @@ def _camera_errors(obj, first, frames, camera):
     """Looking through the imported camera at the video's size: the largest distance (pixels)
     at each of ``frames`` between where Blender puts each evaluated vertex and where the
     result's intrinsics and extrinsic put the same vertex."""
-    import mathutils
-    from bpy_extras.object_utils import world_to_camera_view
-
-    from avface_blender._vendor import axes
-
     cams = [o for o in bpy.data.objects if o.type == "CAMERA"]
     assert len(cams) == 1, f"expected the video's camera, got {[o.name for o in cams]}"
-    scene = bpy.context.scene
-    width, height = camera["width"], camera["height"]
-    scene.render.resolution_x, scene.render.resolution_y = width, height
-    scene.render.resolution_percentage = 100
-    k = np.asarray(camera["intrinsics"], np.float64)
-    ext = np.asarray(camera["extrinsic"], np.float64)
     errors = []
     for t in frames:
         world = evaluated_world_vertices(obj, first + t)
-        ndc = np.array([tuple(world_to_camera_view(scene, cams[0], mathutils.Vector(p))) for p in world])
-        got = np.stack([ndc[:, 0] * width, (1.0 - ndc[:, 1]) * height], axis=1)
-        cam = (world @ axes.WORLD_TO_BLENDER) @ ext[:3, :3].T + ext[:3, 3]  # Blender -> world -> camera
-        q = cam @ k.T
-        errors.append(float(np.abs(got - q[:, :2] / q[:, 2:3]).max()))
+        got = camera_view_pixels(cams[0], world, camera["width"], camera["height"])
+        errors.append(float(np.abs(got - result_pixels(world, camera["intrinsics"], camera["extrinsic"])).max()))
     data = cams[0].data
     return {"camera_px": errors, "lens_mm": data.lens, "sensor_mm": data.sensor_width, "sensor_fit": data.sensor_fit}
 

@@ -2,7 +2,8 @@
 import bpy
 import numpy as np
 
-from bl_common import enable_addon, evaluated_world_vertices, fcurve_values, head_objects
+from bl_common import (camera_view_pixels, enable_addon, evaluated_world_vertices, fcurve_values, head_objects,
+                       result_pixels)
 
 FRAMES = [1, 14, 30]  # set to the imported head's first, middle and last frame by _setup
 
@@ -93,25 +94,16 @@ def _camera_px(result, mesh_obj, cam):
     """Through the re-imported camera at the video's size: per checked frame, the largest
     distance (pixels) between where Blender puts each evaluated vertex and where the result's
     intrinsics and extrinsic put the same vertex."""
-    import mathutils
-    from bpy_extras.object_utils import world_to_camera_view
-
     from avface_blender import io_result
-    from avface_blender._vendor import axes
 
     head = io_result.read_result(result)
-    scene = bpy.context.scene
     width, height = int(head.meta["width"]), int(head.meta["height"])
-    scene.render.resolution_x, scene.render.resolution_y, scene.render.resolution_percentage = width, height, 100
-    k = np.asarray(np.load(result)["intrinsics"], np.float64)
-    ext = head.extrinsics[0]
+    k = np.load(result)["intrinsics"]
     errors = []
     for frame in FRAMES:
         world = evaluated_world_vertices(mesh_obj, frame)
-        ndc = np.array([tuple(world_to_camera_view(scene, cam, mathutils.Vector(p))) for p in world])
-        got = np.stack([ndc[:, 0] * width, (1.0 - ndc[:, 1]) * height], axis=1)
-        q = ((world @ axes.WORLD_TO_BLENDER) @ ext[:3, :3].T + ext[:3, 3]) @ k.T
-        errors.append(float(np.abs(got - q[:, :2] / q[:, 2:3]).max()))
+        got = camera_view_pixels(cam, world, width, height)
+        errors.append(float(np.abs(got - result_pixels(world, k, head.extrinsics[0])).max()))
     return errors
 
 
