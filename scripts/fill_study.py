@@ -53,13 +53,6 @@ def raw_speech_features(expression: dict) -> np.ndarray:
     return np.concatenate([bands, energy, phones.reshape(t, 4, 4, -1).mean(2).reshape(t, -1)], axis=1)
 
 
-def spans(mask: np.ndarray) -> list[tuple[int, int]]:
-    idx = np.flatnonzero(mask)
-    if not len(idx):
-        return []
-    return [(int(r[0]), int(r[-1]) + 1) for r in np.split(idx, np.flatnonzero(np.diff(idx) > 1) + 1)]
-
-
 def study_variant(obs, ref, trusted, occ, f_a, raw, network) -> dict[str, float]:
     """Mean lip error on ``occ`` of every row (and interp), inter-ocular units. ``network``
     is the generic networks' fill with given frames hidden, a candidate as in reconstruct."""
@@ -84,8 +77,10 @@ def study_variant(obs, ref, trusted, occ, f_a, raw, network) -> dict[str, float]
     candidates = readout._candidates(obs, trusted, fa_ctx, network(np.zeros_like(trusted)), cfg)
     out["mean of candidates"] = err(np.mean(list(candidates.values()), axis=0))
     out["best per clip (oracle)"] = min(err(c) for c in candidates.values())
+    from avface.bench.metrics import runs
+
     held = obs.copy()
-    for a, b in spans(occ):
+    for a, b in runs(occ):
         held[a:b] = ref[a:b].mean(0)
     out["true span mean"] = err(np.where(occ[:, None, None], held, obs))
     out["line through the clean ends"] = err(np.where(occ[:, None, None], readout.linear_fill(ref, ~occ), obs))
