@@ -1,4 +1,4 @@
-"""The ZeroMQ reconstruction service (DESIGN.md section 6; the wire format is in
+"""The ZeroMQ reconstruction service (docs/design.md section 6; the wire format is in
 docs/protocol.md).
 
 - ``protocol``: the envelope, message types and error codes (standalone: vendored into the add-on)

@@ -1,7 +1,6 @@
 """Command-line front of the service: serve, submit, jobs, fetch, cancel, keys, bench-service.
 
-``avface.cli`` calls :func:`register`; ``python -m avface.service.cli`` runs the same
-commands without the rest of the CLI.
+``avface.cli`` calls :func:`register`; ``python -m avface.service CMD ...`` is ``avface CMD ...``.
 """
 from __future__ import annotations
 
@@ -322,14 +321,3 @@ def cmd_keys(args) -> int:
     print(f"client: avface submit ... --server tcp://HOST:5555 --server-key {paths['server']}"
           f" --client-key {paths['client_secret']}")
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m avface.service.cli CMD ...`` is ``avface CMD ...``."""
-    from avface.cli import main as avface_main
-
-    return avface_main(argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -82,9 +82,50 @@ def _percentile(values: list[float], q: float) -> float:
 
 def run_bench(*, clients: int, jobs_per_client: int, workers: int, video: Path, work: Path, upload: bool = False,
               hello_interval_s: float = 0.05, timeout_s: float = 60.0) -> dict:
+    proc, endpoint = start_server(work, workers, [video.parent.resolve()])
+    try:
+        results, hello_ms, hello_failures, wall, stats, listed = _drive(
+            endpoint, clients=clients, jobs_per_client=jobs_per_client, video=video, work=work, upload=upload,
+            hello_interval_s=hello_interval_s, timeout_s=timeout_s)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+    correct, identical, problems = _check_results(results)
+    total = clients * jobs_per_client
+    lost = [key for key, r in results.items() if r["job_id"] is None or listed.get(r["job_id"]) != P.DONE]
+    job_s = [r["seconds"] for r in results.values() if r["phase"] == "done"]
+    mib = 1 / (1 << 20)
+    return {
+        "clients": clients, "jobs_per_client": jobs_per_client, "workers": workers, "video": str(video),
+        "upload": upload, "jobs": total, "correct": correct, "identical_to_first": identical,
+        "lost": len(lost) + (total - len(results)), "problems": problems,
+        "wall_s": round(wall, 2), "jobs_per_min": round(60 * total / wall, 2),
+        "job_latency_s": {"p50": round(_percentile(job_s, 50), 2), "max": round(max(job_s, default=float("nan")), 2)},
+        "hello_ms": {"n": len(hello_ms), "p50": round(_percentile(hello_ms, 50), 2),
+                     "p95": round(_percentile(hello_ms, 95), 2), "p99": round(_percentile(hello_ms, 99), 2),
+                     "max": round(max(hello_ms, default=float("nan")), 2),
+                     "over_200ms": sum(h > HELLO_BOUND_MS for h in hello_ms), "failures": len(hello_failures)},
+        "memory_mib": {"server_peak": round(stats["server_peak_rss_bytes"] * mib, 1),
+                       "server_now": round(stats["server_rss_bytes"] * mib, 1),
+                       "peak_worker": round(stats["peak_worker_rss_bytes"] * mib, 1),
+                       "peak_total": round(stats["peak_total_rss_bytes"] * mib, 1),
+                       "bound_server_plus_workers_x_peak_worker": round(
+                           (stats["server_peak_rss_bytes"] + workers * stats["peak_worker_rss_bytes"]) * mib, 1)},
+        "peak_concurrent_workers": stats["peak_workers"],
+        "server_requests": stats["requests"], "server_errors": stats["errors"],
+    }
+
+
+def _drive(endpoint: str, *, clients: int, jobs_per_client: int, video: Path, work: Path, upload: bool,
+           hello_interval_s: float, timeout_s: float) -> tuple[dict, list, list, float, dict, dict]:
+    """Run the clients' jobs and the hello pinger against ``endpoint``: (results by job key,
+    hello latencies in ms, hello failures, wall seconds, the server's stats, job states)."""
     from avface.service.client import Client, JobRun
 
-    proc, endpoint = start_server(work, workers, [video.parent.resolve()])
     results: dict[str, dict] = {}
     hello_ms: list[float] = []
     hello_failures: list[str] = []
@@ -137,12 +178,11 @@ def run_bench(*, clients: int, jobs_per_client: int, workers: int, video: Path, 
             listed = {j["job_id"]: j["state"] for j in c.jobs()}
     finally:
         stop.set()
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    return results, hello_ms, hello_failures, wall, stats, listed
 
+
+def _check_results(results: dict) -> tuple[int, int, list[str]]:
+    """(valid results, results identical to the first valid one, problems)."""
     validate = _validator()
     reference, correct, identical, problems = None, 0, 0, []
     for key, r in sorted(results.items()):
@@ -161,29 +201,7 @@ def run_bench(*, clients: int, jobs_per_client: int, workers: int, video: Path, 
             reference = arrays
         if arrays.keys() == reference.keys() and all(np.array_equal(arrays[k], reference[k]) for k in arrays):
             identical += 1
-    total = clients * jobs_per_client
-    lost = [key for key, r in results.items() if r["job_id"] is None or listed.get(r["job_id"]) != P.DONE]
-    job_s = [r["seconds"] for r in results.values() if r["phase"] == "done"]
-    mib = 1 / (1 << 20)
-    return {
-        "clients": clients, "jobs_per_client": jobs_per_client, "workers": workers, "video": str(video),
-        "upload": upload, "jobs": total, "correct": correct, "identical_to_first": identical,
-        "lost": len(lost) + (total - len(results)), "problems": problems,
-        "wall_s": round(wall, 2), "jobs_per_min": round(60 * total / wall, 2),
-        "job_latency_s": {"p50": round(_percentile(job_s, 50), 2), "max": round(max(job_s, default=float("nan")), 2)},
-        "hello_ms": {"n": len(hello_ms), "p50": round(_percentile(hello_ms, 50), 2),
-                     "p95": round(_percentile(hello_ms, 95), 2), "p99": round(_percentile(hello_ms, 99), 2),
-                     "max": round(max(hello_ms, default=float("nan")), 2),
-                     "over_200ms": sum(h > HELLO_BOUND_MS for h in hello_ms), "failures": len(hello_failures)},
-        "memory_mib": {"server_peak": round(stats["server_peak_rss_bytes"] * mib, 1),
-                       "server_now": round(stats["server_rss_bytes"] * mib, 1),
-                       "peak_worker": round(stats["peak_worker_rss_bytes"] * mib, 1),
-                       "peak_total": round(stats["peak_total_rss_bytes"] * mib, 1),
-                       "bound_server_plus_workers_x_peak_worker": round(
-                           (stats["server_peak_rss_bytes"] + workers * stats["peak_worker_rss_bytes"]) * mib, 1)},
-        "peak_concurrent_workers": stats["peak_workers"],
-        "server_requests": stats["requests"], "server_errors": stats["errors"],
-    }
+    return correct, identical, problems
 
 
 def _print_report(r: dict) -> None:

@@ -5,29 +5,31 @@ answered at once from memory or from the job folders; reconstruction runs in wor
 processes (worker.py), at most ``workers`` at a time, so hello and ping stay fast whatever
 the jobs do. Jobs persist in the data dir (store.py): a restarted server resumes queued
 jobs, runs interrupted ones again (once), and serves finished results.
+
+This module holds the socket loop and the handler of each request type; the checks of what
+clients send are in checks.py, the worker processes and the job queue in pool.py.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import platform
 import signal
-import subprocess
 import sys
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import zmq
 
 import avface
-from avface.config import NAMED_CHECKPOINTS, PATH_OPTIONS, ReconstructOptions
 from avface.errors import InputError
+from avface.service import checks as C
 from avface.service import protocol as P
 from avface.service import store as S
-from avface.service.worker import WorkerProcess, describe_exit, probe_duration_s, proc_rss_bytes, start_probe
+from avface.service.checks import RequestError
+from avface.service.pool import WorkerPool
+from avface.service.worker import proc_rss_bytes
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +40,6 @@ MEMORY_SAMPLE_S = 0.25
 UPLOAD_IDLE_S = 3600.0
 #: A frame this large makes libzmq drop the connection before the loop sees it.
 HARD_FRAME_CAP_BYTES = P.HARD_FRAME_CAP_BYTES
-MAX_TRANSCRIPT_CHARS = 256_000
 LIST_JOBS_MAX = 500
 
 
@@ -78,12 +79,6 @@ class ServerConfig:
     """A worker that reports nothing (no progress) for this long is stopped: ``job_timeout``."""
     ready_file: Path | None = None
     """Written (JSON: endpoint, pid, public_key) once the socket is bound."""
-
-
-class RequestError(Exception):
-    def __init__(self, code: str, message: str, **extra):
-        super().__init__(message)
-        self.code, self.message, self.extra = code, message, extra
 
 
 def check_config(config: ServerConfig) -> None:
@@ -129,24 +124,21 @@ class Server:
             self.store.lock()
         except S.StoreError as e:
             raise InputError(e.message) from e
-        self.queue: deque[str] = deque()
-        self.workers: dict[str, WorkerProcess] = {}
         self.subs: dict[str, dict[bytes, tuple[list, str]]] = {}  # job_id -> identity -> (routing, watch msg_id)
         self.submits: dict[str, str] = {}  # submit msg_id -> job_id (a retried submit is the same job)
         self.deleted: set[str] = set()
         self.upload_seen: dict[str, float] = {}
         self.stats = _Stats()
-        self.probe_info: dict = {}
-        self.probe_state = "pending"
         self._stop = False
         self._last_sample = 0.0
         self._auth = None
         self.ctx = zmq.Context()
         self.socket = self._make_socket()
         self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
-        self._recover()
-        self.probe = start_probe(config.flame_dir, config.device, self.store.root / "probe.log")
         self.poller = zmq.Poller()
+        self.pool = WorkerPool(config, self.store, self.poller, self.stats, self._broadcast)
+        self._recover()
+        self.pool.start_probe()
         self.poller.register(self.socket, zmq.POLLIN)
         if config.ready_file:
             tmp = Path(str(config.ready_file) + ".tmp")
@@ -187,28 +179,15 @@ class Server:
 
     def _recover(self) -> None:
         """Resume what the last server left: queued jobs wait again, interrupted ones run
-        again unless this was their last attempt."""
+        again unless this was their last attempt (the pool decides), uploads go on."""
         for job in sorted(self.store.load_all(), key=lambda j: (j.queued_at or j.created)):
             if job.submit_msg_id:
                 self.submits[job.submit_msg_id] = job.job_id
-            if job.state == P.RUNNING:
-                _kill_stray_worker(job)
-                job.worker_pid = None
-                job.history.append({"attempt": job.attempts, "outcome": "interrupted",
-                                    "reason": "the server stopped while the job ran"})
-                if job.cancel_requested:
-                    self._finish(job, P.CANCELLED, {"code": "cancelled", "message": "cancelled", "detail": None})
-                    continue
-                if job.attempts >= S.MAX_ATTEMPTS:
-                    self._finish(job, P.FAILED, self._failure("worker_died", job))
-                    continue
-                self._set_state(job, P.QUEUED, message="requeued after a server restart")
-            if job.state == P.QUEUED:
-                self.queue.append(job.job_id)
-            elif job.state == P.UPLOADING:
+            self.pool.recover(job)
+            if job.state == P.UPLOADING:
                 self.upload_seen[job.job_id] = time.monotonic()
-        if self.queue:
-            log.info("resuming %d queued jobs", len(self.queue))
+        if self.pool.queue:
+            log.info("resuming %d queued jobs", len(self.pool.queue))
 
     # -- the loop -------------------------------------------------------------------------
     def stop(self, *_args) -> None:
@@ -231,70 +210,33 @@ class Server:
                 except zmq.Again:
                     break
                 self._on_frames(frames)
-        for job_id, worker in list(self.workers.items()):
-            if not worker.eof and events.get(worker.fd):
-                self._on_worker_lines(job_id, worker.read())
-                if worker.eof:
-                    self.poller.unregister(worker.fd)
+        self.pool.read(events)
         self._tick()
 
     def _tick(self) -> None:
         now = time.monotonic()
-        for job_id, worker in list(self.workers.items()):
-            if (not worker.hung and worker.cancelled_at is None
-                    and now - worker.last_activity > self.config.hang_timeout_s):
-                # alive but silent: a deadlock or a stuck device; stop it instead of waiting forever
-                worker.hung = True
-                log.warning("job %s: no progress for %.0f s; stopping worker %d", job_id,
-                            now - worker.last_activity, worker.pid)
-                worker.terminate()
-            if worker.kill_deadline is not None and now >= worker.kill_deadline:
-                worker.kill()
-                worker.kill_deadline = None
-            rc = worker.poll()
-            if rc is not None:
-                self._on_worker_exit(job_id, worker, rc)
-        self._schedule()
-        if self.probe is not None and self.probe.poll() is not None:
-            self._on_probe()
+        self.pool.reap(now)
+        self.pool.schedule()
+        self.pool.poll_probe()
         if now - self._last_sample >= MEMORY_SAMPLE_S:
             self._last_sample = now
-            rss = [w.rss_bytes() for w in self.workers.values()]
-            st = self.stats
-            st.peak_total_rss = max(st.peak_total_rss, proc_rss_bytes() + sum(rss))
-            st.peak_worker_rss = max([st.peak_worker_rss, *rss])
-            for job_id, seen in list(self.upload_seen.items()):
-                job = self.store.jobs.get(job_id)
-                if job is None or job.state != P.UPLOADING:
-                    self.upload_seen.pop(job_id, None)
-                elif now - seen > UPLOAD_IDLE_S:
-                    self.upload_seen.pop(job_id, None)
-                    self._finish(job, P.FAILED, {"code": "upload_mismatch", "detail": None,
+            self.pool.sample_memory()
+            self._expire_uploads(now)
+
+    def _expire_uploads(self, now: float) -> None:
+        for job_id, seen in list(self.upload_seen.items()):
+            job = self.store.jobs.get(job_id)
+            if job is None or job.state != P.UPLOADING:
+                self.upload_seen.pop(job_id, None)
+            elif now - seen > UPLOAD_IDLE_S:
+                self.upload_seen.pop(job_id, None)
+                self.pool.finish(job, P.FAILED, {"code": "upload_mismatch", "detail": None,
                                                  "message": f"upload incomplete: no chunk for {UPLOAD_IDLE_S:.0f} s"})
 
     def shutdown(self) -> None:
-        """Stop the workers; their jobs go back to the queue without using up an attempt."""
-        for job_id, worker in list(self.workers.items()):
-            worker.terminate()
-        deadline = time.monotonic() + 2.0
-        for job_id, worker in list(self.workers.items()):
-            try:
-                worker.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                worker.kill()
-                worker.proc.wait()
-            worker.close()
-            job = self.store.jobs.get(job_id)
-            if job is not None and job.state == P.RUNNING:
-                job.attempts = max(0, job.attempts - 1)
-                job.worker_pid = None
-                job.state = P.QUEUED
-                job.queued_at = job.queued_at or time.time()
-                self.store.save(job)
-        self.workers.clear()
-        if self.probe is not None and self.probe.poll() is None:
-            self.probe.kill()
-            self.probe.wait()
+        """Stop the workers (their jobs go back to the queue without using up an attempt),
+        then the socket."""
+        self.pool.shutdown()
         if self._auth is not None:
             self._auth.stop()
         self.socket.close(0)
@@ -372,7 +314,7 @@ class Server:
         return {"time": time.time(), "uptime_s": time.time() - self.stats.started}
 
     def _do_hello(self, msg: P.Message) -> dict:
-        info = self.probe_info
+        info = self.pool.probe_info
         return {
             "server": "avface",
             "server_version": avface.__version__,
@@ -381,7 +323,7 @@ class Server:
             "platform": platform.platform(),
             "zmq": zmq.zmq_version(),
             "pyzmq": zmq.__version__,
-            "probe": self.probe_state,
+            "probe": self.pool.probe_state,
             "device": info.get("device"),
             "gpu": info.get("gpu"),
             "torch": info.get("torch"),
@@ -412,8 +354,8 @@ class Server:
             "requests": st.requests,
             "errors": dict(st.errors),
             "jobs": by_state,
-            "queue": len(self.queue),
-            "running": len(self.workers),
+            "queue": len(self.pool.queue),
+            "running": len(self.pool.workers),
             "workers": self.config.workers,
             "peak_workers": st.peak_workers,
             "server_rss_bytes": proc_rss_bytes(),
@@ -423,96 +365,23 @@ class Server:
         }
 
     # submit ------------------------------------------------------------------------------
-    def _check_path(self, value: object, what: str, *, want_dir: bool = False) -> Path:
-        if not isinstance(value, str) or not value or "\x00" in value:
-            raise RequestError("bad_request", f"{what} must be a non-empty path string")
-        if not os.path.isabs(value):
-            raise RequestError("path_not_allowed", f"{what} must be an absolute path, got {value!r}")
-        real = Path(os.path.realpath(value))
-        if not any(real == root or root in real.parents for root in self.roots):
-            raise RequestError("path_not_allowed", f"{what} {value!r} is not under the server's roots"
-                               + ("" if self.roots else " (this server takes uploads only)"))
-        if not (real.is_dir() if want_dir else real.is_file()):
-            raise RequestError("not_found", f"{what} {value!r} is not a readable {'folder' if want_dir else 'file'}")
-        return real
-
-    def _input_ref(self, spec: object, part: str) -> S.InputRef:
-        if not isinstance(spec, dict) or ("path" in spec) == ("upload" in spec):
-            raise RequestError("bad_request", f"submit.{part} must be {{'path': ...}} or {{'upload': {{'size', 'name'}}}}")
-        if "path" in spec:
-            real = self._check_path(spec["path"], part)
-            return S.InputRef(mode="path", path=str(real), name=real.name, size=real.stat().st_size)
-        up = spec["upload"]
-        if not isinstance(up, dict) or type(up.get("size")) is not int or up["size"] < 1:
-            raise RequestError("bad_request", f"submit.{part}.upload.size must be a positive integer")
-        if up["size"] > self.config.max_upload_bytes:
-            raise RequestError("too_large", f"{part} is {up['size']} bytes; this server takes at most "
-                               f"{self.config.max_upload_bytes}")
-        sha = up.get("sha256")
-        if sha is not None and (not isinstance(sha, str) or len(sha) != 64):
-            raise RequestError("bad_request", f"submit.{part}.upload.sha256 must be 64 hex digits")
-        name = os.path.basename(str(up.get("name") or part))[:200] or part
-        suffix = "".join(ch for ch in Path(name).suffix.lower() if ch.isalnum() or ch == ".")[:10]
-        return S.InputRef(mode="upload", path=f"{S.INPUT_DIR}/{part}{suffix}", name=name, size=up["size"], sha256=sha)
-
-    def _check_options(self, options: object) -> dict:
-        if options is None:
-            return {}
-        if not isinstance(options, dict):
-            raise RequestError("bad_request", "submit.options must be an object")
-        # every option of ReconstructOptions, checked by the pipeline's own dataclasses; None
-        # means the server's default
-        out = {k: v for k, v in options.items() if v is not None}
-        try:  # "auto" is the one device name the worker resolves itself
-            ReconstructOptions.from_dict({k: v for k, v in out.items() if (k, v) != ("device", "auto")})
-        except InputError as e:
-            raise RequestError("bad_input", str(e)) from e
-        if (out.get("frame_start") or 0) < 0:
-            raise RequestError("bad_input", "frame_start must be >= 0")
-        if out.get("frame_end") is not None and out["frame_end"] <= (out.get("frame_start") or 0):
-            raise RequestError("bad_input", "frame_end must be greater than frame_start")
-        for key, kind in PATH_OPTIONS.items():  # paths on this machine: under the roots only
-            if key in out and not (key == "networks_checkpoint" and out[key] in NAMED_CHECKPOINTS):
-                out[key] = str(self._check_path(out[key], key, want_dir=kind == "dir"))
-        models = self.probe_info.get("models") or {}
-        model = out.get("model")
-        if model is not None and models and out.get("flame_dir") is None:
-            if model not in models:
-                raise RequestError("bad_input", f"unknown model {model!r}; this server has {', '.join(sorted(models))}")
-            if not models[model].get("available", True):
-                raise RequestError("model_file", f"model {model!r} is not available here: {models[model].get('reason')}")
-        return out
-
-    def _check_duration(self, path: Path, options: dict) -> None:
-        """``too_long`` now, before a worker starts, for a video over the duration limit. A
-        file that cannot be probed passes: the worker reports the media error with context."""
-        if not self.config.max_duration_s:
-            return
-        try:
-            duration = probe_duration_s(path, options.get("frame_start"), options.get("frame_end"))
-        except InputError:
-            return  # a frame range outside the clip: the job reports it with the clip's length
-        if duration is not None and duration > self.config.max_duration_s:
-            raise RequestError("too_long", f"the video is {duration:.1f} s long; this server takes at most "
-                                           f"{self.config.max_duration_s:g} s (--max-duration-s)")
-
     def _do_submit(self, msg: P.Message) -> dict:
         c = msg.content
         if msg.msg_id in self.submits and self.submits[msg.msg_id] in self.store.jobs:
             job = self.store.jobs[self.submits[msg.msg_id]]  # a retried submit: the same job
             return {"job_id": job.job_id, "job": job.summary(), "chunk_bytes": self._chunk_bytes()}
-        options = self._check_options(c.get("options"))
-        video = self._input_ref(c.get("video"), "video")
-        audio = None if c.get("audio") is None else self._input_ref(c["audio"], "audio")
+        options = C.check_options(c.get("options"), self.roots, self.pool.probe_info.get("models") or {})
+        video = C.input_ref(c.get("video"), "video", self.roots, self.config.max_upload_bytes)
+        audio = None if c.get("audio") is None else C.input_ref(c["audio"], "audio", self.roots,
+                                                                self.config.max_upload_bytes)
         transcript = c.get("transcript")
-        if transcript is not None and (not isinstance(transcript, str) or len(transcript) > MAX_TRANSCRIPT_CHARS):
-            raise RequestError("bad_request", f"transcript must be text of at most {MAX_TRANSCRIPT_CHARS} characters")
+        C.check_transcript(transcript)
         waiting = sum(j.state in (P.QUEUED, P.UPLOADING) for j in self.store.jobs.values())
         if waiting >= self.config.max_queue:
             raise RequestError("queue_full", f"{waiting} jobs are waiting; this server queues at most {self.config.max_queue}")
         uploads = [r for r in (video, audio) if r is not None and r.mode == "upload"]
         if video.mode == "path":
-            self._check_duration(Path(video.path), options)
+            C.check_duration(Path(video.path), options, self.config.max_duration_s)
         job = self.store.create(options=options, video=video, audio=audio,
                                 state=P.UPLOADING if uploads else P.QUEUED, submit_msg_id=msg.msg_id)
         jdir = self.store.job_dir(job.job_id)
@@ -525,36 +394,26 @@ class Server:
         log.info("job %s submitted: %s (%s)", job.job_id, video.name, video.mode)
         if uploads:
             self.upload_seen[job.job_id] = time.monotonic()
-            self._set_state(job, P.UPLOADING, message="waiting for the upload")
+            self.pool.set_state(job, P.UPLOADING, message="waiting for the upload")
         else:
-            self._enqueue(job)
+            self.pool.enqueue(job)
         return {"job_id": job.job_id, "job": job.summary(), "chunk_bytes": self._chunk_bytes()}
 
     def _chunk_bytes(self) -> int:
         return min(P.DEFAULT_CHUNK_BYTES, self.config.max_frame_bytes)
 
     def _do_upload(self, msg: P.Message) -> dict:
-        c = msg.content
         job = self._job_of(msg)
-        if job.state != P.UPLOADING:
-            raise RequestError("bad_state", f"job {job.job_id} is {job.state}, not uploading")
-        part, offset = c.get("part"), c.get("offset")
-        ref = {"video": job.video, "audio": job.audio}.get(part) if isinstance(part, str) else None
-        if ref is None or ref.mode != "upload":
-            raise RequestError("bad_request", f"upload.part must name an uploaded input of this job, got {part!r}")
-        if type(offset) is not int or offset < 0 or len(msg.buffers) != 1:
-            raise RequestError("bad_request", "upload needs an integer offset >= 0 and exactly one buffer")
+        part, ref, offset = C.upload_target(job, msg)
         path = self.store.input_path(job, ref)
         received = path.stat().st_size
         data = msg.buffers[0]
         n = len(data)
-        if offset > received or offset + n > ref.size:
-            raise RequestError("upload_mismatch", f"chunk [{offset}, {offset + n}) does not continue the "
-                               f"{received} of {ref.size} bytes received", received=received)
+        C.check_chunk(offset, n, received, ref.size)
         ref.chunks += 1
         if ref.chunks > self.config.max_chunks:
-            self._finish(job, P.FAILED, {"code": "too_many_chunks", "detail": None,
-                                         "message": f"more than {self.config.max_chunks} chunks for the {part}"})
+            self.pool.finish(job, P.FAILED, {"code": "too_many_chunks", "detail": None,
+                                             "message": f"more than {self.config.max_chunks} chunks for the {part}"})
             raise RequestError("too_many_chunks", f"more than {self.config.max_chunks} chunks for the {part}; "
                                "send bigger chunks (up to max_frame_bytes)")
         if offset + n > received:  # a repeated chunk (a retried request) is already there
@@ -569,11 +428,11 @@ class Server:
         if all(self.store.input_path(job, r).stat().st_size == r.size for r in uploads):
             if job.video.mode == "upload":
                 try:
-                    self._check_duration(self.store.input_path(job, job.video), job.options)
+                    C.check_duration(self.store.input_path(job, job.video), job.options, self.config.max_duration_s)
                 except RequestError as e:
-                    self._finish(job, P.FAILED, {"code": e.code, "message": e.message, "detail": None})
+                    self.pool.finish(job, P.FAILED, {"code": e.code, "message": e.message, "detail": None})
                     raise
-            self._enqueue(job)
+            self.pool.enqueue(job)
         else:
             self.store.save(job)
         return {"job_id": job.job_id, "part": part, "received": received, "size": ref.size, "state": job.state}
@@ -596,8 +455,7 @@ class Server:
     def _do_watch(self, msg: P.Message) -> dict:
         job = self._job_of(msg)
         since = msg.content.get("since", 0)
-        if type(since) is not int:
-            raise RequestError("bad_request", "watch.since must be an integer")
+        C.check_since(since)
         if job.state not in P.FINAL_STATES:
             self.subs.setdefault(job.job_id, {})[msg.routing[0]] = (list(msg.routing), msg.msg_id)
         # A watching client repeats this as its heartbeat; it usually has every event already.
@@ -613,17 +471,9 @@ class Server:
         job = self._job_of(msg)
         if job.state in P.FINAL_STATES:
             return {"job_id": job.job_id, "state": job.state, "accepted": False}
-        if job.state == P.RUNNING:
-            worker = self.workers.get(job.job_id)
-            job.cancel_requested = True
-            self.store.save(job)
-            if worker is not None:
-                worker.terminate()
-                log.info("job %s: cancelling, terminating worker %d", job.job_id, worker.pid)
-                return {"job_id": job.job_id, "state": job.state, "accepted": True, "worker_pid": worker.pid}
-        if job.job_id in self.queue:
-            self.queue.remove(job.job_id)
-        self._finish(job, P.CANCELLED, {"code": "cancelled", "message": "cancelled by the client", "detail": None})
+        worker_pid = self.pool.cancel(job)
+        if worker_pid is not None:
+            return {"job_id": job.job_id, "state": job.state, "accepted": True, "worker_pid": worker_pid}
         return {"job_id": job.job_id, "state": job.state, "accepted": True}
 
     def _do_delete(self, msg: P.Message) -> dict:
@@ -651,156 +501,13 @@ class Server:
         path, size = self.store.result_file(job, c["path"])
         offset = c.get("offset", 0)
         length = c.get("length", self._chunk_bytes())
-        if type(offset) is not int or type(length) is not int or offset < 0 or length < 1:
-            raise RequestError("bad_request", "fetch.offset must be an integer >= 0 and fetch.length >= 1")
+        C.check_fetch_range(offset, length)
         length = min(length, self._chunk_bytes())
         with open(path, "rb") as f:
             f.seek(offset)
             data = f.read(length)
         return ({"job_id": job.job_id, "path": c["path"], "offset": offset, "size": size,
                  "eof": offset + len(data) >= size}, [data])
-
-    # -- job life -------------------------------------------------------------------------
-    def _set_state(self, job: S.Job, state: str, *, message: str = "") -> None:
-        job.state = state
-        job.message = message
-        event = self.store.append_event(job, {"kind": "state", "state": state, "attempt": job.attempts,
-                                              "message": message, "error": job.error})
-        self.store.save(job)
-        self._broadcast(job, event)
-
-    def _enqueue(self, job: S.Job) -> None:
-        job.queued_at = time.time()
-        self.queue.append(job.job_id)
-        self._set_state(job, P.QUEUED, message="waiting for a worker")
-
-    def _finish(self, job: S.Job, state: str, error: dict | None) -> None:
-        job.error = error
-        job.finished = time.time()
-        job.worker_pid = None
-        job.fraction = 1.0 if state == P.DONE else job.fraction
-        self._set_state(job, state, message=(error or {}).get("message", "") if state != P.DONE else "done")
-        log.info("job %s %s%s", job.job_id, state, f": {error['code']}: {error['message']}" if error else "")
-
-    @staticmethod
-    def _failure(code: str, job: S.Job) -> dict:
-        reasons = "; ".join(f"attempt {h['attempt']}: {h['reason']}" for h in job.history)
-        return {"code": code, "message": f"the job failed {len(job.history)} times ({reasons})", "detail": None}
-
-    def _schedule(self) -> None:
-        while self.queue and len(self.workers) < self.config.workers:
-            job = self.store.jobs.get(self.queue.popleft())
-            if job is None or job.state != P.QUEUED:
-                continue
-            job.attempts += 1
-            job.started = time.time()
-            job.stage, job.fraction, job.cancel_requested = None, 0.0, False
-            jdir = self.store.job_dir(job.job_id)
-            try:
-                worker = WorkerProcess(job.job_id, jdir, max_duration_s=self.config.max_duration_s,
-                                       device=self.config.device, flame_dir=self.config.flame_dir)
-            except OSError as e:
-                job.history.append({"attempt": job.attempts, "outcome": "error", "reason": f"cannot start a worker: {e}"})
-                self._finish(job, P.FAILED, {"code": "internal", "message": f"cannot start a worker: {e}", "detail": None})
-                continue
-            self.workers[job.job_id] = worker
-            self.poller.register(worker.fd, zmq.POLLIN)
-            job.worker_pid = worker.pid
-            self.stats.peak_workers = max(self.stats.peak_workers, len(self.workers))
-            self._set_state(job, P.RUNNING, message=f"attempt {job.attempts} of {S.MAX_ATTEMPTS}")
-            log.info("job %s running in worker %d (attempt %d)", job.job_id, worker.pid, job.attempts)
-
-    def _on_worker_lines(self, job_id: str, lines: list[dict]) -> None:
-        job = self.store.jobs.get(job_id)
-        if job is None:
-            return
-        for line in lines:
-            if line.get("t") != "progress" or job.cancel_requested:
-                continue
-            stage, fraction, message = str(line.get("stage")), float(line.get("fraction", 0.0)), str(line.get("message", ""))
-            new_stage = stage != job.stage
-            job.stage, job.fraction, job.message = stage, fraction, message
-            event = self.store.append_event(job, {"kind": "progress", "stage": stage, "fraction": fraction,
-                                                  "message": message, "attempt": job.attempts})
-            if new_stage:
-                self.store.save(job)
-            self._broadcast(job, event)
-
-    def _on_worker_exit(self, job_id: str, worker: WorkerProcess, rc: int) -> None:
-        if not worker.eof:
-            self._on_worker_lines(job_id, worker.read())
-            self.poller.unregister(worker.fd)
-        worker.close()
-        del self.workers[job_id]
-        job = self.store.jobs.get(job_id)
-        if job is None:
-            return
-        final = worker.final
-        if final is not None and final.get("t") == "done" and rc == 0:  # even if a cancel came too late
-            job.result_meta = final.get("meta")
-            job.history.append({"attempt": job.attempts, "outcome": "done", "reason": ""})
-            self._finish(job, P.DONE, None)
-        elif worker.hung and not job.cancel_requested:
-            # not retried: a job that hung once will most likely hang again
-            stage = f" in stage {job.stage}" if job.stage else ""
-            reason = f"no progress for {self.config.hang_timeout_s:g} s{stage}"
-            job.history.append({"attempt": job.attempts, "outcome": "timeout", "reason": reason})
-            self._finish(job, P.FAILED, {"code": "job_timeout", "detail": None,
-                                         "message": f"the job made no progress for {self.config.hang_timeout_s:g} s{stage} "
-                                                    "and was stopped (the server's --hang-timeout-s)"})
-        elif job.cancel_requested:
-            gone = time.monotonic() - (worker.cancelled_at or time.monotonic())
-            job.history.append({"attempt": job.attempts, "outcome": "cancelled", "reason": f"worker stopped {gone:.2f} s after cancel"})
-            self._finish(job, P.CANCELLED, {"code": "cancelled", "message": "cancelled by the client", "detail": None})
-        elif final is not None and final.get("t") == "error" and not final.get("retry"):
-            job.history.append({"attempt": job.attempts, "outcome": "error", "reason": f"{final.get('code')}: {final.get('message')}"})
-            self._finish(job, P.FAILED, {"code": final.get("code") or "internal", "message": final.get("message") or "",
-                                         "detail": final.get("detail")})
-        else:
-            if final is not None:  # an unexpected exception in the worker
-                reason, code = f"{final.get('message')}", "internal"
-            else:
-                reason, code = f"worker process {describe_exit(rc)}" + (f" during stage {job.stage}" if job.stage else ""), "worker_died"
-            job.history.append({"attempt": job.attempts, "outcome": "died" if final is None else "error", "reason": reason})
-            log.warning("job %s: attempt %d ended: %s", job_id, job.attempts, reason)
-            if job.attempts >= S.MAX_ATTEMPTS:
-                error = self._failure(code, job)
-                if final is not None:
-                    error["detail"] = final.get("detail")
-                self._finish(job, P.FAILED, error)
-            else:
-                job.worker_pid = None
-                job.queued_at = time.time()
-                self.queue.appendleft(job.job_id)  # the retry goes first: it was already waiting
-                self._set_state(job, P.QUEUED, message=f"retrying: {reason}")
-
-    def _on_probe(self) -> None:
-        out = self.probe.stdout.read() if self.probe.stdout else b""
-        rc = self.probe.returncode
-        self.probe.stdout and self.probe.stdout.close()
-        self.probe = None
-        try:
-            self.probe_info = json.loads(out.decode().strip().splitlines()[-1])
-            self.probe_state = "done"
-        except (ValueError, IndexError):
-            self.probe_state = f"failed ({describe_exit(rc)}; see {self.store.root / 'probe.log'})"
-            log.warning("model probe %s", self.probe_state)
-
-
-def _kill_stray_worker(job: S.Job) -> None:
-    """A worker of a killed server normally kills itself (its life pipe closes); this makes
-    sure, checking the command line so that a reused pid is left alone."""
-    if not job.worker_pid:
-        return
-    try:
-        cmdline = Path(f"/proc/{job.worker_pid}/cmdline").read_bytes()
-    except OSError:
-        return
-    if job.job_id.encode() in cmdline and b"avface.service.worker" in cmdline:
-        try:
-            os.killpg(job.worker_pid, signal.SIGKILL)
-        except OSError:
-            pass
 
 
 def serve(config: ServerConfig) -> int:

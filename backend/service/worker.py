@@ -33,7 +33,7 @@ import time
 import traceback
 from pathlib import Path
 
-from avface.jsonutil import json_safe
+from avface.core.jsonutil import json_safe
 from avface.service import protocol as P
 from avface.service import store as S
 
