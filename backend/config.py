@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from .errors import InputError
+from avface.errors import InputError
 
 MODELS = ("default", "flame")
 DEVICES = ("cpu", "cuda")
@@ -106,7 +106,7 @@ class NetworksStageConfig:
     adapt: bool = True
     """Adapt to the clip before filling the frames whose mouth is not seen: a closed-form
     readout from the audio embedding to the speaker's own mouth, learned on the clip's
-    trusted frames, and the fill chosen on spans hidden from them (avface.train.readout).
+    trusted frames, and the fill chosen on spans hidden from them (avface.stages.networks.readout).
     Off: the generic networks' prediction fills those frames."""
     adapt_steps: int = 0
     """Gradient fine-tuning steps of the networks on the clip's trusted frames before the
@@ -163,7 +163,7 @@ class ReconstructOptions:
     """Store the final per-frame mesh (T, V, 3) float16 in the result."""
     fov_deg: float | None = None
     """Vertical field of view of the camera, degrees; None estimates it from the clip
-    (avface.fit.estimate_fov; FitConfig.fov_deg where too few frames have a trusted face)."""
+    (avface.stages.camera.estimate_fov; FitConfig.fov_deg where too few frames have a trusted face)."""
     cache_dir: str | None = None
     """Where tracking is cached; None uses ~/.cache/avface (or $AVFACE_CACHE_DIR)."""
     networks_checkpoint: str | None = "default"

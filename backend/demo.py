@@ -8,15 +8,15 @@ from pathlib import Path
 
 import numpy as np
 
-from .evaluate import aligned_vertex_error
-from .geometry import fov_of
-from .config import ReconstructOptions
-from .pipeline import reconstruct
-from .result import load_result
+from avface.bench.evaluate import aligned_vertex_error
+from avface.config import ReconstructOptions
+from avface.core.geometry import fov_of
+from avface.pipeline import reconstruct
+from avface.result import load_result
 
 log = logging.getLogger(__name__)
 
-#: The demo's accuracy target: mean vertex error on visible frames (issue 2).
+#: The demo's accuracy target: mean vertex error on visible frames (the bar the demo has held since the coarse fit).
 TARGET_MM = 2.0
 
 
@@ -24,7 +24,7 @@ def demo_errors(result_path: Path, clip) -> dict[str, float]:
     """3D errors of a reconstruction of a synthetic clip against its ground truth, in mm,
     after a per-frame similarity alignment (which removes the monocular scale/depth
     ambiguity), plus the lip-vertex error."""
-    from avface.topology import LIPS
+    from avface.core.topology import LIPS
 
     res = load_result(result_path)
     pred = res["vertices"].astype(np.float64)
@@ -45,7 +45,7 @@ def demo_errors(result_path: Path, clip) -> dict[str, float]:
 
 
 def run_demo(out_dir: Path, *, seed: int = 0, duration_s: float = 6.0, preview: bool = True, progress=None) -> int:
-    from .synth import make_demo_clip
+    from avface.synth import make_demo_clip
 
     out_dir = Path(out_dir)
     if progress:

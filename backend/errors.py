@@ -63,7 +63,7 @@ class OutputError(AVFaceError):
 
 
 class SchemaError(AVFaceError):
-    """A result file does not follow the result contract (DESIGN.md section 5)."""
+    """A result file does not follow the result contract (docs/design.md section 5, backend/result/)."""
 
     code = "bad_result"
     exit_status = 7

@@ -50,7 +50,7 @@ import ffmpeg
 import numpy as np
 import soundfile
 
-from .errors import InputError, MediaError, OutputError
+from avface.errors import InputError, MediaError, OutputError
 
 logger = logging.getLogger(__name__)
 
@@ -766,6 +766,93 @@ def _check_frame(frame: object, index: int, shape: tuple[int, ...] | None) -> np
     return arr
 
 
+def _check_video_args(fps, crf) -> None:
+    """InputError unless ``fps`` is a positive finite number and ``crf`` an integer in [0, 51]."""
+    if isinstance(fps, bool) or not (
+            isinstance(fps, (int, float, np.integer, np.floating, Fraction)) and math.isfinite(fps) and fps > 0):
+        raise InputError(f"fps must be a positive number, got {fps!r}")
+    if not isinstance(crf, (int, np.integer)) or not 0 <= crf <= 51:
+        raise InputError(f"crf must be an integer in [0, 51], got {crf!r}")
+
+
+def _audio_to_mux(audio: str | os.PathLike | None) -> Path | None:
+    """The resolved path of ``audio`` (None for none); MediaError when it has no audio stream."""
+    audio_path = None
+    if audio is not None:
+        audio_path = Path(audio).expanduser().resolve()
+        _check_readable(audio_path)
+        if _read_header(audio_path).audio is None:
+            raise MediaError(f"cannot mux audio from {audio_path.name}: it has no audio stream")
+    return audio_path
+
+
+def _first_frame(it: Iterator) -> np.ndarray:
+    """The first frame of ``it``, checked; InputError when there is none."""
+    try:
+        first = next(it)
+    except StopIteration:
+        raise InputError("write_video got no frames") from None
+    return _check_frame(first, 0, None)
+
+
+def _encode_command(size: tuple[int, int], rate: Fraction, crf, audio_path: Path | None, tmp: Path) -> list[str]:
+    """The ffmpeg command encoding raw RGB frames of ``size`` (w, h) from stdin, plus ``audio_path``, to ``tmp``."""
+    width, height = size
+    video = ffmpeg.input("pipe:", format="rawvideo", pix_fmt="rgb24",
+                         s=f"{width}x{height}", framerate=f"{rate.numerator}/{rate.denominator}")
+    # Convert with BT.709 and tag the frames (setparams) so that players, and our own decoder,
+    # convert back with the same matrix; encoder options alone leave the tags unset.
+    video = video.filter("scale", out_color_matrix="bt709", out_range="tv").filter(
+        "setparams", colorspace="bt709", color_primaries="bt709", color_trc="bt709", range="tv")
+    streams = [video]
+    out_kwargs: dict = dict(
+        format="mp4", vcodec="libx264", pix_fmt="yuv420p", crf=int(crf), preset="medium",
+        movflags="+faststart",
+    )
+    if audio_path is not None:
+        # apad + -shortest: the audio runs exactly as long as the video.
+        streams.append(ffmpeg.input(str(audio_path))["a:0"].filter("apad"))
+        out_kwargs.update(acodec="aac", audio_bitrate="192k", shortest=None)
+    return _cmd("-y", "-v", "error") + ffmpeg.get_args(ffmpeg.output(*streams, str(tmp), **out_kwargs))
+
+
+def _pipe_frames(proc: subprocess.Popen, first: np.ndarray, it: Iterator, pad_h: int, pad_w: int) -> int:
+    """Feed ``first`` and the rest of ``it`` (checked, edge-padded) to ffmpeg's stdin; returns the count fed."""
+    n_written = 0
+    frame = first
+    while True:
+        if pad_h or pad_w:
+            frame = np.pad(frame, ((0, pad_h), (0, pad_w), (0, 0)), mode="edge")
+        try:
+            proc.stdin.write(np.ascontiguousarray(frame).data)
+        except BrokenPipeError:
+            break  # ffmpeg died; its stderr says why (below)
+        n_written += 1
+        try:
+            frame = _check_frame(next(it), n_written, first.shape)
+        except StopIteration:
+            break
+    try:
+        proc.stdin.close()
+    except BrokenPipeError:
+        pass
+    return n_written
+
+
+def _finish_encoding(proc: subprocess.Popen, drain: _StderrDrain, tmp: Path, path: Path) -> None:
+    """Wait for ffmpeg; on success move ``tmp`` to ``path``, else raise what its stderr says."""
+    rc = proc.wait()
+    stderr = drain.text()
+    if rc != 0:
+        if any(k in stderr for k in ("Permission denied", "No space left", "Read-only file system")):
+            raise OutputError(f"cannot write {path}: {_last_error_line(stderr)}", detail=stderr)
+        raise MediaError(f"encoding {path.name} failed: {_last_error_line(stderr)}", detail=stderr)
+    try:
+        os.replace(tmp, path)
+    except OSError as e:
+        raise OutputError(f"cannot write {path}: {e.strerror or e}") from e
+
+
 def write_video(
     frames: Iterable[np.ndarray],
     path: str | os.PathLike,
@@ -784,79 +871,26 @@ def write_video(
     arguments, MediaError for unusable audio, OutputError when ``path`` cannot be written.
     """
     path = Path(path).expanduser().absolute()
-    if isinstance(fps, bool) or not (
-            isinstance(fps, (int, float, np.integer, np.floating, Fraction)) and math.isfinite(fps) and fps > 0):
-        raise InputError(f"fps must be a positive number, got {fps!r}")
-    if not isinstance(crf, (int, np.integer)) or not 0 <= crf <= 51:
-        raise InputError(f"crf must be an integer in [0, 51], got {crf!r}")
-    audio_path = None
-    if audio is not None:
-        audio_path = Path(audio).expanduser().resolve()
-        _check_readable(audio_path)
-        if _read_header(audio_path).audio is None:
-            raise MediaError(f"cannot mux audio from {audio_path.name}: it has no audio stream")
+    _check_video_args(fps, crf)
+    audio_path = _audio_to_mux(audio)
     _ensure_writable_dir(path.parent)
 
     it = iter(frames)
-    try:
-        first = next(it)
-    except StopIteration:
-        raise InputError("write_video got no frames") from None
-    first = _check_frame(first, 0, None)
+    first = _first_frame(it)
     height, width = first.shape[:2]
     pad_h, pad_w = height % 2, width % 2
     rate = _fps_fraction(float(fps)) if not isinstance(fps, Fraction) else fps
 
-    video = ffmpeg.input("pipe:", format="rawvideo", pix_fmt="rgb24",
-                         s=f"{width + pad_w}x{height + pad_h}", framerate=f"{rate.numerator}/{rate.denominator}")
-    # Convert with BT.709 and tag the frames (setparams) so that players, and our own decoder,
-    # convert back with the same matrix; encoder options alone leave the tags unset.
-    video = video.filter("scale", out_color_matrix="bt709", out_range="tv").filter(
-        "setparams", colorspace="bt709", color_primaries="bt709", color_trc="bt709", range="tv")
-    streams = [video]
-    out_kwargs: dict = dict(
-        format="mp4", vcodec="libx264", pix_fmt="yuv420p", crf=int(crf), preset="medium",
-        movflags="+faststart",
-    )
-    if audio_path is not None:
-        # apad + -shortest: the audio runs exactly as long as the video.
-        streams.append(ffmpeg.input(str(audio_path))["a:0"].filter("apad"))
-        out_kwargs.update(acodec="aac", audio_bitrate="192k", shortest=None)
     tmp = path.with_name(f".{path.name}.partial")
-    cmd = _cmd("-y", "-v", "error") + ffmpeg.get_args(ffmpeg.output(*streams, str(tmp), **out_kwargs))
+    cmd = _encode_command((width + pad_w, height + pad_h), rate, crf, audio_path, tmp)
     logger.debug("write_video: %s", subprocess.list2cmdline(cmd))
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     drain = _StderrDrain(proc.stderr)
     n_written = 0
     ok = False
     try:
-        frame = first
-        while True:
-            if pad_h or pad_w:
-                frame = np.pad(frame, ((0, pad_h), (0, pad_w), (0, 0)), mode="edge")
-            try:
-                proc.stdin.write(np.ascontiguousarray(frame).data)
-            except BrokenPipeError:
-                break  # ffmpeg died; its stderr says why (below)
-            n_written += 1
-            try:
-                frame = _check_frame(next(it), n_written, first.shape)
-            except StopIteration:
-                break
-        try:
-            proc.stdin.close()
-        except BrokenPipeError:
-            pass
-        rc = proc.wait()
-        stderr = drain.text()
-        if rc != 0:
-            if any(k in stderr for k in ("Permission denied", "No space left", "Read-only file system")):
-                raise OutputError(f"cannot write {path}: {_last_error_line(stderr)}", detail=stderr)
-            raise MediaError(f"encoding {path.name} failed: {_last_error_line(stderr)}", detail=stderr)
-        try:
-            os.replace(tmp, path)
-        except OSError as e:
-            raise OutputError(f"cannot write {path}: {e.strerror or e}") from e
+        n_written = _pipe_frames(proc, first, it, pad_h, pad_w)
+        _finish_encoding(proc, drain, tmp, path)
         ok = True
     finally:
         _stop_process(proc)
@@ -876,7 +910,7 @@ def content_hash(path: str | os.PathLike, extra: str = "") -> str:
     path = Path(path)
     if not path.is_file():  # an empty file is fine here: it has a hash
         raise MediaError(f"{path}: no such file" if not path.exists() else f"{path} is not a file")
-    from .assets import file_hash
+    from avface.core.assets import file_hash
 
     h = file_hash(path)
     h.update(extra.encode("utf-8"))

@@ -23,16 +23,18 @@ from typing import Callable
 import numpy as np
 import yaml
 
-from . import media
-from .assemble import ResultSource, build_result
-from .avstage import NetworkRun, refine_lips, run_networks
-from .config import ReconstructOptions
-from .confidence import visual_confidence
-from .errors import CancelledError, InputError, MediaError
-from .fit import CameraEstimate, CoarseFit, clip_camera, fit_default, fit_metrics, fit_model
-from .result import ensure_writable, write_result
-from .tracking import Tracking, track
+from avface import media
+from avface.config import ReconstructOptions
+from avface.errors import CancelledError, InputError, MediaError
 from avface.models.registry import available_models, load_model  # noqa: F401  (the service's workers ask the pipeline)
+from avface.result import ensure_writable, write_result
+from avface.stages.assemble.run import ResultEvidence, ResultRun, ResultSource, build_result
+from avface.stages.camera import CameraEstimate, clip_camera
+from avface.stages.confidence import visual_confidence
+from avface.stages.fit import CoarseFit, fit_default, fit_metrics, fit_model
+from avface.stages.lips import refine_lips
+from avface.stages.networks.run import ClipInputs, NetworkRun, run_networks
+from avface.stages.tracking import Tracking, track
 
 log = logging.getLogger(__name__)
 
@@ -118,15 +120,15 @@ def reconstruct(
     if net is not None and options.networks.lips:
         with run.stage("lips"):
             lips = _lips(net, fit, options)
+    coarse = _Coarse(tracking, features, conf, occluded, camera, fit, metrics, net, lips)
     detail = None
     if options.detail:
         with run.stage("detail"):
-            detail = _detail(inputs, tracking, fit, lips, conf, net, options, run)
+            detail = _detail(inputs, coarse, options, run)
     with run.stage("export"):
-        arrays, meta = _assemble(inputs, tracking, features, fit, metrics, conf, occluded, options, run, net, lips,
-                                 camera)
+        arrays, meta = _assemble(inputs, coarse, options, run)
         (out_dir / "config.yaml").write_text(yaml.safe_dump(options.to_dict(), sort_keys=False))
-        from .detail import clear_detail, write_detail
+        from avface.stages.detail.run import clear_detail, write_detail
 
         if detail is not None:
             meta["detail"] = write_detail(out_dir, detail)
@@ -134,15 +136,21 @@ def reconstruct(
             clear_detail(out_dir)
             if options.detail:
                 meta["detail"]["skipped"] = "no frame had a trusted face texel to learn detail from"
-        path = write_result(out_dir / "result.npz", arrays, meta)
+        if not options.preview:
+            path = write_result(out_dir / "result.npz", arrays, meta)
     if options.preview:
-        with run.stage("preview"):
-            _preview(inputs, fit, arrays["occluded"], out_dir, run, net.audio_frames if net is not None else None,
-                     detail=detail, device=options.device)
-        # record the preview's time too
-        meta["stage_seconds"] = run.seconds
-        meta["stages_run"] = meta["stages_run"] + ["preview"]
-        path = write_result(out_dir / "result.npz", arrays, meta)
+        previewed = False
+        try:
+            with run.stage("preview"):
+                _preview(inputs, fit, arrays["occluded"], out_dir, run, net.audio_frames if net is not None else None,
+                         detail=detail, device=options.device)
+            previewed = True
+        finally:
+            # written once, after the preview so that meta records its time too, and even when
+            # the preview fails or is cancelled: the result itself is complete
+            meta["stage_seconds"] = run.seconds
+            meta["stages_run"] = meta["stages_run"] + (["preview"] if previewed else [])
+            path = write_result(out_dir / "result.npz", arrays, meta)
     (out_dir / "timings.json").write_text(json.dumps({"stage_seconds": run.seconds, "tracker_seconds": tracking.seconds}))
     return path
 
@@ -191,7 +199,7 @@ def _speech(inputs: _Inputs, n_frames: int, run: _Run):
     if inputs.wave is None:
         log.warning("%s has no audio track and no --audio was given: reconstructing from video only", inputs.video)
         return None
-    from . import audio as audio_mod
+    from avface.stages import audio as audio_mod
 
     return audio_mod.extract_features(inputs.wave, media.SAMPLE_RATE_HZ, n_frames, inputs.info.fps,
                                       transcript=inputs.transcript, progress=lambda f: run.report("audio", f, "phones"))
@@ -200,7 +208,7 @@ def _speech(inputs: _Inputs, n_frames: int, run: _Run):
 def _load_networks(options: ReconstructOptions):
     """The networks' Checkpoint, or None without one (video only); ModelFileError when the
     file is missing or damaged, never random weights."""
-    from .config import networks_off
+    from avface.config import networks_off
 
     if networks_off(options.networks_checkpoint):
         return None
@@ -214,8 +222,20 @@ def _load_networks(options: ReconstructOptions):
 def _networks(checkpoint, tracking: Tracking, features, conf: np.ndarray, fit_cfg, options: ReconstructOptions,
               run: _Run) -> NetworkRun:
     """Evidence -> (adaptation, seeded) -> the networks' pose and lower-face landmarks."""
-    return run_networks(checkpoint, tracking, features, conf, fov_deg=fit_cfg.fov_deg,
-                        config=options.networks, device=options.device, report=run.progress_of("networks"))
+    return run_networks(checkpoint, ClipInputs(tracking, features, conf, fit_cfg.fov_deg), config=options.networks,
+                        device=options.device, report=run.progress_of("networks"),
+                        adapter=gradient_adapter(options.networks))
+
+
+def gradient_adapter(config):
+    """The training code's per-clip gradient adaptation when ``config`` (a
+    ``NetworksStageConfig``) asks for it (``adapt_steps > 0``; off by default), else None: a
+    default job never imports ``avface.train``."""
+    if not (config.adapt and config.adapt_steps > 0):
+        return None
+    from avface.train.adapt import adapt_networks
+
+    return adapt_networks
 
 
 def _lips(net: NetworkRun, fit: CoarseFit, options: ReconstructOptions):
@@ -235,55 +255,75 @@ def _fit(model, tracking: Tracking, conf: np.ndarray, fit_cfg, options: Reconstr
     return fit, fit_metrics(fit, tracking)
 
 
-def _detail(inputs: _Inputs, tracking: Tracking, fit: CoarseFit, lips, conf: np.ndarray, net: NetworkRun | None,
-            options: ReconstructOptions, run: _Run):
+@dataclass(frozen=True, eq=False)
+class _Coarse:
+    """What the stages up to the lips made of the clip: what the detail and export stages read."""
+
+    tracking: Tracking
+    features: object
+    """The clip's AudioFeatures, or None without speech."""
+    conf: np.ndarray
+    occluded: np.ndarray
+    camera: CameraEstimate | None
+    fit: CoarseFit
+    metrics: dict
+    net: NetworkRun | None = None
+    lips: object = None
+    """The lips' LipPCA, or None."""
+
+
+def _detail(inputs: _Inputs, coarse: _Coarse, options: ReconstructOptions, run: _Run):
     """The fine stage on the final (coarse + lips) mesh, with the networks' f_a as its audio
     channel and their generic fine part as its start when they ran; None when no frame has a
     face texel to learn from."""
-    from .avstage import vertices_with_lips
-    from .detail import run_detail
+    from avface.stages.detail.run import DetailHooks, DetailInputs, run_detail
+    from avface.stages.lips import vertices_with_lips
 
+    tracking, fit, net = coarse.tracking, coarse.fit, coarse.net
     audio = net.f_a if net is not None else None
     frames = media.iter_frames(inputs.info, inputs.start, inputs.start + tracking.n_frames)
-    return run_detail(frames, vertices_with_lips(fit, lips), fit.model, fit.intrinsics, conf, tracking.detected, audio,
-                      options.fine, device=options.device, report=run.progress_of("detail"),
-                      should_cancel=run.should_cancel, start=net.networks.fine if net is not None else None)
+    clip = DetailInputs(frames, vertices_with_lips(fit, coarse.lips), fit.model, fit.intrinsics, coarse.conf,
+                        tracking.detected, audio)
+    return run_detail(clip, options.fine, device=options.device,
+                      hooks=DetailHooks(report=run.progress_of("detail"), should_cancel=run.should_cancel),
+                      start=net.networks.fine if net is not None else None)
 
 
-def _assemble(inputs: _Inputs, tracking: Tracking, features, fit: CoarseFit, metrics: dict, conf: np.ndarray,
-              occluded: np.ndarray, options: ReconstructOptions, run: _Run, net: NetworkRun | None = None,
-              lips=None, camera: CameraEstimate | None = None) -> tuple[dict, dict]:
+def _assemble(inputs: _Inputs, coarse: _Coarse, options: ReconstructOptions, run: _Run) -> tuple[dict, dict]:
     info, start = inputs.info, inputs.start
+    tracking, features, fit, net, lips = coarse.tracking, coarse.features, coarse.fit, coarse.net, coarse.lips
     src = ResultSource(
         fps=info.fps, width=info.width, height=info.height, audio_present=inputs.wave is not None,
         source={"path": str(inputs.video.resolve()), "frame_start": int(start), "frame_end": int(start + tracking.n_frames),
                 "vfr": bool(info.vfr), "audio": inputs.audio_source})
     extra = {
-        "fit_metrics": metrics,
+        "fit_metrics": coarse.metrics,
         "expression_explained_variance": fit.explained_variance,
         "transcript_aligned": bool(features.aligned) if features is not None else False,
         "device": options.device,
     }
-    if camera is not None:
-        extra["camera"] = camera.to_meta()
+    if coarse.camera is not None:
+        extra["camera"] = coarse.camera.to_meta()
     if net is not None:
         extra["networks"] = dict(net.meta, lips=lips is not None)
-    return build_result(fit, tracking, conf, occluded, features.activity if features is not None else None, src,
-                        stages_run=[s for s in STAGES if s in run.seconds] + ["export"], stage_seconds=run.seconds,
-                        write_vertices=options.write_vertices, extra_meta=extra, lips=lips)
+    evidence = ResultEvidence(coarse.conf, coarse.occluded, features.activity if features is not None else None)
+    return build_result(fit, tracking, evidence, src,
+                        ResultRun(stages_run=[s for s in STAGES if s in run.seconds] + ["export"],
+                                  stage_seconds=run.seconds, extra_meta=extra),
+                        write_vertices=options.write_vertices, lips=lips)
 
 
 def _preview(inputs: _Inputs, fit: CoarseFit, occluded: np.ndarray, out_dir: Path, run: _Run,
              audio_frames: np.ndarray | None = None, *, detail=None, device: str = "cpu") -> None:
-    from .preview import write_preview
+    from avface.stages.preview import PreviewAudio, PreviewHooks, write_preview
 
     panel = None
     if detail is not None:
-        from .detail import detail_panels
+        from avface.stages.detail.run import detail_panels
 
         panel = detail_panels(detail, fit.model, fit.intrinsics, (inputs.info.height, inputs.info.width), device)
     own_track = inputs.audio_source == str(inputs.video)
-    write_preview(inputs.info, inputs.start, fit, occluded, out_dir / "preview.mp4", audio=inputs.audio_source,
-                  audio_frames=audio_frames, detail_panel=panel,
-                  audio_offset_s=inputs.start / inputs.info.fps if own_track else 0.0,
-                  progress=lambda f: run.report("preview", f, "rendering"), should_cancel=run.should_cancel)
+    audio = PreviewAudio(inputs.audio_source, inputs.start / inputs.info.fps if own_track else 0.0, audio_frames)
+    write_preview(inputs.info, inputs.start, fit, occluded, out_dir / "preview.mp4", audio=audio, detail_panel=panel,
+                  hooks=PreviewHooks(progress=lambda f: run.report("preview", f, "rendering"),
+                                     should_cancel=run.should_cancel))

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import re
 
-from ._vendor.arkit_names import ARKIT_NAMES
-
+from ._vendor.result.arkit_names import ARKIT_NAMES
 
 #: Unified Expressions name -> ARKit name, for the shapes whose meaning is the same.
 UNIFIED_EXPRESSIONS = {

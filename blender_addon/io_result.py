@@ -1,4 +1,4 @@
-"""Read an AVFace result (``result.npz``, DESIGN.md section 5) into arrays ready for bulk
+"""Read an AVFace result (``result.npz``, docs/design.md section 5) into arrays ready for bulk
 Blender calls. No ``bpy`` here: this module is tested with plain pytest.
 
 How the head is built in Blender, and why it reproduces the result's ``vertices``:
@@ -40,30 +40,23 @@ and ``strength = metres_per_unit`` computes.
 """
 from __future__ import annotations
 
-import json
 import logging
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ._vendor import axes, kinematics
+from ._vendor import result as contract
+from ._vendor.errors import SchemaError
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
 #: Custom properties for the per-frame confidence (exact names; the ARKit curves keep theirs).
 CONFIDENCE_PROPERTIES = {"visual_conf": "avface_visual_conf", "occluded": "avface_occluded",
                          "speech_activity": "avface_speech_activity"}
 EXPRESSION_KEY = "expression_{:02d}"
 LIP_KEY = "lip_{:02d}"
-REQUIRED = ("vertices_neutral", "faces", "uv", "uv_faces", "expression_basis", "expression", "global_rot",
-            "transl", "neck", "jaw", "eyes", "joint_names", "joint_parents", "joints_rest", "skin_weights",
-            "extrinsics", "lip_vertex_ids", "lip_basis", "lip_coeffs", "arkit_names", "arkit", "visual_conf",
-            "occluded", "speech_activity")
-
-
 class ResultError(Exception):
     """The file is not a result this add-on can import; the message says what is wrong."""
 
@@ -363,80 +356,25 @@ def _scaled(basis: np.ndarray, coeffs: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return offsets.astype(np.float32), values.astype(np.float32), scale
 
 
-def _detail(path: Path, meta: dict, n_frames: int) -> DetailMaps | None:
+def _detail(path: Path, meta: dict) -> DetailMaps | None:
+    """The detail maps the (already validated) result names, in frame order."""
     detail = meta.get("detail") or {}
-    n_maps = int(detail.get("n_maps") or 0)
-    if n_maps == 0:
+    if not detail.get("n_maps"):
         return None
-    folder = path.parent / detail.get("folder", "detail")
-    files = tuple(sorted([*folder.glob("*.png"), *folder.glob("*.exr")])) if folder.is_dir() else ()
-    if len(files) != n_maps:
-        raise ResultError(f"{path}: meta says {n_maps} displacement maps but {folder} holds {len(files)}")
-    if n_maps != n_frames:
-        raise ResultError(f"{path}: {n_maps} displacement maps for {n_frames} frames; expected one per frame")
-    mpu = float(detail.get("metres_per_unit") or 0.0)
-    if mpu <= 0:
-        raise ResultError(f"{path}: detail maps without a positive metres_per_unit")
-    return DetailMaps(folder, files, int(detail.get("map_size") or 0), mpu, float(detail.get("midlevel", 0.5)))
+    enc = contract.DetailEncoding.from_meta(detail)
+    files = tuple(contract.detail_files(path.parent, enc.folder))
+    return DetailMaps(path.parent / enc.folder, files, enc.map_size, enc.metres_per_unit, enc.midlevel)
 
 
 def load_arrays(path: Path) -> tuple[dict, dict]:
-    """(meta, arrays) of a result file; :class:`ResultError` when it cannot be read."""
-    path = Path(path)
-    if not path.is_file():
-        raise ResultError(f"{path} does not exist")
+    """(meta, arrays) of a result file, validated against the contract by the backend's own
+    validator (vendored: ``_vendor/result``), detail maps included; :class:`ResultError` says
+    what is wrong."""
     try:
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
-        raise ResultError(f"{path} is not a readable AVFace result (damaged or not an .npz): {e}") from e
-    if "meta" not in arrays:
-        raise ResultError(f"{path} has no meta record: not an AVFace result")
-    try:
-        meta = json.loads(str(arrays.pop("meta")))
-    except json.JSONDecodeError as e:
-        raise ResultError(f"{path}: meta is not valid JSON: {e}") from e
-    if meta.get("schema_version") != SCHEMA_VERSION:
-        raise ResultError(f"{path}: schema_version {meta.get('schema_version')!r} is not supported by this add-on "
-                          f"(it reads {SCHEMA_VERSION}); update the add-on or the backend")
-    missing = [k for k in REQUIRED if k not in arrays]
-    if missing:
-        raise ResultError(f"{path} lacks arrays {missing}")
-    return meta, arrays
-
-
-def _check(path: Path, a: dict, n: int) -> None:
-    v = a["vertices_neutral"].shape[0]
-    checks = [
-        ("vertices_neutral", a["vertices_neutral"].shape == (v, 3)),
-        ("faces", a["faces"].ndim == 2 and a["faces"].shape[1] == 3 and (a["faces"].size == 0 or
-                                                                        (0 <= a["faces"].min() and a["faces"].max() < v))),
-        ("uv_faces", a["uv_faces"].shape == a["faces"].shape and (a["uv_faces"].size == 0 or
-                                                                (0 <= a["uv_faces"].min() and a["uv_faces"].max() < len(a["uv"])))),
-        ("expression_basis", a["expression_basis"].ndim == 3 and a["expression_basis"].shape[1:] == (v, 3)),
-        ("expression", a["expression"].shape == (n, a["expression_basis"].shape[0])),
-        ("lip_basis", a["lip_basis"].ndim == 3 and a["lip_basis"].shape[1:] == (len(a["lip_vertex_ids"]), 3)),
-        ("lip_coeffs", a["lip_coeffs"].shape == (n, a["lip_basis"].shape[0])),
-        ("joints_rest", a["joints_rest"].shape == (len(a["joint_names"]), 3)),
-        ("skin_weights", a["skin_weights"].shape == (v, len(a["joint_names"]))),
-        ("arkit", a["arkit"].shape == (n, len(a["arkit_names"]))),
-        ("extrinsics", a["extrinsics"].shape == (n, 4, 4)),
-    ]
-    checks += [(k, a[k].shape[0] == n) for k in ("global_rot", "transl", "neck", "jaw", "eyes", "visual_conf",
-                                                  "occluded", "speech_activity")]
-    if "vertices" in a:
-        checks.append(("vertices", a["vertices"].shape == (n, v, 3)))
-    if "expression_joints" in a:
-        checks.append(("expression_joints", a["expression_joints"].shape == (a["expression_basis"].shape[0],
-                                                                             len(a["joint_names"]), 3)))
-    bad = [name for name, ok in checks if not ok]
-    if bad:
-        raise ResultError(f"{path}: arrays with the wrong shape for {n} frames and {v} vertices: "
-                          + ", ".join(f"{k} {a[k].shape}" for k in bad))
-    for k in ("vertices_neutral", "expression_basis", "expression", "global_rot", "transl", "lip_basis", "lip_coeffs", "arkit",
-              "expression_joints"):
-        if k in a and not np.all(np.isfinite(a[k])):
-            raise ResultError(f"{path}: {k} contains NaN or infinite values")
+        result = contract.load_result(Path(path))
+    except SchemaError as e:
+        raise ResultError(str(e)) from e
+    return result.meta, result.arrays
 
 
 def read_result(path: str | Path) -> HeadData:
@@ -447,7 +385,6 @@ def read_result(path: str | Path) -> HeadData:
     fps = float(meta.get("fps") or 0)
     if n < 1 or fps <= 0:
         raise ResultError(f"{path}: meta has n_frames={meta.get('n_frames')!r} and fps={meta.get('fps')!r}")
-    _check(path, a, n)
     v = a["vertices_neutral"].shape[0]
 
     # one UV per face corner: uv[uv_faces] is (F, 3, 2)
@@ -489,7 +426,7 @@ def read_result(path: str | Path) -> HeadData:
         arkit_names=tuple(str(s) for s in a["arkit_names"]),
         arkit=np.asarray(a["arkit"], np.float32),
         confidence={prop: np.asarray(a[key], np.float32) for key, prop in CONFIDENCE_PROPERTIES.items()},
-        detail=_detail(path, meta, n),
+        detail=_detail(path, meta),
         object_matrix=matrix,
         vertices=a.get("vertices"),
         extrinsics=np.asarray(a["extrinsics"], np.float64),

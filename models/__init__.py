@@ -1,1 +1,1 @@
-"""Face models behind one interface (DESIGN.md section 4)."""
+"""Face models behind one interface (docs/design.md section 4)."""

@@ -1,4 +1,4 @@
-"""The AVFace coarse-stage networks (DESIGN.md section 2, docs/networks.md): the temporal
+"""The AVFace coarse-stage networks (docs/design.md section 2, docs/networks.md): the temporal
 pose-and-camera encoder, and the expression branch (audio encoder, video encoder, fusion
 transformer) that predicts model-independent lower-face geometry.
 
@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from avface.topology import LIPS
-from .windows import WINDOW_FRAMES, run_windowed
+from avface.core.topology import LIPS
+from avface.models.windows import WINDOW_FRAMES, run_windowed
 
 #: The lower-face landmarks whose offsets the expression branch predicts (docs/networks.md):
 #: lips, jaw line and chin, cheeks, between lips and chin, philtrum and nose base. MediaPipe
@@ -32,10 +32,10 @@ LOWER_FACE_LANDMARKS: tuple[int, ...] = tuple(LIPS) + (
 )
 N_LOWER_FACE = len(LOWER_FACE_LANDMARKS)
 N_BLENDSHAPES = 52
-N_REGIONS = 3  #: visual confidence regions: mouth, eyes, face (avface.tracking.REGIONS)
+N_REGIONS = 3  #: visual confidence regions: mouth, eyes, face (avface.stages.tracking.REGIONS)
 N_MELS = 80
-N_PHONES = 41  #: avface.audio.PHONES: SIL, NOISE and the 39 CMU phones
-SPEECH_WINDOWS = 16  #: 20 ms speech windows per video frame (avface.audio.WINDOW_FRAMES)
+N_PHONES = 41  #: avface.stages.audio.PHONES: SIL, NOISE and the 39 CMU phones
+SPEECH_WINDOWS = 16  #: 20 ms speech windows per video frame (avface.stages.audio.WINDOW_FRAMES)
 POSE_DIM = 6  #: axis-angle rotation (3) and translation (3)
 CAMERA_DIM = 3  #: log scale and 2D offset of the weak-perspective camera
 #: Landmark offsets are a few hundredths of the inter-ocular distance; the video encoder

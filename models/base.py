@@ -1,4 +1,4 @@
-"""The one interface every face model answers (DESIGN.md section 4).
+"""The one interface every face model answers (docs/design.md section 4).
 
 A model is a set of frozen arrays plus :meth:`FaceModel.forward`. Parameters use smplx's
 names. Units are metres; the model frame is the face model's own (FLAME and the MediaPipe

@@ -1,5 +1,5 @@
 """The embedded default face model: MediaPipe's canonical face mesh with a per-clip linear
-model (DESIGN.md section 4).
+model (docs/design.md section 4).
 
 The mesh (468 vertices, 898 triangles, UVs; :mod:`avface.models.canonical_mesh`) is read from
 the geometry-pipeline metadata inside ``face_landmarker.task``; it needs no download beyond the
@@ -15,11 +15,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from avface.topology import LIPS
-
-from .base import FaceModel, FaceOutput, FaceParams
-from .canonical_mesh import N_VERTICES, joint_locations, jaw_weights, load_canonical_mesh
-from .lbs import lbs
+from avface.core.topology import LIPS
+from avface.models.base import FaceModel, FaceOutput, FaceParams
+from avface.models.canonical_mesh import N_VERTICES, jaw_weights, joint_locations, load_canonical_mesh
+from avface.models.lbs import lbs
 
 
 class CanonicalModel(FaceModel):

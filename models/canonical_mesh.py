@@ -12,12 +12,20 @@ import numpy as np
 import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 
-from avface.assets import FACE_LANDMARKER, read_bundle_member
-from avface.errors import ModelFileError
-from avface.topology import (
-    CHIN, LEFT_EYE, LIPS_LOWER_INNER, LIPS_LOWER_OUTER, LIPS_UPPER_INNER, LIPS_UPPER_OUTER, NOSE_BRIDGE, RIGHT_EYE,
+from avface.core.assets import FACE_LANDMARKER, read_bundle_member
+from avface.core.topology import (
+    CHIN,
+    LEFT_EYE,
+    LIPS,
+    LIPS_LOWER_INNER,
+    LIPS_LOWER_OUTER,
+    LIPS_UPPER_INNER,
+    LIPS_UPPER_OUTER,
+    NOSE_BRIDGE,
+    RIGHT_EYE,
     RIGID,
 )
+from avface.errors import ModelFileError
 
 GEOMETRY_MEMBER = "geometry_pipeline_metadata_landmarks.binarypb"
 N_VERTICES = 468
@@ -157,3 +165,10 @@ def joint_locations(mesh: CanonicalMesh) -> np.ndarray:
     root = np.array([0.0, v[[33, 263], 1].mean(), ears[:, 2].mean()], np.float32)
     jaw = np.array([0.0, ears[:, 1].mean() - 0.01, ears[:, 2].mean() - 0.01], np.float32)
     return np.stack([root, jaw])
+
+
+@lru_cache(maxsize=1)
+def lower_face_ids(threshold: float = 0.05) -> tuple[int, ...]:
+    """Vertices that move with the jaw or are lips: what a hand over the mouth hides."""
+    w = jaw_weights(load_canonical_mesh())
+    return tuple(sorted(set(np.nonzero(w > threshold)[0].tolist()) | set(LIPS)))

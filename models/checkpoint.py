@@ -4,7 +4,7 @@ config and weights (docs/networks.md).
 The file is torch's own format, read with ``weights_only=True`` so loading cannot run code.
 It holds a SHA-256 over the configs, the metadata and every tensor's name, dtype, shape and
 bytes; loading recomputes it. A shipped checkpoint is also checked by file size and SHA-256,
-as :mod:`avface.assets` checks the MediaPipe files. Anything missing, truncated, altered or
+as :mod:`avface.core.assets` checks the MediaPipe files. Anything missing, truncated, altered or
 of another format raises :class:`~avface.errors.ModelFileError` naming the file and how to
 rebuild it: the networks never run on random weights by accident.
 """
@@ -24,9 +24,8 @@ import torch
 from torch import nn
 
 from avface.errors import ModelFileError
-
-from .avnets import ExpressionNet, FusionConfig, PoseEncoder, PoseEncoderConfig
-from .lip_siren import LipSiren, LipSirenConfig
+from avface.models.avnets import ExpressionNet, FusionConfig, PoseEncoder, PoseEncoderConfig
+from avface.models.lip_siren import LipSiren, LipSirenConfig
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +128,7 @@ def _digest(configs: dict, meta: dict, state: dict[str, dict[str, torch.Tensor]]
 
 def file_sha256(path: Path) -> str:
     """Hex SHA-256 of the whole file (what a shipped checkpoint is pinned by)."""
-    from avface.assets import file_hash
+    from avface.core.assets import file_hash
 
     return file_hash(path).hexdigest()
 
@@ -241,7 +240,7 @@ def load_checkpoint(path: str | Path, *, device: str | torch.device = "cpu", exp
         for name in ("pose", "expression", "lips"):
             getattr(networks, name).load_state_dict(state[name], strict=True)
         if fine_config is not None:  # the fine stage's generic part (a checkpoint may lack it)
-            from .fine import DetailNet, FineNetConfig
+            from avface.models.fine import DetailNet, FineNetConfig
 
             networks.fine = DetailNet(config_from_dict(FineNetConfig, fine_config))
             networks.fine.load_state_dict(state["fine"], strict=True)

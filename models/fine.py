@@ -1,8 +1,8 @@
-"""The fine stage's network (AVFace, DESIGN.md section 2.3): a UNet-ResNet encoder-decoder on
+"""The fine stage's network (AVFace, docs/design.md section 2): a UNet-ResNet encoder-decoder on
 the frame unwrapped into UV space (and the coarse normals) that predicts a one-channel
 displacement map D, with the audio features concatenated as an extra channel after the
 encoder's third level, as the paper does. Detailed points are V_d = V_c + D * N_c
-(:func:`avface.uvspace.displace`).
+(:func:`avface.stages.detail.uvspace.displace`).
 
 As with :mod:`avface.models.lbs`, the maths is pure functions of a flat parameter dict
 (:func:`init_params`, :func:`detail_net`), and :class:`DetailNet` only holds the parameters.

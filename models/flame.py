@@ -1,5 +1,5 @@
 """FLAME 2020 / FLAME 2023 behind the :class:`~avface.models.base.FaceModel` interface
-(DESIGN.md section 4).
+(docs/design.md section 4).
 
 FLAME cannot ship with the project (it is downloaded after registration), so it is read from
 a folder the user configures. The folder holds:
@@ -42,11 +42,10 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from avface.core.topology import LIPS
 from avface.errors import ModelFileError
-
-from .base import FaceModel, FaceOutput, FaceParams
-from avface.topology import LIPS
-from .lbs import blend_shapes, lbs, vertices2landmarks
+from avface.models.base import FaceModel, FaceOutput, FaceParams
+from avface.models.lbs import blend_shapes, lbs, vertices2landmarks
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +63,7 @@ N_JOINTS = len(JOINT_NAMES)
 N_POSE_CORRECTIVES = (N_JOINTS - 1) * 9
 #: In FLAME's ``shapedirs`` the first 300 columns are identity, the rest (100) expression.
 FILE_SHAPE_DIMS = 300
-#: The paper's sizes (DESIGN.md section 2): 100 identity, 50 expression coefficients.
+#: The paper's sizes (docs/design.md section 2): 100 identity, 50 expression coefficients.
 DEFAULT_N_SHAPE = 100
 DEFAULT_N_EXPRESSION = 50
 #: Rings of mesh neighbours added around the triangles under the lip landmarks.

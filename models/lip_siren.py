@@ -1,4 +1,4 @@
-"""The lip refinement network (DESIGN.md section 2, docs/networks.md): a SIREN whose sine
+"""The lip refinement network (docs/design.md section 2, docs/networks.md): a SIREN whose sine
 layers are FiLM-conditioned on the frame's audio embedding, after NHA's geometry network
 and pi-GAN's FiLM-SIREN.
 
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .avnets import check_shape
+from avface.models.avnets import check_shape
 
 
 @dataclass(frozen=True)

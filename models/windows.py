@@ -1,4 +1,4 @@
-"""Overlapping temporal windows (DESIGN.md section 2: the networks see 16 frames at a time;
+"""Overlapping temporal windows (docs/design.md section 2: the networks see 16 frames at a time;
 at test time every window at stride 1 is run and each frame's predictions are averaged).
 
 Pure functions over tensors whose first axis is time. A clip of T >= W frames has

@@ -82,9 +82,8 @@ def main() -> int:
     parser.add_argument("--lips", type=int, default=16)
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT / "build" / "addon"))
-    import bpy  # first: addon_utils is on the path only once bpy is loaded
-
     import addon_utils
+    import bpy  # first: addon_utils is on the path only once bpy is loaded
 
     bpy.ops.wm.read_factory_settings(use_empty=True)
     addon_utils.enable("avface_blender", default_set=True)

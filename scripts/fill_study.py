@@ -1,4 +1,4 @@
-"""How far can the fill of hidden mouths go on real clips? A study for issue 8, not a benchmark.
+"""How far can the fill of hidden mouths go on real clips? A study (docs/networks.md), not a benchmark.
 
     .venv/bin/python scripts/fill_study.py ../shared/data --seed 0 [--cache-dir /tmp/bench_cache]
 
@@ -14,7 +14,7 @@ before the fit (which took the shipped fill's 0.87 / 0.89 / 0.90 to the benchmar
 
 Rows:
 
-* ``shipped``: :func:`avface.train.readout.adapt_fill`, what ``reconstruct`` does;
+* ``shipped``: :func:`avface.stages.networks.readout.adapt_fill`, what ``reconstruct`` does;
 * ``raw features`` and ``f_a + raw``: the same choice on hidden spans, with the readout's
   input replaced by (or joined with) plain speech features: log-mel in 20 bands x 4 times,
   the 16 windows' energy, and the phones in 4 times;
@@ -58,7 +58,7 @@ def study_variant(obs, ref, trusted, occ, f_a, raw, network) -> dict[str, float]
     is the generic networks' fill with given frames hidden, a candidate as in reconstruct."""
     import dataclasses
 
-    from avface.train import readout
+    from avface.stages.networks import readout
 
     cfg = readout.ReadoutConfig()
     stacked = dataclasses.replace(cfg, context=(0,))  # for features that carry their context already
@@ -92,12 +92,12 @@ def clip_study(clip, seed: int, cache: Path, networks) -> dict[str, dict[str, fl
     import torch
 
     from avface import media
-    from avface.avstage import trusted_mouth
     from avface.bench import harness as H
     from avface.bench.occluders import make_plan, occluded_frames
-    from avface.evidence import build_evidence
     from avface.models.avnets import infer_expression
-    from avface.tracking import track
+    from avface.stages.networks.evidence import build_evidence
+    from avface.stages.networks.run import trusted_mouth
+    from avface.stages.tracking import track
 
     cfg = H.BenchConfig(seed=seed)
     info = media.probe(clip.video)
@@ -148,7 +148,7 @@ def main() -> int:
 
     import torch
 
-    from avface.clips import discover_clips
+    from avface.core.clips import discover_clips
     from avface.models.checkpoint import load_default_checkpoint
 
     torch.set_num_threads(1)

@@ -36,9 +36,8 @@ def main() -> int:
     parser.add_argument("--opacity", type=float, default=0.45, help="the head's opacity over the video")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT / "build" / "addon"))
-    import bpy  # first: addon_utils is on the path only once bpy is loaded
-
     import addon_utils
+    import bpy  # first: addon_utils is on the path only once bpy is loaded
     import mathutils
 
     bpy.ops.wm.read_factory_settings(use_empty=True)

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from blender_harness import load_build_addon
 
 CLIP_SECONDS = 1.2
@@ -129,10 +128,10 @@ def flame_like_result(tmp_path_factory) -> Path:
     model's maths, pose correctives (random, a few mm per unit) included."""
     import torch
 
-    from avface.arkit import ARKIT_NAMES
-    from avface.geometry import WORLD_TO_CAMERA
+    from avface.core.geometry import WORLD_TO_CAMERA
     from avface.models.lbs import lbs
     from avface.result import write_result
+    from avface.stages.assemble.arkit import ARKIT_NAMES
 
     rng = np.random.default_rng(5)
     t, side, e = 10, 12, 4

@@ -18,12 +18,11 @@ import pytest
 import torch
 import yaml
 
-from avface.assemble import result_arrays
-from avface.fit import CoarseFit
-from avface.geometry import intrinsics_for
+from avface.core.geometry import intrinsics_for
 from avface.models.base import FaceParams
 from avface.result import SCHEMA_VERSION, write_result
-
+from avface.stages.assemble.run import result_arrays
+from avface.stages.fit import CoarseFit
 
 #: beside a test result: its float32 world-frame vertices (T, V, 3), not part of the result
 WORLD_F32 = "world_vertices_f32.npy"

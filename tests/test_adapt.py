@@ -5,12 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from test_train import training_clip
 
 from avface.errors import InputError
 from avface.models.checkpoint import build_networks
 from avface.train.adapt import AdaptConfig, adapt, holdout_starts
-
-from test_train import training_clip
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 

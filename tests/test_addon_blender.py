@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from addon_util import (damaged_copy, demo_clip, flame_like_result, flame_result, offcentre_result,  # noqa: F401 (fixtures)
-                        real_result, result_meta, rich_result)
+from addon_util import damaged_copy, demo_clip, flame_like_result, flame_result, offcentre_result, real_result, result_meta, rich_result  # noqa: F401 (fixtures)
 from blender_harness import blender, staged_addon  # noqa: F401 (fixtures)
 from export_util import WORLD_F32
 

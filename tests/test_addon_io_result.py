@@ -2,9 +2,10 @@
 and ARKit name matching for retargeting."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
-
 from addon_util import addon_module, damaged_copy, demo_clip, flame_like_result, flame_result, real_result, rich_result  # noqa: F401 (fixtures)
 from conftest import assert_close
 
@@ -148,12 +149,27 @@ def test_match_names_reports_unmatched():
 
 
 def test_arkit_names_are_the_backends():
-    from avface import arkit_names
-    from avface.arkit import ARKIT_NAMES
+    from avface.result import arkit_names
+    from avface.stages.assemble.arkit import ARKIT_NAMES
 
     assert arkit_match.ARKIT_NAMES == tuple(ARKIT_NAMES)
-    vendored = addon_module("_vendor.arkit_names")
+    vendored = addon_module("_vendor.result.arkit_names")
     assert open(vendored.__file__).read() == open(arkit_names.__file__).read()
+
+
+def test_the_addon_vendors_the_result_package_byte_for_byte():
+    import avface.errors
+    import avface.result
+
+    source = Path(avface.result.__file__).parent
+    vendored = Path(addon_module("_vendor.result").__file__).parent
+    names = sorted(p.name for p in source.glob("*.py"))
+    assert {"__init__.py", "contract.py", "detail_maps.py", "arkit_names.py"} <= set(names)
+    assert sorted(p.name for p in vendored.glob("*.py")) == names
+    for name in names:
+        assert (vendored / name).read_bytes() == (source / name).read_bytes(), name
+    errors = Path(addon_module("_vendor.errors").__file__)
+    assert errors.read_bytes() == Path(avface.errors.__file__).read_bytes()
 
 
 def test_corrective_driver_expressions_are_rotation_minus_identity():
@@ -211,8 +227,9 @@ def test_flame_bones_follow_the_expression_and_reproduce_the_vertices(flame_resu
     """FLAME regresses its joints from the shaped mesh: the bones' location keys carry that
     motion, so the posed head matches the result's vertices (float16) and the model's own
     float32 mesh, at three frames."""
-    from avface.export import axes
     from export_util import WORLD_F32
+
+    from avface.export import axes
 
     head = io_result.read_result(flame_result)
     assert head.located_joints == tuple(range(5)), "every FLAME bone needs location keys"
@@ -254,8 +271,8 @@ def test_expression_joints_of_the_wrong_shape_are_refused(flame_result, tmp_path
 def test_camera_settings_of_the_pipelines_camera():
     """A centred 40-degree camera of the pipeline: a 49.46 mm lens on a 36 mm sensor, no shift,
     and a Blender camera at the origin that looks along +y (the world's -z) with z up."""
-    from avface.assemble import _extrinsic
-    from avface.geometry import intrinsics_for
+    from avface.core.geometry import intrinsics_for
+    from avface.stages.assemble.run import _extrinsic
 
     cam = io_result.camera_settings(intrinsics_for(256, 256, 40.0), 256, 256, _extrinsic())
     assert cam.lens_mm == pytest.approx(18.0 / np.tan(np.radians(20.0)), rel=1e-6)

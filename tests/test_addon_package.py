@@ -6,7 +6,6 @@ import subprocess
 import zipfile
 
 import pytest
-
 from blender_harness import blender, isolated_home, load_build_addon, staged_addon  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.slow

@@ -10,11 +10,11 @@ import json
 import subprocess
 
 import pytest
-
 from addon_util import demo_clip  # noqa: F401 (fixture)
-from avface.service.client import JobRun
 from blender_harness import blender, isolated_home, staged_addon  # noqa: F401 (fixtures)
 from service_util import ServerProcess
+
+from avface.service.client import JobRun
 
 pytestmark = [pytest.mark.blender, pytest.mark.slow]
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from avface.arkit import ARKIT_NAMES, arkit_curves
-from avface.timeseries import fill_missing
-from avface.tracking import _BLENDSHAPE_NAMES as MEDIAPIPE_NAMES
+from avface.core.timeseries import fill_missing
+from avface.stages.assemble.arkit import ARKIT_NAMES, arkit_curves
+from avface.stages.tracking import _BLENDSHAPE_NAMES as MEDIAPIPE_NAMES
 
 
 def test_names_are_arkits_52():

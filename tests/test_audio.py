@@ -1,4 +1,4 @@
-"""Audio front end (avface.audio): log-mel, phone blocks, speech activity, pocketsphinx
+"""Audio front end (avface.stages.audio): log-mel, phone blocks, speech activity, pocketsphinx
 phone recognition and forced alignment on synthetic (espeak-ng) and real (GRID) speech."""
 from __future__ import annotations
 
@@ -7,14 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import assert_close
 from scipy.signal import resample_poly
 
-from avface import audio
-from avface.audio import PHONE_INDEX, PHONES, PhoneSegment
 from avface.errors import InputError
-
-from conftest import assert_close
-from avface.tts import synthesise
+from avface.stages import audio
+from avface.stages.audio import PHONE_INDEX, PHONES, PhoneSegment
+from avface.synth.tts import synthesise
 
 SR = audio.SAMPLE_RATE_HZ
 VOWELS = {"AA", "AE", "AH", "AO", "AW", "AY", "EH", "ER", "EY", "IH", "IY", "OW", "OY", "UH", "UW"}

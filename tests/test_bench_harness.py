@@ -14,11 +14,11 @@ import pytest
 
 from avface import media
 from avface.bench import occluders as O
-from avface.bench.cli import main as bench_main
 from avface.bench.cli import register
 from avface.bench.harness import SCHEMA_VERSION, BenchConfig, is_timing_metric, run_bench
 from avface.bench.methods import MethodOutput, register_method, unregister_method
-from avface.topology import LIPS
+from avface.cli import main as avface_main
+from avface.core.topology import LIPS
 
 SEED = 3
 CLIP_S = 1.6
@@ -113,6 +113,10 @@ def _values(doc, clip=None):
     return {(r["clip"], r["method"], r["metric"]): r["value"] for r in doc["records"] if clip in (None, r["clip"])}
 
 
+def bench_main(argv):
+    return avface_main(["bench", *argv])
+
+
 def test_writes_metrics_report_and_plots(runs):
     root, _, doc, _ = runs
     out = root / "out1"
@@ -173,8 +177,8 @@ def test_occluder_covers_the_true_lips_in_the_variant_video(runs):
     """The plan re-made from the clean clip's tracking is the one the run used, and on every
     occluded frame its occluders cover the ground-truth lips; the variant video differs from
     the clean one where the true lips project."""
-    from avface import audio
-    from avface.tracking import track
+    from avface.stages import audio
+    from avface.stages.tracking import track
 
     root, clip, doc, _ = runs
     info = media.probe(clip.video_path)

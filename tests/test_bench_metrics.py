@@ -6,18 +6,17 @@ import math
 
 import numpy as np
 import pytest
+from conftest import assert_close
 from scipy.spatial.transform import Rotation
 
 from avface.bench import metrics as M
 from avface.bench.harness import aggregate, is_timing_metric
 from avface.bench.methods import MethodOutput, available_methods, get_method, register_method, unregister_method
 from avface.bench.occluders import SlicedOT, choose_spans, clip_rng
+from avface.core.timeseries import hold_nearest
+from avface.core.topology import LIPS
 from avface.errors import InputError
-from avface.timeseries import hold_nearest
-from avface.topology import LIPS
 from avface.models.canonical_mesh import load_canonical_mesh
-
-from conftest import assert_close
 
 
 @pytest.fixture(scope="module")

@@ -11,9 +11,9 @@ import pytest
 from scipy.spatial.transform import Rotation
 
 from avface.bench import occluders as O
-from avface.topology import CHIN, LEFT_EYE, LIPS, RIGHT_EYE
+from avface.core.topology import CHIN, LEFT_EYE, LIPS, RIGHT_EYE
 from avface.models.canonical_mesh import load_canonical_mesh
-from avface.tracking import Tracking
+from avface.stages.tracking import Tracking
 
 W, H, FPS, N = 256, 240, 25.0, 100
 

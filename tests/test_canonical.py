@@ -7,16 +7,23 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from conftest import assert_close
 
-from avface import assets
+from avface.core import assets
+from avface.core.topology import (
+    CHIN,
+    LEFT_EYE,
+    LIPS_LOWER_INNER,
+    LIPS_LOWER_OUTER,
+    LIPS_UPPER_INNER,
+    LIPS_UPPER_OUTER,
+    NOSE_BRIDGE,
+    RIGHT_EYE,
+)
 from avface.errors import ModelFileError
 from avface.models import canonical
 from avface.models.base import FaceParams
-from avface.topology import (
-    CHIN, LEFT_EYE, LIPS_LOWER_INNER, LIPS_LOWER_OUTER, LIPS_UPPER_INNER, LIPS_UPPER_OUTER, NOSE_BRIDGE, RIGHT_EYE,
-)
 from avface.models.canonical import CanonicalModel
-from conftest import assert_close
 
 #: MediaPipe's FACEMESH_FACE_OVAL, the outline of the face mask.
 FACE_OVAL = (10, 338, 297, 332, 284, 251, 389, 356, 454, 323, 361, 288, 397, 365, 379, 378, 400, 377, 152,

@@ -8,15 +8,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_networks import expression_inputs
 
 from avface.errors import ModelFileError
 from avface.models.avnets import AudioEncoderConfig, FusionConfig, TemporalConfig
 from avface.models.checkpoint import (
-    NetworksConfig, build_networks, config_from_dict, config_to_dict, file_sha256, load_checkpoint, save_checkpoint,
+    NetworksConfig,
+    build_networks,
+    config_from_dict,
+    config_to_dict,
+    file_sha256,
+    load_checkpoint,
+    save_checkpoint,
 )
 from avface.models.lip_siren import LipSirenConfig
-
-from test_networks import expression_inputs
 
 
 @pytest.fixture(scope="module")

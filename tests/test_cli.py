@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from clip_util import faceless_clip, tone_wav
 
 

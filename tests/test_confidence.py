@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from avface.confidence import RELATIVE_MIN_FRAMES, relative_anomaly_confidence
+from avface.stages.confidence import RELATIVE_MIN_FRAMES, relative_anomaly_confidence
 
 
 def _series(n=200, seed=0):
@@ -40,8 +40,9 @@ def test_steady_clips_and_short_clips_are_left_alone():
 
 # ---------------------------------------------------------------- each evidence term on its own
 
-from avface import confidence as C  # noqa: E402
-from avface.topology import LIPS, LIPS_LOWER_OUTER, lower_face_ids  # noqa: E402
+from avface.core.topology import LIPS, LIPS_LOWER_OUTER  # noqa: E402
+from avface.models.canonical_mesh import lower_face_ids  # noqa: E402
+from avface.stages import confidence as C  # noqa: E402
 
 
 def _tracking(n=100, seed=0):
@@ -124,7 +125,7 @@ def test_evidence_combines_as_a_product_and_flags_below_the_threshold():
 
 # ---------------------------------------------------------------- lip contrast
 
-from avface.topology import PERIORAL_LEFT, PERIORAL_RIGHT, VERMILION_LEFT, VERMILION_RIGHT  # noqa: E402
+from avface.core.topology import PERIORAL_LEFT, PERIORAL_RIGHT, VERMILION_LEFT, VERMILION_RIGHT  # noqa: E402
 
 LIP_RGB = np.array([170.0, 80.0, 85.0])
 SKIN_RGB = np.array([200.0, 150.0, 125.0])
@@ -135,7 +136,8 @@ def _lipped(n=120, seed=0, lip=LIP_RGB, skin=SKIN_RGB, noise=3.0):
     tr = _tracking(n=n, seed=seed)
     rng = np.random.default_rng(seed + 1)
     colors = skin + rng.normal(0.0, noise, (n, 468, 3))
-    colors[:, list(set(VERMILION_RIGHT + VERMILION_LEFT))] = lip + rng.normal(0.0, noise, (n, len(set(VERMILION_RIGHT + VERMILION_LEFT)), 3))
+    vermilion = list(set(VERMILION_RIGHT + VERMILION_LEFT))
+    colors[:, vermilion] = lip + rng.normal(0.0, noise, (n, len(vermilion), 3))
     tr.colors[:] = np.clip(colors, 0, 255).astype(np.uint8)
     tr.transforms[:, 2, 3] = -50.0
     return tr
@@ -146,8 +148,8 @@ def test_the_vermilion_and_perioral_ids_are_the_canonical_mesh_regions():
     contour and outside the inner one; the skin around it within 0.3 mouth widths outside."""
     from matplotlib.path import Path as Polygon
 
+    from avface.core.topology import LIPS_LOWER_INNER, LIPS_LOWER_OUTER, LIPS_UPPER_INNER, LIPS_UPPER_OUTER
     from avface.models.canonical_mesh import load_canonical_mesh
-    from avface.topology import LIPS_LOWER_INNER, LIPS_LOWER_OUTER, LIPS_UPPER_INNER, LIPS_UPPER_OUTER
 
     v = load_canonical_mesh().vertices[:, :2].astype(np.float64)
     outer = list(LIPS_UPPER_OUTER) + list(LIPS_LOWER_OUTER[::-1])

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 
 from avface import media
-from avface.clips import discover_clips
-from avface.confidence import lip_contrast_departure, visual_confidence
-from avface.topology import LIPS
-from avface.tracking import track
+from avface.core.clips import discover_clips
+from avface.core.topology import LIPS
+from avface.stages.confidence import lip_contrast_departure, visual_confidence
+from avface.stages.tracking import track
 from avface.train import occluders as O
 
-CLIP_ID = "styletalk_feifeili_clip1"  # skin-toned, 256 px: the developers' missed hand (issue 8)
+CLIP_ID = "styletalk_feifeili_clip1"  # skin-toned, 256 px: a hand the hand landmarker missed
 FRAMES = 150
 COVER = (50, 100)
 

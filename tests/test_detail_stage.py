@@ -1,4 +1,4 @@
-"""The fine stage in `reconstruct` (issue 10): a short synthetic clip with speech and a hand
+"""The fine stage in `reconstruct` (docs/fine_stage.md): a short synthetic clip with speech and a hand
 over the mouth, the shipped networks, small maps and few steps. The result's detail maps
 validate (count, size, bit depth) and are read back to rebuild a detailed point by hand;
 a rerun without detail leaves no stale maps; a damaged map is a SchemaError; the preview
@@ -14,15 +14,15 @@ import pytest
 import torch
 from PIL import Image
 
-from avface import uvspace
 from avface.config import DetailStageConfig, ReconstructOptions
-from avface.detail import lower_face_weights, mouth_texels
+from avface.core.topology import LIPS
 from avface.errors import SchemaError
-from avface.fine import DetailEncoding, read_detail_map
 from avface.models.canonical_mesh import load_canonical_mesh
 from avface.pipeline import reconstruct
-from avface.result import load_result, validate
-from avface.topology import LIPS
+from avface.result import DetailEncoding, load_result, validate
+from avface.stages.detail import uvspace
+from avface.stages.detail.fine import read_detail_map
+from avface.stages.detail.run import lower_face_weights, mouth_texels
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 

@@ -4,19 +4,23 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import assert_close
 from scipy.spatial.transform import Rotation
+from test_fit import FOV, H, W, _with_iris, synthetic_tracking
 
-from avface.evidence import (
-    build_evidence, head_frame, lower_face_offsets, normalise_mel, offsets_to_points, pose_and_camera,
-    region_confidence,
-)
-from avface.geometry import intrinsics_for
+from avface.core.geometry import intrinsics_for
+from avface.core.topology import LIPS_LOWER_INNER, LIPS_LOWER_OUTER
 from avface.models.avnets import LOWER_FACE_LANDMARKS, N_LOWER_FACE
 from avface.models.canonical_mesh import load_canonical_mesh
-from avface.topology import LIPS_LOWER_INNER, LIPS_LOWER_OUTER
-
-from conftest import assert_close
-from test_fit import FOV, H, W, _with_iris, synthetic_tracking
+from avface.stages.networks.evidence import (
+    build_evidence,
+    head_frame,
+    lower_face_offsets,
+    normalise_mel,
+    offsets_to_points,
+    pose_and_camera,
+    region_confidence,
+)
 
 IDS = list(LOWER_FACE_LANDMARKS)
 
@@ -139,7 +143,7 @@ def test_bad_landmarks_are_refused():
 def test_landmarks_from_offsets_reproduce_the_tracker():
     """Offsets and head pose taken from a tracked clip, mapped back to pixels, land on the
     tracker's landmarks; the pose encoder's representation maps back to the same pose."""
-    from avface.evidence import landmarks_from_offsets, pose_reference, pose_to_rigid
+    from avface.stages.networks.evidence import landmarks_from_offsets, pose_reference, pose_to_rigid
 
     k = intrinsics_for(W, H, FOV)
     world, _, _ = talking_head()
@@ -158,7 +162,7 @@ def test_landmarks_from_offsets_reproduce_the_tracker():
 
 
 def test_frontal_weight_falls_as_the_head_turns_away():
-    from avface.evidence import HeadFrame, frontal_weight
+    from avface.stages.networks.evidence import HeadFrame, frontal_weight
 
     t = 5
     yaw = np.radians([0.0, 25.0, 45.0, 70.0, 0.0])

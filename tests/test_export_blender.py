@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from blender_harness import blender, staged_addon  # noqa: F401 (fixtures)
+from export_util import export_cases  # noqa: F401 (the session fixture)
 
 from avface.export import axes, export_result
 from avface.export.rig import EXACT_ATOL_M
 from avface.result import load_result
-from blender_harness import blender, staged_addon  # noqa: F401 (fixtures)
-from export_util import export_cases  # noqa: F401 (the session fixture)
 
 pytestmark = [pytest.mark.blender, pytest.mark.slow]
 

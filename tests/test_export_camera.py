@@ -11,11 +11,11 @@ import logging
 
 import numpy as np
 import pytest
+from export_util import export_cases  # noqa: F401 - the session fixture
 
 from avface.export import export_result
 from avface.export.rig import rig_from_result
 from avface.result import load_result, write_result
-from export_util import export_cases  # noqa: F401 - the session fixture
 
 pytest.importorskip("pxr", reason="usd-core is a dependency; reinstall with make setup")
 pygltflib = pytest.importorskip("pygltflib", reason="pygltflib is a dependency; reinstall with make setup")

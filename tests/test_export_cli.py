@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from export_util import export_cases  # noqa: F401 - the session fixture
 
 from avface.cli import main
 from avface.errors import ModelFileError, SchemaError
 from avface.export import export_result
 from avface.result import load_result, write_result
-from export_util import export_cases  # noqa: F401 - the session fixture
 
 
 def test_several_formats_into_a_folder(export_cases, tmp_path, capsys):
@@ -69,3 +69,22 @@ def test_parameters_that_do_not_give_the_stored_mesh(export_cases, tmp_path, cap
         export_result(src, ["gltf"], tmp_path)
     assert main(["export", str(src), "--to", "gltf", "-o", str(tmp_path), "-q"]) == 7
     assert main(["export", str(src), "--to", "gltf", "-o", str(tmp_path), "--no-check", "-q"]) == 0
+
+
+def test_inspect_and_export_of_a_default_result_with_detail_maps_load_no_torch(export_cases, tmp_path):
+    """Reading a result (the add-on's vendored loader does the same) and exporting it need
+    numpy, not torch: a default result with its detail maps, through the real CLI."""
+    import subprocess
+    import sys
+
+    result = export_cases["default_lips"].result_path
+    assert (result.parent / "detail").is_dir()
+    code = ("import sys; from avface.cli import main; "
+            f"assert main(['inspect', {str(result)!r}]) == 0; "
+            f"assert main(['export', {str(result)!r}, '--to', 'usd', '--to', 'gltf', '--to', 'livelink-csv', "
+            f"'-o', {str(tmp_path / 'out')!r}, '-q']) == 0; "
+            "torch = sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')); "
+            "assert not torch, torch[:3]")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert len([p for p in (tmp_path / "out").iterdir() if p.stat().st_size > 0]) == 3

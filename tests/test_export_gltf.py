@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import assert_close
+from export_util import export_cases  # noqa: F401 - the session fixture
 
 from avface.export import export_result
 from avface.export.rig import float16_tolerance
 from avface.result import load_result
-from conftest import assert_close
-from export_util import export_cases  # noqa: F401 - the session fixture
 
 pygltflib = pytest.importorskip("pygltflib", reason="pygltflib is a dependency; reinstall with make setup")
 

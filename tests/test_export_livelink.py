@@ -6,12 +6,12 @@ import csv
 
 import numpy as np
 import pytest
+from export_util import export_cases  # noqa: F401 - the session fixture
 from scipy.spatial.transform import Rotation
 
 from avface.export import export_result
 from avface.export.livelink import LIVE_LINK_NAMES, parse_timecode, timecode
 from avface.result import load_result, write_result
-from export_util import export_cases  # noqa: F401 - the session fixture
 
 #: The header of takes the Live Link Face app writes (as in the app's own recordings,
 #: e.g. alexdjulin/LiveLinkFace-CSV-Retarget-For-Motionbuilder anim/S07-001.csv).

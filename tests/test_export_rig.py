@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import assert_close
+from export_util import export_cases  # noqa: F401 - the session fixture
 
 from avface.export.rig import float16_tolerance, rig_from_result, stored_world_vertices
 from avface.result import load_result
-from conftest import assert_close
-from export_util import export_cases  # noqa: F401 - the session fixture
 
 
 @pytest.mark.parametrize("case", ["default", "default_lips", "flame", "flame_lips"])

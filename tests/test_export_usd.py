@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import assert_close
+from export_util import export_cases  # noqa: F401 - the session fixture
 
 from avface.export import export_result
 from avface.export.rig import float16_tolerance
 from avface.result import load_result
-from conftest import assert_close
-from export_util import export_cases  # noqa: F401 - the session fixture
 
 pxr = pytest.importorskip("pxr", reason="usd-core is a dependency; reinstall with make setup")
 from pxr import Usd, UsdGeom, UsdSkel  # noqa: E402

@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import assert_close
 from PIL import Image
+from uv_util import posed_camera_vertices
 
-from avface import fine, shading, uvspace
 from avface.errors import SchemaError
 from avface.models.canonical_mesh import load_canonical_mesh
-from conftest import assert_close
-from uv_util import posed_camera_vertices
+from avface.stages.detail import fine, shading, uvspace
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -49,9 +49,14 @@ def test_photometric_and_normal_losses_ignore_untrusted_texels():
     image = shading.render(albedo, nd, sh)
     trust = covered[None].clone()
     cfg = fine.FineLossConfig()
-    kw = dict(albedo=albedo, sh=sh, displacement=d, covered=covered,
-              mirror=torch.zeros(r.size, r.size, dtype=torch.long), mirror_ok=torch.zeros(r.size, r.size, dtype=torch.bool))
-    _, terms = fine.fine_loss(cfg, image_uv=image, detail_normals=nd, shading_normals=nd, trust=trust, **kw)
+    kw = dict(albedo=albedo, sh=sh, displacement=d)
+    layout = fine.TexelLayout(covered, torch.zeros(r.size, r.size, dtype=torch.long),
+                              torch.zeros(r.size, r.size, dtype=torch.bool))
+
+    def loss(**batch):
+        return fine.fine_loss(cfg, fine.FineLossBatch(**batch, **kw), layout)
+
+    _, terms = loss(image_uv=image, detail_normals=nd, shading_normals=nd, trust=trust)
     assert terms["photometric"] < 1e-6 and terms["normal"] < 1e-6
     # an occluder (a dark blob with sharp edges) over texels the confidence does not trust
     hand = torch.zeros(1, r.size, r.size, dtype=torch.bool)
@@ -60,17 +65,15 @@ def test_photometric_and_normal_losses_ignore_untrusted_texels():
     occluded[hand] = 0.05
     shading_n = torch.where(hand[..., None], -nd, nd)  # and the normals it would imply
     trust_no_hand = trust & ~hand
-    base, base_terms = fine.fine_loss(cfg, image_uv=image, detail_normals=nd, shading_normals=nd,
-                                      trust=trust_no_hand, **kw)
-    total, terms = fine.fine_loss(cfg, image_uv=occluded, detail_normals=nd, shading_normals=shading_n,
-                                  trust=trust_no_hand, **kw)
+    base, base_terms = loss(image_uv=image, detail_normals=nd, shading_normals=nd, trust=trust_no_hand)
+    total, terms = loss(image_uv=occluded, detail_normals=nd, shading_normals=shading_n, trust=trust_no_hand)
     assert terms == base_terms and float(total) == float(base)
     # trusted, the same occluder is a large residual
-    _, seen = fine.fine_loss(cfg, image_uv=occluded, detail_normals=nd, shading_normals=shading_n, trust=trust, **kw)
+    _, seen = loss(image_uv=occluded, detail_normals=nd, shading_normals=shading_n, trust=trust)
     assert seen["photometric"] > 0.05 and seen["normal"] > 0.1
     # a confidence below min_trust counts as untrusted; above it weights the texel
     soft = torch.where(hand, torch.tensor(0.3), torch.tensor(1.0)) * covered
-    _, soft_terms = fine.fine_loss(cfg, image_uv=occluded, detail_normals=nd, shading_normals=shading_n, trust=soft, **kw)
+    _, soft_terms = loss(image_uv=occluded, detail_normals=nd, shading_normals=shading_n, trust=soft)
     assert soft_terms["photometric"] == pytest.approx(base_terms["photometric"], abs=1e-7)
 
 
@@ -130,9 +133,9 @@ def test_fine_loss_gradients_recover_a_bump():
         opt.zero_grad()
         d = displacement()
         nd = uvspace.detail_normals(pts, n, d, covered)
-        loss, _ = fine.fine_loss(cfg, image_uv=image, albedo=albedo, sh=sh, detail_normals=nd,
-                                 shading_normals=n_true, displacement=d, trust=covered[None], covered=covered,
-                                 mirror=none.long(), mirror_ok=none)
+        loss, _ = fine.fine_loss(cfg, fine.FineLossBatch(image_uv=image, albedo=albedo, sh=sh, detail_normals=nd,
+                                                         shading_normals=n_true, displacement=d, trust=covered[None]),
+                                 fine.TexelLayout(covered, none.long(), none))
         loss.backward()
         history.append(float(loss.detach()))
         return loss
@@ -244,8 +247,9 @@ def test_detail_maps_refusals(tmp_path):
 
 
 def test_unwrap_clip_streams_frames_and_applies_confidence():
-    from avface.topology import lower_face_ids
     from uv_util import intrinsics, render_textured, smooth_texture
+
+    from avface.models.canonical_mesh import lower_face_ids
 
     mesh = load_canonical_mesh()
     r = uvspace.rasterise_uv(mesh.uv, mesh.faces, 128)

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from avface import fine, uvspace
-from avface.train.fine import FineAdaptConfig, _split, adapt_clip, blur_masked
 from avface.models.canonical_mesh import load_canonical_mesh
 from avface.models.fine import DetailNet, FineNetConfig
+from avface.stages.detail import fine, uvspace
+from avface.stages.detail.adapt import AdaptInputs, FineAdaptConfig, _split, adapt_clip, blur_masked
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -56,12 +56,12 @@ def test_adapt_refusals():
     clip, verts, faces, r = _tiny_clip()
     cfg = FineAdaptConfig(steps=1, net=TINY_NET)
     with pytest.raises(ValueError, match=r"\(3, 8\) audio"):
-        adapt_clip(clip, verts, faces, r, torch.zeros(3, 5), cfg)
+        adapt_clip(AdaptInputs(clip, verts, faces, r, torch.zeros(3, 5)), cfg)
     with pytest.raises(ValueError, match="vertex sets"):
-        adapt_clip(clip, verts[:2], faces, r, None, cfg)
+        adapt_clip(AdaptInputs(clip, verts[:2], faces, r), cfg)
     dark = fine.ClipUV(clip.image, torch.zeros_like(clip.trust))
     with pytest.raises(ValueError, match="no frame has a trusted texel"):
-        adapt_clip(dark, verts, faces, r, None, cfg)
+        adapt_clip(AdaptInputs(dark, verts, faces, r), cfg)
 
 
 def test_adapt_runs_and_carries_detail_over_untrusted_texels():
@@ -69,7 +69,7 @@ def test_adapt_runs_and_carries_detail_over_untrusted_texels():
     trust = clip.trust.clone()
     trust[2] = 0  # frame 2 entirely occluded
     clip = fine.ClipUV(clip.image, trust)
-    res = adapt_clip(clip, verts, faces, r, None, FineAdaptConfig(steps=3, batch=2, holdout_stride=0, net=TINY_NET))
+    res = adapt_clip(AdaptInputs(clip, verts, faces, r), FineAdaptConfig(steps=3, batch=2, holdout_stride=0, net=TINY_NET))
     assert res.displacement.shape == (3, 32, 32) and res.displacement.dtype == np.float32
     assert len(res.losses) == 3 and np.isfinite(res.losses).all()
     # frame 2 had no evidence: its D is frame 1's, carried (the nearest trusted frame)
@@ -88,7 +88,7 @@ def test_a_batch_that_lost_frames_weighs_each_remaining_frame_as_a_full_one():
     first = {}
     for weighted in (True, False):
         cfg = FineAdaptConfig(steps=1, batch=4, holdout_stride=0, net=TINY_NET, frame_weight=weighted)
-        first[weighted] = adapt_clip(clip, verts, faces, r, None, cfg, predict=False).losses[0]
+        first[weighted] = adapt_clip(AdaptInputs(clip, verts, faces, r), cfg, predict=False).losses[0]
     assert first[False] > 0 and first[True] == pytest.approx(0.5 * first[False], rel=1e-5)
 
 
@@ -98,8 +98,9 @@ def test_detail_learnt_on_a_clip_explains_held_out_frames_and_ignores_a_hand():
     degrees, whose surface carries ripples of 0.4 mm, shaded under one light and rendered by
     the reference renderer; a dark hand over the mouth in frame 7, which the confidence
     marks. Paper weights, a small network, 100 steps at 96^2."""
-    from avface.topology import lower_face_ids
     from uv_util import render_detail_clip
+
+    from avface.models.canonical_mesh import lower_face_ids
 
     amp, cycles = 0.4e-3, 15.0
 
@@ -125,7 +126,7 @@ def test_detail_learnt_on_a_clip_explains_held_out_frames_and_ignores_a_hand():
     vt = torch.as_tensor(verts)
     clip = fine.unwrap_clip(frames, vt, mesh.faces, r, k, confidence=conf)
     mirror = uvspace.mirror_texels(r, mesh.faces, mesh.vertices)
-    res = adapt_clip(clip, vt, mesh.faces, r, None, FineAdaptConfig(steps=100, batch=2, net=TINY_NET), mirror=mirror)
+    res = adapt_clip(AdaptInputs(clip, vt, mesh.faces, r, mirror=mirror), FineAdaptConfig(steps=100, batch=2, net=TINY_NET))
 
     # Detail helps on frames it never trained on (measured: residual 3.46 -> 2.15 levels,
     # gain 0.38; FineLossConfig.normal_sigma_texels lists how the normal term's low-pass

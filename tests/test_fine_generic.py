@@ -1,4 +1,4 @@
-"""The fine stage's generic start (issue 10): synthetic skin detail to learn from, the
+"""The fine stage's generic start (docs/fine_stage.md): synthetic skin detail to learn from, the
 checkpoint's ``fine`` part, the corpus training, and what the shipped part finds on a face it
 never saw."""
 from __future__ import annotations
@@ -13,7 +13,6 @@ from avface.errors import ModelFileError
 from avface.models.checkpoint import build_networks, load_checkpoint, load_default_checkpoint, save_checkpoint
 from avface.models.fine import DetailNet, FineNetConfig
 from avface.synth.wrinkles import bump_normals, make_wrinkles, vertex_tangents
-
 
 # --------------------------------------------------------------------------- synthetic detail
 
@@ -132,8 +131,8 @@ def test_the_shipped_checkpoint_has_a_generic_fine_part():
 @pytest.fixture(scope="module")
 def detail_clip(tmp_path_factory):
     """An unseen synthetic face with skin detail (a seed outside the shipped corpus), unwrapped."""
-    from avface import uvspace
     from avface.models.canonical import CanonicalModel
+    from avface.stages.detail import uvspace
     from avface.synth import make_demo_clip
     from avface.train.fine_generic import load_detail_clip
 
@@ -151,16 +150,14 @@ def test_the_generic_part_explains_an_unseen_face(detail_clip):
     9001 and 9002 at 3 s); a fresh network's changes nothing."""
     import copy
 
-    from avface.detail import symmetric_rest
-    from avface import uvspace
-    from avface.train.fine import FineAdaptConfig, adapt_clip
+    from avface.stages.detail.adapt import AdaptInputs, FineAdaptConfig, adapt_clip
 
     clip, model, raster = detail_clip
     generic = load_default_checkpoint().networks.fine
     gains = {}
     for name, start in (("generic", generic), ("fresh", DetailNet(generic.cfg, seed=0))):
         cfg = FineAdaptConfig(steps=0, batch=2, holdout_stride=3, seed=0, net=start.cfg)
-        res = adapt_clip(clip.uv, clip.vertices, np.asarray(model.faces), raster, clip.audio, cfg,
+        res = adapt_clip(AdaptInputs(clip.uv, clip.vertices, np.asarray(model.faces), raster, clip.audio), cfg,
                          net=copy.deepcopy(start))
         gains[name] = res.detail_gain
     assert gains["generic"] > 0.08 and abs(gains["fresh"]) < 0.02, gains

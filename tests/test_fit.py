@@ -8,14 +8,14 @@ import dataclasses
 import numpy as np
 import torch
 
-from avface.evaluate import aligned_vertex_error
-from avface.fit import FitConfig, fit_default, fit_metrics, fit_model
-from avface.geometry import WORLD_TO_CAMERA, intrinsics_for, similarity
+from avface.bench.evaluate import aligned_vertex_error
+from avface.core.geometry import WORLD_TO_CAMERA, intrinsics_for, similarity
+from avface.core.topology import LIPS, LIPS_LOWER_INNER, LIPS_LOWER_OUTER
 from avface.models.base import FaceParams
-from avface.topology import LIPS, LIPS_LOWER_INNER, LIPS_LOWER_OUTER
-from avface.models.canonical_mesh import load_canonical_mesh
 from avface.models.canonical import CanonicalModel
-from avface.tracking import Tracking
+from avface.models.canonical_mesh import load_canonical_mesh
+from avface.stages.fit import FitConfig, fit_default, fit_metrics, fit_model
+from avface.stages.tracking import Tracking
 
 W, H = 320, 320
 LIPS_IDS = list(LIPS)
@@ -121,8 +121,9 @@ def test_occluded_and_undetected_spans_are_filled_from_neighbours():
 
 
 def test_flame_fit_reproduces_landmarks(tmp_path):
-    from avface.models.flame import load_flame
     from flame_fixture import write_synthetic_flame
+
+    from avface.models.flame import load_flame
 
     write_synthetic_flame(tmp_path)
     model = load_flame(tmp_path, n_shape=10, n_expression=10)
@@ -157,8 +158,9 @@ def test_network_points_fill_a_long_occlusion_in_any_frame():
     """The networks' lower-face points (head frame, any similarity away from the model's)
     pull an occluded mouth where interpolation cannot follow it: a span longer than the
     motion's half period."""
-    from avface.models.avnets import LOWER_FACE_LANDMARKS
     from scipy.spatial.transform import Rotation
+
+    from avface.models.avnets import LOWER_FACE_LANDMARKS
 
     k = intrinsics_for(W, H, FOV)
     model, gt, verts = _canonical_truth(t=60)
@@ -226,7 +228,7 @@ def _truth_at_fov(fov_deg: float, t: int = 40):
 def test_camera_estimate_finds_the_field_of_view():
     """The face's own perspective gives the camera away: a telephoto and a webcam-like
     field of view are each found within 15 %, and both far from the 63-degree fallback."""
-    from avface.fit import FOV_FRAMES, estimate_fov
+    from avface.stages.camera import FOV_FRAMES, estimate_fov
 
     for true_fov in (22.0, 50.0):
         est = estimate_fov(_truth_at_fov(true_fov))
@@ -239,7 +241,7 @@ def test_camera_estimate_finds_the_field_of_view():
 
 
 def test_camera_estimate_falls_back_with_too_few_trusted_frames():
-    from avface.fit import FOV_MIN_FRAMES, estimate_fov
+    from avface.stages.camera import FOV_MIN_FRAMES, estimate_fov
 
     tr = _truth_at_fov(30.0, t=12)
     conf = np.zeros(12)

@@ -3,10 +3,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from avface.lips import lip_pca
-
 from conftest import assert_close
+
+from avface.stages.lips import lip_pca
 
 
 def test_low_rank_offsets_are_exact_and_silence_stays_zero():

@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile
+from conftest import assert_close
 
 from avface import media
 from avface.errors import InputError, MediaError, OutputError
-from conftest import assert_close
 
 SINE_HZ = 440.0
 """Test tone frequency."""

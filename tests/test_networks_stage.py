@@ -1,4 +1,4 @@
-"""The networks stage of `reconstruct` (issue 8): a tiny checkpoint trained in the test for a
+"""The networks stage of `reconstruct` (docs/networks.md): a tiny checkpoint trained in the test for a
 few steps, on a short synthetic clip with speech and a hand over the mouth. The result holds
 a lip basis, validates and round-trips; the same seed gives the same result; a missing
 checkpoint is the ModelFileError; the fit without networks is the video-only one."""
@@ -9,14 +9,13 @@ import math
 import numpy as np
 import pytest
 import torch
+from test_train import training_clip
 
 from avface.config import NetworksStageConfig, ReconstructOptions
 from avface.errors import ModelFileError
 from avface.pipeline import reconstruct
 from avface.result import load_result, validate, write_result
 from avface.train.loop import TrainConfig, train
-
-from test_train import training_clip
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -131,9 +130,9 @@ def test_rest_frame_offsets_are_what_skinning_turns_into_the_head_frame_offsets(
     posed_displacement; rest_frame_offsets inverts the head-frame part of it."""
     from scipy.spatial.transform import Rotation
 
-    from avface.lips import posed_displacement, rest_frame_offsets
     from avface.models.canonical import CanonicalModel
     from avface.models.canonical_mesh import load_canonical_mesh
+    from avface.stages.lips import posed_displacement, rest_frame_offsets
 
     rng = np.random.default_rng(0)
     neutral = load_canonical_mesh().vertices.astype(np.float32)
@@ -165,11 +164,11 @@ def test_rest_frame_offsets_are_what_skinning_turns_into_the_head_frame_offsets(
 
 def test_bench_methods_run_and_give_finite_meshes(clip, checkpoint, tmp_path, monkeypatch):
     from avface import media
-    from avface.audio import extract_features
     from avface.bench.methods import MethodInput, get_method, load_plugins, run_method
-    from avface.confidence import visual_confidence
     from avface.config import FitConfig
-    from avface.tracking import track
+    from avface.stages.audio import extract_features
+    from avface.stages.confidence import visual_confidence
+    from avface.stages.tracking import track
 
     load_plugins()
     info = media.probe(clip.video_path)
@@ -210,7 +209,7 @@ def test_bench_methods_run_and_give_finite_meshes(clip, checkpoint, tmp_path, mo
 
 
 def test_preview_marks_the_frames_the_audio_carried():
-    from avface.preview import AUDIO_LIPS_RGB, LIPS_RGB, draw_mesh
+    from avface.stages.preview import AUDIO_LIPS_RGB, LIPS_RGB, draw_mesh
 
     frame = np.zeros((120, 160, 3), np.uint8)
     pts = np.array([[40.0, 40.0], [120.0, 40.0], [80.0, 100.0]])

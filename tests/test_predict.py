@@ -3,17 +3,16 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-
-from avface.evidence import build_evidence, lower_face_offsets
-from avface.geometry import intrinsics_for
-from avface.models.avnets import LOWER_FACE_LANDMARKS, N_LOWER_FACE
-from avface.models.canonical import CanonicalModel
-from avface.models.checkpoint import build_networks
-from avface.predict import predict
-
 from test_evidence import talking_head
 from test_fit import FOV, H, W, synthetic_tracking
 from test_train import fake_features
+
+from avface.core.geometry import intrinsics_for
+from avface.models.avnets import LOWER_FACE_LANDMARKS, N_LOWER_FACE
+from avface.models.canonical import CanonicalModel
+from avface.models.checkpoint import build_networks
+from avface.stages.networks.evidence import build_evidence, lower_face_offsets
+from avface.stages.networks.predict import predict
 
 
 def test_prediction_shapes_silence_and_repeatability():

@@ -1,9 +1,17 @@
-"""The closed-form per-clip adaptation of the mouth fill (avface.train.readout)."""
+"""The closed-form per-clip adaptation of the mouth fill (avface.stages.networks.readout)."""
 import numpy as np
 import pytest
 
-from avface.train.readout import (LIP_ROWS, ReadoutConfig, adapt_fill, distance_to_known, hidden_spans,
-                                  linear_fill, ridge_readout, with_ends)
+from avface.stages.networks.readout import (
+    LIP_ROWS,
+    ReadoutConfig,
+    adapt_fill,
+    distance_to_known,
+    hidden_spans,
+    linear_fill,
+    ridge_readout,
+    with_ends,
+)
 
 M = 97
 

@@ -1,5 +1,5 @@
 """Each real clip in ../shared/data reconstructs to a valid result whose reprojected
-landmarks agree with the tracker's (issue 2's acceptance: NME <= 3 % and lips NME <= 3 % of
+landmarks agree with the tracker's (the coarse fit's bar: NME <= 3 % and lips NME <= 3 % of
 the inter-ocular distance, on detected frames). The NME is recomputed here from the stored
 vertices and intrinsics, not read from the result's meta."""
 from __future__ import annotations
@@ -8,17 +8,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import SHARED_DATA
 
 from avface import media
-from avface.clips import discover_clips
-from avface.evaluate import nme
-from avface.geometry import project
-from avface.topology import LIPS, inter_ocular
+from avface.bench.evaluate import nme
 from avface.config import ReconstructOptions
+from avface.core.clips import discover_clips
+from avface.core.geometry import project
+from avface.core.topology import LIPS, inter_ocular
 from avface.pipeline import reconstruct
 from avface.result import load_result
-from avface.tracking import track
-from conftest import SHARED_DATA
+from avface.stages.tracking import track
 
 CLIP_IDS = [c.id for c in discover_clips(SHARED_DATA)] if (SHARED_DATA / "manifest.json").is_file() else ["(no clips)"]
 NME_MAX_PERCENT = 3.0

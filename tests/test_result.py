@@ -5,13 +5,13 @@ import json
 
 import numpy as np
 import pytest
+from conftest import assert_close
 
 from avface.errors import SchemaError
 from avface.result import SCHEMA_VERSION, load_result, validate, write_result
-from conftest import assert_close
 
 
-def _arrays(t=5, v=7, e=3, k=2, l=4, j=2):
+def _arrays(t=5, v=7, e=3, k=2, l=4, j=2):  # noqa: E741 (L, the contract's symbol)
     rng = np.random.default_rng(0)
     return {
         "vertices_neutral": rng.normal(size=(v, 3)).astype(np.float32),
@@ -90,7 +90,7 @@ def test_bad_results_are_refused(tmp_path, mutate, message):
 def test_unreadable_files(tmp_path):
     bad = tmp_path / "result.npz"
     bad.write_bytes(b"not a zip")
-    with pytest.raises(SchemaError, match="not a readable result"):
+    with pytest.raises(SchemaError, match="not a readable AVFace result"):
         validate(bad)
     with pytest.raises(SchemaError, match="does not exist"):
         validate(tmp_path / "missing.npz")

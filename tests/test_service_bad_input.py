@@ -9,10 +9,10 @@ import subprocess
 
 import numpy as np
 import pytest
+from service_util import ServerProcess, fake_clip, make_server, send_raw, wait_for  # noqa: F401
 
 from avface.service import protocol as P
 from avface.service.client import ServiceError
-from service_util import ServerProcess, fake_clip, make_server, send_raw, wait_for  # noqa: F401
 
 MAX_FRAME = 64 << 10
 
@@ -240,7 +240,7 @@ def test_too_long(make_server, tmp_path):
                     "-t", "3", "-pix_fmt", "yuv420p", str(video)], check=True)
     server = make_server(args=("--max-duration-s", "2"))
     client = server.client()
-    # refused at submit, before any worker starts (issue 9)
+    # refused at submit, before any worker starts
     with pytest.raises(ServiceError) as e:
         client.submit(video)
     assert e.value.code == "too_long" and "3.0 s" in e.value.message

@@ -8,10 +8,11 @@ import os
 import subprocess
 import sys
 
-from avface.service import cli
-from avface.service import protocol as P
 from service_util import TESTS_DIR, fake_clip, make_server, wait_for  # noqa: F401  (make_server is a fixture)
 from test_service_jobs import check_result
+
+from avface.service import cli
+from avface.service import protocol as P
 
 
 def avface(*args, timeout=120):

@@ -10,11 +10,11 @@ import threading
 import time
 
 import pytest
+from service_util import fake_clip, make_server, pid_gone, wait_for  # noqa: F401  (make_server is a fixture)
+from test_service_jobs import check_result
 
 from avface.service import protocol as P
 from avface.service.client import JobRun
-from service_util import fake_clip, make_server, pid_gone, wait_for  # noqa: F401  (make_server is a fixture)
-from test_service_jobs import check_result
 
 CANCEL_BOUND_S = 2.0
 

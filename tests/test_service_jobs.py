@@ -9,12 +9,12 @@ import os
 
 import numpy as np
 import pytest
-
-from avface.service import protocol as P
-from avface.service.client import JobRun, ServiceError
 from conftest import assert_close
 from fake_pipeline import expected_frames, validate
 from service_util import fake_clip, make_server, send_raw, wait_for  # noqa: F401  (make_server is a fixture)
+
+from avface.service import protocol as P
+from avface.service.client import JobRun, ServiceError
 
 STAGES = ["decode", "track", "fit"]
 

@@ -1,4 +1,4 @@
-"""What the Blender add-on needs from the service (issue 9, point 9): a job that hangs is
+"""What the Blender add-on needs from the service (docs/protocol.md): a job that hangs is
 stopped with its own code, a video over the duration limit is refused at submit (before any
 worker starts), and a frame too big for ZeroMQ to deliver ends in a client error that names
 the limit."""
@@ -8,10 +8,10 @@ import subprocess
 
 import imageio_ffmpeg
 import pytest
+from service_util import fake_clip, make_server, pid_gone, wait_for  # noqa: F401  (make_server is a fixture)
 
 from avface.service import protocol as P
 from avface.service.client import Client, JobRun, ServiceError
-from service_util import fake_clip, make_server, pid_gone, wait_for  # noqa: F401  (make_server is a fixture)
 
 HANG_TIMEOUT_S = 1.0
 

@@ -10,12 +10,12 @@ import sys
 import threading
 
 import numpy as np
-
-from avface.service import protocol as P
-from avface.service.client import Client, JobRun
 from conftest import assert_close
 from fake_pipeline import expected_frames, validate
 from service_util import TESTS_DIR, fake_clip, make_server  # noqa: F401  (make_server is a fixture)
+
+from avface.service import protocol as P
+from avface.service.client import Client, JobRun
 
 CLIENTS, JOBS_PER_CLIENT, WORKERS = 8, 3, 2
 

@@ -10,10 +10,10 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import REPO_ROOT, assert_close
 
 from avface import errors
 from avface.service import protocol as P
-from conftest import REPO_ROOT, assert_close
 
 
 def test_roundtrip_with_arrays_and_bytes():

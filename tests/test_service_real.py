@@ -8,10 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from service_util import ServerProcess, wait_for
 
 from avface.service import protocol as P
 from avface.service.client import JobRun
-from service_util import ServerProcess, wait_for
 
 pytestmark = pytest.mark.slow
 

@@ -10,10 +10,10 @@ import sys
 
 import pytest
 import zmq
+from service_util import make_server  # noqa: F401  (a fixture)
 
 from avface.service.cli import make_keys
 from avface.service.client import Client, NoAnswer
-from service_util import make_server  # noqa: F401  (a fixture)
 
 
 @pytest.mark.parametrize("bind", ["tcp://0.0.0.0:0", "tcp://*:0", "tcp://192.0.2.1:5555"])

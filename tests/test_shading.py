@@ -4,11 +4,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
-from avface import shading, uvspace
-from avface.models.canonical_mesh import load_canonical_mesh
 from conftest import assert_close
 from uv_util import intrinsics, posed_camera_vertices, smooth_texture
+
+from avface.models.canonical_mesh import load_canonical_mesh
+from avface.stages.detail import shading, uvspace
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 

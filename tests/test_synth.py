@@ -1,4 +1,4 @@
-"""The synthetic demo clip (avface.synth) and the speech it speaks (avface.tts).
+"""The synthetic demo clip (avface.synth) and the speech it speaks (avface.synth.tts).
 
 Short clips (2 s at 256 px) keep the whole file under a minute on a 2-core CPU.
 """
@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from avface import media, synth, tts
-from avface.errors import InputError
-from avface.topology import LIPS
-from avface.models.canonical_mesh import N_VERTICES
-
 from conftest import assert_close
+
+from avface import media, synth
+from avface.core.topology import LIPS
+from avface.errors import InputError
+from avface.models.canonical_mesh import N_VERTICES
+from avface.synth import tts
 
 SIZE = 256
 DURATION_S = 2.0
@@ -201,7 +201,7 @@ def test_mediapipe_finds_the_face_where_the_ground_truth_is(clip):
     import mediapipe as mp
     from mediapipe.tasks.python import BaseOptions, vision
 
-    from avface.assets import FACE_LANDMARKER, locate
+    from avface.core.assets import FACE_LANDMARKER, locate
 
     options = vision.FaceLandmarkerOptions(
         base_options=BaseOptions(model_asset_path=str(locate(FACE_LANDMARKER))),

@@ -8,10 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from avface import assets, media
+from avface import media
+from avface.core import assets
 from avface.errors import ModelFileError
+from avface.stages.tracking import track
 from avface.synth import make_demo_clip
-from avface.tracking import track
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +66,7 @@ def test_missing_model_file_says_how_to_get_it(clip, tmp_path, monkeypatch):
 
 
 def test_frames_the_hand_landmarker_skips_take_the_larger_cover_of_their_neighbours():
-    from avface.tracking import _Buffers
+    from avface.stages.tracking import _Buffers
 
     buf = _Buffers.empty(7)
     buf.det[:] = True

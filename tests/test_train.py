@@ -11,21 +11,18 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-
-from avface.geometry import intrinsics_for
-from avface.models.avnets import LOWER_FACE_LANDMARKS
-from avface.models.checkpoint import load_checkpoint
-from avface.topology import LIPS
-from avface.train import losses as L
-from avface.train.data import load_clip, prepare_clip, save_clip
-from avface.train.loop import TrainConfig, make_batch, make_sample, train
-from avface.train.occluders import (
-    SHAPES, OccluderConfig, OccluderTrack, face_points_2d, occlude_window, paste, random_track, region_cover,
-)
-
 from conftest import assert_close
 from test_evidence import talking_head
 from test_fit import FOV, H, W, synthetic_tracking
+
+from avface.core.geometry import intrinsics_for
+from avface.core.topology import LIPS
+from avface.models.avnets import LOWER_FACE_LANDMARKS
+from avface.models.checkpoint import load_checkpoint
+from avface.train import losses as L
+from avface.train.data import load_clip, prepare_clip, save_clip
+from avface.train.loop import TrainConfig, make_batch, make_sample, train
+from avface.train.occluders import SHAPES, OccluderConfig, OccluderTrack, face_points_2d, occlude_window, paste, random_track, region_cover
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -329,7 +326,7 @@ def test_random_text_varies_and_fills_the_clip():
 @pytest.mark.slow
 def test_synthetic_corpus_is_a_folder_of_clips(tmp_path):
     """One short synthetic clip: a manifest the clip discovery reads, a video with speech."""
-    from avface.clips import discover_clips
+    from avface.core.clips import discover_clips
     from avface.media import probe
     from avface.train.synthetic import make_corpus
 

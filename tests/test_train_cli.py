@@ -4,13 +4,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from test_train import training_clip
 
 from avface.cli import main
 from avface.models.checkpoint import load_checkpoint
 from avface.train.data import save_clip
 from avface.train.loop import plot_path, state_path
-
-from test_train import training_clip
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 

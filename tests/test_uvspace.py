@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
-from avface import uvspace
-from avface.models.canonical_mesh import load_canonical_mesh
-from avface.topology import LIPS, lower_face_ids
 from conftest import assert_close
 from uv_util import intrinsics, posed_camera_vertices, render_textured, smooth_texture
+
+from avface.core.topology import LIPS
+from avface.models.canonical_mesh import load_canonical_mesh, lower_face_ids
+from avface.stages.detail import uvspace
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -210,8 +210,9 @@ def test_flame_layout_with_seams(tmp_path):
     """FLAME keeps UV vertices apart from geometry vertices (seams): the raster works on
     uv_faces, every per-vertex value goes through the geometry faces. On the synthetic
     FLAME-format head with its cylindrical layout."""
-    from avface.models.flame import load_flame
     from flame_fixture import write_synthetic_flame
+
+    from avface.models.flame import load_flame
 
     model = load_flame(write_synthetic_flame(tmp_path, seed=0).folder)
     assert len(model.uv) != model.n_vertices  # seams duplicate UV vertices

@@ -1,5 +1,5 @@
 """Test helpers for the fine stage: the canonical face posed before a camera, a smooth known
-texture, and a small reference renderer written independently of ``avface.uvspace`` (a
+texture, and a small reference renderer written independently of ``avface.stages.detail.uvspace`` (a
 painter's algorithm with OpenCV's polygon fill, perspective-correct UVs), so that unwrapping
 its frames tests the UV machinery against something it does not share code with."""
 from __future__ import annotations
@@ -99,7 +99,7 @@ def render_detail_clip(d_true, yaws, pitches, *, size: int = 192, uv_size: int =
     frame coarse vertices (T, V, 3), intrinsics)."""
     import torch
 
-    from avface import shading, uvspace
+    from avface.stages.detail import shading, uvspace
 
     mesh = load_canonical_mesh()
     r = uvspace.rasterise_uv(mesh.uv, mesh.faces, uv_size)

@@ -1,4 +1,4 @@
-"""The benchmark's audio-visual methods (issue 8), loaded by ``avface bench`` as every
+"""The benchmark's audio-visual methods (docs/networks.md), loaded by ``avface bench`` as every
 ``avface/<pkg>/bench_methods.py`` is (avface.bench.methods):
 
 * ``audio_only``: the networks with no video evidence for the lower face (the expression
@@ -19,7 +19,7 @@
   clean clip and the hand); elsewhere the method is ``av_lips``. Its speed is measured on
   the clean clip, the fine stage included.
 
-Each runs the very functions ``reconstruct`` runs (avface.avstage), adaptation included.
+Each runs the very functions ``reconstruct`` runs (avface.stages.networks.run), adaptation included.
 
 The checkpoint comes from the environment, since a method sees only its clip:
 ``AVFACE_BENCH_NETWORKS=CKPT`` (``avface bench --networks CKPT`` sets it); unset, the
@@ -42,11 +42,13 @@ from pathlib import Path
 
 import numpy as np
 
-from avface.avstage import refine_lips, run_networks, vertices_with_lips
 from avface.bench.methods import MethodInput, MethodOutput, register_method
 from avface.config import NetworksStageConfig
 from avface.errors import InputError, ModelFileError
-from avface.fit import fit_default
+from avface.pipeline import gradient_adapter
+from avface.stages.fit import fit_default
+from avface.stages.lips import refine_lips, vertices_with_lips
+from avface.stages.networks.run import ClipInputs, run_networks
 
 log = logging.getLogger(__name__)
 
@@ -100,8 +102,8 @@ def _run(inp: MethodInput, *, video: bool, lips: bool, detail: bool = False) -> 
     # no video for the lower face: the tracker's lower face counts on no frame
     conf = inp.visual_conf if video else np.zeros_like(inp.visual_conf)
     fit_cfg = dataclasses.replace(inp.fit_config, use_visual_confidence=True)
-    net = run_networks(ck, inp.tracking, inp.features, conf, fov_deg=fit_cfg.fov_deg, config=cfg,
-                       video=video)
+    net = run_networks(ck, ClipInputs(inp.tracking, inp.features, conf, fit_cfg.fov_deg), config=cfg, video=video,
+                       adapter=gradient_adapter(cfg))
     fit = fit_default(inp.tracking, fit_cfg, mouth_conf=conf, net_points=net.points)
     pca = refine_lips(net, fit) if lips else None
     vertices = vertices_with_lips(fit, pca)
@@ -120,12 +122,12 @@ def _detail_figures(inp: MethodInput, fit, vertices: np.ndarray, net):
     from avface import media
     from avface.bench.metrics import DetailFigures
     from avface.config import DetailStageConfig
-    from avface.detail import mouth_texels, run_detail
+    from avface.stages.detail.run import DetailInputs, mouth_texels, run_detail
 
     info = media.probe(inp.video)
     frames = media.iter_frames(info, 0, len(vertices))
-    run = run_detail(frames, vertices, fit.model, fit.intrinsics, inp.visual_conf, inp.tracking.detected,
-                     net.f_a, DetailStageConfig(), start=net.networks.fine)
+    run = run_detail(DetailInputs(frames, vertices, fit.model, fit.intrinsics, inp.visual_conf, inp.tracking.detected,
+                                  net.f_a), DetailStageConfig(), start=net.networks.fine)
     if run is None:
         return None
     return DetailFigures(run.displacement, mouth_texels(run.raster, fit.model), run.adapt.photo_residual_coarse,
@@ -136,7 +138,7 @@ def _normal_maps(run, fit, vertices: np.ndarray):
     """(frame, coarse, detailed) UV normal maps of the middle held-out frame."""
     import torch
 
-    from avface import uvspace
+    from avface.stages.detail import uvspace
 
     held = run.adapt.held_out
     if len(held) == 0:

@@ -1,6 +1,6 @@
 """The ``bench`` subcommand: ``avface bench CLIPS_DIR -o OUT_DIR [--methods ...] [--seed N]``.
 
-``avface.cli`` calls :func:`register`; ``python -m avface.bench.cli`` runs it on its own.
+``avface.cli`` calls :func:`register`; ``python -m avface.bench`` runs it on its own.
 """
 from __future__ import annotations
 
@@ -45,9 +45,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_bench(args) -> int:
-    from .harness import BenchConfig, run_bench
-    from .methods import available_methods, load_plugins
-    from .report import main_table
+    from avface.bench.harness import BenchConfig, run_bench
+    from avface.bench.methods import available_methods, load_plugins
+    from avface.bench.report import main_table
 
     if args.networks:
         named = args.networks in ("default", "none")
@@ -82,15 +82,3 @@ def register(subparsers) -> None:
                               description=__doc__.split("\n\n")[0])
     add_arguments(p)
     p.set_defaults(func=cmd_bench)
-
-
-def main(argv=None) -> int:
-    """``python -m avface.bench.cli ARGS`` is ``avface bench ARGS``: one entry point, one
-    place that sets up logging and turns errors into exit codes."""
-    from avface.cli import main as avface_main
-
-    return avface_main(["bench", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .geometry import similarity
+from avface.core.geometry import similarity
 
 
 def aligned_vertex_error(pred: np.ndarray, gt: np.ndarray, frames: np.ndarray | None = None) -> np.ndarray:

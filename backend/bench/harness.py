@@ -29,20 +29,27 @@ from typing import Callable
 import numpy as np
 
 from avface import __version__, media
-from avface.clips import Clip, discover_clips
+from avface.bench import metrics as M
+from avface.bench.methods import (
+    REFERENCE_METHOD,
+    Method,
+    MethodInput,
+    MethodOutput,
+    available_methods,
+    get_method,
+    load_plugins,
+    run_method,
+)
+from avface.bench.occluders import OCCLUDER_VARIANTS, VARIANTS, OcclusionPlan, make_plan, occluded_frames, write_variants
 from avface.config import FitConfig, TrackingConfig
-from avface.confidence import OCCLUDED_BELOW, mouth_visible, visual_confidence
+from avface.core.clips import Clip, discover_clips
+from avface.core.geometry import fov_of, project
+from avface.core.jsonutil import json_safe
+from avface.core.topology import LIPS
 from avface.errors import AVFaceError, InputError
-from avface.jsonutil import json_safe
 from avface.result import ensure_writable
-from avface.geometry import fov_of, project
-from avface.topology import LIPS
-from avface.tracking import Tracking, track
-
-from . import metrics as M
-from .methods import (REFERENCE_METHOD, Method, MethodInput, MethodOutput, available_methods, get_method,
-                      load_plugins, run_method)
-from .occluders import OCCLUDER_VARIANTS, VARIANTS, OcclusionPlan, make_plan, occluded_frames, write_variants
+from avface.stages.confidence import OCCLUDED_BELOW, mouth_visible, visual_confidence
+from avface.stages.tracking import Tracking, track
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +148,7 @@ class BenchConfig:
     """Extra modules that register methods."""
     fov_deg: float | None = None
     """Every clip's vertical field of view, degrees; None estimates each clip's from its clean
-    clip, as reconstruct does (avface.fit.estimate_fov)."""
+    clip, as reconstruct does (avface.stages.fit.estimate_fov)."""
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     fit: FitConfig = field(default_factory=FitConfig)
 
@@ -205,7 +212,7 @@ def _rec(out: list, clip: str, method: str, metric: str, value) -> None:
 
 def _read_speech(path: Path | None, n_frames: int, fps: float):
     """(wave, AudioFeatures) of a clip's speech, (None, None) without audio."""
-    from avface import audio as audio_mod
+    from avface.stages import audio as audio_mod
 
     if path is None:
         return None, None
@@ -218,19 +225,19 @@ def _read_speech(path: Path | None, n_frames: int, fps: float):
 
 
 def _time_export(out: MethodOutput, inp: MethodInput, info: "media.VideoInfo", tmp: Path) -> tuple[float, float]:
-    """(wall, cpu) seconds of the pipeline's export stage (:func:`avface.assemble.build_result`
+    """(wall, cpu) seconds of the pipeline's export stage (:func:`avface.stages.assemble.run.build_result`
     and the write) on a method's fit."""
-    from avface.assemble import ResultSource, build_result
     from avface.result import write_result
+    from avface.stages.assemble.run import ResultEvidence, ResultRun, ResultSource, build_result
 
     store: dict = {}
     with _timed(store, "export"):
         features = inp.features
         src = ResultSource(fps=float(info.fps), width=info.width, height=info.height, source={"path": str(info.path)},
                            audio_present=features is not None)
-        arrays, meta = build_result(out.fit, inp.tracking, inp.visual_conf, inp.occluded,
-                                    features.activity if features is not None else None, src,
-                                    stages_run=["tracking", "confidence", "fit", "export"], stage_seconds={})
+        evidence = ResultEvidence(inp.visual_conf, inp.occluded, features.activity if features is not None else None)
+        arrays, meta = build_result(out.fit, inp.tracking, evidence, src,
+                                    ResultRun(stages_run=["tracking", "confidence", "fit", "export"], stage_seconds={}))
         write_result(tmp / "result.npz", arrays, meta)
     (tmp / "result.npz").unlink(missing_ok=True)
     return store["export"]
@@ -413,7 +420,7 @@ def _clip_camera(tracking: Tracking, mouth_conf: np.ndarray, cfg: BenchConfig, s
     estimated on its clean clip (``mouth_conf``: that clip's visual confidence) as
     reconstruct estimates it (timed as the ``camera`` stage). Every method and variant of the
     clip shares it, so a comparison within the clip is not moved by the estimate."""
-    from avface.fit import clip_camera
+    from avface.stages.camera import clip_camera
 
     if cfg.fov_deg is not None:
         camera = clip_camera(tracking, None, cfg.fit, cfg.fov_deg)
@@ -535,7 +542,7 @@ def _detail_records(records: list[dict], ctx: _RealClip, name: str, o: dict[str,
     hand, frames = o.get("hand"), np.nonzero(ctx.occ_frames["hand"])[0]
     ratio = None
     if hand is not None and hand.detail is not None and len(frames) and clean.mouth.any():
-        from avface.fine import detail_occluder_ratio
+        from avface.stages.detail.fine import detail_occluder_ratio
 
         ratio = detail_occluder_ratio(hand.detail.displacement, clean.displacement, frames, clean.mouth)
     _rec(records, cid, name, "detail_occluder_ratio", ratio)
@@ -594,7 +601,7 @@ def _warm_up(tracking: Tracking, fit_cfg: FitConfig) -> None:
     first calls, the model's skinning weights) are not charged to the first clip's fit."""
     if _WARM["done"]:
         return
-    from avface.fit import fit_default
+    from avface.stages.fit import fit_default
 
     try:
         fit_default(tracking, dataclasses.replace(fit_cfg, iterations=2))
@@ -605,8 +612,8 @@ def _warm_up(tracking: Tracking, fit_cfg: FitConfig) -> None:
 
 def _tracker_points(tracking: Tracking, fit_cfg: FitConfig) -> np.ndarray:
     """(T, 468, 3) metric points of the tracker (NaN where undetected), for head motion."""
-    from avface.geometry import backproject, intrinsics_for
-    from avface.topology import rigid_weights
+    from avface.core.geometry import backproject, intrinsics_for
+    from avface.core.topology import rigid_weights
     from avface.models.canonical_mesh import load_canonical_mesh
 
     k = intrinsics_for(tracking.width, tracking.height, fit_cfg.fov_deg)
@@ -807,7 +814,7 @@ def run_bench(clips_dir: Path | str, out_dir: Path | str, config: BenchConfig = 
     series = {res.clip_id: res.series for res in results}
     _save_series(out_dir, series)
     if config.plots:
-        from . import plots
+        from avface.bench import plots
 
         say("plots")
         doc["plots"] = plots.write_all(doc, series, out_dir / "plots")
@@ -825,7 +832,7 @@ def run_bench(clips_dir: Path | str, out_dir: Path | str, config: BenchConfig = 
     doc["run"]["peak_rss_mb"] = peak_rss_mb()
     doc = json_safe(doc)
     (out_dir / "metrics.json").write_text(json.dumps(doc, indent=1, allow_nan=False))
-    from .report import write_report
+    from avface.bench.report import write_report
 
     write_report(doc, out_dir / "report.md")
     return doc

@@ -14,12 +14,12 @@ pass the module with ``avface bench --plugin MODULE``.
 Built in:
 
 * ``tracker``: raw per-frame MediaPipe. Its 3D is the tracker's own landmarks made metric
-  by :func:`avface.geometry.backproject`; frames without a detection hold the nearest detected
+  by :func:`avface.core.geometry.backproject`; frames without a detection hold the nearest detected
   frame (what a keyframed animation would show).
 * ``coarse_video``: the coarse fit, video only, every detected frame fitted as seen
   (``FitConfig.use_visual_confidence=False``).
 * ``interp``: the coarse fit where frames flagged occluded by the visual confidence
-  (:mod:`avface.confidence`, below ``OCCLUDED_BELOW``) get no lower-face data term and are
+  (:mod:`avface.stages.confidence`, below ``OCCLUDED_BELOW``) get no lower-face data term and are
   filled by temporal smoothness from their neighbours.
 """
 from __future__ import annotations
@@ -37,10 +37,10 @@ from typing import Callable
 import numpy as np
 
 from avface.config import FitConfig
-from avface.fit import CoarseFit, fit_default
-from avface.geometry import WORLD_TO_CAMERA, backproject, intrinsics_for
-from avface.timeseries import hold_nearest
-from avface.tracking import Tracking
+from avface.core.geometry import WORLD_TO_CAMERA, backproject, intrinsics_for
+from avface.core.timeseries import hold_nearest
+from avface.stages.fit import CoarseFit, fit_default
+from avface.stages.tracking import Tracking
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ class MethodInput:
     tracking: Tracking
     """The tracker's output on this variant's frames."""
     features: object | None
-    """:class:`avface.audio.AudioFeatures` of the clip's speech (never occluded), or None."""
+    """:class:`avface.stages.audio.AudioFeatures` of the clip's speech (never occluded), or None."""
     wave: np.ndarray | None
     """(N,) float32 mono speech at 16 kHz, or None."""
     fps: float
@@ -68,7 +68,7 @@ class MethodInput:
     """The benchmark's base fit options (field of view, iterations, ...); methods replace
     what they must."""
     visual_conf: np.ndarray
-    """(T,) float32 mouth confidence of this variant (:func:`avface.confidence.visual_confidence`),
+    """(T,) float32 mouth confidence of this variant (:func:`avface.stages.confidence.visual_confidence`),
     computed once per variant."""
     occluded: np.ndarray
     """(T,) bool: frames the visual confidence flags occluded."""
@@ -168,7 +168,8 @@ def load_plugins(extra_modules: tuple[str, ...] = ()) -> list[str]:
     ``extra_modules``; returns the modules imported. Registration happens on import."""
     import avface
 
-    loaded = []
+    importlib.import_module("avface.bench.av_methods")  # the networks' methods (audio_only, av, av_lips, av_full)
+    loaded = ["avface.bench.av_methods"]
     for info in pkgutil.iter_modules(avface.__path__):
         if not info.ispkg or info.name == "bench":
             continue
@@ -207,8 +208,8 @@ def run_method(method: Method, inp: MethodInput) -> MethodOutput:
 @register_method("tracker", description="raw per-frame MediaPipe landmarks, made metric by back-projection",
                  stages=("probe", "tracking"))
 def tracker_method(inp: MethodInput) -> MethodOutput:
+    from avface.core.topology import rigid_weights
     from avface.errors import NoFaceError
-    from avface.topology import rigid_weights
     from avface.models.canonical_mesh import load_canonical_mesh
 
     tr = inp.tracking

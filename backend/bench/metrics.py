@@ -30,9 +30,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from avface.evaluate import aligned_vertex_error, nme
-from avface.geometry import rigid, similarity
-from avface.topology import LIPS, RIGID, inter_ocular
+from avface.bench.evaluate import aligned_vertex_error, nme
+from avface.core.geometry import rigid, similarity
+from avface.core.topology import LIPS, RIGID, inter_ocular
 
 AUC_MAX_NME_PERCENT = 10.0
 """Upper limit of the NME axis of the cumulative error curve (the paper's AUC@10 %)."""

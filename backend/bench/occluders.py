@@ -1,4 +1,4 @@
-"""The benchmark's occluder maker (it makes occlusions to measure with; :mod:`avface.confidence`
+"""The benchmark's occluder maker (it makes occlusions to measure with; :mod:`avface.stages.confidence`
 is what detects them), after the occlusion protocol of AVFace section 3.4: seeded spans of
 speech, occluders pasted over the mouth and lower face, and black frames for audio-only spans.
 
@@ -38,10 +38,10 @@ import numpy as np
 from scipy.ndimage import gaussian_filter1d
 
 from avface import media
-from avface.timeseries import fill_missing
+from avface.core.timeseries import fill_missing
+from avface.core.topology import LIPS
 from avface.errors import MediaError
-from avface.topology import LIPS
-from avface.tracking import Tracking
+from avface.stages.tracking import Tracking
 
 log = logging.getLogger(__name__)
 

@@ -10,10 +10,9 @@ from pathlib import Path
 import numpy as np
 
 from avface import media
-
-from . import metrics as M
-from .methods import REFERENCE_METHOD
-from .occluders import VARIANTS
+from avface.bench import metrics as M
+from avface.bench.methods import REFERENCE_METHOD
+from avface.bench.occluders import VARIANTS
 
 log = logging.getLogger(__name__)
 
@@ -289,10 +288,10 @@ def write_strip(strip: dict, out_dir: Path) -> dict:
     clean clip. Occluded frames carry a red mark."""
     import cv2
 
-    from avface.geometry import project
-    from avface.topology import LIPS
+    from avface.core.geometry import project
+    from avface.core.topology import LIPS
     from avface.models.canonical_mesh import load_canonical_mesh
-    from avface.preview import draw_mesh
+    from avface.stages.preview import draw_mesh
 
     out_dir.mkdir(parents=True, exist_ok=True)
     lo, hi = strip["range"]

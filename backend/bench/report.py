@@ -4,9 +4,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from avface.confidence import OCCLUDED_BELOW
-
-from .methods import REFERENCE_METHOD
+from avface.bench.methods import REFERENCE_METHOD
+from avface.stages.confidence import OCCLUDED_BELOW
 
 MAIN_COLUMNS = (
     ("nme_visible", "NME vis. %", 2),

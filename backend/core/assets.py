@@ -1,4 +1,4 @@
-"""Pretrained files that ship inside registry packages (DESIGN.md section 3).
+"""Pretrained files that ship inside registry packages (docs/design.md section 3).
 
 Each asset is located inside its installed package without importing that package (their
 own imports pull in clashing dependencies), and checked against a known size and MD5 so a
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from .errors import ModelFileError
+from avface.errors import ModelFileError
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,8 @@ def locate(asset: Asset) -> Path:
     if not path.is_file():
         raise ModelFileError(f"{asset.name} not found at {path}; {how}")
     if asset.size is not None and path.stat().st_size != asset.size:
-        raise ModelFileError(f"{path} has {path.stat().st_size} bytes, expected {asset.size}: the file is damaged or a different version; {how}")
+        raise ModelFileError(f"{path} has {path.stat().st_size} bytes, expected {asset.size}: the file is damaged or a "
+                             f"different version; {how}")
     if asset.md5 is not None and file_hash(path, "md5").hexdigest() != asset.md5:
         raise ModelFileError(f"{path} fails its checksum (md5 {asset.md5} expected): the file is damaged or a different version; {how}")
     return path

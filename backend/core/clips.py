@@ -9,7 +9,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import InputError
+from avface.errors import InputError
 
 log = logging.getLogger(__name__)
 

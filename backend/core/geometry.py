@@ -12,10 +12,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .topology import N_MESH_VERTICES
+from avface.core.topology import N_MESH_VERTICES
 
 if TYPE_CHECKING:
-    from .tracking import Tracking
+    from avface.stages.tracking import Tracking
 
 WORLD_TO_CAMERA = np.diag([1.0, -1.0, -1.0]).astype(np.float32)
 

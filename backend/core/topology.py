@@ -7,8 +7,6 @@ the last 10 are the irises), so these ids index both.
 """
 from __future__ import annotations
 
-from functools import lru_cache
-
 import numpy as np
 
 N_MESH_VERTICES = 468
@@ -59,12 +57,3 @@ def rigid_weights() -> np.ndarray:
     w = np.full(N_MESH_VERTICES, NON_RIGID_WEIGHT)
     w[list(RIGID)] = 1.0
     return w
-
-
-@lru_cache(maxsize=1)
-def lower_face_ids(threshold: float = 0.05) -> tuple[int, ...]:
-    """Vertices that move with the jaw or are lips: what a hand over the mouth hides."""
-    from avface.models.canonical_mesh import jaw_weights, load_canonical_mesh
-
-    w = jaw_weights(load_canonical_mesh())
-    return tuple(sorted(set(np.nonzero(w > threshold)[0].tolist()) | set(LIPS)))

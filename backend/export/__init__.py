@@ -1,4 +1,4 @@
-"""Interchange: one result, any tool (DESIGN.md section 8).
+"""Interchange: one result, any tool (docs/design.md section 8).
 
 ``axes`` holds the one axis and unit conversion that every writer and the Blender add-on share.
 ``rig`` turns a result into a blend-shape + skeleton rig that reproduces its mesh exactly; the
@@ -87,9 +87,8 @@ def export_result(result_path: str | Path, formats: Iterable[str], output: str |
     OutputError (a path that cannot be written), ModelFileError (a FLAME result without its
     FLAME files). ``progress(format, fraction, message)`` is called as each file is written.
     """
+    from avface.export.rig import rig_from_result
     from avface.result import load_result
-
-    from .rig import rig_from_result
 
     formats = check_formats(formats)
     result_path = Path(result_path)
@@ -109,15 +108,15 @@ def export_result(result_path: str | Path, formats: Iterable[str], output: str |
         report(fmt, 0.0, path.name)
         try:
             if fmt == "usd":
-                from .usd import write_usd
+                from avface.export.usd import write_usd
 
                 written[fmt] = write_usd(rig, path, progress=step)
             elif fmt == "gltf":
-                from .gltf import write_gltf
+                from avface.export.gltf import write_gltf
 
                 written[fmt] = write_gltf(rig, path, progress=step)
             else:
-                from .livelink import write_livelink_csv
+                from avface.export.livelink import write_livelink_csv
 
                 written[fmt] = write_livelink_csv(result, path, progress=step)
         except OSError as e:

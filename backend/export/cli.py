@@ -13,7 +13,7 @@ log = logging.getLogger(__name__)
 
 def register(subparsers) -> None:
     """Add ``export`` to ``avface``'s argparse subparsers."""
-    from . import FORMATS
+    from avface.export import FORMATS
 
     p = subparsers.add_parser(
         "export", help="export a result to USD, glTF binary or a Live Link Face CSV",
@@ -34,9 +34,8 @@ def register(subparsers) -> None:
 
 
 def cmd_export(args) -> int:
-    from avface.cli import StageBars
-
-    from . import export_result
+    from avface.core.progress import StageBars
+    from avface.export import export_result
 
     formats = [f for item in args.formats for f in item.split(",") if f.strip()]
     bars = StageBars(not args.quiet)

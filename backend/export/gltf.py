@@ -28,9 +28,9 @@ from typing import Callable
 import numpy as np
 from scipy.spatial.transform import Rotation
 
-from . import axes
-from ._io import atomic_path
-from .rig import Rig
+from avface.export import axes
+from avface.export._io import atomic_path
+from avface.export.rig import Rig
 
 log = logging.getLogger(__name__)
 
@@ -123,18 +123,11 @@ def _camera(gltf, camera, path: Path) -> int:
     return len(gltf.nodes) - 1
 
 
-def write_gltf(rig: Rig, path: str | Path, *, progress: Callable[[float], None] | None = None) -> Path:
-    """Write `rig` as a binary glTF 2.0 file at `path` (.glb)."""
+def _mesh(gltf, blob: _Blob, rig: Rig) -> None:
+    """Add the face mesh: rest positions, UVs, vertex ids, joints and weights, morph targets."""
     import pygltflib as g
 
-    path = Path(path)
-    report = progress or (lambda f: None)
-    rig = rig.unit_weights()  # importers clamp weights to [0, 1]
-    n_frames, n_joints, n_shapes = rig.n_frames, len(rig.joint_names), len(rig.shape_names)
-    gltf = g.GLTF2()
-    gltf.asset = g.Asset(generator="avface export", version="2.0")
-    blob = _Blob(gltf)
-
+    n_joints, n_shapes = len(rig.joint_names), len(rig.shape_names)
     vid, tid, tris = split_vertices(rig)
     positions = rig.neutral[vid].astype(np.float32)
     uv = rig.uv[tid].astype(np.float32)
@@ -158,8 +151,13 @@ def write_gltf(rig: Rig, path: str | Path, *, progress: Callable[[float], None] 
     primitive = g.Primitive(attributes=attributes, indices=indices, mode=4, targets=targets or None)
     gltf.meshes.append(g.Mesh(name="Face", primitives=[primitive], weights=[0.0] * n_shapes or None,
                               extras={"targetNames": list(rig.shape_names)}))
-    report(0.2)
 
+
+def _skeleton(gltf, blob: _Blob, rig: Rig) -> list[int]:
+    """Add the mesh node, one node per joint and the skin; returns the root joints' node indices."""
+    import pygltflib as g
+
+    n_joints = len(rig.joint_names)
     # nodes: 0 the mesh, then one per joint (joint j is node 1 + j)
     gltf.nodes.append(g.Node(name="Face", mesh=0, skin=0))
     for j, name in enumerate(rig.joint_names):
@@ -176,31 +174,35 @@ def write_gltf(rig: Rig, path: str | Path, *, progress: Callable[[float], None] 
     # glTF matrices are column-major: store each matrix transposed in C order
     gltf.skins.append(g.Skin(name="Skeleton", joints=[1 + j for j in range(n_joints)], skeleton=roots[0],
                              inverseBindMatrices=blob.add(ibm.transpose(0, 2, 1).copy(), "MAT4", FLOAT)))
-    scene_nodes = [0] + roots
-    if rig.camera is not None:
-        scene_nodes.append(_camera(gltf, rig.camera, path))
-    gltf.scenes.append(g.Scene(name="AVFace", nodes=scene_nodes))
-    gltf.scene = 0
+    return roots
 
-    if n_frames:
-        times = blob.add((np.arange(n_frames) / rig.fps).astype(np.float32), "SCALAR", FLOAT, minmax=True)
-        samplers, channels = [], []
 
-        def channel(node: int, path_name: str, output: int) -> None:
-            samplers.append(g.AnimationSampler(input=times, output=output, interpolation="LINEAR"))
-            channels.append(g.AnimationChannel(sampler=len(samplers) - 1,
-                                               target=g.AnimationChannelTarget(node=node, path=path_name)))
+def _animation(gltf, blob: _Blob, rig: Rig, report: Callable[[float], None]) -> None:
+    """Add the clip's animation: the morph weights and each joint's rotation and translation."""
+    import pygltflib as g
 
-        if n_shapes:
-            channel(0, "weights", blob.add(rig.weights.reshape(-1).astype(np.float32), "SCALAR", FLOAT))
-        for j in range(n_joints):
-            q = _continuous(Rotation.from_matrix(rig.local_rotations[:, j]).as_quat())  # x, y, z, w as glTF
-            channel(1 + j, "rotation", blob.add(q.astype(np.float32), "VEC4", FLOAT))
-            channel(1 + j, "translation", blob.add(rig.local_translations[:, j].astype(np.float32), "VEC3", FLOAT))
-            report(0.2 + 0.6 * (j + 1) / n_joints)
-        gltf.animations.append(g.Animation(name="AVFace", samplers=samplers, channels=channels))
+    n_frames, n_joints, n_shapes = rig.n_frames, len(rig.joint_names), len(rig.shape_names)
+    times = blob.add((np.arange(n_frames) / rig.fps).astype(np.float32), "SCALAR", FLOAT, minmax=True)
+    samplers, channels = [], []
 
-    extras = {"model": rig.model, "fps": rig.fps, "n_frames": n_frames,
+    def channel(node: int, path_name: str, output: int) -> None:
+        samplers.append(g.AnimationSampler(input=times, output=output, interpolation="LINEAR"))
+        channels.append(g.AnimationChannel(sampler=len(samplers) - 1,
+                                           target=g.AnimationChannelTarget(node=node, path=path_name)))
+
+    if n_shapes:
+        channel(0, "weights", blob.add(rig.weights.reshape(-1).astype(np.float32), "SCALAR", FLOAT))
+    for j in range(n_joints):
+        q = _continuous(Rotation.from_matrix(rig.local_rotations[:, j]).as_quat())  # x, y, z, w as glTF
+        channel(1 + j, "rotation", blob.add(q.astype(np.float32), "VEC4", FLOAT))
+        channel(1 + j, "translation", blob.add(rig.local_translations[:, j].astype(np.float32), "VEC3", FLOAT))
+        report(0.2 + 0.6 * (j + 1) / n_joints)
+    gltf.animations.append(g.Animation(name="AVFace", samplers=samplers, channels=channels))
+
+
+def _asset_extras(rig: Rig, path: Path) -> dict:
+    """``asset.extras.avface``: model, fps, frame count, weight ranges, detail maps and camera."""
+    extras = {"model": rig.model, "fps": rig.fps, "n_frames": rig.n_frames,
               # weight w' in [0, 1] of each target is (w - lo) / (hi - lo) of the result's coefficient w
               "weight_ranges": {n: [float(lo), float(hi)] for n, (lo, hi) in zip(rig.shape_names, rig.weight_ranges)},
               "vertex_id_attribute": VERTEX_ID_ATTRIBUTE}
@@ -211,7 +213,34 @@ def write_gltf(rig: Rig, path: str | Path, *, progress: Callable[[float], None] 
     if rig.camera is not None:
         extras["camera"] = {"intrinsics": np.asarray(rig.camera.intrinsics, np.float64).tolist(),
                             "width": rig.camera.width, "height": rig.camera.height}
-    gltf.asset.extras = {"avface": extras}
+    return {"avface": extras}
+
+
+def write_gltf(rig: Rig, path: str | Path, *, progress: Callable[[float], None] | None = None) -> Path:
+    """Write `rig` as a binary glTF 2.0 file at `path` (.glb)."""
+    import pygltflib as g
+
+    path = Path(path)
+    report = progress or (lambda f: None)
+    rig = rig.unit_weights()  # importers clamp weights to [0, 1]
+    gltf = g.GLTF2()
+    gltf.asset = g.Asset(generator="avface export", version="2.0")
+    blob = _Blob(gltf)
+
+    _mesh(gltf, blob, rig)
+    report(0.2)
+
+    roots = _skeleton(gltf, blob, rig)
+    scene_nodes = [0] + roots
+    if rig.camera is not None:
+        scene_nodes.append(_camera(gltf, rig.camera, path))
+    gltf.scenes.append(g.Scene(name="AVFace", nodes=scene_nodes))
+    gltf.scene = 0
+
+    if rig.n_frames:
+        _animation(gltf, blob, rig, report)
+
+    gltf.asset.extras = _asset_extras(rig, path)
 
     gltf.buffers.append(g.Buffer(byteLength=len(blob.data)))
     gltf.set_binary_blob(bytes(blob.data))

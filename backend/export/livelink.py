@@ -33,10 +33,8 @@ import numpy as np
 from scipy.spatial.transform import Rotation
 
 from avface.errors import SchemaError
-
+from avface.export._io import atomic_path
 from avface.result import Result
-
-from ._io import atomic_path
 
 log = logging.getLogger(__name__)
 

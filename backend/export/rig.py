@@ -2,7 +2,7 @@
 
 Pure numpy (torch only when a FLAME model has to be read), no bpy, no format library.
 
-How a result's ``vertices`` come about (``avface.assemble.result_arrays`` -> ``CoarseFit`` ->
+How a result's ``vertices`` come about (``avface.stages.assemble.run.result_arrays`` -> ``CoarseFit`` ->
 ``FaceModel.forward`` -> ``models.lbs.lbs``), per frame t, in the world (model) frame:
 
     shaped[t]  = neutral + expression[t] . expression_basis            (+ lip offsets, see below)
@@ -36,7 +36,6 @@ find it in the ``config.yaml`` the job wrote beside the result.
 from __future__ import annotations
 
 import dataclasses
-
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,10 +45,9 @@ import yaml
 from scipy.spatial.transform import Rotation
 
 from avface.errors import ModelFileError, SchemaError
+from avface.export import axes
+from avface.export.kinematics import joint_transforms, posed_rest_joints
 from avface.result import Result
-
-from . import axes
-from .kinematics import joint_transforms, posed_rest_joints
 
 log = logging.getLogger(__name__)
 
@@ -264,28 +262,27 @@ def _detail_maps(result: Result, result_path: Path | None) -> tuple[Path, ...]:
     return tuple(p.resolve() for p in maps)
 
 
-def rig_from_result(result: Result, result_path: str | Path | None = None, *, flame_dir=None,
-                    check: bool = True) -> Rig:
-    """The rig that reproduces `result` (see the module docstring).
-
-    result_path locates ``detail/`` and ``config.yaml`` beside the result; flame_dir is needed for
-    FLAME results unless that config names it. With `check`, the rig is evaluated at three frames
-    and compared with the result's stored ``vertices`` (when stored): a result whose parameters
-    do not give its own mesh gets a SchemaError instead of a silently wrong file.
-    """
-    a, meta = result.arrays, result.meta
-    model = meta["model"]
-    n_frames = int(meta["n_frames"])
-    n_verts = int(a["vertices_neutral"].shape[0])
+def _joint_tree(a) -> tuple[tuple[str, ...], np.ndarray]:
+    """The result's joint names and parents, checked to be a tree rooted at joint 0, parents first."""
     names = tuple(str(n) for n in a["joint_names"])
     parents = np.asarray(a["joint_parents"], np.int64)
     if any(not -1 <= parents[j] < j for j in range(len(parents))) or (len(parents) and parents[0] != -1):
         raise SchemaError(f"joint_parents {parents.tolist()} is not a tree rooted at joint 0 with parents first")
-    joints_rest = np.asarray(a["joints_rest"], np.float64)
-    transl = np.asarray(a["transl"], np.float64)
+    return names, parents
 
-    expr_basis = np.asarray(a["expression_basis"], np.float32)
-    expr = np.asarray(a["expression"], np.float32)
+
+@dataclass
+class _Shapes:
+    """The rig's blend shapes as they are gathered, group by group (deltas and weights per group)."""
+
+    names: list
+    deltas: list
+    vertex_ids: list
+    weights: list
+
+
+def _basis_shapes(a, n_verts: int, expr_basis: np.ndarray, expr: np.ndarray) -> _Shapes:
+    """The expression basis, then the lip basis scattered onto ``lip_vertex_ids``, as blend shapes."""
     shape_names = [f"expression_{k:02d}" for k in range(len(expr_basis))]
     deltas = [expr_basis]
     vertex_ids: list = [None] * len(expr_basis)
@@ -300,7 +297,13 @@ def rig_from_result(result: Result, result_path: str | Path | None = None, *, fl
         shape_names += [f"lip_{k:02d}" for k in range(len(lip_basis))]
         vertex_ids += [lip_ids] * len(lip_basis)
         weights.append(np.asarray(a["lip_coeffs"], np.float32))
+    return _Shapes(shape_names, deltas, vertex_ids, weights)
 
+
+def _model_pose_inputs(result: Result, names: tuple[str, ...], expr_basis: np.ndarray, expr: np.ndarray,
+                       joints_rest: np.ndarray, flame_dir, result_path):
+    """For the result's model: joint axis-angle tracks, rest mesh, FLAME parts (or None), rest joints."""
+    a, model = result.arrays, result.meta["model"]
     if model in FLAME_MODELS:
         if names != ("global", "neck", "jaw", "left_eye", "right_eye"):
             raise SchemaError(f"a FLAME result has joints global, neck, jaw, left_eye, right_eye; got {names}")
@@ -320,19 +323,51 @@ def rig_from_result(result: Result, result_path: str | Path | None = None, *, fl
         joints = posed_rest_joints(joints_rest, expr, None)
     else:  # check_arrays already refuses unknown models; keep the error if that changes
         raise SchemaError(f"cannot export a {model!r} result")
+    return rotvecs, neutral, parts, joints
+
+
+def _add_pose_correctives(shapes: _Shapes, local_rot: np.ndarray, posedirs: np.ndarray,
+                          names: tuple[str, ...], n_frames: int) -> None:
+    """Append one blend shape per FLAME pose-corrective entry that moves in this clip."""
+    # pose_feature[t, 9 (j-1) + 3 r + c] = R_j[t, r, c] - delta(r, c), posedirs[:, :, same index]
+    feature = (local_rot[:, 1:] - np.eye(3)).reshape(n_frames, -1)
+    posedirs = posedirs.transpose(2, 0, 1).astype(np.float32)  # (36, V, 3)
+    keep = np.any(feature != 0, axis=0)  # entries that never move this clip add nothing
+    labels = [f"pose_{names[1 + k // 9]}_{(k % 9) // 3}{k % 3}" for k in range(feature.shape[1])]
+    shapes.names += [lab for lab, ok in zip(labels, keep) if ok]
+    shapes.deltas.append(posedirs[keep])
+    shapes.vertex_ids += [None] * int(keep.sum())
+    shapes.weights.append(feature[:, keep].astype(np.float32))
+    log.info("%d of %d pose-corrective shapes move in this clip", int(keep.sum()), len(keep))
+
+
+def rig_from_result(result: Result, result_path: str | Path | None = None, *, flame_dir=None,
+                    check: bool = True) -> Rig:
+    """The rig that reproduces `result` (see the module docstring).
+
+    result_path locates ``detail/`` and ``config.yaml`` beside the result; flame_dir is needed for
+    FLAME results unless that config names it. With `check`, the rig is evaluated at three frames
+    and compared with the result's stored ``vertices`` (when stored): a result whose parameters
+    do not give its own mesh gets a SchemaError instead of a silently wrong file.
+    """
+    a, meta = result.arrays, result.meta
+    model = meta["model"]
+    n_frames = int(meta["n_frames"])
+    n_verts = int(a["vertices_neutral"].shape[0])
+    names, parents = _joint_tree(a)
+    joints_rest = np.asarray(a["joints_rest"], np.float64)
+    transl = np.asarray(a["transl"], np.float64)
+
+    expr_basis = np.asarray(a["expression_basis"], np.float32)
+    expr = np.asarray(a["expression"], np.float32)
+    shapes = _basis_shapes(a, n_verts, expr_basis, expr)
+    rotvecs, neutral, parts, joints = _model_pose_inputs(result, names, expr_basis, expr, joints_rest,
+                                                         flame_dir, result_path)
 
     local_rot = np.stack([_rotations(r) for r in rotvecs], axis=1) if n_frames else np.zeros((0, len(names), 3, 3))
     if parts is not None:
-        # pose_feature[t, 9 (j-1) + 3 r + c] = R_j[t, r, c] - delta(r, c), posedirs[:, :, same index]
-        feature = (local_rot[:, 1:] - np.eye(3)).reshape(n_frames, -1)
-        posedirs = parts.posedirs.transpose(2, 0, 1).astype(np.float32)  # (36, V, 3)
-        keep = np.any(feature != 0, axis=0)  # entries that never move this clip add nothing
-        labels = [f"pose_{names[1 + k // 9]}_{(k % 9) // 3}{k % 3}" for k in range(feature.shape[1])]
-        shape_names += [lab for lab, ok in zip(labels, keep) if ok]
-        deltas.append(posedirs[keep])
-        vertex_ids += [None] * int(keep.sum())
-        weights.append(feature[:, keep].astype(np.float32))
-        log.info("%d of %d pose-corrective shapes move in this clip", int(keep.sum()), len(keep))
+        _add_pose_correctives(shapes, local_rot, parts.posedirs, names, n_frames)
+    weights = shapes.weights
 
     g_rot, world_t, local_t = joint_transforms(local_rot, joints, joints_rest, parents, transl)
 
@@ -340,8 +375,8 @@ def rig_from_result(result: Result, result_path: str | Path | None = None, *, fl
         model=model, fps=float(meta["fps"]), neutral=neutral,
         faces=np.asarray(a["faces"], np.int64), uv=np.asarray(a["uv"], np.float32),
         uv_faces=np.asarray(a["uv_faces"], np.int64),
-        shape_names=tuple(shape_names), shape_deltas=np.concatenate(deltas).astype(np.float32),
-        shape_vertex_ids=tuple(vertex_ids),
+        shape_names=tuple(shapes.names), shape_deltas=np.concatenate(shapes.deltas).astype(np.float32),
+        shape_vertex_ids=tuple(shapes.vertex_ids),
         weights=np.concatenate(weights, axis=1).astype(np.float32) if weights else np.zeros((n_frames, 0), np.float32),
         joint_names=names, joint_parents=parents, bind_positions=joints_rest,
         skin_weights=np.asarray(a["skin_weights"], np.float32),

@@ -32,9 +32,9 @@ from typing import Callable
 import numpy as np
 from scipy.spatial.transform import Rotation
 
-from . import axes
-from ._io import atomic_path
-from .rig import Rig
+from avface.export import axes
+from avface.export._io import atomic_path
+from avface.export.rig import Rig
 
 log = logging.getLogger(__name__)
 
@@ -70,14 +70,11 @@ def _quats(rot: np.ndarray):
     return Vt.QuatfArray([Gf.Quatf(float(w), Gf.Vec3f(float(x), float(y), float(z))) for x, y, z, w in q])
 
 
-def write_usd(rig: Rig, path: str | Path, *, progress: Callable[[float], None] | None = None) -> Path:
-    """Write `rig` as a UsdSkel stage at `path` (.usd/.usdc binary crate, .usda text)."""
-    from pxr import Gf, Sdf, Usd, UsdGeom, UsdSkel, Vt
+def _new_stage(rig: Rig):
+    """An in-memory stage: Y up, metres, the clip's frame rate and range, avface layer data."""
+    from pxr import Gf, Usd, UsdGeom
 
-    path = Path(path)
-    report = progress or (lambda f: None)
-    rig = rig.unit_weights()  # importers clamp weights to [0, 1]
-    n_frames, n_joints = rig.n_frames, len(rig.joint_names)
+    n_frames = rig.n_frames
     stage = Usd.Stage.CreateInMemory()
     UsdGeom.SetStageUpAxis(stage, UsdGeom.Tokens.y)
     UsdGeom.SetStageMetersPerUnit(stage, 1.0)
@@ -89,11 +86,15 @@ def write_usd(rig: Rig, path: str | Path, *, progress: Callable[[float], None] |
         "model": rig.model, "source": rig.source, "fps": rig.fps,
         # weight w' in [0, 1] of each blend shape is (w - lo) / (hi - lo) of the result's coefficient w
         "weight_ranges": {n: Gf.Vec2d(float(lo), float(hi)) for n, (lo, hi) in zip(rig.shape_names, rig.weight_ranges)}}}
+    return stage
 
-    root = UsdSkel.Root.Define(stage, ROOT)
-    stage.SetDefaultPrim(root.GetPrim())
 
-    # skeleton: bind pose = every joint at its rest position, unrotated
+def _skeleton(stage, rig: Rig):
+    """Define the Skeleton and its Animation; returns it and the animated translations, rotations, weights."""
+    # bind pose: every joint at its rest position, unrotated
+    from pxr import UsdSkel, Vt
+
+    n_joints = len(rig.joint_names)
     skel = UsdSkel.Skeleton.Define(stage, f"{ROOT}/Skeleton")
     tokens = joint_paths(rig)
     skel.CreateJointsAttr(tokens)
@@ -112,8 +113,14 @@ def write_usd(rig: Rig, path: str | Path, *, progress: Callable[[float], None] |
     rotations = anim.CreateRotationsAttr()
     weights = anim.CreateBlendShapeWeightsAttr()
     UsdSkel.BindingAPI.Apply(skel.GetPrim()).CreateAnimationSourceRel().SetTargets([anim.GetPath()])
+    return skel, translations, rotations, weights
 
-    # the mesh
+
+def _mesh(stage, rig: Rig, skel):
+    """Define the Face mesh (rest points, faces, UVs) bound to `skel`; returns it."""
+    from pxr import Sdf, UsdGeom, UsdSkel, Vt
+
+    n_joints = len(rig.joint_names)
     mesh = UsdGeom.Mesh.Define(stage, f"{ROOT}/Face")
     mesh.CreatePointsAttr(Vt.Vec3fArray.FromNumpy(rig.neutral.astype(np.float32)))
     mesh.CreateFaceVertexCountsAttr(Vt.IntArray.FromNumpy(np.full(len(rig.faces), 3, np.int32)))
@@ -128,11 +135,19 @@ def write_usd(rig: Rig, path: str | Path, *, progress: Callable[[float], None] |
     # is left to readers (UsdSkel computes skinned extents itself)
     binding = UsdSkel.BindingAPI.Apply(mesh.GetPrim())
     binding.CreateSkeletonRel().SetTargets([skel.GetPath()])
-    binding.CreateGeomBindTransformAttr(_matrix(eye, np.zeros(3)))
+    binding.CreateGeomBindTransformAttr(_matrix(np.eye(3), np.zeros(3)))
     binding.CreateJointIndicesPrimvar(False, n_joints).Set(
         Vt.IntArray.FromNumpy(np.tile(np.arange(n_joints, dtype=np.int32), rig.n_vertices)))
     binding.CreateJointWeightsPrimvar(False, n_joints).Set(
         Vt.FloatArray.FromNumpy(rig.skin_weights.astype(np.float32).reshape(-1)))
+    _blend_shapes(stage, rig, mesh, binding)
+    return mesh
+
+
+def _blend_shapes(stage, rig: Rig, mesh, binding) -> None:
+    """Define one BlendShape prim per shape under `mesh` and bind them (sparse where they can be)."""
+    from pxr import UsdSkel, Vt
+
     binding.CreateBlendShapesAttr(list(rig.shape_names))
     targets = []
     for name, delta, ids in zip(rig.shape_names, rig.shape_deltas, rig.shape_vertex_ids):
@@ -144,17 +159,24 @@ def write_usd(rig: Rig, path: str | Path, *, progress: Callable[[float], None] |
             shape.CreatePointIndicesAttr(Vt.IntArray.FromNumpy(np.asarray(ids, np.int32)))
         targets.append(shape.GetPath())
     binding.CreateBlendShapeTargetsRel().SetTargets(targets)
-    report(0.1)
 
-    # ARKit curves, each under its own exact name
+
+def _arkit_curves(stage, rig: Rig) -> list:
+    """Define the ARKit scope with one float attribute per curve, under its exact name; returns them."""
+    from pxr import Sdf, UsdGeom
+
     arkit = UsdGeom.Scope.Define(stage, f"{ROOT}/ARKit").GetPrim()
     arkit.SetDocumentation("The 52 ARKit blendshape curves of the clip, in [0, 1], one attribute per curve")
-    curves = [arkit.CreateAttribute(name, Sdf.ValueTypeNames.Float, custom=True) for name in rig.arkit_names]
+    return [arkit.CreateAttribute(name, Sdf.ValueTypeNames.Float, custom=True) for name in rig.arkit_names]
 
-    texture_file = _detail_material(stage, rig, path, mesh) if rig.detail_maps else None
-    if rig.camera is not None:
-        _camera(stage, rig.camera)
 
+def _write_frames(rig: Rig, path: Path, animated, curves: list, texture_file,
+                  report: Callable[[float], None]) -> None:
+    """Set every frame's joint transforms, blend-shape weights, ARKit curves and detail map."""
+    from pxr import Sdf, Usd, Vt
+
+    translations, rotations, weights = animated
+    n_frames = rig.n_frames
     step = max(1, n_frames // 20)
     for t in range(n_frames):
         time = Usd.TimeCode(t)
@@ -168,6 +190,9 @@ def write_usd(rig: Rig, path: str | Path, *, progress: Callable[[float], None] |
         if t % step == 0:
             report(0.1 + 0.8 * t / n_frames)
 
+
+def _export(stage, path: Path) -> None:
+    """Write the stage's root layer to `path` atomically; OSError when USD cannot."""
     from pxr import Tf
 
     with atomic_path(path) as tmp:
@@ -177,6 +202,31 @@ def write_usd(rig: Rig, path: str | Path, *, progress: Callable[[float], None] |
             raise OSError(f"USD could not write {tmp}: {e}") from e
         if not ok:
             raise OSError(f"USD could not write {tmp}")
+
+
+def write_usd(rig: Rig, path: str | Path, *, progress: Callable[[float], None] | None = None) -> Path:
+    """Write `rig` as a UsdSkel stage at `path` (.usd/.usdc binary crate, .usda text)."""
+    from pxr import UsdSkel
+
+    path = Path(path)
+    report = progress or (lambda f: None)
+    rig = rig.unit_weights()  # importers clamp weights to [0, 1]
+    stage = _new_stage(rig)
+
+    root = UsdSkel.Root.Define(stage, ROOT)
+    stage.SetDefaultPrim(root.GetPrim())
+
+    skel, translations, rotations, weights = _skeleton(stage, rig)
+    mesh = _mesh(stage, rig, skel)
+    report(0.1)
+
+    curves = _arkit_curves(stage, rig)
+    texture_file = _detail_material(stage, rig, path, mesh) if rig.detail_maps else None
+    if rig.camera is not None:
+        _camera(stage, rig.camera)
+
+    _write_frames(rig, path, (translations, rotations, weights), curves, texture_file, report)
+    _export(stage, path)
     report(1.0)
     return path
 

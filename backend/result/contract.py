@@ -1,4 +1,4 @@
-"""The result contract between the backend and the add-on (DESIGN.md section 5), schema v1.
+"""The result contract between the backend and the add-on (docs/design.md section 5), schema v1.
 
 One ``result.npz`` per job (+ ``detail/`` with per-frame displacement maps when the fine
 stage ran). Arrays only, no pickles: any numpy can read it.
@@ -29,7 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import OutputError, SchemaError
+from ..errors import OutputError, SchemaError
+from .detail_maps import DetailEncoding, check_detail_maps
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +123,8 @@ def check_arrays(arrays: dict[str, np.ndarray], meta: dict) -> dict[str, int]:
     if missing:
         raise SchemaError(f"meta lacks {missing}")
     if meta["schema_version"] != SCHEMA_VERSION:
-        raise SchemaError(f"schema_version {meta['schema_version']} is not supported (this backend reads {SCHEMA_VERSION})")
+        raise SchemaError(f"schema_version {meta['schema_version']!r} is not supported (this version reads "
+                          f"{SCHEMA_VERSION}); update the add-on or the backend so that they match")
     if meta["model"] not in MODELS:
         raise SchemaError(f"meta.model {meta['model']!r} is not one of {MODELS}")
     dims: dict[str, int] = {"T": int(meta["n_frames"])}
@@ -198,9 +200,9 @@ def load_result(path: Path) -> Result:
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
-        raise SchemaError(f"{path} is not a readable result file: {e}") from e
+        raise SchemaError(f"{path} is not a readable AVFace result (damaged or not an .npz): {e}") from e
     if "meta" not in arrays:
-        raise SchemaError(f"{path} has no meta record")
+        raise SchemaError(f"{path} has no meta record: not an AVFace result")
     try:
         meta = json.loads(str(arrays.pop("meta")))
     except json.JSONDecodeError as e:
@@ -208,9 +210,7 @@ def load_result(path: Path) -> Result:
     check_arrays(arrays, meta)
     detail = meta.get("detail") or {}
     if detail.get("n_maps"):
-        # count, size and bit depth of every map (the fine stage writes them; avface.fine)
-        from .fine import DetailEncoding, check_detail_maps
-
+        # count, size, bit depth and integrity of every map (the fine stage writes them)
         check_detail_maps(path.parent, DetailEncoding.from_meta(detail), int(meta["n_frames"]))
     return Result(meta, arrays)
 

@@ -42,7 +42,7 @@ import scipy.fft
 import scipy.ndimage
 import scipy.signal
 
-from .errors import InputError, ModelFileError
+from avface.errors import InputError, ModelFileError
 
 logger = logging.getLogger(__name__)
 

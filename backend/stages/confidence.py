@@ -1,4 +1,4 @@
-"""Visual confidence: how far the video can be trusted for the mouth, per frame (DESIGN.md
+"""Visual confidence: how far the video can be trusted for the mouth, per frame (docs/design.md
 section 3). It weights the lower face in the fit, so that occluded mouths are filled from
 their visible neighbours, and marks the frames where something else carried the mouth.
 
@@ -21,12 +21,22 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .geometry import turn_from_camera_deg
-from .topology import (LIPS, LIPS_LOWER_INNER, LIPS_UPPER_INNER, PERIORAL_LEFT, PERIORAL_RIGHT, RIGID,
-                       VERMILION_LEFT, VERMILION_RIGHT, inter_ocular, lower_face_ids)
+from avface.core.geometry import turn_from_camera_deg
+from avface.core.topology import (
+    LIPS,
+    LIPS_LOWER_INNER,
+    LIPS_UPPER_INNER,
+    PERIORAL_LEFT,
+    PERIORAL_RIGHT,
+    RIGID,
+    VERMILION_LEFT,
+    VERMILION_RIGHT,
+    inter_ocular,
+)
+from avface.models.canonical_mesh import lower_face_ids
 
 if TYPE_CHECKING:
-    from .tracking import Tracking
+    from avface.stages.tracking import Tracking
 
 OCCLUDED_BELOW = 0.5
 """Mouth confidence (unitless, 0..1) below which a frame counts as occluded: its lower face

@@ -6,7 +6,7 @@ Frames and axes. The face model lives in its own frame (y up, z towards the view
 camera sits at the origin of that frame looking down -z, so the world-to-camera rotation is
 F = diag(1, -1, -1) for every frame and camera-frame vertices (OpenCV: x right, y down,
 z forward) are ``v_cam = F @ v_world``. Intrinsics come from a vertical field of view: the
-user's, or one estimated from the clip (:func:`estimate_fov`: the field of view whose fit
+user's, or one estimated from the clip (:func:`avface.stages.camera.estimate_fov`: the field of view whose fit
 reprojects the tracker's landmarks best). Focal length and depth trade off in one view, but
 not completely: a wrong field of view bends the face's depth, and the fit pays for it in the
 lips (on the synthetic clips, 63 degrees for a 40-degree camera put 3.4 mm of static error
@@ -25,7 +25,6 @@ Steps (default model):
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import time
@@ -36,17 +35,16 @@ import numpy as np
 import torch
 from scipy.spatial.transform import Rotation
 
+from avface.config import FitConfig
+from avface.core.geometry import WORLD_TO_CAMERA, backproject, intrinsics_for, project, rigid, similarity
+from avface.core.timeseries import fill_missing
+from avface.core.topology import LIPS, OUTER_EYE_CORNERS, RIGID, inter_ocular, rigid_weights
+from avface.errors import CancelledError, NoFaceError
 from avface.models.base import FaceModel, FaceParams
 from avface.models.canonical import CanonicalModel
-from avface.models.canonical_mesh import N_VERTICES, load_canonical_mesh
-
-from .config import FitConfig
-from .confidence import mouth_visible
-from .errors import CancelledError, NoFaceError
-from .geometry import WORLD_TO_CAMERA, backproject, intrinsics_for, project, rigid, similarity
-from .timeseries import fill_missing
-from .topology import LIPS, OUTER_EYE_CORNERS, RIGID, inter_ocular, lower_face_ids, rigid_weights
-from .tracking import Tracking
+from avface.models.canonical_mesh import N_VERTICES, load_canonical_mesh, lower_face_ids
+from avface.stages.confidence import mouth_visible
+from avface.stages.tracking import Tracking
 
 log = logging.getLogger(__name__)
 
@@ -122,17 +120,15 @@ def fit_default(
     config: FitConfig = FitConfig(),
     *,
     mouth_conf: np.ndarray | None = None,
-    net_landmarks: np.ndarray | None = None,
     net_points: np.ndarray | None = None,
     progress: Callable[[float, str], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
 ) -> CoarseFit:
-    """Fit the embedded default model to a clip's tracking. ``net_landmarks`` (T, 468, 3),
-    the networks' tracker-like landmarks (avface.predict.Prediction.landmarks), or
-    ``net_points`` (T, 97, 3), their lower-face points in the head frame
-    (avface.evidence.offsets_to_points), join the data term on the lower face of frames
-    whose mouth is not seen (see :func:`_refine`); without them the fit is exactly the
-    video-only one."""
+    """Fit the embedded default model to a clip's tracking. ``net_points`` (T, 97, 3), the
+    networks' lower-face points in the head frame
+    (avface.stages.networks.evidence.offsets_to_points), join the data term on the lower face
+    of frames whose mouth is not seen (see :func:`_refine`); without them the fit is exactly
+    the video-only one."""
     t_start = time.perf_counter()
     det = np.asarray(tracking.detected, bool)
     if not det.any():
@@ -181,96 +177,9 @@ def fit_default(
 
     if progress:
         progress(0.3, "joint refinement")
-    params = _refine(model, tracking, k, rot0, transl0, jaw0, expr0, det, config, progress, should_cancel,
-                     jaw_dof=1, mouth_conf=conf, net_landmarks=net_landmarks, net_points=net_points)
+    problem = _Problem(model, tracking, k, det, conf, net_points, progress=progress, should_cancel=should_cancel)
+    params = _refine(problem, _Start(rot0, transl0, jaw0, expr0), config)
     return CoarseFit(model, params, k, ~det, explained, time.perf_counter() - t_start)
-
-
-#: Fields of view (degrees, vertical) the camera estimate tries: telephoto interviews to webcams.
-FOV_CANDIDATES = (15.0, 20.0, 26.0, 33.0, 42.0, 53.0, 65.0)
-#: Frames the camera estimate fits (spread evenly over the trusted ones), and its L-BFGS steps.
-#: On the benchmark's 11 clips, 24 frames and 15 steps choose within 3 degrees of 40 and 20
-#: (0.6 s a clip against 1.1 s); 16 and 12 drift by up to 9 degrees.
-FOV_FRAMES = 24
-FOV_ITERATIONS = 15
-#: Fewer trusted frames than this: no estimate, FitConfig.fov_deg.
-FOV_MIN_FRAMES = 5
-
-
-@dataclass(frozen=True)
-class CameraEstimate:
-    """The clip's vertical field of view, and how it was chosen."""
-
-    fov_deg: float
-    estimated: bool  #: False: FitConfig.fov_deg (too few trusted frames) or the user's
-    candidates_deg: tuple[float, ...] = ()
-    residual_px: tuple[float, ...] = ()  #: the subset fit's mean reprojection error at each candidate
-    frames: int = 0
-
-    def to_meta(self) -> dict:
-        return {"fov_deg": round(self.fov_deg, 2), "estimated": self.estimated, "frames": self.frames,
-                "candidates_deg": list(self.candidates_deg), "residual_px": [round(r, 4) for r in self.residual_px]}
-
-
-def _frame_subset(tracking: Tracking, idx: np.ndarray) -> Tracking:
-    """The tracking of frames ``idx`` only (every per-frame array indexed)."""
-    n = tracking.n_frames
-    per_frame = {}
-    for f in dataclasses.fields(tracking):
-        a = getattr(tracking, f.name)
-        if isinstance(a, np.ndarray) and a.ndim >= 1 and len(a) == n:
-            per_frame[f.name] = a[idx]
-    return dataclasses.replace(tracking, **per_frame)
-
-
-def estimate_fov(tracking: Tracking, mouth_conf: np.ndarray | None = None, config: FitConfig = FitConfig(), *,
-                 candidates=FOV_CANDIDATES, n_frames: int = FOV_FRAMES) -> CameraEstimate:
-    """The vertical field of view under which the default model reprojects the tracker's
-    landmarks best. A wrong one is not free: the perspective it assumes bends the face's
-    depth, and the model can follow only part of that bend, so the reprojection error grows
-    (and the lips, which stand furthest forward of the skull, move). Each candidate gets a
-    quick fit (no smoothness, ``FOV_ITERATIONS`` steps) of up to ``n_frames`` frames spread
-    evenly over those whose mouth the tracker is trusted on; a parabola through the best
-    candidate and its neighbours, in log focal length, refines the minimum (clamped to the
-    candidates' range). Costs about 0.6 s on a CPU, whatever the clip's length."""
-    det = np.asarray(tracking.detected, bool)
-    trusted = det.copy()
-    if mouth_conf is not None:
-        trusted &= mouth_visible(np.asarray(mouth_conf))
-    if trusted.sum() < FOV_MIN_FRAMES:
-        trusted = det
-    frames = np.flatnonzero(trusted)
-    if len(frames) < FOV_MIN_FRAMES:
-        return CameraEstimate(float(config.fov_deg), False, frames=len(frames))
-    idx = frames[np.unique(np.linspace(0, len(frames) - 1, min(n_frames, len(frames))).round().astype(int))]
-    sub = _frame_subset(tracking, idx)
-    quick = dataclasses.replace(config, iterations=FOV_ITERATIONS, w_smooth_pose=0.0, w_smooth_expression=0.0)
-    cands = np.asarray(candidates, np.float64)
-    res = np.empty(len(cands))
-    ref = sub.landmarks[:, :N_VERTICES, :2].astype(np.float64)
-    for i, fov in enumerate(cands):
-        f = fit_default(sub, dataclasses.replace(quick, fov_deg=float(fov)))
-        res[i] = np.linalg.norm(f.projected_landmarks()[:, :N_VERTICES] - ref, axis=-1).mean()
-    # log focal length: the candidates are about evenly spaced in it
-    x = -np.log(np.tan(np.radians(cands) / 2.0))
-    j = int(np.argmin(res))
-    best = x[j]
-    if 0 < j < len(cands) - 1:
-        a, b, c = np.polyfit(x[j - 1:j + 2], res[j - 1:j + 2], 2)
-        if a > 0:
-            best = float(np.clip(-b / (2 * a), min(x[j - 1], x[j + 1]), max(x[j - 1], x[j + 1])))
-    fov = float(np.degrees(2.0 * np.arctan(np.exp(-best))))
-    log.info("camera: vertical field of view %.1f degrees (estimated on %d frames)", fov, len(idx))
-    return CameraEstimate(fov, True, tuple(float(c) for c in cands), tuple(float(r) for r in res), len(idx))
-
-
-def clip_camera(tracking: Tracking, mouth_conf: np.ndarray | None, config: FitConfig = FitConfig(),
-                fov_deg: float | None = None) -> CameraEstimate:
-    """The caller's field of view when ``fov_deg`` is given, else :func:`estimate_fov`'s
-    (what reconstruct and the benchmark both do)."""
-    if fov_deg is not None:
-        return CameraEstimate(float(fov_deg), False)
-    return estimate_fov(tracking, mouth_conf, config)
 
 
 #: Noise of the networks' lower-face points, metres per coordinate, when the fit starts from them.
@@ -314,7 +223,7 @@ def _to_frame(points: np.ndarray, reference: np.ndarray, trusted: np.ndarray) ->
     similarity that takes the points' median over ``trusted`` frames onto the reference's,
     with each point's median replaced by the reference's, so that only their motion is
     kept (the two 3D shapes differ by a millimetre or two that a model cannot take)."""
-    from avface.geometry import similarity
+    from avface.core.geometry import similarity
 
     if not trusted.any():
         trusted = np.isfinite(reference).all(axis=(1, 2))
@@ -402,23 +311,6 @@ def _landmark_targets(model, tracking: Tracking, det: np.ndarray, mouth_conf: np
     return target, iod, weights
 
 
-def _network_targets(model, net_landmarks: np.ndarray, det: np.ndarray, mouth_conf: np.ndarray | None,
-                     weight: float):
-    """(targets (T, M, 3) pixels, inter-ocular distance (T,), weights (T, M)) of the networks'
-    landmarks under the model's landmarks: the lower face only, as much as the mouth is not
-    seen."""
-    from avface.models.avnets import LOWER_FACE_LANDMARKS
-
-    net_landmarks = np.asarray(net_landmarks, np.float64)
-    if net_landmarks.shape[:1] != det.shape or net_landmarks.shape[1] < 468:
-        raise ValueError(f"expected ({len(det)}, 468, 3) network landmarks, got {net_landmarks.shape}")
-    ids = np.asarray(model.landmark_ids)
-    conf = det.astype(np.float64) if mouth_conf is None else np.asarray(mouth_conf, np.float64)
-    lower = np.isin(ids, LOWER_FACE_LANDMARKS) * np.where(np.isin(ids, LIPS), 2.0, 1.0)
-    weights = weight * (1.0 - np.clip(conf, 0.0, 1.0))[:, None] * lower[None, :]
-    return net_landmarks[:, ids], np.maximum(inter_ocular(net_landmarks), 1.0), weights
-
-
 def _network_points(model, net_points: np.ndarray, start: np.ndarray, det: np.ndarray,
                     mouth_conf: np.ndarray | None, weight: float):
     """(model landmark columns (S,), targets (T, S, 3) metres in the model's frame, the
@@ -452,103 +344,139 @@ def _network_points(model, net_points: np.ndarray, start: np.ndarray, det: np.nd
     return sel, target, iod, weights
 
 
-def _refine(model, tracking, k, rot0, transl0, jaw0, expr0, det, config, progress, should_cancel, *,
-            jaw_dof: int = 1, n_betas: int = 0, device: str = "cpu", p0: float = 0.3,
-            mouth_conf: np.ndarray | None = None, net_landmarks: np.ndarray | None = None,
-            net_points: np.ndarray | None = None) -> FaceParams:
-    """Joint refinement of all frames at once: perspective reprojection of the model's
-    landmarks onto the tracker's, a weak relative-depth term, second-difference smoothness
-    and priors. Undetected frames have no data term, so smoothness fills them.
+@dataclass
+class _Problem:
+    """One joint refinement: the model, the clip's evidence, and how the run reports.
 
-    jaw_dof: 1 rotates the jaw about x only (the default model's hinge), 3 is a full
-    ball joint (FLAME). n_betas > 0 fits one identity shared by all frames.
-
-    net_landmarks (T, 468, 3): the networks' landmarks, a second target for the model's
-    lower-face landmarks (the networks' 97) on every frame, weighted by
-    ``config.w_networks`` times how little the mouth is seen (1 - mouth confidence, so 1 on
-    occluded and undetected frames and 0 where the tracker is fully trusted); lips count
-    double as in the tracker's term. None leaves the fit as it is without networks.
+    jaw_dof: 1 rotates the jaw about x only (the default model's hinge), 3 is a full ball
+    joint (FLAME). n_betas > 0 fits one identity shared by all frames. p0: the progress
+    fraction the refinement starts at.
 
     net_points (T, 97, 3): the networks' lower-face points in the head frame (metres), a
     pose-free target for the model's own lower-face landmarks with no head pose applied,
-    weighted as ``net_landmarks`` (NaN on a frame: no target there); see
-    :func:`_network_points`.
+    weighted by ``config.w_networks`` times how little the mouth is seen (1 - mouth
+    confidence, so 1 on occluded and undetected frames and 0 where the tracker is fully
+    trusted), lips double (NaN on a frame: no target there); see :func:`_network_points`.
+    None leaves the fit as it is without networks.
     """
-    n = len(det)
-    dt = torch.float32
-    dev = torch.device(device)
-    f_cam = torch.as_tensor(WORLD_TO_CAMERA, dtype=dt, device=dev)
-    kt = torch.as_tensor(k, dtype=dt, device=dev)
-    target, iod, lmk_w = (torch.as_tensor(a, dtype=dt, device=dev)
-                          for a in _landmark_targets(model, tracking, det, mouth_conf))
-    mask = torch.as_tensor(det, dtype=dt, device=dev)
-    net = None
-    if net_landmarks is not None:
-        net = tuple(torch.as_tensor(a, dtype=dt, device=dev)
-                    for a in _network_targets(model, net_landmarks, det, mouth_conf, config.w_networks))
 
-    rot = torch.tensor(rot0, dtype=dt, device=dev, requires_grad=True)
-    transl = torch.tensor(transl0, dtype=dt, device=dev, requires_grad=True)
-    jaw = torch.tensor(jaw0[:, :jaw_dof], dtype=dt, device=dev, requires_grad=True)
-    expr = torch.tensor(expr0, dtype=dt, device=dev, requires_grad=True)
-    betas = torch.zeros(1, n_betas, dtype=dt, device=dev, requires_grad=True)
-    zeros3 = torch.zeros(n, 3, dtype=dt, device=dev)
-    variables = [rot, transl, jaw, expr] + ([betas] if n_betas else [])
-    opt = torch.optim.LBFGS(variables, lr=1.0, max_iter=config.iterations, history_size=20,
+    model: FaceModel
+    tracking: Tracking
+    k: np.ndarray
+    det: np.ndarray
+    mouth_conf: np.ndarray | None = None
+    net_points: np.ndarray | None = None
+    jaw_dof: int = 1
+    n_betas: int = 0
+    device: str = "cpu"
+    p0: float = 0.3
+    progress: Callable[[float, str], None] | None = None
+    should_cancel: Callable[[], bool] | None = None
+
+
+@dataclass
+class _Start:
+    """Where the refinement starts, per frame: rotation, translation, jaw, expression."""
+
+    rot: np.ndarray
+    transl: np.ndarray
+    jaw: np.ndarray
+    expr: np.ndarray
+
+
+class _Variables:
+    """The refinement's free variables and the model posed by them."""
+
+    def __init__(self, problem: _Problem, start: _Start, dt, dev):
+        n, jaw_dof = len(problem.det), problem.jaw_dof
+        self.model, self.n, self.jaw_dof, self.dt, self.dev = problem.model, n, jaw_dof, dt, dev
+        self.rot = torch.tensor(start.rot, dtype=dt, device=dev, requires_grad=True)
+        self.transl = torch.tensor(start.transl, dtype=dt, device=dev, requires_grad=True)
+        self.jaw = torch.tensor(start.jaw[:, :jaw_dof], dtype=dt, device=dev, requires_grad=True)
+        self.expr = torch.tensor(start.expr, dtype=dt, device=dev, requires_grad=True)
+        self.betas = torch.zeros(1, problem.n_betas, dtype=dt, device=dev, requires_grad=True)
+        self.zeros3 = torch.zeros(n, 3, dtype=dt, device=dev)
+        self.all = [self.rot, self.transl, self.jaw, self.expr] + ([self.betas] if problem.n_betas else [])
+
+    def params(self) -> FaceParams:
+        jaw3 = torch.cat([self.jaw, torch.zeros(self.n, 3 - self.jaw_dof, dtype=self.dt, device=self.dev)], dim=1)
+        z = self.zeros3
+        return FaceParams(self.betas.expand(self.n, -1), self.expr, self.rot, z, jaw3, z, z, self.transl)
+
+    def local_landmarks(self) -> torch.Tensor:
+        """The model's landmarks with no head pose: (T, M, 3) metres."""
+        p, z = self.params(), self.zeros3
+        return self.model.forward(FaceParams(p.betas, p.expression, z, z, p.jaw_pose, z, z, z), full=False).landmarks
+
+
+def _points_term(problem: _Problem, v: _Variables, config: FitConfig, dt, dev):
+    """The networks' points as the refinement's pose-free target (None without them):
+    (landmark columns, targets, IOD, weights, axis weights)."""
+    if problem.net_points is None:
+        return None
+    with torch.no_grad():
+        start = v.local_landmarks().cpu().numpy()
+    sel, target, iod, w = _network_points(problem.model, problem.net_points, start, problem.det, problem.mouth_conf,
+                                          config.w_networks)
+    # across and up the face as the landmarks' image position; depth (MediaPipe's own guess,
+    # which the tracker term weighs by w_depth) as little
+    axes = torch.tensor([1.0, 1.0, config.w_depth], dtype=dt, device=dev)
+    return (torch.as_tensor(sel, device=dev), torch.as_tensor(target, dtype=dt, device=dev), iod,
+            torch.as_tensor(w, dtype=dt, device=dev), axes)
+
+
+def _refine(problem: _Problem, start: _Start, config: FitConfig) -> FaceParams:
+    """Joint refinement of all frames at once: perspective reprojection of the model's
+    landmarks onto the tracker's, a weak relative-depth term, second-difference smoothness
+    and priors (and the networks' points, :class:`_Problem`). Undetected frames have no data
+    term, so smoothness fills them."""
+    det, n, progress = problem.det, len(problem.det), problem.progress
+    dt = torch.float32
+    dev = torch.device(problem.device)
+    f_cam = torch.as_tensor(WORLD_TO_CAMERA, dtype=dt, device=dev)
+    kt = torch.as_tensor(problem.k, dtype=dt, device=dev)
+    target, iod, lmk_w = (torch.as_tensor(a, dtype=dt, device=dev)
+                          for a in _landmark_targets(problem.model, problem.tracking, det, problem.mouth_conf))
+    mask = torch.as_tensor(det, dtype=dt, device=dev)
+    v = _Variables(problem, start, dt, dev)
+    opt = torch.optim.LBFGS(v.all, lr=1.0, max_iter=config.iterations, history_size=20,
                             line_search_fn="strong_wolfe", tolerance_grad=1e-9, tolerance_change=1e-12)
     n_det = float(mask.sum().clamp(min=1.0))
     state = {"it": 0}
-
-    def params_now():
-        jaw3 = torch.cat([jaw, torch.zeros(n, 3 - jaw_dof, dtype=dt, device=dev)], dim=1)
-        return FaceParams(betas.expand(n, -1), expr, rot, zeros3, jaw3, zeros3, zeros3, transl)
-
-    def local_landmarks():  # the model's landmarks with no head pose: (T, M, 3) metres
-        p = params_now()
-        return model.forward(FaceParams(p.betas, p.expression, zeros3, zeros3, p.jaw_pose, zeros3, zeros3, zeros3),
-                             full=False).landmarks
-
-    pts = None
-    if net_points is not None:
-        with torch.no_grad():
-            start = local_landmarks().cpu().numpy()
-        sel, pts_target, pts_iod, pts_w = _network_points(model, net_points, start, det, mouth_conf, config.w_networks)
-        # across and up the face as the landmarks' image position; depth (MediaPipe's own
-        # guess, which the tracker term weighs by w_depth) as little
-        PTS_AXES = torch.tensor([1.0, 1.0, config.w_depth], dtype=dt, device=dev)
-        pts = (torch.as_tensor(sel, device=dev), torch.as_tensor(pts_target, dtype=dt, device=dev), pts_iod,
-               torch.as_tensor(pts_w, dtype=dt, device=dev))
+    pts = _points_term(problem, v, config, dt, dev)
 
     def closure():
-        if should_cancel is not None and should_cancel():
+        if problem.should_cancel is not None and problem.should_cancel():
             raise CancelledError("cancelled during the fit")
         opt.zero_grad()
-        cam = model.forward(params_now(), full=False).landmarks @ f_cam.T  # (T, M, 3)
-        loss = _data_loss(cam, kt, target, iod, lmk_w, mask, n_det, config.w_depth, net)
+        cam = problem.model.forward(v.params(), full=False).landmarks @ f_cam.T  # (T, M, 3)
+        loss = _data_loss(cam, kt, target, iod, lmk_w, mask, n_det, config.w_depth)
         if pts is not None:
-            sel, pts_target, pts_iod, pts_w = pts
-            err = (100.0 * (local_landmarks()[:, sel] - pts_target) / pts_iod).pow(2) @ PTS_AXES  # (T, S)
+            sel, pts_target, pts_iod, pts_w, axes = pts
+            err = (100.0 * (v.local_landmarks()[:, sel] - pts_target) / pts_iod).pow(2) @ axes  # (T, S)
             loss = loss + (err * pts_w).mean(1).sum() / n_det
         # smoothness in degrees and millimetres per frame^2
-        loss = loss + config.w_smooth_pose * (_second_diff(rot * DEG).pow(2).sum() + _second_diff(transl * 1000).pow(2).sum()) / n
-        loss = loss + config.w_smooth_expression * (_second_diff(expr).pow(2).sum() + _second_diff(jaw * DEG).pow(2).sum()) / n
-        loss = loss + config.w_expression * expr.pow(2).sum() / n
-        if n_betas:
-            loss = loss + config.w_shape * betas.pow(2).sum()
+        loss = loss + config.w_smooth_pose * (_second_diff(v.rot * DEG).pow(2).sum()
+                                              + _second_diff(v.transl * 1000).pow(2).sum()) / n
+        loss = loss + config.w_smooth_expression * (_second_diff(v.expr).pow(2).sum()
+                                                    + _second_diff(v.jaw * DEG).pow(2).sum()) / n
+        loss = loss + config.w_expression * v.expr.pow(2).sum() / n
+        if problem.n_betas:
+            loss = loss + config.w_shape * v.betas.pow(2).sum()
         loss.backward()
         state["it"] += 1
         if progress and state["it"] % 5 == 0:
+            p0 = problem.p0
             progress(p0 + (1 - p0) * min(state["it"] / max(config.iterations, 1), 1.0), f"refine {state['it']}")
         return loss
 
     _step_single_threaded(opt, closure, dev)
-    return params_now().detach().to("cpu")
+    return v.params().detach().to("cpu")
 
 
-def _data_loss(cam, kt, target, iod, lmk_w, mask, n_det: float, w_depth: float, net) -> torch.Tensor:
+def _data_loss(cam, kt, target, iod, lmk_w, mask, n_det: float, w_depth: float) -> torch.Tensor:
     """The refinement's data term over detected frames: 2D reprojection of the model's
-    landmarks cam (T, M, 3) onto the tracker's, a relative-depth term, and, with ``net``
-    (targets, IOD, weights), the networks' landmarks as a second target."""
+    landmarks cam (T, M, 3) onto the tracker's and a relative-depth term."""
     z = cam[..., 2:3].clamp(min=1e-3)
     uv = cam[..., :2] / z * torch.stack([kt[0, 0], kt[1, 1]]) + torch.stack([kt[0, 2], kt[1, 2]])
     # errors in percent of the inter-ocular distance, so that weights read as NME
@@ -559,12 +487,7 @@ def _data_loss(cam, kt, target, iod, lmk_w, mask, n_det: float, w_depth: float, 
     zc = zc - zc.mean(1, keepdim=True)
     tz = target[..., 2] - target[..., 2].mean(1, keepdim=True)
     depth = (100.0 * (zc - tz) / iod[:, None]).pow(2).mean(1)
-    loss = ((data + w_depth * depth) * mask).sum() / n_det
-    if net is not None:
-        net_target, net_iod, net_w = net
-        err_net = (100.0 * (uv - net_target[..., :2]) / net_iod[:, None, None]).pow(2).sum(-1)
-        loss = loss + (err_net * net_w).mean(1).sum() / n_det
-    return loss
+    return ((data + w_depth * depth) * mask).sum() / n_det
 
 
 def _step_single_threaded(opt, closure, dev) -> None:
@@ -586,7 +509,6 @@ def fit_model(
     *,
     device: str = "cpu",
     mouth_conf: np.ndarray | None = None,
-    net_landmarks: np.ndarray | None = None,
     net_points: np.ndarray | None = None,
     progress: Callable[[float, str], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
@@ -617,10 +539,11 @@ def fit_model(
     rot, transl = fill_missing(rot, det), fill_missing(transl, det)
     if progress:
         progress(0.1, "joint refinement")
-    params = _refine(model, tracking, k, rot, transl, np.zeros((n_all, 3)), np.zeros((n_all, model.n_expression)),
-                     det, config, progress, should_cancel, jaw_dof=3, n_betas=model.n_shape, device=device, p0=0.1,
-                     mouth_conf=_mouth_confidence(mouth_conf, det, config), net_landmarks=net_landmarks,
-                     net_points=net_points)
+    problem = _Problem(model, tracking, k, det, _mouth_confidence(mouth_conf, det, config), net_points,
+                       jaw_dof=3, n_betas=model.n_shape, device=device, p0=0.1, progress=progress,
+                       should_cancel=should_cancel)
+    start = _Start(rot, transl, np.zeros((n_all, 3)), np.zeros((n_all, model.n_expression)))
+    params = _refine(problem, start, config)
     return CoarseFit(model, params, k, ~det, float("nan"), time.perf_counter() - t_start)
 
 

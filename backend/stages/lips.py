@@ -1,4 +1,4 @@
-"""Lip offsets into the result contract (DESIGN.md section 5): ``lip_basis`` (K, L, 3) and
+"""Lip offsets into the result contract (docs/design.md section 5): ``lip_basis`` (K, L, 3) and
 ``lip_coeffs`` (T, K), a PCA of the per-frame lip vertex offsets with K <= 16, and the
 residual it leaves, for ``meta``.
 
@@ -8,9 +8,16 @@ deviations from a mean.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from avface.stages.networks.run import NetworkRun
+
+log = logging.getLogger(__name__)
 
 MAX_COMPONENTS = 16
 #: Keep the fewest components that explain this share of the offsets' energy.
@@ -96,3 +103,39 @@ def posed_displacement(model, params, rest_offsets: np.ndarray) -> np.ndarray:
     head = Rotation.from_rotvec(params.global_orient.detach().cpu().numpy().astype(np.float64)).as_matrix()
     b = _blended_rotations(model, params)
     return np.einsum("tab,tlbc,tlc->tla", head, b, np.asarray(rest_offsets, np.float64))
+
+
+def refine_lips(net: NetworkRun, fit, *, device: str = "cpu") -> LipPCA:
+    """The SIREN's offsets for the fitted model's lip vertices, weighted by how little the
+    mouth is seen (1 - its confidence) and by the gain the clip's adaptation chose, moved
+    from the head frame to the rest frame (before skinning, as the result contract wants),
+    as a PCA."""
+    from avface.stages.networks.predict import predict_lips
+
+    m, p = fit.model, fit.params
+    betas = p.betas[:1] if p.betas.shape[1] else None
+    positions = m.neutral_vertices(betas)[np.asarray(m.lip_vertex_ids)]
+    head = predict_lips(net.networks, net.evidence, positions, device=device)
+    # where the tracker sees the lips the fit already follows them: the SIREN's offsets count
+    # as much as the mouth is not seen (measured: on every frame they cost visible frames'
+    # lips NME 0.89 -> 1.21 %)
+    unseen = 1.0 - np.clip(net.evidence.expression["region_conf"][:, 0].numpy(), 0.0, 1.0)
+    # and as much as they helped on the trusted frames the adaptation hid (all without it)
+    gain = net.meta["readout"]["lip_gain"] if net.meta.get("readout") else 1.0
+    pca = lip_pca(rest_frame_offsets(m, p, head * (gain * unseen)[:, None, None]))
+    log.info("lips: %d components, PCA residual %.2e m", pca.basis.shape[0], pca.residual_m)
+    return pca
+
+
+def vertices_with_lips(fit, lips: LipPCA | None) -> np.ndarray:
+    """(T, V, 3) float32 camera-frame vertices of the coarse fit plus the lips' rest-frame
+    offsets (``lip_coeffs . lip_basis``) as skinning moves them."""
+    from avface.core.geometry import WORLD_TO_CAMERA
+
+    vertices = fit.camera_vertices()
+    if lips is not None and lips.basis.shape[0]:
+        ids = np.asarray(fit.model.lip_vertex_ids)
+        rest = np.einsum("tk,klc->tlc", lips.coeffs, lips.basis)
+        world = posed_displacement(fit.model, fit.params, rest)
+        vertices[:, ids] += (world @ WORLD_TO_CAMERA.T.astype(np.float64)).astype(np.float32)
+    return vertices

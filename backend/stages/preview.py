@@ -5,15 +5,16 @@ banner on occluded or filled frames."""
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from . import media
-from .errors import CancelledError
-from .fit import CoarseFit
-from .geometry import project
+from avface import media
+from avface.core.geometry import project
+from avface.errors import CancelledError
+from avface.stages.fit import CoarseFit
 
 log = logging.getLogger(__name__)
 
@@ -56,16 +57,38 @@ def draw_mesh(frame: np.ndarray, pts: np.ndarray, faces: np.ndarray, lip_edges: 
     return out
 
 
+@dataclass(frozen=True, eq=False)
+class PreviewAudio:
+    """The preview's soundtrack, and the frames whose mouth the speech carried."""
+
+    path: str | None = None
+    """The audio file to play (the video itself or ``--audio``), or None for a silent preview."""
+    offset_s: float = 0.0
+    """Where in ``path`` the clip's first frame is, seconds."""
+    frames: np.ndarray | None = None
+    """(T,) bool: the frames whose mouth the speech carried (the networks stage's
+    ``NetworkRun.audio_frames``): their banner says so. None: none."""
+
+
+@dataclass(frozen=True)
+class PreviewHooks:
+    """How the preview reports its progress and learns that the job was cancelled."""
+
+    progress: Callable[[float], None] | None = None
+    """``progress(fraction)``, called now and then."""
+    should_cancel: Callable[[], bool] | None = None
+    """Polled; True stops the preview with CancelledError."""
+
+
 def write_preview(info: "media.VideoInfo", start: int, fit: CoarseFit, occluded: np.ndarray, path: Path, *,
-                  audio: str | None = None, audio_offset_s: float = 0.0, audio_frames: np.ndarray | None = None,
-                  detail_panel: Callable[[int], np.ndarray] | None = None,
-                  progress: Callable[[float], None] | None = None,
-                  should_cancel: Callable[[], bool] | None = None) -> Path:
-    """Stream the frames again, draw the fit over each, and encode with the audio.
-    ``audio_frames`` (T,) bool marks the frames whose mouth the speech carried (the
-    networks stage's ``NetworkRun.audio_frames``): their banner says so. ``detail_panel(i)``
-    gives frame i's second panel, drawn to the right: the surface shaded with the fine
-    stage's detail (``avface.detail.detail_panels``)."""
+                  audio: PreviewAudio = PreviewAudio(), detail_panel: Callable[[int], np.ndarray] | None = None,
+                  hooks: PreviewHooks = PreviewHooks()) -> Path:
+    """Stream the frames again, draw the fit over each, and encode with the audio
+    (:class:`PreviewAudio`: its file and offset, and the frames whose mouth the speech
+    carried, whose banner says so). ``detail_panel(i)`` gives frame i's second panel, drawn
+    to the right: the surface shaded with the fine stage's detail
+    (``avface.stages.detail.run.detail_panels``)."""
+    audio_frames, progress, should_cancel = audio.frames, hooks.progress, hooks.should_cancel
     verts = fit.camera_vertices()
     pts_all = project(verts, fit.intrinsics)
     faces = fit.model.faces
@@ -91,9 +114,9 @@ def write_preview(info: "media.VideoInfo", start: int, fit: CoarseFit, occluded:
                 progress((i + 1) / n)
 
     audio_path = None
-    if audio is not None:
+    if audio.path is not None:
         # cut the audio to the frame range so it stays in sync with the preview
-        wave = media.read_audio(audio, start_s=audio_offset_s, duration_s=n / info.fps)
+        wave = media.read_audio(audio.path, start_s=audio.offset_s, duration_s=n / info.fps)
         audio_path = path.with_suffix(".wav")
         media.write_wav(audio_path, wave, media.SAMPLE_RATE_HZ)
     try:

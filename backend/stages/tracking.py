@@ -7,10 +7,10 @@ is a weak-perspective 3D point in pixel units.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
-import contextlib
 import os
 import sys
 import uuid
@@ -20,10 +20,10 @@ from typing import Callable
 
 import numpy as np
 
-from . import media
-from .assets import FACE_LANDMARKER, HAND_LANDMARKER, locate
-from .config import TrackingConfig
-from .errors import ModelFileError
+from avface import media
+from avface.config import TrackingConfig
+from avface.core.assets import FACE_LANDMARKER, HAND_LANDMARKER, locate
+from avface.errors import ModelFileError
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ def sample_colors(frame: np.ndarray, points: np.ndarray, radius_px: int = 2) -> 
 
 
 def _region_ids() -> dict[str, np.ndarray]:
-    from avface.topology import LEFT_EYE, LIPS, RIGHT_EYE
+    from avface.core.topology import LEFT_EYE, LIPS, RIGHT_EYE
 
     return {"mouth": np.asarray(LIPS), "eyes": np.asarray(LEFT_EYE + RIGHT_EYE), "face": np.arange(468)}
 
@@ -230,7 +230,7 @@ def track(
             if i >= n:
                 break
             if should_cancel is not None and should_cancel():
-                from .errors import CancelledError
+                from avface.errors import CancelledError
 
                 raise CancelledError("cancelled during tracking")
             hands_now = i % max(config.hand_stride, 1) == 0

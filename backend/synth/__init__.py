@@ -1,6 +1,6 @@
 """The synthetic talking-face demo clip, with 3D ground truth.
 
-:func:`make_demo_clip` speaks a text with espeak-ng (:mod:`avface.tts`), animates the
+:func:`make_demo_clip` speaks a text with espeak-ng (:mod:`avface.synth.tts`), animates the
 MediaPipe canonical face (:class:`avface.models.canonical.CanonicalModel`) from espeak's
 phoneme timing, renders it with a small software rasteriser, slides a hand over the mouth
 for about a second, and writes ``demo.mp4`` (H.264 + AAC speech), ``demo.wav`` and
@@ -13,7 +13,7 @@ Conventions
   from the camera centre. The model frame (y up, z towards the viewer) maps to it by
   ``p_cam = R p_model + t`` with ``R = diag(1, -1, -1)`` (``model_to_camera``).
 * Pixel coordinates are continuous, as MediaPipe's normalised landmarks times the frame
-  size (avface.tracking): pixel (i, j) covers [i, i + 1) x [j, j + 1), so a vertex projects
+  size (avface.stages.tracking): pixel (i, j) covers [i, i + 1) x [j, j + 1), so a vertex projects
   to ``u = fx x / z + cx`` with ``cx = width / 2``.
 * Frame ``t`` shows time ``t / fps``; audio sample 0 is time 0.
 
@@ -58,16 +58,16 @@ modules use is exported here.
 """
 from __future__ import annotations
 
-from .animation import ANTICIPATION_S, COARTICULATION_S, CURVE_RATE_HZ, JAW_MAX_RAD, VISEME_TARGETS
-from .camera import CAMERA_DISTANCE_M, FACE_CENTRE_V, FOV_Y_DEG, intrinsics
-from .clip import GT_FORMAT, GT_NAME, VIDEO_NAME, WAV_NAME, SynthClip, load_demo_gt
-from .common import MM
-from .face import EXPRESSION_NAMES
-from .generate import make_demo_clip
-from .occluder import OCCLUDED_MIN_FRACTION, OCCLUDER_RAMP_FRACTION, OCCLUDER_SPAN_S
-from .renderer import SLIVER_HEIGHT_PX, SUPERSAMPLE
-from .speech import AUDIO_PEAK, AUDIO_RATE_HZ, DEFAULT_SENTENCES, LEAD_SILENCE_S, MIN_TAIL_SILENCE_S
-from .texture import TEXTURE_SIZE
+from avface.synth.animation import ANTICIPATION_S, COARTICULATION_S, CURVE_RATE_HZ, JAW_MAX_RAD, VISEME_TARGETS
+from avface.synth.camera import CAMERA_DISTANCE_M, FACE_CENTRE_V, FOV_Y_DEG, intrinsics
+from avface.synth.clip import GT_FORMAT, GT_NAME, VIDEO_NAME, WAV_NAME, SynthClip, load_demo_gt
+from avface.synth.common import MM
+from avface.synth.face import EXPRESSION_NAMES
+from avface.synth.generate import make_demo_clip
+from avface.synth.occluder import OCCLUDED_MIN_FRACTION, OCCLUDER_RAMP_FRACTION, OCCLUDER_SPAN_S
+from avface.synth.renderer import SLIVER_HEIGHT_PX, SUPERSAMPLE
+from avface.synth.speech import AUDIO_PEAK, AUDIO_RATE_HZ, DEFAULT_SENTENCES, LEAD_SILENCE_S, MIN_TAIL_SILENCE_S
+from avface.synth.texture import TEXTURE_SIZE
 
 __all__ = [
     "make_demo_clip", "load_demo_gt", "SynthClip", "intrinsics",

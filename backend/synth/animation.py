@@ -9,7 +9,7 @@ import numpy as np
 import scipy.ndimage
 from scipy.spatial.transform import Rotation
 
-from .common import MM, smooth_noise
+from avface.synth.common import MM, smooth_noise
 
 JAW_MAX_RAD = 0.30
 
@@ -57,7 +57,7 @@ class Animation:
 def _viseme_curves(phonemes, duration_s: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """(jaw, round, spread, close) at CURVE_RATE_HZ: each phoneme's viseme target (scaled by
     a random emphasis) held over its span, silence elsewhere, blended by a Gaussian."""
-    from avface.tts import phoneme_to_viseme
+    from avface.synth.tts import phoneme_to_viseme
 
     n = int(math.ceil(duration_s * CURVE_RATE_HZ)) + 1
     t = np.arange(n) / CURVE_RATE_HZ

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from avface.geometry import intrinsics_for
+from avface.core.geometry import intrinsics_for
 
 FOV_Y_DEG = 40.0
 """Vertical field of view of the camera."""
@@ -15,7 +15,7 @@ FACE_CENTRE_V = 0.47
 
 
 def intrinsics(width: int, height: int, fov_y_deg: float = FOV_Y_DEG) -> np.ndarray:
-    """(3, 3) float64 pinhole intrinsics of the demo camera (:func:`avface.geometry.intrinsics_for`)."""
+    """(3, 3) float64 pinhole intrinsics of the demo camera (:func:`avface.core.geometry.intrinsics_for`)."""
     return intrinsics_for(width, height, fov_y_deg, np.float64)
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import InputError
+from avface.errors import InputError
 
 GT_FORMAT = "avface-synth-gt/1"
 

@@ -9,9 +9,8 @@ import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 
 from avface.models.canonical_mesh import mesh_laplacian
-
-from .common import MM
-from .texture import paint_texture
+from avface.synth.common import MM
+from avface.synth.texture import paint_texture
 
 EYE_RADIUS_M = 0.012
 _EYE_FRONT_M = 0.0015
@@ -30,7 +29,7 @@ _IRIS_COLOURS = ((0.30, 0.18, 0.08), (0.22, 0.32, 0.45), (0.30, 0.35, 0.20), (0.
 
 def _opening_faces(faces: np.ndarray) -> np.ndarray:
     """(F,) bool: the triangles that close the eyes and the mouth in the canonical mesh."""
-    from avface.topology import LEFT_EYE, LIPS_LOWER_INNER, LIPS_UPPER_INNER, RIGHT_EYE
+    from avface.core.topology import LEFT_EYE, LIPS_LOWER_INNER, LIPS_UPPER_INNER, RIGHT_EYE
 
     out = np.zeros(len(faces), bool)
     for ring in (set(LIPS_UPPER_INNER + LIPS_LOWER_INNER), set(RIGHT_EYE), set(LEFT_EYE)):
@@ -95,8 +94,17 @@ def _identity(rng: np.random.Generator, v0: np.ndarray) -> np.ndarray:
 
 def _expression_basis(v: np.ndarray, faces_drawn: np.ndarray) -> np.ndarray:
     """(E, V, 3) displacement fields on the identity ``v`` in the order of EXPRESSION_NAMES."""
-    from avface.topology import (LEFT_EYE, LEFT_EYEBROW, LIPS, LIPS_LOWER_INNER, LIPS_LOWER_OUTER,
-                                 LIPS_UPPER_INNER, LIPS_UPPER_OUTER, RIGHT_EYE, RIGHT_EYEBROW)
+    from avface.core.topology import (
+        LEFT_EYE,
+        LEFT_EYEBROW,
+        LIPS,
+        LIPS_LOWER_INNER,
+        LIPS_LOWER_OUTER,
+        LIPS_UPPER_INNER,
+        LIPS_UPPER_OUTER,
+        RIGHT_EYE,
+        RIGHT_EYEBROW,
+    )
 
     n = len(v)
     lap = mesh_laplacian(faces_drawn, n)
@@ -164,8 +172,8 @@ def _expression_basis(v: np.ndarray, faces_drawn: np.ndarray) -> np.ndarray:
 
 
 def build_face(rng: np.random.Generator) -> Face:
+    from avface.core.topology import LEFT_EYE, RIGHT_EYE
     from avface.models.canonical_mesh import load_canonical_mesh
-    from avface.topology import LEFT_EYE, RIGHT_EYE
 
     mesh = load_canonical_mesh()
     faces_drawn = mesh.faces[~_opening_faces(mesh.faces)]

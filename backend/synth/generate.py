@@ -12,17 +12,17 @@ from typing import Iterator
 import cv2
 import numpy as np
 
-from ..errors import InputError, OutputError
-from .animation import Animation, animate
-from .camera import intrinsics, model_to_camera
-from .clip import GT_NAME, VIDEO_NAME, WAV_NAME, SynthClip, save_gt
-from .common import linear_to_srgb
-from .face import EXPRESSION_NAMES, Face, build_face
-from .occluder import OCCLUDED_MIN_FRACTION, Hand, draw_hand, make_hand, occluder_span
-from .renderer import SUPERSAMPLE
-from .scene import Scene
-from .speech import AUDIO_RATE_HZ, default_text, place_speech
-from .wrinkles import Wrinkles, make_wrinkles
+from avface.errors import InputError, OutputError
+from avface.synth.animation import Animation, animate
+from avface.synth.camera import intrinsics, model_to_camera
+from avface.synth.clip import GT_NAME, VIDEO_NAME, WAV_NAME, SynthClip, save_gt
+from avface.synth.common import linear_to_srgb
+from avface.synth.face import EXPRESSION_NAMES, Face, build_face
+from avface.synth.occluder import OCCLUDED_MIN_FRACTION, Hand, draw_hand, make_hand, occluder_span
+from avface.synth.renderer import SUPERSAMPLE
+from avface.synth.scene import Scene
+from avface.synth.speech import AUDIO_RATE_HZ, default_text, place_speech
+from avface.synth.wrinkles import Wrinkles, make_wrinkles
 
 #: The skin detail's ground truth beside a clip rendered with ``detail=True``.
 DETAIL_GT_NAME = "demo_detail.npz"
@@ -38,7 +38,7 @@ def _render_frames(scene: Scene, anim: Animation, verts_cam: np.ndarray, fps: fl
     """Yield (H, W, 3) uint8 RGB frames; fills ``coverage[t]`` with the fraction of the lips
     under the hand and appends per-frame render seconds to ``timings``; ``wrinkles`` shades
     the face's skin detail."""
-    from avface.topology import LIPS_LOWER_OUTER, LIPS_UPPER_OUTER
+    from avface.core.topology import LIPS_LOWER_OUTER, LIPS_UPPER_OUTER
 
     r = scene.renderer
     s = r.s
@@ -107,7 +107,7 @@ class _Prepared:
 
 def _prepare(seed: int, duration_s: float, fps: float, size: int, text: str | None, occluder: bool,
              occluder_span_s, supersample: int) -> _Prepared:
-    from avface.tts import synthesise
+    from avface.synth.tts import synthesise
 
     if not (isinstance(size, (int, np.integer)) and 64 <= size <= 4096 and size % 2 == 0):
         # even, because H.264 in yuv420p needs even frame sizes

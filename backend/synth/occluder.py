@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from .common import smooth_noise, srgb_to_linear
-from .face import SKIN_TONES
+from avface.synth.common import smooth_noise, srgb_to_linear
+from avface.synth.face import SKIN_TONES
 
 OCCLUDER_SPAN_S = 1.2
 """How long the hand is in the frame: slides in, holds over the mouth, slides out."""

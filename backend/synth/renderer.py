@@ -77,6 +77,19 @@ class Renderer:
         UV space and the creases' darkening (dH/du, dH/dv, cavity;
         :meth:`.wrinkles.Wrinkles.gradient`), which tilt the face's normals and darken its
         albedo; its layer then carries dP/du and dP/dv after the UVs."""
+        ids, xy, attrs, faces, mats = self._rasterise(layers)
+
+        img = background.copy()
+        flat = np.flatnonzero(ids >= 0)
+        if flat.size == 0:
+            return img
+        base, gx, gy = _attribute_planes(xy, attrs, faces)
+        out = self._shade_pixels(flat, ids.ravel()[flat], mats, (base, gx, gy), texture, eye, light, bump)
+        img.reshape(-1, 3)[flat] = out
+        return img
+
+    def _rasterise(self, layers: list[Layer]):
+        """Painter's pass into a triangle-id buffer; returns (ids, xy, attrs, faces, materials) of all layers."""
         ids = np.full((self.h, self.w), -1, np.int32)
         all_xy, all_attr, all_faces, all_mat = [], [], [], []
         offset_v = offset_f = 0
@@ -105,35 +118,12 @@ class Renderer:
         attrs = np.concatenate([np.pad(a, ((0, 0), (0, width - a.shape[1]))) for a in all_attr]).astype(np.float64)
         faces = np.concatenate(all_faces)
         mats = np.concatenate(all_mat)
+        return ids, xy, attrs, faces, mats
 
-        img = background.copy()
-        flat = np.flatnonzero(ids >= 0)
-        if flat.size == 0:
-            return img
-        # Each attribute is affine over a triangle's screen area: attr = A + x Gx + y Gy.
-        # Per-triangle tables (F, K) turn the per-pixel work into row gathers and two FMAs.
-        p0, p1, p2 = xy[faces[:, 0]], xy[faces[:, 1]], xy[faces[:, 2]]
-        a0, a1, a2 = attrs[faces[:, 0]], attrs[faces[:, 1]], attrs[faces[:, 2]]
-        d = (p1[:, 0] - p0[:, 0]) * (p2[:, 1] - p0[:, 1]) - (p2[:, 0] - p0[:, 0]) * (p1[:, 1] - p0[:, 1])
-        d = np.where(np.abs(d) < 1e-12, 1e-12, d)[:, None]
-        # b1 = c2 dx + c3 dy, b2 = c4 dx + c5 dy with (dx, dy) = (x - x0, y - y0)
-        c2, c3 = (p2[:, 1:2] - p0[:, 1:2]) / d, -(p2[:, 0:1] - p0[:, 0:1]) / d
-        c4, c5 = -(p1[:, 1:2] - p0[:, 1:2]) / d, (p1[:, 0:1] - p0[:, 0:1]) / d
-        gx = (a1 - a0) * c2 + (a2 - a0) * c4
-        gy = (a1 - a0) * c3 + (a2 - a0) * c5
-        base = a0 - p0[:, 0:1] * gx - p0[:, 1:2] * gy
-        # Pixels a triangle's fill covers can lie a little outside it; on a sliver (seen edge
-        # on, at a silhouette) extrapolating its planes there gives wild values, so slivers
-        # less than a pixel high are drawn with their mean attributes instead.
-        longest = np.max(np.stack([np.linalg.norm(p1 - p0, axis=1), np.linalg.norm(p2 - p1, axis=1),
-                                   np.linalg.norm(p0 - p2, axis=1)]), axis=0)
-        sliver = np.abs(d[:, 0]) < SLIVER_HEIGHT_PX * np.maximum(longest, 1e-9)
-        base[sliver] = (a0[sliver] + a1[sliver] + a2[sliver]) / 3.0
-        gx[sliver] = 0.0
-        gy[sliver] = 0.0
-        base, gx, gy = base.astype(np.float32), gx.astype(np.float32), gy.astype(np.float32)
-
-        tri = ids.ravel()[flat]
+    def _shade_pixels(self, flat: np.ndarray, tri: np.ndarray, mats: np.ndarray, planes, texture: np.ndarray,
+                      eye: dict, light: Light, bump: np.ndarray | None) -> np.ndarray:
+        """(P, 3) linear colour of the covered pixels ``flat`` (triangle ``tri`` each), material by material."""
+        base, gx, gy = planes
         py = (flat // self.w).astype(np.float32) + 0.5
         px = (flat % self.w).astype(np.float32) + 0.5
         mat = mats[tri]
@@ -159,7 +149,7 @@ class Renderer:
             n = a[:, :3]
             n /= np.maximum(np.sqrt(n[:, 0] * n[:, 0] + n[:, 1] * n[:, 1] + n[:, 2] * n[:, 2]), 1e-9)[:, None]
             if bumped:
-                from .wrinkles import bump_normals
+                from avface.synth.wrinkles import bump_normals
 
                 grad = _sample(bump, a[:, 3] * bump.shape[1] - 0.5, (1.0 - a[:, 4]) * bump.shape[0] - 0.5)
                 n = bump_normals(n, a[:, 5:8], a[:, 8:11], grad[:, :2]).astype(np.float32)
@@ -170,8 +160,33 @@ class Renderer:
                 out[sel] = shade(albedo, n, light, spec=0.06, shininess=18.0)
             else:
                 out[sel] = shade(_eye_albedo(a[:, 3], eye), n, light, spec=0.9, shininess=120.0, wrap=0.1)
-        img.reshape(-1, 3)[flat] = out
-        return img
+        return out
+
+
+def _attribute_planes(xy: np.ndarray, attrs: np.ndarray, faces: np.ndarray):
+    """Per-triangle float32 tables (base, gx, gy) with attr = base + x gx + y gy (flat on slivers)."""
+    # Each attribute is affine over a triangle's screen area: attr = A + x Gx + y Gy.
+    # Per-triangle tables (F, K) turn the per-pixel work into row gathers and two FMAs.
+    p0, p1, p2 = xy[faces[:, 0]], xy[faces[:, 1]], xy[faces[:, 2]]
+    a0, a1, a2 = attrs[faces[:, 0]], attrs[faces[:, 1]], attrs[faces[:, 2]]
+    d = (p1[:, 0] - p0[:, 0]) * (p2[:, 1] - p0[:, 1]) - (p2[:, 0] - p0[:, 0]) * (p1[:, 1] - p0[:, 1])
+    d = np.where(np.abs(d) < 1e-12, 1e-12, d)[:, None]
+    # b1 = c2 dx + c3 dy, b2 = c4 dx + c5 dy with (dx, dy) = (x - x0, y - y0)
+    c2, c3 = (p2[:, 1:2] - p0[:, 1:2]) / d, -(p2[:, 0:1] - p0[:, 0:1]) / d
+    c4, c5 = -(p1[:, 1:2] - p0[:, 1:2]) / d, (p1[:, 0:1] - p0[:, 0:1]) / d
+    gx = (a1 - a0) * c2 + (a2 - a0) * c4
+    gy = (a1 - a0) * c3 + (a2 - a0) * c5
+    base = a0 - p0[:, 0:1] * gx - p0[:, 1:2] * gy
+    # Pixels a triangle's fill covers can lie a little outside it; on a sliver (seen edge
+    # on, at a silhouette) extrapolating its planes there gives wild values, so slivers
+    # less than a pixel high are drawn with their mean attributes instead.
+    longest = np.max(np.stack([np.linalg.norm(p1 - p0, axis=1), np.linalg.norm(p2 - p1, axis=1),
+                               np.linalg.norm(p0 - p2, axis=1)]), axis=0)
+    sliver = np.abs(d[:, 0]) < SLIVER_HEIGHT_PX * np.maximum(longest, 1e-9)
+    base[sliver] = (a0[sliver] + a1[sliver] + a2[sliver]) / 3.0
+    gx[sliver] = 0.0
+    gy[sliver] = 0.0
+    return base.astype(np.float32), gx.astype(np.float32), gy.astype(np.float32)
 
 
 def _sample(texture: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:

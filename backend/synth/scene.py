@@ -8,10 +8,10 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.spatial.transform import Rotation
 
-from .animation import Animation
-from .common import srgb_to_linear
-from .face import EYE_RADIUS_M, Face
-from .renderer import M_EYE, M_FACE, M_FLAT, M_GOURAUD, Layer, Light, Renderer, shade
+from avface.synth.animation import Animation
+from avface.synth.common import srgb_to_linear
+from avface.synth.face import EYE_RADIUS_M, Face
+from avface.synth.renderer import M_EYE, M_FACE, M_FLAT, M_GOURAUD, Layer, Light, Renderer, shade
 
 _IRIS_RADIUS_M = 0.0058
 _PUPIL_RADIUS_M = 0.0021
@@ -107,7 +107,17 @@ class Scene:
                         pupil=srgb_to_linear([0.03, 0.03, 0.03]))
         v = face.neutral
 
-        # skull + hair: an ellipsoid behind the face mesh; hair on top and at the back
+        self._init_skull(v, skin_lin, hair_lin)
+        self._init_ears(v)
+        self._init_neck(skin_lin)
+        self._init_mouth(v)
+
+        self.eye_unit, self.eye_faces = _uv_sphere(14, 20)
+
+        self._init_background(rng)
+
+    def _init_skull(self, v: np.ndarray, skin_lin: np.ndarray, hair_lin: np.ndarray) -> None:
+        """Skull + hair: an ellipsoid behind the face mesh; hair on top and at the back."""
         sph, sph_f = _uv_sphere(18, 28)
         self.skull_centre = np.array([0.0, v[:, 1].max() - _SKULL_BELOW_FACE_TOP_M, v[:, 2].min() + 0.005])
         self.skull_axes = np.array([abs(v[:, 0]).max() + 0.004, _SKULL_HALF_HEIGHT_M, 0.105])
@@ -115,13 +125,17 @@ class Scene:
         # the hairline runs a little above the face mesh's top edge, so the forehead continues
         hairline = (sph[:, 1] > _HAIRLINE_NY - 0.25 * np.abs(sph[:, 0]) - 0.3 * np.clip(-sph[:, 2], 0, 1)) | (sph[:, 2] < -0.45)
         self.skull_albedo = np.where(hairline[:, None], hair_lin, skin_lin * 0.95).astype(np.float32)
-        # ears
+
+    def _init_ears(self, v: np.ndarray) -> None:
+        """Ears: two small ellipsoids beside the face mesh's sides."""
         self.ear_unit, self.ear_faces = _uv_sphere(8, 12)
         ear_y = v[[234, 454], 1].mean() - 0.012
         self.ear_centres = np.array([[v[234, 0] - 0.002, ear_y, v[234, 2] - 0.012],
                                      [v[454, 0] + 0.002, ear_y, v[454, 2] - 0.012]])
         self.ear_axes = np.array([0.010, 0.030, 0.017])
-        # neck: an open cylinder below the jaw that does not turn with the head
+
+    def _init_neck(self, skin_lin: np.ndarray) -> None:
+        """Neck: an open cylinder below the jaw that does not turn with the head."""
         nv, nf = _grid(24, 6)
         ang = (nv[:, 0] - 0.5) * 2.0 * np.pi
         neck_r, neck_z = 0.058, -0.035
@@ -131,7 +145,8 @@ class Scene:
         # the jaw shades the top of the neck
         self.neck_albedo = (skin_lin * (0.55 + 0.35 * np.clip(nv[:, 1:2] / 0.4, 0, 1))).astype(np.float32)
 
-        # mouth: a dark cavity, teeth on each jaw, a tongue on the lower jaw
+    def _init_mouth(self, v: np.ndarray) -> None:
+        """Mouth: a dark cavity, teeth on each jaw, a tongue on the lower jaw."""
         mouth = v[[13, 14, 78, 308]]
         mx, my, mz = 0.0, mouth[:2, 1].mean(), mouth[:2, 2].mean()
         half = 0.5 * abs(v[308, 0] - v[78, 0])
@@ -160,9 +175,8 @@ class Scene:
         self.cavity_colour = srgb_to_linear([0.22, 0.07, 0.07])
         self.tongue_albedo = srgb_to_linear([0.70, 0.33, 0.33])
 
-        self.eye_unit, self.eye_faces = _uv_sphere(14, 20)
-
-        # background: a vertical gradient between two muted colours and a soft vignette
+    def _init_background(self, rng: np.random.Generator) -> None:
+        """Background: a vertical gradient between two muted colours and a soft vignette."""
         h, w = self.renderer.h, self.renderer.w
         top = srgb_to_linear(rng.uniform([0.35, 0.40, 0.45], [0.65, 0.70, 0.75]))
         bottom = srgb_to_linear(rng.uniform([0.20, 0.20, 0.20], [0.45, 0.42, 0.40]))
@@ -244,7 +258,7 @@ class Scene:
         n_face = self.normals_face(verts_cam)
         attrs = [n_face, self.face.uv]
         if tangents:
-            from .wrinkles import vertex_tangents
+            from avface.synth.wrinkles import vertex_tangents
 
             attrs += list(vertex_tangents(verts_cam.astype(np.float64), self.face.faces, self.face.uv.astype(np.float64)))
         attrs = np.concatenate(attrs, 1).astype(np.float32)

@@ -34,7 +34,7 @@ DEFAULT_SENTENCES = (
 @functools.lru_cache(maxsize=16)
 def default_text(duration_s: float) -> str:
     """The longest run of DEFAULT_SENTENCES that fits in the clip at the default rate."""
-    from avface.tts import synthesise
+    from avface.synth.tts import synthesise
 
     room = duration_s - LEAD_SILENCE_S - MIN_TAIL_SILENCE_S
     chosen: list[str] = []

@@ -7,7 +7,17 @@ import cv2
 import numpy as np
 import scipy.ndimage
 
-from .common import srgb_to_linear
+from avface.core.topology import (
+    LEFT_EYE,
+    LEFT_EYEBROW,
+    LIPS_LOWER_INNER,
+    LIPS_LOWER_OUTER,
+    LIPS_UPPER_INNER,
+    LIPS_UPPER_OUTER,
+    RIGHT_EYE,
+    RIGHT_EYEBROW,
+)
+from avface.synth.common import srgb_to_linear
 
 TEXTURE_SIZE = 1024
 """Side of the UV-space skin texture in texels."""
@@ -16,9 +26,6 @@ TEXTURE_SIZE = 1024
 def paint_texture(rng: np.random.Generator, uv: np.ndarray, skin: np.ndarray, hair: np.ndarray) -> np.ndarray:
     """The face's albedo in UV space, (S, S, 3) linear: skin with soft variation, lips,
     brows, lash lines and nostrils drawn from the landmark rings' UVs."""
-    from avface.topology import (LEFT_EYE, LEFT_EYEBROW, LIPS_LOWER_INNER, LIPS_LOWER_OUTER,
-                                 LIPS_UPPER_INNER, LIPS_UPPER_OUTER, RIGHT_EYE, RIGHT_EYEBROW)
-
     s = TEXTURE_SIZE
     px = np.stack([uv[:, 0] * s, (1.0 - uv[:, 1]) * s], 1)  # texel coordinates, v up -> row down
 

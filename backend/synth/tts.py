@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import InputError, ModelFileError
+from avface.errors import InputError, ModelFileError
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +118,7 @@ def phoneme_to_viseme(phoneme: str) -> str:
     return _VISEME_OF_INITIAL.get(p[0], "DD" if p[0].isalpha() else "sil")
 
 
-#: espeak English mnemonic -> ARPAbet (the CMU phones avface.audio recognises), so espeak's
+#: espeak English mnemonic -> ARPAbet (the CMU phones avface.stages.audio recognises), so espeak's
 #: timing can score the phone recogniser. Diphthongs map to their ARPAbet diphthong.
 ESPEAK_TO_ARPABET: dict[str, str] = {
     "p": "P", "b": "B", "m": "M", "f": "F", "v": "V", "T": "TH", "D": "DH", "t": "T", "d": "D", "t#": "T",

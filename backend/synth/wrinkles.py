@@ -31,7 +31,7 @@ import cv2
 import numpy as np
 import scipy.ndimage
 
-from .common import MM
+from avface.synth.common import MM
 
 WRINKLE_MAP_SIZE = 512
 """Side of the height maps the renderer samples, texels."""
@@ -108,7 +108,7 @@ def _groove(shape: tuple[int, int], polyline_px: np.ndarray, sigma_px: float) ->
 def make_wrinkles(rng: np.random.Generator, uv: np.ndarray, n_expressions: int, expression_names: tuple[str, ...],
                   size: int = WRINKLE_MAP_SIZE) -> Wrinkles:
     """A face's skin detail from the canonical mesh's (468, 2) UVs, one random stream."""
-    from avface.topology import LIPS_LOWER_OUTER, LIPS_UPPER_OUTER
+    from avface.core.topology import LIPS_LOWER_OUTER, LIPS_UPPER_OUTER
 
     s = size
     px_per_m = s / _M_PER_UV

@@ -1,1 +1,1 @@
-"""Training of the AVFace networks (issue 8): losses, training occluders, the data-parallel loop."""
+"""Training of the AVFace networks (docs/networks.md): losses, training occluders, the data-parallel loop."""

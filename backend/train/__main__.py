@@ -74,15 +74,15 @@ def run(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    from .data import load_clip
-    from .loop import TrainConfig, plot_path, train
+    from avface.train.data import load_clip
+    from avface.train.loop import TrainConfig, plot_path, train
 
     given = dict(steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed, optimizer=args.optimizer,
                  save_every=args.save_every)
     config = dataclasses.replace(TrainConfig(), **{k: v for k, v in given.items() if v is not None})
     bar = StepBar(config.steps, enabled=rank == 0 and not args.quiet)
     try:
-        from .loop import _distributed
+        from avface.train.loop import _distributed
 
         _, world = _distributed()
         out = Path(args.out)
@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
         folders = [Path(p) for p in args.clips if Path(p).is_dir()]
         paths: list[Path] = [Path(p) for p in args.clips if not Path(p).is_dir()]
         if folders and rank == 0:  # one process tracks; the others wait for its files
-            from .prepare import prepare_folder
+            from avface.train.prepare import prepare_folder
 
             for folder in folders:
                 prepare_folder(folder, prepared, progress=lambda i, n, cid: log.info("preparing %d/%d: %s", i + 1, n, cid))

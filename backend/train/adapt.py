@@ -1,4 +1,4 @@
-"""Per-clip adaptation (issue 8): fine-tune the generic networks on the clip's own trusted
+"""Per-clip adaptation (docs/networks.md): fine-tune the generic networks on the clip's own trusted
 frames, with early stopping on a held-out part of the clip and a fixed seed, so that two runs
 give the same result and the clip's own style is learned without overfitting its noise.
 
@@ -18,12 +18,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from avface.config import NetworksStageConfig
 from avface.errors import InputError
 from avface.models.checkpoint import AVFaceNetworks
 from avface.models.windows import WINDOW_FRAMES
-
-from .data import check_clip
-from .loop import TrainConfig, TrainingModule, collate, make_sample
+from avface.stages.networks.run import ClipInputs, torch_seeded
+from avface.train.data import check_clip
+from avface.train.loop import TrainConfig, TrainingModule, collate, make_sample
 
 log = logging.getLogger(__name__)
 
@@ -135,3 +136,23 @@ def adapt(networks: AVFaceNetworks, clip: dict, config: AdaptConfig = AdaptConfi
     log.info("adaptation: %d steps, kept step %d (validation loss %.4f -> %.4f)", step, best_step,
              val_losses[0][1], best)
     return nets, AdaptRecord(step, best_step, val_losses, train_losses)
+
+
+def adapt_networks(networks, clip: ClipInputs, config: NetworksStageConfig, device: str = "cpu"):
+    """The networks stage's gradient adaptation (``NetworksStageConfig.adapt_steps > 0``; the
+    ``adapter`` of :func:`avface.stages.networks.run.run_networks`): (adapted networks, the
+    record for meta); the given networks and the reason when the clip is too short to hold a
+    part out."""
+    from avface.train.data import prepare_clip
+
+    tracking = clip.tracking
+    cfg = AdaptConfig(max_steps=config.adapt_steps, seed=config.seed)
+    kept, held = holdout_starts(tracking.n_frames, cfg)
+    if len(kept) == 0 or len(held) == 0:
+        reason = f"a clip of {tracking.n_frames} frames is too short to hold a part out (blocks of {cfg.block_frames})"
+        log.warning("adaptation skipped: %s", reason)
+        return networks, {"skipped": reason}
+    prepared = prepare_clip(tracking, clip.features, mouth_conf=clip.mouth_conf, fov_deg=clip.fov_deg)
+    with torch_seeded(config.seed):
+        adapted, record = adapt(networks, prepared, cfg, device=device)
+    return adapted, record.to_meta()

@@ -7,7 +7,7 @@ Keys (T frames, M = 97 lower-face landmarks, N = 25 skull-rigid points):
   arguments: ``phones`` (T, 16, P), ``mel`` (T, 16, 80), ``audio_present`` (T,),
   ``landmarks`` (T, M, 3), ``blendshapes`` (T, 52), ``region_conf`` (T, 3), ``usable`` (T,);
 - ``activity`` (T,) speech activity; ``frontal`` (T,) how far the landmarks are trusted
-  given the head's turn (avface.evidence.frontal_weight);
+  given the head's turn (avface.stages.networks.evidence.frontal_weight);
 - the pose encoder's inputs ``pose`` (T, 6), ``camera`` (T, 3);
 - for the reprojection loss: ``rigid_points`` (N, 3) the neutral's skull-rigid points in
   metres, ``origin`` (3,) and ``depth`` () the clip's median head position and depth,
@@ -22,9 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
+from avface.core.topology import LIPS, RIGID
 from avface.errors import InputError
-from avface.evidence import build_evidence, frontal_weight
-from avface.topology import LIPS, RIGID
+from avface.stages.networks.evidence import build_evidence, frontal_weight
 
 EXPRESSION_KEYS = ("phones", "mel", "audio_present", "landmarks", "blendshapes", "region_conf", "usable")
 POSE_KEYS = ("pose", "camera")
@@ -35,9 +35,9 @@ CLIP_KEYS = ("rigid_points", "origin", "depth", "focal", "lip_positions")
 
 def prepare_clip(tracking, features=None, *, mouth_conf: np.ndarray | None = None,
                  fov_deg: float = 63.0) -> dict[str, np.ndarray]:
-    """A training clip from a :class:`~avface.tracking.Tracking` and optional
-    :class:`~avface.audio.AudioFeatures`."""
-    from avface.geometry import intrinsics_for
+    """A training clip from a :class:`~avface.stages.tracking.Tracking` and optional
+    :class:`~avface.stages.audio.AudioFeatures`."""
+    from avface.core.geometry import intrinsics_for
 
     ev = build_evidence(tracking, features, mouth_conf=mouth_conf, fov_deg=fov_deg)
     k = intrinsics_for(tracking.width, tracking.height, fov_deg)

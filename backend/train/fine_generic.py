@@ -1,7 +1,7 @@
 """The generic fine-stage network: the detail network trained on a corpus of synthetic clips
 with skin detail (``avface.synth`` with ``detail=True``: folds and wrinkles that deepen with
 the expressions that make them), the same way per-clip adaptation trains it
-(:func:`avface.train.fine.adapt_clip`: photometric, normal, symmetry and size terms on
+(:func:`avface.stages.detail.adapt.adapt_clip`: photometric, normal, symmetry and size terms on
 trusted texels, no ground truth), and added to a networks checkpoint as its ``fine`` part.
 Per-clip adaptation then starts from it instead of from random weights
 (docs/fine_stage.md, "The generic start").
@@ -57,7 +57,7 @@ class DetailTrainingClip:
     """One corpus clip, unwrapped and ready to train on."""
 
     id: str
-    uv: object  #: :class:`avface.fine.ClipUV`
+    uv: object  #: :class:`avface.stages.detail.fine.ClipUV`
     vertices: torch.Tensor  #: (T, V, 3) camera frame (ground truth)
     audio: torch.Tensor | None  #: (T, 64) f_a, None without speech
     height: np.ndarray | None  #: (T, S, S) ground-truth height, metres (``with_height``)
@@ -66,9 +66,9 @@ class DetailTrainingClip:
 
 def speech_embedding(networks, wave: np.ndarray, n_frames: int, fps: float) -> np.ndarray:
     """(T, 64) float32 f_a of a speech wave (16 kHz), as the networks stage computes it."""
-    from avface import audio as audio_mod
     from avface import media
-    from avface.evidence import normalise_mel
+    from avface.stages import audio as audio_mod
+    from avface.stages.networks.evidence import normalise_mel
 
     feats = audio_mod.extract_features(wave, media.SAMPLE_RATE_HZ, n_frames, fps)
     phones = torch.as_tensor(np.asarray(feats.phones, np.float32))
@@ -83,7 +83,7 @@ def load_detail_clip(clip_dir: Path, model, raster, networks=None, *, with_heigh
     silence); with_height: also each frame's true height from ``demo_detail.npz`` (for
     measuring, not for training: 26 MB a 100-frame clip at 256^2)."""
     from avface import media
-    from avface.fine import ClipUV, unwrap_clip
+    from avface.stages.detail.fine import ClipUV, unwrap_clip
     from avface.synth.clip import load_demo_gt
     from avface.synth.generate import DETAIL_GT_NAME
 
@@ -115,7 +115,7 @@ def load_detail_clip(clip_dir: Path, model, raster, networks=None, *, with_heigh
 
 def _height_term(height: np.ndarray, weight: float):
     """extra_loss for adapt_clip: weight x mean |D - H| in millimetres over trusted texels."""
-    from avface.fine import FineLossConfig
+    from avface.stages.detail.fine import FineLossConfig
 
     min_trust = FineLossConfig().min_trust
 
@@ -130,10 +130,10 @@ def _height_term(height: np.ndarray, weight: float):
 def train_generic_fine(clips: list[DetailTrainingClip], model, raster, config: FineCorpusConfig = FineCorpusConfig(), *,
                        progress: Callable[[int, int, dict], None] | None = None):
     """Train one detail network over the clips; returns (DetailNet, history)."""
-    from avface.detail import symmetric_rest
-    from avface import uvspace
     from avface.models.fine import DetailNet, FineNetConfig
-    from avface.train.fine import FineAdaptConfig, adapt_clip
+    from avface.stages.detail import uvspace
+    from avface.stages.detail.adapt import AdaptInputs, FineAdaptConfig, adapt_clip
+    from avface.stages.detail.run import symmetric_rest
 
     if not clips:
         raise ValueError("no training clip")
@@ -156,7 +156,7 @@ def train_generic_fine(clips: list[DetailTrainingClip], model, raster, config: F
             cfg = FineAdaptConfig(steps=config.steps_per_clip, batch=config.batch, lr=config.lr, holdout_stride=0,
                                   seed=int(rng.integers(1 << 31)), net=net.cfg, frame_weight=False)
             extra = _height_term(c.height, config.height_weight) if config.height_weight > 0 else None
-            res = adapt_clip(c.uv, c.vertices, faces, raster, c.audio, cfg, net=net, mirror=mirror,
+            res = adapt_clip(AdaptInputs(c.uv, c.vertices, faces, raster, c.audio, mirror), cfg, net=net,
                              shading_fit=c.shading_fit, predict=False, extra_loss=extra)
             c.shading_fit = (res.albedo, res.sh)
             done += 1
@@ -182,13 +182,13 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's choice)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("avface.train.fine").setLevel(logging.WARNING)
+    logging.getLogger("avface.stages.detail.adapt").setLevel(logging.WARNING)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from avface import uvspace
     from avface.errors import AVFaceError
-    from avface.models.checkpoint import file_sha256, load_checkpoint, save_checkpoint
     from avface.models.canonical import CanonicalModel
+    from avface.models.checkpoint import file_sha256, load_checkpoint, save_checkpoint
+    from avface.stages.detail import uvspace
 
     config = FineCorpusConfig(rounds=args.rounds, steps_per_clip=args.steps_per_clip, seed=args.seed,
                               height_weight=args.height_weight)

@@ -28,10 +28,9 @@ from torch import nn
 from avface.errors import InputError
 from avface.models.checkpoint import AVFaceNetworks, NetworksConfig, build_networks, save_checkpoint
 from avface.models.windows import WINDOW_FRAMES
-
-from . import losses as L
-from .data import CLIP_KEYS, EXPRESSION_KEYS, FRAME_KEYS, check_clip
-from .occluders import OccluderConfig, occlude_window, random_track
+from avface.train import losses as L
+from avface.train.data import CLIP_KEYS, EXPRESSION_KEYS, FRAME_KEYS, check_clip
+from avface.train.occluders import OccluderConfig, occlude_window, random_track
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +125,8 @@ def make_sample(clips: list[dict], config: TrainConfig, step: int, index: int, w
     sample.update(
         target=clean["landmarks"], trust=trust, valid=valid, keep_audio=keep_a, keep_video=keep_v,
         pose=clean["pose"], camera=clean["camera"], pose_usable=pose_usable, face_conf=inputs["region_conf"][:, 2],
-        pose_trust=clean["usable"] * clean["frontal"] * valid, activity=clean["activity"], rigid_px=clean["rigid_px"], iod_px=clean["iod_px"],
+        pose_trust=clean["usable"] * clean["frontal"] * valid, activity=clean["activity"], rigid_px=clean["rigid_px"],
+        iod_px=clean["iod_px"],
     )
     sample.update({k: clip[k] for k in CLIP_KEYS})
     return sample

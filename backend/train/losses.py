@@ -1,4 +1,4 @@
-"""Training losses of the AVFace networks, without 3D ground truth (issue 8, DESIGN.md
+"""Training losses of the AVFace networks, without 3D ground truth (docs/networks.md, docs/design.md
 section 2): the tracker's landmarks on frames the visual confidence trusts, the paper's
 mouth-closure and lip-corner distances, lip landmarks for the SIREN, and lip offsets sent to
 zero in silence.
@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import torch
 
+from avface.core.topology import LIPS
 from avface.models.avnets import LOWER_FACE_LANDMARKS
 from avface.models.lbs import batch_rodrigues
-from avface.topology import LIPS
 
 #: Upper/lower lip landmark pairs whose distance is the mouth's opening (inner contour
 #: centre and sides, outer centre): the paper's mouth-closure term.
@@ -51,8 +51,8 @@ def landmark_loss(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor
 def canonical_neutral() -> torch.Tensor:
     """(M, 3) the canonical face's lower-face landmarks, centred, in inter-ocular units: the
     neutral to use when a clip's own is not at hand."""
+    from avface.core.topology import OUTER_EYE_CORNERS
     from avface.models.canonical_mesh import load_canonical_mesh
-    from avface.topology import OUTER_EYE_CORNERS
 
     v = torch.as_tensor(load_canonical_mesh().vertices, dtype=torch.float32)
     iod = torch.linalg.norm(v[OUTER_EYE_CORNERS[0]] - v[OUTER_EYE_CORNERS[1]])
@@ -117,7 +117,7 @@ def reprojection_loss(pose: torch.Tensor, points: torch.Tensor, origin: torch.Te
     """2D landmark reprojection of the pose encoder's head pose, percent IOD.
 
     pose: (B, W, 6) rotation (axis-angle) and position relative to ``origin`` in units of
-    ``depth`` (as avface.evidence.pose_and_camera writes them); points: (B, N, 3) the clip's
+    ``depth`` (as avface.stages.networks.evidence.pose_and_camera writes them); points: (B, N, 3) the clip's
     neutral skull-rigid landmarks, metres; origin: (B, 3) the clip's median head position;
     depth: (B,) its median depth; focal_px: (B,); target_px: (B, W, N, 2) the tracker's
     landmarks relative to the principal point, image y down; iod_px: (B, W); weight (B, W).

@@ -1,4 +1,4 @@
-"""Synthetic occluders for training (DESIGN.md section 2, step 4; issue 8): shapes,
+"""Synthetic occluders for training (docs/design.md section 2, step 4): shapes,
 textures and motion of this module's own, apart from the benchmark's generator, so the
 networks are never measured only on the occluders they were trained on.
 
@@ -22,7 +22,7 @@ from functools import lru_cache
 import numpy as np
 from matplotlib.path import Path as PolygonPath
 
-from avface.topology import LEFT_EYE, LIPS, N_MESH_VERTICES, OUTER_EYE_CORNERS, RIGHT_EYE
+from avface.core.topology import LEFT_EYE, LIPS, N_MESH_VERTICES, OUTER_EYE_CORNERS, RIGHT_EYE
 
 SHAPES = ("ellipse", "polygon", "hand", "bar")
 TEXTURES = ("solid", "skin", "noise", "stripes")
@@ -133,7 +133,7 @@ def random_track(rng: np.random.Generator, n_frames: int, config: OccluderConfig
 
 def region_cover(outlines: np.ndarray, face_points: np.ndarray | None = None) -> np.ndarray:
     """(W, 3) share of the mouth, eyes and whole-face points (face frame) inside each frame's
-    outline, as avface.tracking measures a hand's cover. face_points: (W, 468, 2) or None
+    outline, as avface.stages.tracking measures a hand's cover. face_points: (W, 468, 2) or None
     for the canonical face."""
     n = len(outlines)
     pts = np.broadcast_to(face_points_2d() if face_points is None else face_points, (n, N_MESH_VERTICES, 2))

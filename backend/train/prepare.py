@@ -1,5 +1,5 @@
 """Training clips from videos: track, hear, and keep what training needs (avface.train.data),
-for every clip of a folder as :func:`avface.clips.discover_clips` finds them (a
+for every clip of a folder as :func:`avface.core.clips.discover_clips` finds them (a
 ``manifest.json`` as the benchmark reads it, or videos with a ``.wav`` of the same stem).
 
 The tracking is cached per clip content as the pipeline caches it, so preparing a folder
@@ -13,11 +13,10 @@ from typing import Callable
 
 import numpy as np
 
-from avface.clips import Clip, discover_clips
-from avface.confidence import visual_confidence
+from avface.core.clips import Clip, discover_clips
 from avface.errors import AVFaceError, InputError
-
-from .data import prepare_clip, save_clip
+from avface.stages.confidence import visual_confidence
+from avface.train.data import prepare_clip, save_clip
 
 log = logging.getLogger(__name__)
 
@@ -25,9 +24,9 @@ log = logging.getLogger(__name__)
 def prepare_video(video: str | Path, audio: str | Path | None = None, *, cache_dir: Path | None = None,
                   fov_deg: float = 63.0) -> dict[str, np.ndarray]:
     """One training clip from a video (its own audio track, or ``audio``)."""
-    from avface import audio as audio_mod
     from avface import media
-    from avface.tracking import track
+    from avface.stages import audio as audio_mod
+    from avface.stages.tracking import track
 
     info = media.probe(video)
     tracking = track(info, cache_dir=cache_dir)

@@ -2,7 +2,7 @@
 identities, varied speech, head motion and, on some clips, a hand over the mouth, written as
 a folder with a ``manifest.json`` that ``python -m avface.train`` (and the benchmark) read.
 
-The default checkpoint is to be trained on such a corpus (issue 8): every identity, voice
+The default checkpoint is to be trained on such a corpus (docs/networks.md): every identity, voice
 line and motion comes from a seed, so one command reproduces it, and nothing in it derives
 from clips the project may not redistribute.
 

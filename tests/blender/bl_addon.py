@@ -1,9 +1,7 @@
 """Checks of the add-on inside Blender, called by tests/test_addon_blender.py."""
 import bpy
 import numpy as np
-
-from bl_common import (camera_view_pixels, check_head, enable_addon, evaluated_world_vertices, fcurve_values,
-                       head_objects, result_pixels)
+from bl_common import camera_view_pixels, check_head, enable_addon, evaluated_world_vertices, fcurve_values, head_objects, result_pixels
 
 OPERATORS = ("import_scene.avface_result", "avface.export_fbx", "avface.retarget")
 
@@ -36,7 +34,6 @@ def _rna(idname):
 def import_and_check(result, frames):
     """Import through the operator; check topology, keys, properties; return the vertex errors
     at ``frames`` (indices into the result) against the result's vertices."""
-    from avface_blender import io_result
 
     enable_addon()
     scene = bpy.context.scene

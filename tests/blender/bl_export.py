@@ -1,9 +1,8 @@
-"""Blender's own importers read what ``avface export`` writes (issue 11): glTF through
+"""Blender's own importers read what ``avface export`` writes (README, "Export to other tools"): glTF through
 ``import_scene.gltf`` and USD through ``wm.usd_import``, both with their shape-key animation.
 Run inside Blender by runner.py; no AVFace add-on involved."""
 import bpy
 import numpy as np
-
 from bl_common import camera_view_pixels, evaluated_world_vertices, result_pixels
 
 

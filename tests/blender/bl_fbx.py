@@ -1,9 +1,7 @@
 """FBX round trip and retargeting, inside Blender."""
 import bpy
 import numpy as np
-
-from bl_common import (camera_view_pixels, enable_addon, evaluated_world_vertices, fcurve_values, head_objects,
-                       result_pixels)
+from bl_common import camera_view_pixels, enable_addon, evaluated_world_vertices, fcurve_values, head_objects, result_pixels
 
 FRAMES = [1, 14, 30]  # set to the imported head's first, middle and last frame by _setup
 

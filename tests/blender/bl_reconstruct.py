@@ -6,8 +6,6 @@ import signal
 import time
 
 import bpy
-import numpy as np
-
 from bl_common import check_head, draw_panels, enable_addon
 
 STRIP_START = 10

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .arkit_names import ARKIT_NAMES
-from .timeseries import fill_missing, lowpass
+from avface.core.timeseries import fill_missing, lowpass
+from avface.result.arkit_names import ARKIT_NAMES
 
 #: Low-pass cut-off of the curves: keeps blinks (about 100 ms) and syllable-rate mouth
 #: motion (up to about 8 Hz) while removing the tracker's frame-to-frame flicker.

@@ -7,14 +7,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import __version__
-from .arkit import ARKIT_NAMES, arkit_curves
-from .avstage import vertices_with_lips
-from .fit import CoarseFit
-from .geometry import WORLD_TO_CAMERA
-from .lips import LipPCA
-from .result import SCHEMA_VERSION
-from .tracking import Tracking
+from avface import __version__
+from avface.core.geometry import WORLD_TO_CAMERA
+from avface.result import SCHEMA_VERSION
+from avface.stages.assemble.arkit import ARKIT_NAMES, arkit_curves
+from avface.stages.fit import CoarseFit
+from avface.stages.lips import LipPCA, vertices_with_lips
+from avface.stages.tracking import Tracking
 
 
 @dataclass(frozen=True)
@@ -29,15 +28,37 @@ class ResultSource:
     audio_present: bool
 
 
-def build_result(fit: CoarseFit, tracking: Tracking, conf: np.ndarray, occluded: np.ndarray, activity: np.ndarray | None,
-                 src: ResultSource, *, stages_run: list[str], stage_seconds: dict[str, float],
-                 write_vertices: bool = True, extra_meta: dict | None = None,
-                 lips: LipPCA | None = None) -> tuple[dict[str, np.ndarray], dict]:
+@dataclass(frozen=True, eq=False)
+class ResultEvidence:
+    """The per-frame evidence the result records beside the fit."""
+
+    conf: np.ndarray
+    """(T,) the visual confidence of the mouth."""
+    occluded: np.ndarray
+    """(T,) bool: the frames the confidence found occluded."""
+    activity: np.ndarray | None = None
+    """(T,) speech activity, or None (no speech: zeros)."""
+
+
+@dataclass(frozen=True, eq=False)
+class ResultRun:
+    """How the job ran, as the result's ``meta`` records it."""
+
+    stages_run: list[str]
+    stage_seconds: dict[str, float]
+    extra_meta: dict | None = None
+    """Further ``meta`` entries (the fit's metrics, the camera, the networks...)."""
+
+
+def build_result(fit: CoarseFit, tracking: Tracking, evidence: ResultEvidence, src: ResultSource, run: ResultRun, *,
+                 write_vertices: bool = True, lips: LipPCA | None = None) -> tuple[dict[str, np.ndarray], dict]:
     """(arrays, meta) of the result contract. Frames the fit filled count as occluded; the
     ARKit curves are interpolated over occluded frames before filtering. ``lips``: the lip
-    refinement's rest-frame offsets as a PCA (avface.lips.lip_pca), or None for none."""
+    refinement's rest-frame offsets as a PCA (avface.stages.lips.lip_pca), or None for none."""
+    conf, activity = evidence.conf, evidence.activity
+    stages_run, stage_seconds, extra_meta = run.stages_run, run.stage_seconds, run.extra_meta
     n = tracking.n_frames
-    occluded = occluded | fit.filled
+    occluded = evidence.occluded | fit.filled
     arkit = arkit_curves(tracking.blendshapes, tracking.blendshape_names, ~occluded, src.fps)
     activity = activity if activity is not None else np.zeros(n, np.float32)
     arrays = result_arrays(fit, arkit, conf, occluded, activity, write_vertices=write_vertices, lips=lips)

@@ -4,7 +4,7 @@ not trusted (docs/fine_stage.md).
 
 This is the training side of :mod:`avface.models.fine`, beside the other networks' training
 (:mod:`avface.train.adapt` adapts the coarse networks the same way), kept apart from
-:mod:`avface.fine` (losses and maps) so that inference needs no optimiser.
+:mod:`avface.stages.detail.fine` (losses and maps) so that inference needs no optimiser.
 
 Frames are split into training frames and held-out frames (every ``holdout_stride``-th
 frame): held-out frames never reach the optimiser, so the photometric residuals reported on
@@ -20,9 +20,18 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from avface import shading, uvspace
-from avface.fine import ClipUV, FineLossConfig, carry_displacement, fine_loss, masked_gaussian, photo_residual
 from avface.models.fine import DetailNet, FineNetConfig
+from avface.stages.detail import shading, uvspace
+from avface.stages.detail.fine import (
+    ClipUV,
+    FineLossBatch,
+    FineLossConfig,
+    TexelLayout,
+    carry_displacement,
+    fine_loss,
+    masked_gaussian,
+    photo_residual,
+)
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +67,7 @@ class FineAdaptConfig:
     residual. 0 keeps the fitted albedo as it is."""
     shading_prior: float = 0.05
     """Pull of the shading-implied normals towards the coarse normals
-    (:func:`avface.shading.shading_normals`)."""
+    (:func:`avface.stages.detail.shading.shading_normals`)."""
     frame_weight: bool = True
     """Scale a batch's loss by the share of its frames that are trusted, so that every frame
     weighs what it weighs in a full batch. Without it, a batch that lost frames to a hand
@@ -106,37 +115,68 @@ def _split(n_frames: int, stride: int) -> tuple[np.ndarray, np.ndarray]:
     return np.setdiff1d(idx, held), held
 
 
-def adapt_clip(clip: ClipUV, vertices: torch.Tensor, faces, raster: uvspace.UVRaster, audio: torch.Tensor | None,
-               cfg: FineAdaptConfig = FineAdaptConfig(), *, net: DetailNet | None = None,
-               mirror: tuple[np.ndarray, np.ndarray] | None = None, progress=None,
-               shading_fit: tuple[torch.Tensor, torch.Tensor] | None = None, predict: bool = True,
-               extra_loss=None) -> FineAdaptResult:
-    """Fit the fine stage to one clip.
+@dataclass(frozen=True, eq=False)
+class AdaptInputs:
+    """One clip as the fine stage's adaptation reads it."""
 
-    clip: the unwrapped frames (:func:`avface.fine.unwrap_clip`); vertices: (T, V, 3) the
-    same camera-frame vertices; audio: (T, A) per-frame audio features (A = the network's
-    ``audio_dim``), or None for silence; net: a network to start from (the generic
-    checkpoint's), else a fresh one; mirror: :func:`avface.uvspace.mirror_texels` of the
-    model, or None for no symmetry term. ``progress(fraction)`` is called now and then.
-    shading_fit: (albedo, sh) of an earlier call on the same clip (the result's), to skip
-    the shading fit; predict: False skips the prediction of every frame (training on a
-    corpus, :mod:`avface.train.fine_generic`): the result's displacement is then empty;
-    extra_loss(frames, D, trust) -> scalar: a term added to every step's loss (the corpus's
-    supervision by its true height).
-    """
-    t0 = time.perf_counter()
-    n_frames = clip.image.shape[0]
-    device = vertices.device
-    if vertices.shape[0] != n_frames:
-        raise ValueError(f"{vertices.shape[0]} vertex sets for {n_frames} unwrapped frames")
-    net = net if net is not None else DetailNet(cfg.net, seed=cfg.seed).to(device)
-    net_cfg = net.cfg
+    uv: ClipUV
+    """The unwrapped frames (:func:`avface.stages.detail.fine.unwrap_clip`)."""
+    vertices: torch.Tensor
+    """(T, V, 3) the same camera-frame vertices."""
+    faces: object
+    """(F, 3) the mesh's triangles."""
+    raster: uvspace.UVRaster
+    """The UV layout the frames were unwrapped into."""
+    audio: torch.Tensor | None = None
+    """(T, A) per-frame audio features (A = the network's ``audio_dim``), or None for silence."""
+    mirror: tuple[np.ndarray, np.ndarray] | None = None
+    """:func:`avface.stages.detail.uvspace.mirror_texels` of the model, or None for no
+    symmetry term."""
+
+
+@dataclass(frozen=True, eq=False)
+class _ClipTensors:
+    """What every phase of :func:`adapt_clip` reads of the clip, on the device."""
+
+    inputs: AdaptInputs
+    device: torch.device
+    audio: torch.Tensor  #: (T, A), zeros for silence
+    layout: TexelLayout  #: covered texels and the mirror map
+    trust_all: torch.Tensor  #: (T, S, S) the clip's trust times the covered texels
+    trusted: torch.Tensor  #: (T, S, S) bool, trust_all >= min_trust
+    min_trust: float
+
+    @property
+    def n_frames(self) -> int:
+        return self.inputs.uv.image.shape[0]
+
+    def geometry(self, idx):
+        return uvspace.texel_geometry(self.inputs.raster, self.inputs.faces,
+                                      self.inputs.vertices[torch.as_tensor(idx, device=self.device)].float())
+
+
+@dataclass(frozen=True)
+class _FrameSplit:
+    """Which frames train (and in which order the batches draw them), and which are held out."""
+
+    candidates: np.ndarray  #: the frames the batches are drawn from
+    held: np.ndarray  #: the held-out frames
+    train: np.ndarray  #: the candidates with a trusted texel
+    usable_frame: np.ndarray  #: (T,) bool, True on ``train``
+
+
+def _clip_tensors(inputs: AdaptInputs, net_cfg: FineNetConfig, cfg: FineAdaptConfig) -> _ClipTensors:
+    """The clip on the device; refuses audio features of the wrong shape."""
+    n_frames = inputs.uv.image.shape[0]
+    device = inputs.vertices.device
+    audio = inputs.audio
     if audio is None:
         audio = torch.zeros(n_frames, net_cfg.audio_dim, device=device)
     if audio.shape != (n_frames, net_cfg.audio_dim):
         raise ValueError(f"expected ({n_frames}, {net_cfg.audio_dim}) audio features, got {tuple(audio.shape)}")
-    covered = uvspace.texel_mask(raster, device)
-    size = raster.size
+    covered = uvspace.texel_mask(inputs.raster, device)
+    size = inputs.raster.size
+    mirror = inputs.mirror
     if mirror is None:
         mirror_idx = torch.zeros(size, size, dtype=torch.long, device=device)
         mirror_ok = torch.zeros(size, size, dtype=torch.bool, device=device)
@@ -144,8 +184,15 @@ def adapt_clip(clip: ClipUV, vertices: torch.Tensor, faces, raster: uvspace.UVRa
         mirror_idx = torch.as_tensor(mirror[0], device=device)
         mirror_ok = torch.as_tensor(mirror[1], device=device)
     min_trust = cfg.loss.min_trust
-    trust_all = clip.trust.to(device) * covered  # (T, S, S), on the device (the frames stay where they are)
+    trust_all = inputs.uv.trust.to(device) * covered  # (T, S, S), on the device (the frames stay where they are)
     trusted = trust_all >= min_trust
+    return _ClipTensors(inputs, device, audio, TexelLayout(covered, mirror_idx, mirror_ok), trust_all, trusted,
+                        min_trust)
+
+
+def _frame_split(c: _ClipTensors, cfg: FineAdaptConfig) -> _FrameSplit:
+    """The training and held-out frames; ValueError when no frame has a trusted texel."""
+    n_frames, trusted, device = c.n_frames, c.trusted, c.device
     # The candidate training frames and the order of the batches depend only on the clip's
     # length and the seed, not on which frames are trusted: the same clip with a hand over
     # its mouth trains on the same frames in the same order, less the hand's, so the two
@@ -164,35 +211,37 @@ def adapt_clip(clip: ClipUV, vertices: torch.Tensor, faces, raster: uvspace.UVRa
         raise ValueError("no frame has a trusted texel: nothing to learn detail from")
     usable_frame = np.zeros(n_frames, bool)
     usable_frame[train] = True
+    return _FrameSplit(candidates, held, train, usable_frame)
 
-    def geometry(idx):
-        return uvspace.texel_geometry(raster, faces, vertices[torch.as_tensor(idx, device=device)].float())
 
-    phases: dict[str, float] = {}
-    tp = time.perf_counter()
-    if shading_fit is not None:
-        albedo, sh = (t.to(device) for t in shading_fit)
-    else:
-        # 1. the clip's albedo and light, on coarse normals, from training frames only
-        sfr = train[np.linspace(0, len(train) - 1, min(cfg.shading_frames, len(train))).round().astype(int)]
-        _, n_s = geometry(sfr)
-        fit = shading.fit_shading(clip.frames(torch.as_tensor(sfr)).to(device), n_s,
-                                  trusted[torch.as_tensor(sfr, device=device)], seed=cfg.seed)
-        albedo = blur_masked(fit.albedo, fit.albedo.abs().sum(-1) > 0, cfg.albedo_blur_texels * size / 256.0)
-        clip_light = fit.sh.mean(0)
-        # every frame's own light under that albedo (held-out frames too: they are evaluated)
-        sh = torch.empty(n_frames, shading.N_SH, 3, dtype=albedo.dtype, device=device)
-        for s0 in range(0, n_frames, 32):
-            idx = np.arange(s0, min(s0 + 32, n_frames))
-            _, n_c = geometry(idx)
-            sh[idx] = shading.fit_lighting(clip.frames(torch.as_tensor(idx)).to(device), albedo, n_c,
-                                           trusted[torch.as_tensor(idx, device=device)], prior=clip_light,
-                                           prior_weight=shading.LIGHT_TIE)
-    phases["shading"] = time.perf_counter() - tp
-    tp = time.perf_counter()
-    # 2. train. The shading-implied normals depend only on the frame, the albedo and the
-    # light, all fixed while training: solved once per frame on first use, kept as float16.
+def _fit_clip_shading(c: _ClipTensors, train: np.ndarray, cfg: FineAdaptConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(albedo (S, S, 3), sh (T, 9, 3)): the clip's albedo and light on coarse normals, from
+    training frames only, then every frame's own light under that albedo."""
+    clip, n_frames, trusted, device = c.inputs.uv, c.n_frames, c.trusted, c.device
+    size = c.inputs.raster.size
+    sfr = train[np.linspace(0, len(train) - 1, min(cfg.shading_frames, len(train))).round().astype(int)]
+    _, n_s = c.geometry(sfr)
+    fit = shading.fit_shading(clip.frames(torch.as_tensor(sfr)).to(device), n_s,
+                              trusted[torch.as_tensor(sfr, device=device)], seed=cfg.seed)
+    albedo = blur_masked(fit.albedo, fit.albedo.abs().sum(-1) > 0, cfg.albedo_blur_texels * size / 256.0)
+    clip_light = fit.sh.mean(0)
+    # every frame's own light under that albedo (held-out frames too: they are evaluated)
+    sh = torch.empty(n_frames, shading.N_SH, 3, dtype=albedo.dtype, device=device)
+    for s0 in range(0, n_frames, 32):
+        idx = np.arange(s0, min(s0 + 32, n_frames))
+        _, n_c = c.geometry(idx)
+        sh[idx] = shading.fit_lighting(clip.frames(torch.as_tensor(idx)).to(device), albedo, n_c,
+                                       trusted[torch.as_tensor(idx, device=device)], prior=clip_light,
+                                       prior_weight=shading.LIGHT_TIE)
+    return albedo, sh
+
+
+def _shading_targets(c: _ClipTensors, albedo: torch.Tensor, sh: torch.Tensor, cfg: FineAdaptConfig):
+    """(idx, image, normals, trust) -> the shading-implied normals of frames ``idx``. They
+    depend only on the frame, the albedo and the light, all fixed while training: solved
+    once per frame on first use, kept as float16."""
     cache: dict[int, torch.Tensor] = {}
+    device, min_trust = c.device, c.min_trust
 
     def shading_targets(idx, image, normals, trust):
         todo = [j for j, t in enumerate(idx) if int(t) not in cache]
@@ -205,6 +254,15 @@ def adapt_clip(clip: ClipUV, vertices: torch.Tensor, faces, raster: uvspace.UVRa
                 cache[int(idx[j])] = target.half()
         return torch.stack([cache[int(t)] for t in idx]).to(normals.dtype)
 
+    return shading_targets
+
+
+def _train(net: DetailNet, c: _ClipTensors, split: _FrameSplit, albedo: torch.Tensor, sh: torch.Tensor,
+           cfg: FineAdaptConfig, *, extra_loss=None, progress=None) -> list:
+    """Train ``net`` on the clip's training frames; returns the per-step losses."""
+    clip, device, min_trust, covered = c.inputs.uv, c.device, c.min_trust, c.layout.covered
+    candidates, usable_frame = split.candidates, split.usable_frame
+    shading_targets = _shading_targets(c, albedo, sh, cfg)
     net.train()
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     rng = np.random.default_rng(cfg.seed)
@@ -215,15 +273,14 @@ def adapt_clip(clip: ClipUV, vertices: torch.Tensor, faces, raster: uvspace.UVRa
         if len(idx) == 0:  # every frame of this batch untrusted: no step (the draws stay in step)
             continue
         ti = torch.as_tensor(idx, device=device)
-        points, normals = geometry(idx)
+        points, normals = c.geometry(idx)
         image = clip.frames(torch.as_tensor(idx)).to(device)
-        trust = trust_all[ti]
+        trust = c.trust_all[ti]
         target = shading_targets(idx, image, normals, trust)
-        d = net(image, normals, trust >= min_trust, audio[ti])
+        d = net(image, normals, trust >= min_trust, c.audio[ti])
         nd = uvspace.detail_normals(points, normals, d, covered)
-        loss, _ = fine_loss(cfg.loss, image_uv=image, albedo=albedo, sh=sh[ti], detail_normals=nd,
-                            shading_normals=target, displacement=d, trust=trust, covered=covered, mirror=mirror_idx,
-                            mirror_ok=mirror_ok)
+        loss, _ = fine_loss(cfg.loss, FineLossBatch(image_uv=image, albedo=albedo, sh=sh[ti], detail_normals=nd,
+                                                    shading_normals=target, displacement=d, trust=trust), c.layout)
         if extra_loss is not None:
             loss = loss + extra_loss(idx, d, trust)
         if cfg.frame_weight:  # a batch that lost frames to a hand teaches the rest no harder
@@ -234,13 +291,15 @@ def adapt_clip(clip: ClipUV, vertices: torch.Tensor, faces, raster: uvspace.UVRa
         losses.append(float(loss.detach()))
         if progress is not None and step % 20 == 0:
             progress(0.9 * step / max(cfg.steps, 1))
+    return losses
 
-    phases["train"] = time.perf_counter() - tp
-    if not predict:
-        return FineAdaptResult(np.zeros((0, size, size), np.float32), net, albedo, sh, train, held, losses,
-                               seconds=time.perf_counter() - t0, phase_seconds=phases)
-    tp = time.perf_counter()
-    # 3. predict every frame, carry D over what was not trusted, measure the held-out frames
+
+def _predict(net: DetailNet, c: _ClipTensors, held: np.ndarray, albedo: torch.Tensor, sh: torch.Tensor,
+             cfg: FineAdaptConfig) -> tuple[np.ndarray, float, float, float]:
+    """(D (T, S, S) of every frame, not yet carried; the held-out frames' coarse and detail
+    photometric residuals, each summed with the frame's trusted texel count; that count's sum)."""
+    clip, device, min_trust, covered = c.inputs.uv, c.device, c.min_trust, c.layout.covered
+    n_frames, size = c.n_frames, c.inputs.raster.size
     net.eval()
     out = np.zeros((n_frames, size, size), np.float32)
     res_c = res_d = w_sum = 0.0
@@ -249,10 +308,10 @@ def adapt_clip(clip: ClipUV, vertices: torch.Tensor, faces, raster: uvspace.UVRa
         for s0 in range(0, n_frames, cfg.batch):
             idx = np.arange(s0, min(s0 + cfg.batch, n_frames))
             ti = torch.as_tensor(idx, device=device)
-            points, normals = geometry(idx)
+            points, normals = c.geometry(idx)
             image = clip.frames(torch.as_tensor(idx)).to(device)
-            trust = trust_all[ti]
-            d = net(image, normals, trust >= min_trust, audio[ti]) * covered
+            trust = c.trust_all[ti]
+            d = net(image, normals, trust >= min_trust, c.audio[ti]) * covered
             out[idx] = d.cpu().numpy()
             for j, t in enumerate(idx):
                 if t in held_set:
@@ -264,7 +323,55 @@ def adapt_clip(clip: ClipUV, vertices: torch.Tensor, faces, raster: uvspace.UVRa
                     res_c += nw * photo_residual(image[j:j + 1], albedo, sh[t:t + 1], normals[j:j + 1], w)
                     res_d += nw * photo_residual(image[j:j + 1], albedo, sh[t:t + 1], nd, w)
                     w_sum += nw
-    out = carry_displacement(out, trusted.cpu().numpy()) * raster.mask
+    return out, res_c, res_d, w_sum
+
+
+def adapt_clip(inputs: AdaptInputs, cfg: FineAdaptConfig = FineAdaptConfig(), *, net: DetailNet | None = None,
+               progress=None, shading_fit: tuple[torch.Tensor, torch.Tensor] | None = None, predict: bool = True,
+               extra_loss=None) -> FineAdaptResult:
+    """Fit the fine stage to one clip.
+
+    inputs: the clip (:class:`AdaptInputs`: the unwrapped frames, the same camera-frame
+    vertices, the layout, the audio features or None for silence, the mirror map or None for
+    no symmetry term); net: a network to start from (the generic checkpoint's), else a fresh
+    one. ``progress(fraction)`` is called now and then. shading_fit: (albedo, sh) of an
+    earlier call on the same clip (the result's), to skip the shading fit; predict: False
+    skips the prediction of every frame (training on a corpus,
+    :mod:`avface.train.fine_generic`): the result's displacement is then empty;
+    extra_loss(frames, D, trust) -> scalar: a term added to every step's loss (the corpus's
+    supervision by its true height).
+    """
+    t0 = time.perf_counter()
+    n_frames = inputs.uv.image.shape[0]
+    device = inputs.vertices.device
+    if inputs.vertices.shape[0] != n_frames:
+        raise ValueError(f"{inputs.vertices.shape[0]} vertex sets for {n_frames} unwrapped frames")
+    net = net if net is not None else DetailNet(cfg.net, seed=cfg.seed).to(device)
+    c = _clip_tensors(inputs, net.cfg, cfg)
+    size = inputs.raster.size
+    split = _frame_split(c, cfg)
+    train, held = split.train, split.held
+
+    phases: dict[str, float] = {}
+    tp = time.perf_counter()
+    if shading_fit is not None:
+        albedo, sh = (t.to(device) for t in shading_fit)
+    else:
+        # 1. the clip's albedo and light, on coarse normals, from training frames only
+        albedo, sh = _fit_clip_shading(c, train, cfg)
+    phases["shading"] = time.perf_counter() - tp
+    tp = time.perf_counter()
+    # 2. train
+    losses = _train(net, c, split, albedo, sh, cfg, extra_loss=extra_loss, progress=progress)
+
+    phases["train"] = time.perf_counter() - tp
+    if not predict:
+        return FineAdaptResult(np.zeros((0, size, size), np.float32), net, albedo, sh, train, held, losses,
+                               seconds=time.perf_counter() - t0, phase_seconds=phases)
+    tp = time.perf_counter()
+    # 3. predict every frame, carry D over what was not trusted, measure the held-out frames
+    out, res_c, res_d, w_sum = _predict(net, c, held, albedo, sh, cfg)
+    out = carry_displacement(out, c.trusted.cpu().numpy()) * inputs.raster.mask
     phases["predict"] = time.perf_counter() - tp
     result = FineAdaptResult(out.astype(np.float32), net, albedo, sh, train, held, losses,
                              res_c / w_sum if w_sum else math.nan, res_d / w_sum if w_sum else math.nan,

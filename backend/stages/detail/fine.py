@@ -1,14 +1,14 @@
 """The fine stage's losses, the carrying of detail across occlusions, and the detail maps of
-the result (DESIGN.md sections 2.3 and 5; docs/fine_stage.md).
+the result (docs/design.md sections 2 and 5; docs/fine_stage.md).
 
 Losses (AVFace's fine loss without ID-MRF, see docs/fine_stage.md), all in UV space:
 
     L = photometric + lambda_n * normal + lambda_s * symmetry + lambda_d * |D|_1
 
 - photometric: mean |albedo * shading(n_d) - I| over trusted texels, n_d the normals of the
-  detailed surface (:func:`avface.uvspace.detail_normals`);
+  detailed surface (:func:`avface.stages.detail.uvspace.detail_normals`);
 - normal: mean |Lap(n_d) - Lap(n_s)| with n_s the normals that the frame's shading implies
-  (:func:`avface.shading.shading_normals`), the pseudo ground truth that replaces the
+  (:func:`avface.stages.detail.shading.shading_normals`), the pseudo ground truth that replaces the
   paper's pretrained normal network; Laplacians over the 4-neighbourhood of the texel grid;
 - symmetry: mean |D - D(mirror)| over texels whose mirror image is on the face;
 - |D|_1: mean |D| over the face, metres.
@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -35,17 +35,26 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import OutputError, SchemaError
-from . import shading
-from .result import ensure_writable
-from .shading import render
+from avface.errors import OutputError, SchemaError
+from avface.result import ensure_writable
+from avface.result.detail_maps import (  # noqa: F401
+    DETAIL_DIR,
+    DETAIL_FORMAT,
+    DETAIL_PATTERN,
+    DetailEncoding,
+    check_detail_maps,
+    detail_files,
+    detail_path,
+)
+from avface.stages.detail import shading
+from avface.stages.detail.shading import render
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class FineLossConfig:
-    """Weights of the fine loss; the defaults are the paper's (DESIGN.md section 2), with D in
+    """Weights of the fine loss; the defaults are the paper's (docs/design.md section 2), with D in
     metres as in DECA, whose detail stage AVFace's follows."""
 
     w_photo: float = 1.0
@@ -133,7 +142,7 @@ def normal_loss(normals: torch.Tensor, target: torch.Tensor, weight: torch.Tenso
 
 def symmetry_loss(displacement: torch.Tensor, mirror: torch.Tensor, mirror_ok: torch.Tensor) -> torch.Tensor:
     """Mean |D - D(mirror)| over texels whose mirror is on the face. displacement: (B, S, S);
-    mirror: (S, S) long flat texel index (:func:`avface.uvspace.mirror_texels`); mirror_ok:
+    mirror: (S, S) long flat texel index (:func:`avface.stages.detail.uvspace.mirror_texels`); mirror_ok:
     (S, S) bool."""
     b = displacement.shape[0]
     flat = displacement.reshape(b, -1)
@@ -146,16 +155,50 @@ def displacement_l1(displacement: torch.Tensor, covered: torch.Tensor) -> torch.
     return _masked_mean(displacement.abs(), covered.expand_as(displacement).float())
 
 
-def fine_loss(cfg: FineLossConfig, *, image_uv: torch.Tensor, albedo: torch.Tensor, sh: torch.Tensor,
-              detail_normals: torch.Tensor, shading_normals: torch.Tensor, displacement: torch.Tensor,
-              trust: torch.Tensor, covered: torch.Tensor, mirror: torch.Tensor, mirror_ok: torch.Tensor
-              ) -> tuple[torch.Tensor, dict[str, float]]:
+@dataclass(frozen=True, eq=False)
+class FineLossBatch:
+    """A batch of frames as the fine loss reads them, all in UV space."""
+
+    image_uv: torch.Tensor
+    """(B, S, S, C) the unwrapped frames, [0, 1]."""
+    albedo: torch.Tensor
+    """(S, S, C) the clip's albedo."""
+    sh: torch.Tensor
+    """(B, 9, C) each frame's light."""
+    detail_normals: torch.Tensor
+    """(B, S, S, 3) the normals of the detailed surface."""
+    shading_normals: torch.Tensor
+    """(B, S, S, 3) the normals the frames' shading implies (the normal term's target)."""
+    displacement: torch.Tensor
+    """(B, S, S) D, metres."""
+    trust: torch.Tensor
+    """(B, S, S) bool or confidence in [0, 1]: visible, facing and not occluded."""
+
+
+@dataclass(frozen=True, eq=False)
+class TexelLayout:
+    """The UV layout's texels as the fine loss reads them: the same for every frame."""
+
+    covered: torch.Tensor
+    """(S, S) bool texels of the layout."""
+    mirror: torch.Tensor
+    """(S, S) long flat index of each texel's mirror image
+    (:func:`avface.stages.detail.uvspace.mirror_texels`)."""
+    mirror_ok: torch.Tensor
+    """(S, S) bool: the texel's mirror image is on the face."""
+
+
+def fine_loss(cfg: FineLossConfig, batch: FineLossBatch, layout: TexelLayout) -> tuple[torch.Tensor, dict[str, float]]:
     """The fine stage's loss for a batch of frames. Returns (total, {term: value}).
 
-    trust: (B, S, S) bool or confidence in [0, 1]: visible, facing and not occluded;
-    covered: (S, S) bool texels of the layout. Untrusted texels get no photometric and no
-    normal loss; D is regularised everywhere on the face.
+    Untrusted texels of ``batch`` (``batch.trust`` below ``cfg.min_trust``) get no
+    photometric and no normal loss; D is regularised everywhere on the face
+    (``layout.covered``).
     """
+    image_uv, albedo, sh = batch.image_uv, batch.albedo, batch.sh
+    detail_normals, shading_normals = batch.detail_normals, batch.shading_normals
+    displacement, trust = batch.displacement, batch.trust
+    covered, mirror, mirror_ok = layout.covered, layout.mirror, layout.mirror_ok
     w = _weight(trust, cfg.min_trust) * covered.float()
     terms = {
         "photometric": photometric_loss(image_uv, albedo, sh, detail_normals, w),
@@ -201,7 +244,7 @@ def carry_displacement(displacement: np.ndarray, trusted: np.ndarray) -> np.ndar
 class ClipUV:
     """A clip's frames unwrapped into UV space, with how far each texel is trusted. The
     geometry (V_c, N_c) is not stored: it is recomputed from the vertices per batch
-    (:func:`avface.uvspace.texel_geometry`), which costs less than holding it at 512^2."""
+    (:func:`avface.stages.detail.uvspace.texel_geometry`), which costs less than holding it at 512^2."""
 
     image: torch.Tensor  #: (T, S, S, 3) uint8, the unwrapped frames (RGB)
     trust: torch.Tensor  #: (T, S, S) float32 in [0, 1]: visible x confidence; 0 = no evidence
@@ -218,10 +261,10 @@ def unwrap_clip(frames, vertices: torch.Tensor, faces, raster, intrinsics, *, co
     frames: an iterable of (H, W, 3) uint8 RGB frames (a decoder's stream, or an array
     (T, H, W, 3)); vertices: (T, V, 3) camera-frame coarse (+ lips) vertices, the result's
     ``vertices``; intrinsics: (3, 3); confidence: (T, S, S) per-texel visual confidence
-    (:func:`avface.uvspace.confidence_map`), or None to trust every visible texel. Frames are
+    (:func:`avface.stages.detail.uvspace.confidence_map`), or None to trust every visible texel. Frames are
     processed ``chunk`` at a time, so memory holds one chunk of full frames.
     """
-    from . import uvspace
+    from avface.stages.detail import uvspace
 
     k = torch.as_tensor(np.asarray(intrinsics), dtype=torch.float32, device=vertices.device)
     covered = uvspace.texel_mask(raster, vertices.device)
@@ -363,7 +406,7 @@ def shaded_detail_panel(vertices: torch.Tensor, faces, raster, intrinsics, image
     normals when ``displacement`` (S, S) metres is given, the coarse ones otherwise: the
     preview's second panel and the report's before/after pictures. vertices: (V, 3) camera
     frame; the background is black."""
-    from . import uvspace
+    from avface.stages.detail import uvspace
 
     v = vertices[None].float()
     points, normals = uvspace.texel_geometry(raster, faces, v)
@@ -378,66 +421,6 @@ def shaded_detail_panel(vertices: torch.Tensor, faces, raster, intrinsics, image
 
 
 # --------------------------------------------------------------------------- detail maps
-
-DETAIL_DIR = "detail"
-DETAIL_FORMAT = "png16"
-DETAIL_PATTERN = "frame_{:06d}.png"
-_PNG_MAX = 65535
-
-
-@dataclass(frozen=True)
-class DetailEncoding:
-    """How a 16-bit PNG value maps to a displacement, as the result contract (``meta.detail``)
-    and Blender's Displace modifier read it: D = (value / 65535 - midlevel) * metres_per_unit
-    metres along the coarse mesh's normal (V_d = V_c + D * N_c). The add-on sets the
-    modifier's Midlevel to ``midlevel`` and its Strength to ``metres_per_unit``."""
-
-    map_size: int  #: maps are map_size x map_size texels over the model's UV layout, row 0 at v = 1
-    metres_per_unit: float  #: metres per unit of the normalised value (value / 65535)
-    midlevel: float = 0.5  #: the normalised value of zero displacement
-    format: str = DETAIL_FORMAT
-    n_maps: int = 0  #: one per frame
-    folder: str = DETAIL_DIR
-
-    @classmethod
-    def for_range(cls, size: int, max_displacement_m: float, n_maps: int = 0) -> "DetailEncoding":
-        """+-max_displacement_m over the whole 16 bits, zero at midlevel 0.5 (a step of
-        2 max_displacement_m / 65535: 0.3 micrometres for 10 mm)."""
-        if max_displacement_m <= 0:
-            raise ValueError(f"max_displacement_m must be positive, got {max_displacement_m}")
-        return cls(int(size), 2.0 * float(max_displacement_m), 0.5, DETAIL_FORMAT, int(n_maps))
-
-    def to_meta(self) -> dict:
-        """meta.detail (the contract's keys; ``pattern`` names the files)."""
-        return {**asdict(self), "pattern": DETAIL_PATTERN}
-
-    @classmethod
-    def from_meta(cls, meta: dict) -> "DetailEncoding":
-        try:
-            enc = cls(int(meta["map_size"]), float(meta["metres_per_unit"]), float(meta.get("midlevel", 0.5)),
-                      str(meta.get("format", DETAIL_FORMAT)), int(meta.get("n_maps", 0)),
-                      str(meta.get("folder", DETAIL_DIR)))
-        except (KeyError, TypeError, ValueError) as e:
-            raise SchemaError(f"meta.detail is incomplete or malformed ({e}); expected map_size, metres_per_unit, "
-                              f"midlevel, format, n_maps and folder") from e
-        if enc.map_size < 1 or not enc.metres_per_unit > 0 or enc.format != DETAIL_FORMAT:
-            raise SchemaError(f"meta.detail: map_size {enc.map_size} and metres_per_unit {enc.metres_per_unit} must "
-                              f"be positive and format {DETAIL_FORMAT!r}, got {enc.format!r}")
-        return enc
-
-    def encode(self, displacement: np.ndarray) -> np.ndarray:
-        """(S, S) metres -> (S, S) uint16 (clipped to the range)."""
-        v = np.rint((np.asarray(displacement, np.float64) / self.metres_per_unit + self.midlevel) * _PNG_MAX)
-        return np.clip(v, 0, _PNG_MAX).astype(np.uint16)
-
-    def decode(self, values: np.ndarray) -> np.ndarray:
-        """(S, S) uint16 -> (S, S) float32 metres."""
-        return ((np.asarray(values, np.float64) / _PNG_MAX - self.midlevel) * self.metres_per_unit).astype(np.float32)
-
-
-def detail_path(out_dir, frame: int) -> Path:
-    return Path(out_dir) / DETAIL_DIR / DETAIL_PATTERN.format(frame)
-
 
 def write_detail_maps(out_dir, displacement: np.ndarray, encoding: DetailEncoding) -> list[Path]:
     """Write (T, S, S) displacement maps (metres) as ``out_dir/detail/frame_NNNNNN.png``,
@@ -467,21 +450,3 @@ def read_detail_map(path, encoding: DetailEncoding) -> np.ndarray:
     if values.shape != (encoding.map_size, encoding.map_size):
         raise SchemaError(f"{path}: expected {encoding.map_size} x {encoding.map_size} texels, got {values.shape}")
     return encoding.decode(values)
-
-
-def detail_files(out_dir, folder: str = DETAIL_DIR) -> list[Path]:
-    """The maps in a result folder's ``folder`` (meta.detail's), in frame order (sorted by
-    name, as the add-on and the exporters read them)."""
-    path = Path(out_dir) / folder
-    return sorted(path.glob("*.png")) if path.is_dir() else []
-
-
-def check_detail_maps(out_dir, encoding: DetailEncoding, n_frames: int) -> None:
-    """Validate a result's detail maps: one per frame, no more, each a 16-bit greyscale PNG at
-    the stated size. SchemaError says what is wrong."""
-    found = detail_files(out_dir, encoding.folder)
-    if encoding.n_maps != n_frames or len(found) != n_frames:
-        raise SchemaError(f"{Path(out_dir) / encoding.folder}: expected {n_frames} maps (one per frame), meta says "
-                          f"{encoding.n_maps} and the folder holds {len(found)}")
-    for p in found:
-        read_detail_map(p, encoding)

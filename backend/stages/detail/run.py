@@ -3,8 +3,8 @@ every frame unwrapped into UV space, the detail network adapted to the clip's tr
 texels, one displacement map per frame carried over what was not trusted, written as the
 result's ``detail/`` maps.
 
-The pieces live in :mod:`avface.uvspace` (rasterising, unwrapping, visibility),
-:mod:`avface.fine` (losses, carrying, the 16-bit maps) and :mod:`avface.train.fine` (the
+The pieces live in :mod:`avface.stages.detail.uvspace` (rasterising, unwrapping, visibility),
+:mod:`avface.stages.detail.fine` (losses, carrying, the 16-bit maps) and :mod:`avface.stages.detail.adapt` (the
 per-clip adaptation); this module strings them together for :mod:`avface.pipeline` and the
 benchmark's ``av_full`` method.
 """
@@ -15,12 +15,12 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 
-from .config import DetailStageConfig
-from .errors import CancelledError
+from avface.config import DetailStageConfig
+from avface.errors import CancelledError
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def mouth_texels(raster, model, radius: float = MOUTH_RADIUS) -> np.ndarray:
     of the lips' centre."""
     import torch
 
-    from . import uvspace
+    from avface.stages.detail import uvspace
 
     d = mouth_distance(model.neutral_vertices(None), model.lip_vertex_ids)
     texel_d = uvspace.interpolate(raster, np.asarray(model.faces), torch.as_tensor(d, dtype=torch.float32)[None, :, None],
@@ -93,11 +93,11 @@ class DetailRun:
     """(T, S, S) float32 metres along the coarse normal, carried over untrusted texels, with a
     gutter around the UV islands."""
     encoding: object
-    """The maps' :class:`~avface.fine.DetailEncoding`."""
+    """The maps' :class:`~avface.stages.detail.fine.DetailEncoding`."""
     raster: object
-    """The layout's :class:`~avface.uvspace.UVRaster`."""
+    """The layout's :class:`~avface.stages.detail.uvspace.UVRaster`."""
     adapt: object
-    """The :class:`~avface.train.fine.FineAdaptResult` (network, albedo, light, residuals)."""
+    """The :class:`~avface.stages.detail.adapt.FineAdaptResult` (network, albedo, light, residuals)."""
     meta: dict
     """The record for ``meta.detail`` besides the encoding."""
     vertices: np.ndarray
@@ -105,60 +105,115 @@ class DetailRun:
     along its normals."""
 
 
-def run_detail(frames, vertices: np.ndarray, model, intrinsics: np.ndarray, mouth_conf: np.ndarray,
-               detected: np.ndarray, audio: np.ndarray | None, config: DetailStageConfig = DetailStageConfig(), *,
-               device: str = "cpu", report: Callable[[float, str], None] | None = None,
-               should_cancel: Callable[[], bool] | None = None, start=None) -> DetailRun | None:
-    """The fine stage on one clip.
+@dataclass(frozen=True, eq=False)
+class DetailInputs:
+    """One clip as the fine stage reads it."""
 
-    frames: the clip's (H, W, 3) uint8 RGB frames in order (``media.iter_frames``);
-    vertices: (T, V, 3) the result's camera-frame coarse + lips mesh; mouth_conf: (T,) the
-    visual confidence of the mouth (the lower face's texels get it); detected: (T,) bool;
-    audio: (T, 64) the audio encoder's f_a (``NetworkRun.f_a``), or None; start: the
-    checkpoint's generic :class:`~avface.models.fine.DetailNet` (``AVFaceNetworks.fine``) to
-    adapt a copy of, or None for a fresh, seeded network. Returns None, with a warning, when
-    no frame has a texel to learn from (a face never seen).
-    """
+    frames: Iterable
+    """The clip's (H, W, 3) uint8 RGB frames in order (``media.iter_frames``)."""
+    vertices: np.ndarray
+    """(T, V, 3) the result's camera-frame coarse + lips mesh."""
+    model: object
+    """The fitted face model (its faces, UV layout, lips and rest shape)."""
+    intrinsics: np.ndarray
+    """(3, 3) the camera's."""
+    mouth_conf: np.ndarray
+    """(T,) the visual confidence of the mouth (the lower face's texels get it)."""
+    detected: np.ndarray
+    """(T,) bool: the tracker found the face."""
+    audio: np.ndarray | None = None
+    """(T, 64) the audio encoder's f_a (``NetworkRun.f_a``), or None."""
+
+
+@dataclass(frozen=True)
+class DetailHooks:
+    """How the fine stage reports its progress and learns that the job was cancelled."""
+
+    report: Callable[[float, str], None] | None = None
+    """``report(fraction, message)``, called now and then."""
+    should_cancel: Callable[[], bool] | None = None
+    """Polled; True stops the stage with CancelledError."""
+
+
+def _unwrap_trusted(clip: DetailInputs, raster, v, weights: np.ndarray, device: str,
+                    report: Callable[[float, str], None], should_cancel: Callable[[], bool] | None):
+    """(ClipUV, outliers (T,) bool, occluded (T,) bool): every frame unwrapped, its texels'
+    trust from the visual confidence, and the frames the stage finds occluded (its own
+    appearance outliers or the flagged ones) untrusted whole."""
     import torch
 
-    from . import uvspace
-    from .confidence import OCCLUDED_BELOW
-    from .fine import ClipUV, DetailEncoding, appearance_outlier_frames, unwrap_clip
-    from .train.fine import FineAdaptConfig, adapt_clip
-    from avface.models.fine import FineNetConfig
+    from avface.stages.confidence import OCCLUDED_BELOW
+    from avface.stages.detail import uvspace
+    from avface.stages.detail.fine import ClipUV, appearance_outlier_frames, unwrap_clip
 
-    t0 = time.perf_counter()
-    report = report or (lambda fraction, message: None)
-    n = len(vertices)
-    size = config.map_size or uvspace.default_uv_size(device)
-    faces = np.asarray(model.faces)
-    raster = uvspace.rasterise_uv(model.uv, model.uv_faces, size)
-    v = torch.as_tensor(np.asarray(vertices, np.float32), device=device)
-    weights = lower_face_weights(model.neutral_vertices(None), model.lip_vertex_ids)
+    n = len(clip.vertices)
+    faces = np.asarray(clip.model.faces)
+    mouth_conf, detected = clip.mouth_conf, clip.detected
     conf = uvspace.confidence_map(raster, faces, weights,
                                   torch.as_tensor(np.asarray(mouth_conf, np.float32), device=device)[:, None],
                                   torch.as_tensor(np.asarray(detected, np.float32), device=device))
 
     def stream():
-        for i, frame in enumerate(frames):
+        for i, frame in enumerate(clip.frames):
             if should_cancel is not None and should_cancel():
                 raise CancelledError("cancelled while unwrapping the frames")
             if i % 25 == 0:
                 report(0.25 * i / max(n, 1), "unwrapping the frames")
             yield frame
 
-    clip = unwrap_clip(stream(), v, faces, raster, intrinsics, confidence=conf)
+    uv = unwrap_clip(stream(), v, faces, raster, clip.intrinsics, confidence=conf)
     # the stage's own occlusion evidence: a lower face that does not look like itself (a
     # skin-toned hand the visual confidence missed) is not detail, and is carried over
     lower = uvspace.interpolate(raster, faces, torch.as_tensor(weights, device=device).T[None])[0, ..., 0]
     flagged = np.asarray(mouth_conf) < OCCLUDED_BELOW
-    outliers = appearance_outlier_frames(clip, lower > 0.5, reference=~flagged & np.asarray(detected, bool))
+    outliers = appearance_outlier_frames(uv, lower > 0.5, reference=~flagged & np.asarray(detected, bool))
     # a frame with something over the mouth teaches nothing anywhere (the occluder reaches
     # past the lower face: fingers over a cheek, a microphone's stand) and is carried whole
     occluded = outliers | flagged
     if occluded.any():
-        drop = torch.as_tensor(occluded, device=clip.trust.device)
-        clip = ClipUV(clip.image, torch.where(drop[:, None, None], torch.zeros_like(clip.trust), clip.trust))
+        drop = torch.as_tensor(occluded, device=uv.trust.device)
+        uv = ClipUV(uv.image, torch.where(drop[:, None, None], torch.zeros_like(uv.trust), uv.trust))
+    return uv, outliers, occluded
+
+
+def _adapt_progress(report: Callable[[float, str], None], should_cancel: Callable[[], bool] | None):
+    """The adaptation's ``progress(fraction)``: the stage's last 70 %, and a cancellation point."""
+
+    def progress(fraction):
+        if should_cancel is not None and should_cancel():
+            raise CancelledError("cancelled while adapting the detail")
+        report(0.25 + 0.7 * fraction, "adapting the detail network")
+
+    return progress
+
+
+def run_detail(clip: DetailInputs, config: DetailStageConfig = DetailStageConfig(), *, device: str = "cpu",
+               hooks: DetailHooks = DetailHooks(), start=None) -> DetailRun | None:
+    """The fine stage on one clip.
+
+    clip: the frames, mesh, model, camera, mouth confidence, detections and audio
+    (:class:`DetailInputs`); hooks: progress and cancellation (:class:`DetailHooks`); start:
+    the checkpoint's generic :class:`~avface.models.fine.DetailNet` (``AVFaceNetworks.fine``)
+    to adapt a copy of, or None for a fresh, seeded network. Returns None, with a warning,
+    when no frame has a texel to learn from (a face never seen).
+    """
+    import torch
+
+    from avface.models.fine import FineNetConfig
+    from avface.result import DetailEncoding
+    from avface.stages.detail import uvspace
+    from avface.stages.detail.adapt import AdaptInputs, FineAdaptConfig, adapt_clip
+
+    t0 = time.perf_counter()
+    report = hooks.report or (lambda fraction, message: None)
+    model, vertices, audio = clip.model, clip.vertices, clip.audio
+    n = len(vertices)
+    size = config.map_size or uvspace.default_uv_size(device)
+    faces = np.asarray(model.faces)
+    raster = uvspace.rasterise_uv(model.uv, model.uv_faces, size)
+    v = torch.as_tensor(np.asarray(vertices, np.float32), device=device)
+    weights = lower_face_weights(model.neutral_vertices(None), model.lip_vertex_ids)
+    uv, outliers, occluded = _unwrap_trusted(clip, raster, v, weights, device, report, hooks.should_cancel)
     t_unwrap = time.perf_counter() - t0
     net = None
     if start is not None:
@@ -170,14 +225,9 @@ def run_detail(frames, vertices: np.ndarray, model, intrinsics: np.ndarray, mout
                           net=net.cfg if net is not None else FineNetConfig())
     a = None if audio is None else torch.as_tensor(np.asarray(audio, np.float32), device=device)
     mirror = uvspace.mirror_texels(raster, faces, symmetric_rest(model))
-
-    def progress(fraction):
-        if should_cancel is not None and should_cancel():
-            raise CancelledError("cancelled while adapting the detail")
-        report(0.25 + 0.7 * fraction, "adapting the detail network")
-
+    progress = _adapt_progress(report, hooks.should_cancel)
     try:
-        res = adapt_clip(clip, v, faces, raster, a, cfg, net=net, mirror=mirror, progress=progress)
+        res = adapt_clip(AdaptInputs(uv, v, faces, raster, a, mirror), cfg, net=net, progress=progress)
     except ValueError as e:
         if "no frame has a trusted texel" not in str(e):
             raise
@@ -211,7 +261,7 @@ def clear_detail(out_dir: Path) -> None:
     """Remove the maps an earlier job left in ``out_dir/detail`` (every file the result's
     validator would count, ``fine.detail_files``): a result must never be read with another
     run's maps."""
-    from .fine import detail_files
+    from avface.result import detail_files
 
     for p in detail_files(out_dir):
         p.unlink()
@@ -220,7 +270,7 @@ def clear_detail(out_dir: Path) -> None:
 def write_detail(out_dir: Path, run: DetailRun) -> dict:
     """Write the maps into ``out_dir/detail`` (replacing an earlier job's) and return
     ``meta.detail``."""
-    from .fine import write_detail_maps
+    from avface.stages.detail.fine import write_detail_maps
 
     clear_detail(out_dir)
     write_detail_maps(out_dir, run.displacement, run.encoding)
@@ -233,7 +283,7 @@ def detail_panels(run: DetailRun, model, intrinsics: np.ndarray, image_size: tup
     preview's second panel."""
     import torch
 
-    from .fine import shaded_detail_panel
+    from avface.stages.detail.fine import shaded_detail_panel
 
     faces = np.asarray(model.faces)
 

@@ -1,4 +1,4 @@
-"""The fine stage's shading model (DESIGN.md section 3): a per-clip albedo in UV space and
+"""The fine stage's shading model (docs/design.md section 3): a per-clip albedo in UV space and
 9-coefficient spherical-harmonics lighting per frame, fitted to the unwrapped frames.
 
 Image formation, per texel p, frame t and colour channel c (Lambertian, distant light fixed
@@ -19,7 +19,7 @@ albedo from its shading; head motion under one light is what separates them, so 
 frame's light is tied to the clip's (:func:`fit_shading`). The frames are used as they come
 (sRGB values / 255, as DECA does), not linearised.
 
-Maps are channels-last torch tensors, as in :mod:`avface.uvspace`: images (T, S, S, C),
+Maps are channels-last torch tensors, as in :mod:`avface.stages.detail.uvspace`: images (T, S, S, C),
 normals (T, S, S, 3), masks (T, S, S) bool or weights in [0, 1].
 """
 from __future__ import annotations

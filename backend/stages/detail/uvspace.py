@@ -1,4 +1,4 @@
-"""UV-space machinery of the fine stage (DESIGN.md sections 2.3 and 3), with no rasteriser
+"""UV-space machinery of the fine stage (docs/design.md sections 2 and 3), with no rasteriser
 dependency: every fine-stage quantity lives on a texel grid over the model's UV layout.
 
 1. :func:`rasterise_uv` rasterises the mesh once in UV space: per texel, the triangle that
@@ -16,7 +16,7 @@ row 0 is the top of the image, as image files and Blender's image textures lay i
 
 Frames. Vertices and points passed here are in the OpenCV camera frame (x right, y down,
 z forward, metres; ``CoarseFit.camera_vertices``, the result's ``vertices``); pixels are
-continuous, pixel (x, y) covering [x, x + 1) x [y, y + 1), as ``avface.fit.project``.
+continuous, pixel (x, y) covering [x, x + 1) x [y, y + 1), as ``avface.stages.fit.project``.
 
 Maps are channels-last torch tensors ``(B, H, W, C)`` unless a docstring says otherwise; the
 network and ``grid_sample`` take channels-first ``(B, C, H, W)``.
@@ -263,7 +263,7 @@ def displace(points: torch.Tensor, normals: torch.Tensor, displacement: torch.Te
 
 
 def project(points: torch.Tensor, intrinsics: torch.Tensor) -> torch.Tensor:
-    """(..., 3) camera-frame points to (..., 2) continuous pixels (``avface.fit.project`` in torch)."""
+    """(..., 3) camera-frame points to (..., 2) continuous pixels (``avface.stages.fit.project`` in torch)."""
     k = _to_tensor(intrinsics, points, points.dtype)
     z = points[..., 2:3].clamp_min(1e-6)
     focal = torch.stack([k[..., 0, 0], k[..., 1, 1]], dim=-1)

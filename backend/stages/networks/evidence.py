@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from scipy.spatial.transform import Rotation
 
-from .geometry import backproject, turn_from_camera_deg, umeyama
-from .topology import N_MESH_VERTICES, OUTER_EYE_CORNERS, rigid_weights
+from avface.core.geometry import backproject, turn_from_camera_deg, umeyama
+from avface.core.topology import N_MESH_VERTICES, OUTER_EYE_CORNERS, rigid_weights
 
 #: Alignment rounds: similarity onto the neutral, then the neutral re-estimated.
 ALIGN_ROUNDS = 3
@@ -47,7 +47,7 @@ class HeadFrame:
 def head_frame(landmarks: np.ndarray, detected: np.ndarray, k: np.ndarray) -> HeadFrame:
     """Pose-normalise a clip's tracker landmarks (T, >=468, 3) pixels (NaN where undetected)
     seen by a camera with intrinsics ``k`` (3, 3). Each frame is back-projected to metric
-    points (the fit's :func:`~avface.geometry.backproject`: perspective, so a turning head
+    points (the fit's :func:`~avface.core.geometry.backproject`: perspective, so a turning head
     does not bend the mouth), then rigidly aligned onto the neutral."""
     from types import SimpleNamespace
 
@@ -147,9 +147,8 @@ def landmarks_from_offsets(offsets, frame: HeadFrame, k: np.ndarray, rotation: n
 
     The relative depth is (Z - head depth) * focal / head depth, as MediaPipe scales its z
     like x; the fit centres it per frame, so the reference does not matter."""
+    from avface.core.geometry import WORLD_TO_CAMERA
     from avface.models.avnets import LOWER_FACE_LANDMARKS
-
-    from .geometry import WORLD_TO_CAMERA
 
     rotation = frame.rotation if rotation is None else np.asarray(rotation, np.float64)
     translation = frame.translation if translation is None else np.asarray(translation, np.float64)
@@ -226,10 +225,10 @@ class Evidence:
 
 def build_evidence(tracking, features=None, *, mouth_conf: np.ndarray | None = None,
                    fov_deg: float = 63.0, n_phones: int = 41) -> Evidence:
-    """Network inputs from a :class:`~avface.tracking.Tracking` and optional
-    :class:`~avface.audio.AudioFeatures` (None: no audio, the audio inputs are zero and
+    """Network inputs from a :class:`~avface.stages.tracking.Tracking` and optional
+    :class:`~avface.stages.audio.AudioFeatures` (None: no audio, the audio inputs are zero and
     ``audio_present`` is 0)."""
-    from .geometry import intrinsics_for
+    from avface.core.geometry import intrinsics_for
 
     det = np.asarray(tracking.detected, bool)
     t = len(det)

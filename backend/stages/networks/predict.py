@@ -17,8 +17,7 @@ import torch
 from avface.models.avnets import infer_expression, infer_pose
 from avface.models.checkpoint import AVFaceNetworks
 from avface.models.lip_siren import normalise_lip_positions
-
-from .evidence import Evidence, landmarks_from_offsets, pose_reference, pose_to_rigid
+from avface.stages.networks.evidence import Evidence, landmarks_from_offsets, pose_reference, pose_to_rigid
 
 
 @dataclass(frozen=True)
@@ -26,7 +25,7 @@ class Prediction:
     offsets: np.ndarray
     """(T, M, 3) lower-face offsets, inter-ocular units, head frame."""
     pose: np.ndarray
-    """(T, 6) refined pose (avface.evidence.pose_and_camera's units)."""
+    """(T, 6) refined pose (avface.stages.networks.evidence.pose_and_camera's units)."""
     camera: np.ndarray
     """(T, 3) refined weak-perspective camera."""
     rotation: np.ndarray

@@ -1,4 +1,4 @@
-"""Per-clip adaptation of the mouth fill, in closed form (issue 8).
+"""Per-clip adaptation of the mouth fill, in closed form (docs/networks.md).
 
 The generic networks know how mouths move with speech in general; a clip's own speaker has
 a mouth, a voice and a microphone of their own. Before the networks fill the frames where
@@ -33,8 +33,8 @@ from typing import Callable
 
 import numpy as np
 
+from avface.core.topology import LIPS
 from avface.models.avnets import LOWER_FACE_LANDMARKS
-from avface.topology import LIPS
 
 #: Offsets of the lip landmarks within the networks' 97 lower-face landmarks.
 LIP_ROWS = np.array([list(LOWER_FACE_LANDMARKS).index(i) for i in LIPS])

@@ -1,4 +1,4 @@
-"""The networks stage (issue 8, docs/networks.md) as plain functions, shared by the pipeline
+"""The networks stage (docs/networks.md) as plain functions, shared by the pipeline
 and the benchmark's audio-visual methods: the clip's evidence, per-clip adaptation (seeded),
 the networks' prediction for the fit, and after the fit the lip refinement as the result
 contract wants it (rest-frame offsets, a PCA of K <= 16 components)."""
@@ -11,8 +11,7 @@ from typing import Callable
 
 import numpy as np
 
-from .config import NetworksStageConfig
-from .lips import LipPCA, lip_pca, posed_displacement, rest_frame_offsets
+from avface.config import NetworksStageConfig
 
 log = logging.getLogger(__name__)
 
@@ -28,9 +27,9 @@ class NetworkRun:
     networks: object
     """The (adapted) :class:`~avface.models.checkpoint.AVFaceNetworks`."""
     evidence: object
-    """The clip's :class:`~avface.evidence.Evidence`."""
+    """The clip's :class:`~avface.stages.networks.evidence.Evidence`."""
     prediction: object
-    """Their :class:`~avface.predict.Prediction` (``landmarks`` go to the fit)."""
+    """Their :class:`~avface.stages.networks.predict.Prediction` (``landmarks`` go to the fit)."""
     meta: dict
     """Checkpoint path and hash, the seed, and the adaptation's record (None: not asked for;
     ``{"skipped": reason}``: the clip was too short)."""
@@ -47,7 +46,7 @@ class NetworkRun:
         """(T, 97, 3) the predicted lower face as head-frame points, metres: the fit's
         pose-free target where the mouth is not seen (``fit_default(net_points=...)``);
         NaN on frames without a face when the clip's adaptation chose the straight line."""
-        from .evidence import offsets_to_points
+        from avface.stages.networks.evidence import offsets_to_points
 
         frame = self.evidence.frame
         points = offsets_to_points(self.prediction.offsets, frame.neutral, frame.iod)
@@ -71,18 +70,41 @@ def torch_seeded(seed: int):
         yield
 
 
-def run_networks(checkpoint, tracking, features, mouth_conf: np.ndarray, *, fov_deg: float,
-                 config: NetworksStageConfig = NetworksStageConfig(), device: str = "cpu", video: bool = True,
-                 report: Callable[[float, str], None] | None = None) -> NetworkRun:
+@dataclass(frozen=True)
+class ClipInputs:
+    """What the networks stage reads of one clip."""
+
+    tracking: object
+    """The clip's :class:`~avface.stages.tracking.Tracking`."""
+    features: object
+    """Its :class:`~avface.stages.audio.AudioFeatures` (None without speech)."""
+    mouth_conf: np.ndarray
+    """(T,) the visual confidence of the mouth."""
+    fov_deg: float
+    """The camera's vertical field of view (the ``camera`` stage's)."""
+
+
+#: Gradient fine-tuning of the networks on one clip: (networks, clip, config, device) ->
+#: (adapted networks, the record for meta). Training code, so the caller hands it in
+#: (reconstruct and the benchmark give :func:`avface.train.adapt.adapt_networks`) and nothing
+#: under ``avface.stages`` imports ``avface.train``.
+Adapter = Callable[[object, ClipInputs, NetworksStageConfig, str], tuple]
+
+
+def run_networks(checkpoint, clip: ClipInputs, *, config: NetworksStageConfig = NetworksStageConfig(),
+                 device: str = "cpu", video: bool = True, report: Callable[[float, str], None] | None = None,
+                 adapter: Adapter | None = None) -> NetworkRun:
     """Evidence -> (adaptation) -> prediction. ``checkpoint`` is a loaded
     :class:`~avface.models.checkpoint.Checkpoint`; ``video=False`` hides the face from the
     expression branch (its embedding is the "missing" zero), so the lower face comes from
-    the speech and the context alone."""
-    from .evidence import build_evidence
-    from .geometry import intrinsics_for
-    from .predict import predict
+    the speech and the context alone. ``adapter`` runs the gradient adaptation that
+    ``config.adapt_steps > 0`` asks for."""
+    from avface.core.geometry import intrinsics_for
+    from avface.stages.networks.evidence import build_evidence
+    from avface.stages.networks.predict import predict
 
-    evidence = build_evidence(tracking, features, mouth_conf=mouth_conf, fov_deg=fov_deg)
+    tracking, mouth_conf, fov_deg = clip.tracking, clip.mouth_conf, clip.fov_deg
+    evidence = build_evidence(tracking, clip.features, mouth_conf=mouth_conf, fov_deg=fov_deg)
     if not video:
         evidence.expression["usable"] = evidence.expression["usable"] * 0.0
     networks = checkpoint.networks
@@ -91,7 +113,10 @@ def run_networks(checkpoint, tracking, features, mouth_conf: np.ndarray, *, fov_
     if config.adapt and config.adapt_steps > 0:
         if report:
             report(0.05, "adapting")
-        networks, meta["adapt"] = _adapt(networks, tracking, features, mouth_conf, fov_deg, config, device)
+        if adapter is None:
+            raise ValueError("config.adapt_steps > 0 asks for gradient adaptation: pass adapter= "
+                             "(avface.train.adapt.adapt_networks)")
+        networks, meta["adapt"] = adapter(networks, clip, config, device)
     if report:
         report(0.6, "predicting")
     k = intrinsics_for(tracking.width, tracking.height, fov_deg)
@@ -127,8 +152,8 @@ def audio_embedding(networks, evidence, device: str = "cpu") -> np.ndarray | Non
 
 def trusted_mouth(evidence, mouth_conf: np.ndarray) -> np.ndarray:
     """(T,) bool: frames whose mouth the tracker sees (detected, confidence at least
-    avface.confidence.OCCLUDED_BELOW)."""
-    from .confidence import OCCLUDED_BELOW
+    avface.stages.confidence.OCCLUDED_BELOW)."""
+    from avface.stages.confidence import OCCLUDED_BELOW
 
     usable = evidence.expression["usable"].numpy() > 0.5
     return usable & (np.asarray(mouth_conf, np.float64) >= OCCLUDED_BELOW)
@@ -137,13 +162,13 @@ def trusted_mouth(evidence, mouth_conf: np.ndarray) -> np.ndarray:
 def _readout(networks, evidence, prediction, trusted: np.ndarray, f_a: np.ndarray | None, k: np.ndarray,
              config: NetworksStageConfig, device: str):
     """The prediction with the frames that are not ``trusted`` (T,) filled as the clip's own
-    closed-form adaptation chooses (avface.train.readout) from the audio embedding ``f_a``,
+    closed-form adaptation chooses (avface.stages.networks.readout) from the audio embedding ``f_a``,
     and the record for meta."""
     import torch
 
-    from .evidence import landmarks_from_offsets
     from avface.models.avnets import infer_expression
-    from .train.readout import ReadoutConfig, adapt_fill
+    from avface.stages.networks.evidence import landmarks_from_offsets
+    from avface.stages.networks.readout import ReadoutConfig, adapt_fill
 
     e = {name: v.to(device) for name, v in evidence.expression.items()}
     net = networks.expression.to(device).eval()
@@ -154,8 +179,8 @@ def _readout(networks, evidence, prediction, trusted: np.ndarray, f_a: np.ndarra
 
     lips = None
     if config.lips:
-        from .predict import predict_lips
-        from .topology import LIPS
+        from avface.core.topology import LIPS
+        from avface.stages.networks.predict import predict_lips
 
         frame = evidence.frame
         lips = predict_lips(networks, evidence, frame.neutral[list(LIPS)], device=device) / frame.iod
@@ -165,57 +190,3 @@ def _readout(networks, evidence, prediction, trusted: np.ndarray, f_a: np.ndarra
              int((~trusted).sum()), record.hidden_frames)
     landmarks = landmarks_from_offsets(filled, evidence.frame, k, prediction.rotation, prediction.translation)
     return replace(prediction, offsets=filled.astype(np.float32), landmarks=landmarks), record.to_meta()
-
-
-def _adapt(networks, tracking, features, mouth_conf, fov_deg: float, config: NetworksStageConfig, device: str):
-    """(adapted networks, the record for meta); the given networks and the reason when the
-    clip is too short to hold a part out."""
-    from .train.adapt import AdaptConfig, adapt, holdout_starts
-    from .train.data import prepare_clip
-
-    cfg = AdaptConfig(max_steps=config.adapt_steps, seed=config.seed)
-    kept, held = holdout_starts(tracking.n_frames, cfg)
-    if len(kept) == 0 or len(held) == 0:
-        reason = f"a clip of {tracking.n_frames} frames is too short to hold a part out (blocks of {cfg.block_frames})"
-        log.warning("adaptation skipped: %s", reason)
-        return networks, {"skipped": reason}
-    clip = prepare_clip(tracking, features, mouth_conf=mouth_conf, fov_deg=fov_deg)
-    with torch_seeded(config.seed):
-        adapted, record = adapt(networks, clip, cfg, device=device)
-    return adapted, record.to_meta()
-
-
-def refine_lips(net: NetworkRun, fit, *, device: str = "cpu") -> LipPCA:
-    """The SIREN's offsets for the fitted model's lip vertices, weighted by how little the
-    mouth is seen (1 - its confidence) and by the gain the clip's adaptation chose, moved
-    from the head frame to the rest frame (before skinning, as the result contract wants),
-    as a PCA."""
-    from .predict import predict_lips
-
-    m, p = fit.model, fit.params
-    betas = p.betas[:1] if p.betas.shape[1] else None
-    positions = m.neutral_vertices(betas)[np.asarray(m.lip_vertex_ids)]
-    head = predict_lips(net.networks, net.evidence, positions, device=device)
-    # where the tracker sees the lips the fit already follows them: the SIREN's offsets count
-    # as much as the mouth is not seen (measured: on every frame they cost visible frames'
-    # lips NME 0.89 -> 1.21 %)
-    unseen = 1.0 - np.clip(net.evidence.expression["region_conf"][:, 0].numpy(), 0.0, 1.0)
-    # and as much as they helped on the trusted frames the adaptation hid (all without it)
-    gain = net.meta["readout"]["lip_gain"] if net.meta.get("readout") else 1.0
-    pca = lip_pca(rest_frame_offsets(m, p, head * (gain * unseen)[:, None, None]))
-    log.info("lips: %d components, PCA residual %.2e m", pca.basis.shape[0], pca.residual_m)
-    return pca
-
-
-def vertices_with_lips(fit, lips: LipPCA | None) -> np.ndarray:
-    """(T, V, 3) float32 camera-frame vertices of the coarse fit plus the lips' rest-frame
-    offsets (``lip_coeffs . lip_basis``) as skinning moves them."""
-    from .geometry import WORLD_TO_CAMERA
-
-    vertices = fit.camera_vertices()
-    if lips is not None and lips.basis.shape[0]:
-        ids = np.asarray(fit.model.lip_vertex_ids)
-        rest = np.einsum("tk,klc->tlc", lips.coeffs, lips.basis)
-        world = posed_displacement(fit.model, fit.params, rest)
-        vertices[:, ids] += (world @ WORLD_TO_CAMERA.T.astype(np.float64)).astype(np.float32)
-    return vertices
