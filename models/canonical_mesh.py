@@ -13,18 +13,8 @@ import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 
 from avface.core.assets import FACE_LANDMARKER, read_bundle_member
-from avface.core.topology import (
-    CHIN,
-    LEFT_EYE,
-    LIPS,
-    LIPS_LOWER_INNER,
-    LIPS_LOWER_OUTER,
-    LIPS_UPPER_INNER,
-    LIPS_UPPER_OUTER,
-    NOSE_BRIDGE,
-    RIGHT_EYE,
-    RIGID,
-)
+from avface.core.topology import (CHIN, LEFT_EYE, LIPS, LIPS_LOWER_INNER, LIPS_LOWER_OUTER, LIPS_UPPER_INNER,
+    LIPS_UPPER_OUTER, NOSE_BRIDGE, RIGHT_EYE, RIGID)
 from avface.errors import ModelFileError
 
 GEOMETRY_MEMBER = "geometry_pipeline_metadata_landmarks.binarypb"

@@ -28,16 +28,8 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.sparse.csgraph import connected_components
 
-from avface.core.topology import (
-    LEFT_EYE,
-    LEFT_EYEBROW,
-    LIPS_LOWER_INNER,
-    LIPS_LOWER_OUTER,
-    LIPS_UPPER_INNER,
-    LIPS_UPPER_OUTER,
-    RIGHT_EYE,
-    RIGHT_EYEBROW,
-)
+from avface.core.topology import (LEFT_EYE, LEFT_EYEBROW, LIPS_LOWER_INNER, LIPS_LOWER_OUTER, LIPS_UPPER_INNER,
+    LIPS_UPPER_OUTER, RIGHT_EYE, RIGHT_EYEBROW)
 from avface.models.flame import EMBEDDING_FILE, FLAME2020_FILE, TEXTURE_NPZ_FILE
 
 #: The nose landmarks of the distributed embedding, in its order.

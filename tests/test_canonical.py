@@ -10,16 +10,8 @@ import torch
 from conftest import assert_close
 
 from avface.core import assets
-from avface.core.topology import (
-    CHIN,
-    LEFT_EYE,
-    LIPS_LOWER_INNER,
-    LIPS_LOWER_OUTER,
-    LIPS_UPPER_INNER,
-    LIPS_UPPER_OUTER,
-    NOSE_BRIDGE,
-    RIGHT_EYE,
-)
+from avface.core.topology import (CHIN, LEFT_EYE, LIPS_LOWER_INNER, LIPS_LOWER_OUTER, LIPS_UPPER_INNER,
+    LIPS_UPPER_OUTER, NOSE_BRIDGE, RIGHT_EYE)
 from avface.errors import ModelFileError
 from avface.models import canonical
 from avface.models.base import FaceParams

@@ -12,15 +12,8 @@ from test_networks import expression_inputs
 
 from avface.errors import ModelFileError
 from avface.models.avnets import AudioEncoderConfig, FusionConfig, TemporalConfig
-from avface.models.checkpoint import (
-    NetworksConfig,
-    build_networks,
-    config_from_dict,
-    config_to_dict,
-    file_sha256,
-    load_checkpoint,
-    save_checkpoint,
-)
+from avface.models.checkpoint import (NetworksConfig, build_networks, config_from_dict, config_to_dict, file_sha256,
+    load_checkpoint, save_checkpoint)
 from avface.models.lip_siren import LipSirenConfig
 
 

@@ -12,15 +12,8 @@ from avface.core.geometry import intrinsics_for
 from avface.core.topology import LIPS_LOWER_INNER, LIPS_LOWER_OUTER
 from avface.models.avnets import LOWER_FACE_LANDMARKS, N_LOWER_FACE
 from avface.models.canonical_mesh import load_canonical_mesh
-from avface.stages.networks.evidence import (
-    build_evidence,
-    head_frame,
-    lower_face_offsets,
-    normalise_mel,
-    offsets_to_points,
-    pose_and_camera,
-    region_confidence,
-)
+from avface.stages.networks.evidence import (build_evidence, head_frame, lower_face_offsets, normalise_mel,
+    offsets_to_points, pose_and_camera, region_confidence)
 
 IDS = list(LOWER_FACE_LANDMARKS)
 

@@ -19,19 +19,8 @@ from scipy.spatial.transform import Rotation
 
 from avface.errors import ModelFileError
 from avface.models.base import FaceParams
-from avface.models.flame import (
-    EMBEDDING_FILE,
-    FLAME2020_FILE,
-    FLAME2023_FILE,
-    FLAME_URL,
-    FlameArrays,
-    FlameModel,
-    LandmarkEmbedding,
-    cylindrical_uv,
-    flame_status,
-    load_flame,
-    read_flame_pickle,
-)
+from avface.models.flame import (EMBEDDING_FILE, FLAME2020_FILE, FLAME2023_FILE, FLAME_URL, FlameArrays, FlameModel,
+    LandmarkEmbedding, cylindrical_uv, flame_status, load_flame, read_flame_pickle)
 
 
 @pytest.fixture(scope="module")

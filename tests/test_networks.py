@@ -9,18 +9,8 @@ import torch
 from conftest import assert_close
 
 from avface.core.topology import LIPS
-from avface.models.avnets import (
-    LOWER_FACE_LANDMARKS,
-    N_LOWER_FACE,
-    ExpressionNet,
-    FusionConfig,
-    PoseEncoder,
-    TemporalConfig,
-    infer_expression,
-    infer_pose,
-    key_padding_mask,
-    modality_keep,
-)
+from avface.models.avnets import (LOWER_FACE_LANDMARKS, N_LOWER_FACE, ExpressionNet, FusionConfig, PoseEncoder,
+    TemporalConfig, infer_expression, infer_pose, key_padding_mask, modality_keep)
 from avface.models.canonical_mesh import load_canonical_mesh
 from avface.models.checkpoint import AVFaceNetworks, NetworksConfig, build_networks
 from avface.models.lip_siren import LipSiren, normalise_lip_positions

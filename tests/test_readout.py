@@ -2,16 +2,8 @@
 import numpy as np
 import pytest
 
-from avface.stages.networks.readout import (
-    LIP_ROWS,
-    ReadoutConfig,
-    adapt_fill,
-    distance_to_known,
-    hidden_spans,
-    linear_fill,
-    ridge_readout,
-    with_ends,
-)
+from avface.stages.networks.readout import (LIP_ROWS, ReadoutConfig, adapt_fill, distance_to_known, hidden_spans,
+    linear_fill, ridge_readout, with_ends)
 
 M = 97
 

@@ -30,16 +30,8 @@ import numpy as np
 
 from avface import __version__, media
 from avface.bench import metrics as M
-from avface.bench.methods import (
-    REFERENCE_METHOD,
-    Method,
-    MethodInput,
-    MethodOutput,
-    available_methods,
-    get_method,
-    load_plugins,
-    run_method,
-)
+from avface.bench.methods import (REFERENCE_METHOD, Method, MethodInput, MethodOutput, available_methods, get_method,
+    load_plugins, run_method)
 from avface.bench.occluders import OCCLUDER_VARIANTS, VARIANTS, OcclusionPlan, make_plan, occluded_frames, write_variants
 from avface.config import FitConfig, TrackingConfig
 from avface.core.clips import Clip, discover_clips

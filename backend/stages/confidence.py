@@ -22,17 +22,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from avface.core.geometry import turn_from_camera_deg
-from avface.core.topology import (
-    LIPS,
-    LIPS_LOWER_INNER,
-    LIPS_UPPER_INNER,
-    PERIORAL_LEFT,
-    PERIORAL_RIGHT,
-    RIGID,
-    VERMILION_LEFT,
-    VERMILION_RIGHT,
-    inter_ocular,
-)
+from avface.core.topology import (LIPS, LIPS_LOWER_INNER, LIPS_UPPER_INNER, PERIORAL_LEFT, PERIORAL_RIGHT, RIGID,
+    VERMILION_LEFT, VERMILION_RIGHT, inter_ocular)
 from avface.models.canonical_mesh import lower_face_ids
 
 if TYPE_CHECKING:

@@ -94,17 +94,8 @@ def _identity(rng: np.random.Generator, v0: np.ndarray) -> np.ndarray:
 
 def _expression_basis(v: np.ndarray, faces_drawn: np.ndarray) -> np.ndarray:
     """(E, V, 3) displacement fields on the identity ``v`` in the order of EXPRESSION_NAMES."""
-    from avface.core.topology import (
-        LEFT_EYE,
-        LEFT_EYEBROW,
-        LIPS,
-        LIPS_LOWER_INNER,
-        LIPS_LOWER_OUTER,
-        LIPS_UPPER_INNER,
-        LIPS_UPPER_OUTER,
-        RIGHT_EYE,
-        RIGHT_EYEBROW,
-    )
+    from avface.core.topology import (LEFT_EYE, LEFT_EYEBROW, LIPS, LIPS_LOWER_INNER, LIPS_LOWER_OUTER,
+        LIPS_UPPER_INNER, LIPS_UPPER_OUTER, RIGHT_EYE, RIGHT_EYEBROW)
 
     n = len(v)
     lap = mesh_laplacian(faces_drawn, n)

@@ -7,16 +7,8 @@ import cv2
 import numpy as np
 import scipy.ndimage
 
-from avface.core.topology import (
-    LEFT_EYE,
-    LEFT_EYEBROW,
-    LIPS_LOWER_INNER,
-    LIPS_LOWER_OUTER,
-    LIPS_UPPER_INNER,
-    LIPS_UPPER_OUTER,
-    RIGHT_EYE,
-    RIGHT_EYEBROW,
-)
+from avface.core.topology import (LEFT_EYE, LEFT_EYEBROW, LIPS_LOWER_INNER, LIPS_LOWER_OUTER, LIPS_UPPER_INNER,
+    LIPS_UPPER_OUTER, RIGHT_EYE, RIGHT_EYEBROW)
 from avface.synth.common import srgb_to_linear
 
 TEXTURE_SIZE = 1024

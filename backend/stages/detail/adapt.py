@@ -22,16 +22,8 @@ import torch
 
 from avface.models.fine import DetailNet, FineNetConfig
 from avface.stages.detail import shading, uvspace
-from avface.stages.detail.fine import (
-    ClipUV,
-    FineLossBatch,
-    FineLossConfig,
-    TexelLayout,
-    carry_displacement,
-    fine_loss,
-    masked_gaussian,
-    photo_residual,
-)
+from avface.stages.detail.fine import (ClipUV, FineLossBatch, FineLossConfig, TexelLayout, carry_displacement,
+    fine_loss, masked_gaussian, photo_residual)
 
 log = logging.getLogger(__name__)
 
