@@ -6,33 +6,40 @@ waits), so the manager advances every job from a timer on Blender's main thread.
 data is touched anywhere but there, and the UI never waits on the network.
 
 Why a manager apart from the operator: Blender ends modal operators when a file is loaded,
-but a job must survive that. The manager lives in this module, is driven by a persistent
+but a job must survive that. The manager (``jobs.JobManager``, without ``bpy``; this module
+gives it :class:`BlenderHost`) lives in this module's ``MANAGER``, is driven by a persistent
 ``bpy.app.timers`` timer, and records every job in ``jobs.json`` under the add-on's user
 folder (``bpy.utils.extension_path_user``), so a job started before Blender was closed appears
 in the panel again and can be fetched. The modal operator only listens for Esc and reports.
 """
 from __future__ import annotations
 
-import json
 import logging
-import os
 import shutil
 import subprocess
-import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import bpy
 from bpy.props import EnumProperty, PointerProperty, StringProperty
 
-from . import importer, io_result, preferences
-from ._vendor import protocol as P
-from ._vendor.client import Client, JobRun, NoAnswer, ServiceError
+from . import importer, jobs, preferences
+from ._vendor.client import ServiceError
+from .jobs import (
+    ACTIVE,
+    CANCELLED,
+    DETACHED,
+    DONE,
+    FAILED,
+    FETCHED,
+    IMPORTED,
+    JobManager,
+    JobRecord,
+    Tracked,  # noqa: F401 (scripts and tests reach the job types through this module)
+)
 
 log = logging.getLogger(__name__)
 
 TICK_S = 0.1
-JOBS_FILE = "jobs.json"
 MODELS = (("default", "Default", "The embedded MediaPipe canonical head (no download)"),
           ("flame", "FLAME", "FLAME (the backend needs the FLAME files)"))
 
@@ -105,259 +112,51 @@ def strip_inputs(scene, movie) -> dict:
 
 
 # ---------------------------------------------------------------------------------------
-# Jobs
+# Jobs: the state machine and jobs.json are in jobs.py; this is what it needs from Blender
 # ---------------------------------------------------------------------------------------
-@dataclass
-class JobRecord:
-    """What is remembered of a job across Blender sessions (jobs.json)."""
+class BlenderHost(jobs.Host):
+    """The job manager's view of Blender (see jobs.Host)."""
 
-    key: str
-    address: str
-    video: str
-    scene: str
-    blend: str
-    first_frame: float
-    out_dir: str
-    job_id: str | None = None
-    state: str = "starting"
-    """starting, submitting, running, fetching, done (fetched), imported, failed, cancelled"""
-    message: str = ""
-    stage: str = ""
-    fraction: float = 0.0
-    audio_present: bool = True
-    created: float = field(default_factory=time.time)
+    def user_dir(self) -> Path:
+        return user_dir()
 
+    def prefs(self, context=None):
+        return preferences.get(context)
 
-@dataclass
-class Tracked:
-    record: JobRecord
-    client: Client | None = None
-    run: JobRun | None = None
-    submit_kwargs: dict = field(default_factory=dict)
-    hello: object = None
-    deadline: float = 0.0
-    server: subprocess.Popen | None = None
-    imported: list = field(default_factory=list)
-    modal: bool = False
-    """a modal operator watches this job and imports it (with a full context)"""
+    def context(self):
+        return bpy.context
 
+    def online_access(self) -> bool:
+        return bpy.app.online_access
 
-class JobManager:
-    def __init__(self):
-        self.jobs: dict[str, Tracked] = {}
-        self._timer = False
+    def background(self) -> bool:
+        return bpy.app.background
 
-    # -- persistence ------------------------------------------------------------------------
-    def path(self) -> Path:
-        return user_dir() / JOBS_FILE
-
-    def load(self) -> None:
-        """Jobs from earlier sessions (not running here): listed in the panel, fetchable."""
-        try:
-            data = json.loads(self.path().read_text())
-        except (OSError, json.JSONDecodeError):
-            return
-        for raw in data.get("jobs", []):
-            try:
-                record = JobRecord(**raw)
-            except TypeError:
-                continue
-            if record.key not in self.jobs:
-                if record.state in ("starting", "submitting", "running", "fetching", "fetched"):
-                    record.state, record.message = "detached", "started in an earlier session; fetch it to import"
-                self.jobs[record.key] = Tracked(record)
-
-    def save(self) -> None:
-        path = self.path()
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps({"jobs": [asdict(t.record) for t in self.jobs.values()
-                                            if t.record.job_id is not None]}, indent=1))
-        os.replace(tmp, path)
-
-    # -- starting ---------------------------------------------------------------------------
-    def start(self, context, *, video: Path, audio: Path | None, has_sound: bool, options: dict,
-              first_frame: float, job_id: str | None = None) -> Tracked:
-        prefs = preferences.get(context)
-        address = prefs.address.strip()
-        if not P.is_loopback(address) and not bpy.app.online_access:
-            raise ServiceError("bad_input", f"Blender's online access is off, so the add-on will not connect to "
-                                            f"{address}; allow it in Preferences > System > Network or use a local backend")
-        key = job_id or f"local-{time.time_ns():x}"
-        out_dir = user_dir() / "results" / key
-        record = JobRecord(key=key, address=address, video=str(video), scene=context.scene.name,
-                           blend=bpy.data.filepath, first_frame=float(first_frame), out_dir=str(out_dir),
-                           job_id=job_id, audio_present=has_sound or audio is not None)
-        if not has_sound and audio is None:
-            record.message = ("The strip has no sound strip: the backend uses the video's own audio track if it has "
-                              "one, else reconstructs from the video only")
-        tracked = Tracked(record, submit_kwargs=dict(video=video, audio=audio, options=options))
-        tracked.client = Client(address, timeout_s=prefs.timeout_s, retries=prefs.retries)
-        # is anyone there? (no retries: an absent backend must be reported quickly)
-        tracked.hello = tracked.client.send("hello", {"client": "avface-blender", "protocol_version": P.PROTOCOL_VERSION},
-                                            timeout_s=prefs.timeout_s, retries=0)
-        tracked.deadline = time.monotonic() + prefs.start_timeout_s
-        self.jobs[key] = tracked
-        self.ensure_timer()
-        return tracked
-
-    def fetch(self, context, key: str) -> Tracked:
-        """Attach to a job recorded in an earlier session and import it when done."""
-        old = self.jobs[key]
-        rec = old.record
-        prefs = preferences.get(context)
-        rec.state, rec.message = "running", "fetching the job started earlier"
-        rec.scene, rec.blend = context.scene.name, bpy.data.filepath
-        old.client = Client(rec.address, timeout_s=prefs.timeout_s, retries=prefs.retries)
-        old.run = JobRun(old.client, job_id=rec.job_id, out_dir=rec.out_dir)
-        old.modal = False
-        self.save()
-        self.ensure_timer()
-        return old
-
-    def cancel(self, key: str) -> None:
-        t = self.jobs.get(key)
-        if t is None:
-            return
-        if t.run is not None and not t.run.finished:
-            t.run.cancel()
-            t.record.message = "cancelling on the backend"
-        elif t.run is None and t.record.state in ("starting", "submitting"):
-            self._finish(t, "cancelled", "cancelled before the job was submitted")
-
-    def active(self) -> list[Tracked]:
-        return [t for t in self.jobs.values() if t.record.state in ("starting", "submitting", "running", "fetching")]
+    def blend_path(self) -> str:
+        return bpy.data.filepath
 
     def ensure_timer(self) -> None:
         if not bpy.app.background and not bpy.app.timers.is_registered(_timer):
             bpy.app.timers.register(_timer, first_interval=TICK_S, persistent=True)
 
-    # -- advancing ----------------------------------------------------------------------------
-    def tick(self) -> bool:
-        """Advance every active job a little (never blocks); True while any is active."""
-        for t in list(self.active()):
-            try:
-                self._advance(t)
-            except Exception as e:  # one job's failure must never stop the timer
-                log.exception("job %s", t.record.key)
-                self._finish(t, "failed", f"{type(e).__name__}: {e}")
+    def redraw(self) -> None:
         _redraw()
-        return bool(self.active())
 
-    def _advance(self, t: Tracked) -> None:
-        rec = t.record
-        if rec.state == "starting":
-            t.client.poll(0.0)
-            if not t.hello.done:
-                return
-            if t.hello.error is not None:
-                if self._autostart(t):
-                    return
-                self._finish(t, "failed", _unreachable(rec.address, t))
-                return
-            hello = t.hello.reply.content
-            model = t.submit_kwargs["options"].get("model", "default")
-            info = (hello.get("models") or {}).get(model)
-            if info is not None and not info.get("available", True):
-                self._finish(t, "failed", f"The backend cannot use the {model} model: {info.get('reason') or 'missing files'}"
-                             + (" (set the FLAME folder in the add-on's preferences)" if model == "flame" else ""))
-                return
-            t.run = JobRun(t.client, out_dir=rec.out_dir, **t.submit_kwargs)
-            rec.state = "submitting"
-        run = t.run
-        run.step(0.0)
-        if run.job_id and rec.job_id is None:
-            rec.job_id = run.job_id
-            self.save()
-        if run.phase in ("running", "fetching") and rec.state != run.phase:
-            rec.state = run.phase
-            self.save()
-        if run.stage:
-            rec.stage, rec.fraction = run.stage, float(run.fraction)
-        if run.phase == "fetching" and run.fetch_total:
-            rec.stage, rec.fraction = "fetching", run.fetch_bytes / run.fetch_total
-        if not run.finished:
-            return
-        if run.phase == "cancelled":
-            self._finish(t, "cancelled", "Cancelled")
-        elif run.phase == "failed":
-            self._finish(t, "failed", _failure(run.error, rec))
-        else:
-            self._import(t)
-
-    def _import(self, t: Tracked) -> None:
-        """The result is on disk. Import it here when nothing else will: in background mode
-        (scripts, tests) the timer's context is the only one. With a window, the modal
-        operator imports on its next event, where the context is complete; a job whose
-        operator has gone (a file was loaded) waits for the panel's Import button."""
-        rec = t.record
-        meta = t.run.result_meta or {}
-        if "audio_present" in meta:  # what the backend really used
-            rec.audio_present = bool(meta["audio_present"])
-        rec.state, rec.stage, rec.fraction = "fetched", "", 1.0
-        self.save()
-        if bpy.app.background or not t.modal:
-            self.import_job(bpy.context, t)
-
-    def import_job(self, context, t: Tracked) -> None:
-        rec = t.record
+    def import_scene(self, context, rec: JobRecord):
         scene = bpy.data.scenes.get(rec.scene)
         if scene is None or scene != context.scene or bpy.data.filepath != rec.blend:
-            self._finish(t, "done", f"Result ready in {rec.out_dir}: press Import, or File > Import > AVFace result")
-            return
-        collection = scene.avface.collection
-        try:
-            # the strip already sits in the scene's range and output size: leave the editor's
-            # frame range and resolution alone
-            head = importer.import_result(context, Path(rec.out_dir) / "result.npz", first_frame=rec.first_frame,
-                                          collection=collection, name=Path(rec.video).stem, set_frame_range=False,
-                                          set_resolution=False)
-        except io_result.ResultError as e:
-            self._finish(t, "failed", f"The backend's result cannot be imported: {e}")
-            return
-        except Exception as e:
-            log.exception("import of %s failed", rec.out_dir)
-            self._finish(t, "failed", f"The import failed: {type(e).__name__}: {e}")
-            return
-        t.imported = [head.mesh_object.name, head.armature_object.name]
-        note = "" if rec.audio_present else " (video only: the strip has no sound)"
-        if head.video_size is not None:
-            note += (f"; the scene renders at another size than the video's {head.video_size[0]}x{head.video_size[1]}:"
-                     " set it to that for the camera to match")
-        self._finish(t, "imported", f"Imported {head.mesh_object.name}{note}")
+            return None
+        return scene
 
-    def _finish(self, t: Tracked, state: str, message: str) -> None:
-        rec = t.record
-        rec.state, rec.message = state, message
-        if state != "imported":
-            rec.stage = ""
-        log.info("job %s: %s: %s", rec.job_id or rec.key, state, message)
-        if t.client is not None:
-            t.client.close()
-            t.client = None
-        if rec.job_id is not None:  # a job never submitted leaves nothing to remember
-            self.save()
+    def import_result(self, context, rec: JobRecord, scene):
+        # the strip already sits in the scene's range and output size: leave the editor's
+        # frame range and resolution alone
+        return importer.import_result(context, Path(rec.out_dir) / "result.npz", first_frame=rec.first_frame,
+                                      collection=scene.avface.collection, name=Path(rec.video).stem,
+                                      set_frame_range=False, set_resolution=False)
 
-    def _autostart(self, t: Tracked) -> bool:
-        """Start a local backend when allowed; True while waiting for it to answer."""
-        prefs = preferences.get()
-        rec = t.record
-        if not (prefs.autostart and P.is_loopback(rec.address)):
-            return False
-        if t.server is None:
-            try:
-                t.server = start_backend(prefs.executable, rec.address, prefs.flame_dir, user_dir())
-            except OSError as e:
-                rec.message = f"cannot start the backend: {e}"
-                return False
-            rec.message = "starting a local backend"
-        if t.server.poll() is not None:
-            rec.message = f"the local backend exited with code {t.server.returncode}; see {user_dir() / 'backend.log'}"
-            return False
-        if time.monotonic() > t.deadline:
-            return False
-        t.hello = t.client.send("hello", {"client": "avface-blender", "protocol_version": P.PROTOCOL_VERSION},
-                                timeout_s=1.0, retries=0)
-        return True
+    def start_backend(self, executable: str, address: str, flame_dir: str, folder: Path) -> subprocess.Popen:
+        return start_backend(executable, address, flame_dir, folder)
 
 
 def start_backend(executable: str, address: str, flame_dir: str, folder: Path) -> subprocess.Popen:
@@ -375,24 +174,7 @@ def start_backend(executable: str, address: str, flame_dir: str, folder: Path) -
                             start_new_session=True)
 
 
-def _unreachable(address: str, t: Tracked) -> str:
-    prefs = preferences.get()
-    extra = f" ({t.record.message})" if t.record.message and "backend" in t.record.message else ""
-    hint = ("switch on 'Start a local backend automatically' in the add-on's preferences, or run `avface serve`"
-            if not prefs.autostart else "check the avface executable in the add-on's preferences")
-    return f"The AVFace backend is not reachable at {address}{extra}: {hint}"
-
-
-def _failure(error: ServiceError | None, rec: JobRecord) -> str:
-    if error is None:
-        return "The job failed"
-    if isinstance(error, NoAnswer) or error.code == "no_answer":
-        return (f"Lost the AVFace backend at {rec.address} during the job ({error}); "
-                f"the job {rec.job_id or ''} can be fetched again from the panel once the backend is back")
-    return f"The backend reports {error.code}: {error.message}"
-
-
-MANAGER = JobManager()
+MANAGER = JobManager(BlenderHost())
 
 
 def _timer():
@@ -482,15 +264,15 @@ class AVFACE_OT_reconstruct(bpy.types.Operator):
         if event.type != "TIMER" or tracked is None:
             return {"PASS_THROUGH"}
         rec = tracked.record
-        if rec.state == "fetched":
+        if rec.state == FETCHED:
             MANAGER.import_job(context, tracked)
-        if rec.state in ("starting", "submitting", "running", "fetching"):
+        if rec.state in ACTIVE:
             return {"PASS_THROUGH"}
         context.window_manager.event_timer_remove(self._timer)
-        if rec.state in ("imported", "done"):
+        if rec.state in (IMPORTED, DONE):
             self.report({"INFO"}, rec.message)
             return {"FINISHED"}
-        self.report({"ERROR"} if rec.state == "failed" else {"WARNING"}, rec.message)
+        self.report({"ERROR"} if rec.state == FAILED else {"WARNING"}, rec.message)
         return {"CANCELLED"}
 
 
@@ -544,9 +326,9 @@ class AVFACE_OT_import_job(bpy.types.Operator):
             return {"CANCELLED"}
         t.record.scene, t.record.blend = context.scene.name, bpy.data.filepath
         MANAGER.import_job(context, t)
-        level = {"imported": "INFO"}.get(t.record.state, "ERROR")
+        level = {IMPORTED: "INFO"}.get(t.record.state, "ERROR")
         self.report({level}, t.record.message)
-        return {"FINISHED"} if t.record.state == "imported" else {"CANCELLED"}
+        return {"FINISHED"} if t.record.state == IMPORTED else {"CANCELLED"}
 
 
 class AVFACE_OT_forget(bpy.types.Operator):
@@ -585,7 +367,7 @@ def draw_panel(layout, context):
     layout.prop(settings, "stages")
     layout.prop(settings, "collection")
     tracked = MANAGER.jobs.get(settings.job_key)
-    running = tracked is not None and tracked.record.state in ("starting", "submitting", "running", "fetching")
+    running = tracked is not None and tracked.record.state in ACTIVE
     row = layout.row()
     row.enabled = movie is not None and not running
     row.operator(AVFACE_OT_reconstruct.bl_idname, icon="PLAY")
@@ -599,16 +381,16 @@ def draw_panel(layout, context):
                 layout.label(text=text)
             layout.operator(AVFACE_OT_cancel.bl_idname, icon="CANCEL")
         if rec.message:
-            icon = {"failed": "ERROR", "cancelled": "CANCEL", "imported": "CHECKMARK"}.get(rec.state, "INFO")
+            icon = {FAILED: "ERROR", CANCELLED: "CANCEL", IMPORTED: "CHECKMARK"}.get(rec.state, "INFO")
             for line in _wrap(rec.message):
                 layout.label(text=line, icon=icon)
                 icon = "BLANK1"
-    ready = [t for t in MANAGER.jobs.values() if t.record.state == "done"]
+    ready = [t for t in MANAGER.jobs.values() if t.record.state == DONE]
     for t in ready:
         row = layout.row()
         row.label(text=f"{Path(t.record.video).name}: result ready")
         row.operator(AVFACE_OT_import_job.bl_idname, text="Import").key = t.record.key
-    earlier = [t for t in MANAGER.jobs.values() if t.record.state == "detached"]
+    earlier = [t for t in MANAGER.jobs.values() if t.record.state == DETACHED]
     if earlier:
         box = layout.box()
         box.label(text="Jobs from earlier sessions")

@@ -9,7 +9,7 @@ import bpy
 from bl_common import check_head, draw_panels, enable_addon
 
 STRIP_START = 10
-DRIVE_TIMEOUT_S = 240
+DRIVE_TIMEOUT_S = 480
 
 
 def _manager():

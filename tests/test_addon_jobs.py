@@ -1,0 +1,356 @@
+"""The add-on's job manager (``avface_blender.jobs``) without Blender: a fake host stands in
+for ``bpy`` (preferences, user folder, scene, import), and a real ``avface serve`` subprocess
+with the fake pipeline (tests/fake_pipeline.py) runs the jobs. The timer is :meth:`tick`
+called by hand, as the headless Blender checks do."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from addon_util import addon_module
+from fake_pipeline import expected_frames
+from service_util import ServerProcess, fake_clip
+
+jobs = addon_module("jobs")
+io_result = addon_module("io_result")
+
+DRIVE_TIMEOUT_S = 30.0
+
+
+class FakeHost(jobs.Host):
+    """Blender as the manager sees it: one scene in one file, imports that read the result."""
+
+    def __init__(self, folder: Path, address: str, **prefs):
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+        self.preferences = SimpleNamespace(address=address, timeout_s=2.0, retries=2, start_timeout_s=5.0,
+                                           autostart=False, executable="", flame_dir="")
+        vars(self.preferences).update(prefs)
+        self.ctx = SimpleNamespace(scene=SimpleNamespace(name="Scene"))
+        self.blend = "/work/shot.blend"
+        self.is_background = True
+        self.timer_requests = self.redraws = 0
+        self.imports: list[tuple[str, np.ndarray]] = []
+        self.import_error: Exception | None = None
+        self.video_size = None
+        self.backend = None
+
+    def user_dir(self):
+        return self.folder
+
+    def prefs(self, context=None):
+        return self.preferences
+
+    def context(self):
+        return self.ctx
+
+    def online_access(self):
+        return False
+
+    def background(self):
+        return self.is_background
+
+    def blend_path(self):
+        return self.blend
+
+    def ensure_timer(self):
+        self.timer_requests += 1
+
+    def redraw(self):
+        self.redraws += 1
+
+    def import_scene(self, context, rec):
+        same = rec.scene == context.scene.name and rec.blend == self.blend
+        return context.scene if same else None
+
+    def import_result(self, context, rec, scene):
+        if self.import_error is not None:
+            raise self.import_error
+        with np.load(Path(rec.out_dir) / "result.npz") as z:
+            self.imports.append((rec.key, z["frames"].copy()))
+        name = Path(rec.video).stem
+        return SimpleNamespace(mesh_object=SimpleNamespace(name=name), armature_object=SimpleNamespace(name=name + "_rig"),
+                               video_size=self.video_size)
+
+    def start_backend(self, executable, address, flame_dir, folder):
+        if isinstance(self.backend, Exception):
+            raise self.backend
+        return self.backend
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    s = ServerProcess(tmp_path_factory.mktemp("jobs-service"), workers=2).start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def host(server, tmp_path):
+    return FakeHost(tmp_path / "user", server.address)
+
+
+def drive(manager, until=lambda: False, timeout_s: float = DRIVE_TIMEOUT_S, watch=None):
+    """The add-on's timer by hand: tick until ``until()`` or no job is active."""
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        active = manager.tick()
+        if watch is not None:
+            watch()
+        if until() or not active:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"jobs still active after {timeout_s} s: {[t.record for t in manager.active()]}")
+
+
+def persisted(host) -> dict:
+    """jobs.json as the manager wrote it, by key."""
+    data = json.loads((host.folder / jobs.JOBS_FILE).read_text())
+    return {raw["key"]: raw for raw in data["jobs"]}
+
+
+def start(manager, host, video: Path, **kw):
+    kw = {"audio": None, "has_sound": True, "options": {}, "first_frame": 12.0, **kw}
+    return manager.start(host.ctx, video=video, **kw)
+
+
+def test_states_are_spelled_once():
+    assert jobs.ACTIVE == {"starting", "submitting", "running", "fetching"}
+    assert jobs.UNFINISHED == jobs.ACTIVE | {"fetched"}
+    assert jobs.JobRecord("k", "a", "v", "s", "b", 1.0, "o").state == jobs.STARTING
+    source = (Path(jobs.__file__).parent / "reconstruct.py").read_text()
+    for state in ("starting", "submitting", "running", "fetching", "fetched", "done", "imported", "failed",
+                  "cancelled", "detached"):
+        assert f'"{state}"' not in source, f"reconstruct.py spells the state {state!r} itself"
+    assert "import bpy" not in (Path(jobs.__file__)).read_text()
+
+
+def test_submit_progress_and_import(server, host, tmp_path):
+    """A job from start to the head in the scene, the progress on the way, and jobs.json at
+    each step."""
+    spec = {"stages": ["decode", "track", "fit"], "steps": 4, "step_s": 0.05, "seed": 3}
+    clip = fake_clip(server.work / "in", "submit.json", **spec)
+    manager = jobs.JobManager(host)
+    tracked = start(manager, host, clip, has_sound=False)
+    rec = tracked.record
+    assert rec.state == jobs.STARTING and rec.job_id is None and host.timer_requests == 1
+    assert rec.message.startswith("The strip has no sound strip") and rec.audio_present is False
+    assert not (host.folder / jobs.JOBS_FILE).exists()  # nothing to remember before the job exists
+    states, stages, saved_running = [rec.state], [], {}
+
+    def watch():
+        if not states or states[-1] != rec.state:
+            states.append(rec.state)
+        if rec.stage and (not stages or stages[-1] != rec.stage):
+            stages.append(rec.stage)
+        if rec.state == jobs.RUNNING and not saved_running:
+            saved_running.update(persisted(host)[rec.key])
+
+    drive(manager, watch=watch)
+    assert rec.state == jobs.IMPORTED, (rec.state, rec.message)
+    assert rec.message == "Imported submit (video only: the strip has no sound)"
+    assert tracked.imported == ["submit", "submit_rig"] and tracked.client is None
+    # the states it went through, in order (a tick may pass one unseen, never running)
+    order = [jobs.STARTING, jobs.SUBMITTING, jobs.RUNNING, jobs.FETCHING, jobs.FETCHED, jobs.IMPORTED]
+    assert states[0] == jobs.STARTING and states[-1] == jobs.IMPORTED and jobs.RUNNING in states, states
+    assert states == sorted(states, key=order.index), states
+    assert {"decode", "track", "fit"} <= set(stages), stages
+    assert rec.fraction == 1.0 and rec.stage == ""
+    # what was imported is what the backend computed for this clip
+    [(key, frames)] = host.imports
+    assert key == rec.key and np.array_equal(frames, expected_frames(spec))
+    # jobs.json: running (with the job id) while it ran, imported at the end
+    assert saved_running["state"] == jobs.RUNNING and saved_running["job_id"] == rec.job_id
+    saved = persisted(host)[rec.key]
+    assert saved["state"] == jobs.IMPORTED and saved["job_id"] == rec.job_id and saved["first_frame"] == 12.0
+    assert saved["scene"] == "Scene" and saved["blend"] == "/work/shot.blend" and saved["video"] == str(clip)
+    assert Path(saved["out_dir"]) == host.folder / "results" / rec.key
+    assert server.client().status(rec.job_id)["state"] == "done"
+    assert host.redraws > 0 and manager.active() == [] and manager.tick() is False
+
+
+def test_backend_failure_and_unavailable_model(server, host):
+    clip = fake_clip(server.work / "in", "noface.json", stages=["decode"], fail="no_face")
+    manager = jobs.JobManager(host)
+    rec = start(manager, host, clip).record
+    flame = start(manager, host, clip, options={"model": "flame"}).record
+    drive(manager)
+    assert rec.state == jobs.FAILED
+    assert rec.message == "The backend reports no_face: fake: no face was detected in any frame"
+    assert flame.state == jobs.FAILED and flame.job_id is None
+    assert flame.message == ("The backend cannot use the flame model: fake pipeline: no FLAME files "
+                             "(set the FLAME folder in the add-on's preferences)")
+    assert set(persisted(host)) == {rec.key}  # the job never submitted is not remembered
+    assert persisted(host)[rec.key]["state"] == jobs.FAILED
+
+
+def test_backend_not_reachable(tmp_path):
+    host = FakeHost(tmp_path / "user", "tcp://127.0.0.1:9", timeout_s=0.3, retries=0)
+    manager = jobs.JobManager(host)
+    rec = start(manager, host, tmp_path / "clip.mp4").record
+    drive(manager, timeout_s=10)
+    assert rec.state == jobs.FAILED
+    assert rec.message == ("The AVFace backend is not reachable at tcp://127.0.0.1:9: switch on 'Start a local "
+                           "backend automatically' in the add-on's preferences, or run `avface serve`")
+    assert not (host.folder / jobs.JOBS_FILE).exists()
+    # autostart on, but the backend cannot be started / exits at once: said so, with the hint
+    host.preferences.autostart = True
+    host.backend = OSError("no avface executable configured and none on PATH")
+    rec = start(manager, host, tmp_path / "clip.mp4").record
+    drive(manager, timeout_s=10)
+    assert rec.state == jobs.FAILED
+    assert rec.message == ("The AVFace backend is not reachable at tcp://127.0.0.1:9 (cannot start the backend: no "
+                           "avface executable configured and none on PATH): check the avface executable in the "
+                           "add-on's preferences")
+    host.backend = SimpleNamespace(poll=lambda: 3, returncode=3)
+    rec = start(manager, host, tmp_path / "clip.mp4").record
+    drive(manager, timeout_s=10)
+    assert rec.message == (f"The AVFace backend is not reachable at tcp://127.0.0.1:9 (the local backend exited with "
+                           f"code 3; see {host.folder / 'backend.log'}): check the avface executable in the add-on's "
+                           f"preferences")
+    # a remote backend with Blender's online access off: refused before any connection
+    host.preferences.address = "tcp://192.0.2.1:5555"
+    with pytest.raises(jobs.ServiceError, match="online access is off"):
+        start(manager, host, tmp_path / "clip.mp4")
+    assert len(manager.jobs) == 3
+
+
+def test_cancel_on_the_backend_and_before_submitting(server, host, tmp_path):
+    clip = fake_clip(server.work / "in", "cancel.json", stages=["decode"], gate=str(tmp_path / "never"))
+    manager = jobs.JobManager(host)
+    rec = start(manager, host, clip).record
+    drive(manager, until=lambda: rec.state == jobs.RUNNING and rec.stage == "wait")
+    manager.cancel(rec.key)
+    assert rec.message == "cancelling on the backend" and rec.state == jobs.RUNNING
+    drive(manager)
+    assert rec.state == jobs.CANCELLED and rec.message == "Cancelled"
+    assert persisted(host)[rec.key]["state"] == jobs.CANCELLED
+    assert server.client().status(rec.job_id)["state"] == "cancelled"
+    assert host.imports == []
+    # before the backend has answered: nothing reaches it, nothing is remembered
+    early = start(manager, host, clip).record
+    manager.cancel(early.key)
+    assert early.state == jobs.CANCELLED and early.message == "cancelled before the job was submitted"
+    assert manager.jobs[early.key].client is None and set(persisted(host)) == {rec.key}
+    manager.cancel("no such key")  # ignored
+
+
+def test_lost_backend(host, tmp_path):
+    work = tmp_path / "doomed"
+    work.mkdir()
+    doomed = ServerProcess(work).start()
+    try:
+        host.preferences.address, host.preferences.timeout_s, host.preferences.retries = doomed.address, 0.5, 1
+        clip = fake_clip(work / "in", "lost.json", stages=["decode"], gate=str(tmp_path / "never"))
+        manager = jobs.JobManager(host)
+        rec = start(manager, host, clip).record
+        drive(manager, until=lambda: rec.state == jobs.RUNNING and rec.stage == "wait")
+        doomed.kill()
+        drive(manager)
+    finally:
+        doomed.stop()
+    assert rec.state == jobs.FAILED, (rec.state, rec.message)
+    assert rec.message.startswith(f"Lost the AVFace backend at {doomed.address} during the job (")
+    assert rec.message.endswith(f"the job {rec.job_id} can be fetched again from the panel once the backend is back")
+    saved = persisted(host)[rec.key]
+    assert saved["state"] == jobs.FAILED and saved["message"] == rec.message and saved["job_id"] == rec.job_id
+
+
+def test_restart_finds_the_job_and_fetches_it(server, host, tmp_path):
+    """Blender closes while the job runs; the next session's manager lists it from jobs.json
+    and fetches it into the scene it is in then."""
+    gate = tmp_path / "gate"
+    spec = {"stages": ["decode"], "gate": str(gate), "seed": 11}
+    clip = fake_clip(server.work / "in", "restart.json", **spec)
+    first = jobs.JobManager(host)
+    tracked = start(first, host, clip)
+    rec = tracked.record
+    drive(first, until=lambda: rec.state == jobs.RUNNING and rec.stage == "wait")
+    tracked.client.close()  # Blender quits
+    assert persisted(host)[rec.key]["state"] == jobs.RUNNING
+    gate.touch()
+    server.wait_state(server.client(), rec.job_id, "done")
+
+    host.ctx = SimpleNamespace(scene=SimpleNamespace(name="Shot 2"))
+    host.blend = "/work/other.blend"
+    second = jobs.JobManager(host)
+    second.load()
+    again = second.jobs[rec.key].record
+    assert again is not rec and again.job_id == rec.job_id and again.out_dir == rec.out_dir
+    assert again.state == jobs.DETACHED and again.message == "started in an earlier session; fetch it to import"
+    assert second.active() == []
+    second.fetch(host.ctx, rec.key)
+    assert again.state == jobs.RUNNING and again.message == "fetching the job started earlier"
+    assert (again.scene, again.blend) == ("Shot 2", "/work/other.blend")
+    assert persisted(host)[rec.key]["state"] == jobs.RUNNING
+    drive(second)
+    assert again.state == jobs.IMPORTED, (again.state, again.message)
+    assert again.message == "Imported restart"
+    [(key, frames)] = host.imports
+    assert key == rec.key and np.array_equal(frames, expected_frames(spec))
+    assert persisted(host)[rec.key]["state"] == jobs.IMPORTED
+
+
+def test_import_waits_for_the_operator_or_the_import_button(server, host):
+    """With a window and a modal operator watching, the timer stops at fetched; the import
+    then goes to the right scene only, and a damaged result fails readably."""
+    clip = fake_clip(server.work / "in", "modal.json", stages=["decode"])
+    host.is_background = False
+    manager = jobs.JobManager(host)
+    tracked = start(manager, host, clip)
+    tracked.modal = True
+    rec = tracked.record
+    drive(manager)
+    assert rec.state == jobs.FETCHED and host.imports == [] and manager.active() == []
+    assert persisted(host)[rec.key]["state"] == jobs.FETCHED
+    host.ctx = SimpleNamespace(scene=SimpleNamespace(name="Another scene"))
+    manager.import_job(host.ctx, tracked)
+    assert rec.state == jobs.DONE
+    assert rec.message == f"Result ready in {rec.out_dir}: press Import, or File > Import > AVFace result"
+    host.ctx = SimpleNamespace(scene=SimpleNamespace(name="Scene"))
+    host.import_error = io_result.ResultError("not a readable AVFace result")
+    manager.import_job(host.ctx, tracked)
+    assert rec.state == jobs.FAILED and rec.message == "The backend's result cannot be imported: not a readable AVFace result"
+    host.import_error = KeyError("jawOpen")
+    manager.import_job(host.ctx, tracked)
+    assert rec.message == "The import failed: KeyError: 'jawOpen'"
+    host.import_error, host.video_size = None, (640, 360)
+    manager.import_job(host.ctx, tracked)
+    assert rec.state == jobs.IMPORTED and rec.message == (
+        "Imported modal; the scene renders at another size than the video's 640x360: set it to that for the "
+        "camera to match")
+    assert persisted(host)[rec.key]["state"] == jobs.IMPORTED
+
+
+def test_load_marks_unfinished_jobs_and_skips_bad_records(tmp_path):
+    host = FakeHost(tmp_path / "user", "tcp://127.0.0.1:9")
+    manager = jobs.JobManager(host)
+    manager.load()  # no file yet
+    assert manager.jobs == {}
+    base = {"address": "tcp://127.0.0.1:5555", "video": "/v.mp4", "scene": "Scene", "blend": "", "first_frame": 1.0,
+            "out_dir": "/out", "job_id": "j"}
+    records = [dict(base, key=f"k-{s}", state=s) for s in ("submitting", "running", "fetching", "fetched", "done",
+                                                         "imported", "failed", "cancelled", "detached")]
+    records.append(dict(base, key="k-future", state="running", colour="blue"))  # unknown field: skipped
+    (host.folder / jobs.JOBS_FILE).write_text(json.dumps({"jobs": records}))
+    manager.load()
+    states = {k: t.record.state for k, t in manager.jobs.items()}
+    assert states == {"k-submitting": "detached", "k-running": "detached", "k-fetching": "detached",
+                      "k-fetched": "detached", "k-done": "done", "k-imported": "imported", "k-failed": "failed",
+                      "k-cancelled": "cancelled", "k-detached": "detached"}
+    # loading again keeps the jobs it has; a damaged file changes nothing
+    manager.jobs["k-done"].record.message = "kept"
+    manager.load()
+    assert manager.jobs["k-done"].record.message == "kept"
+    (host.folder / jobs.JOBS_FILE).write_text("{not json")
+    manager.load()
+    assert len(manager.jobs) == 9
+    manager.save()
+    assert json.loads((host.folder / jobs.JOBS_FILE).read_text())["jobs"][0] == dict(
+        base, key="k-submitting", state="detached", message="started in an earlier session; fetch it to import",
+        stage="", fraction=0.0, audio_present=True, created=manager.jobs["k-submitting"].record.created)
