@@ -50,7 +50,7 @@ def pid_gone(pid: int) -> bool:
 
 
 class ServerProcess:
-    """``python -m avface.service.cli serve`` on ``tcp://127.0.0.1:*``."""
+    """``avface serve`` on ``tcp://127.0.0.1:*`` in a subprocess."""
 
     def __init__(self, work: Path, *, workers: int = 1, args: tuple = (), fake: bool = True,
                  data_dir: Path | None = None, roots: tuple = (), env: dict | None = None):
