@@ -28,6 +28,7 @@ def test_vendored_kinematics_is_the_backend_file():
     assert open(vendored.__file__).read() == open(kinematics.__file__).read()
 
 
+@pytest.mark.slow  # reconstructs a clip first
 def test_real_result_arrays(real_result):
     head = io_result.read_result(real_result)
     z = np.load(real_result)
@@ -70,6 +71,7 @@ def test_quaternions_match_axis_angle():
     assert flipped[1, 0] > 0
 
 
+@pytest.mark.slow  # reconstructs a clip first
 def test_lip_basis_and_detail(rich_result):
     head = io_result.read_result(rich_result)
     z = np.load(rich_result)
@@ -122,6 +124,7 @@ def test_retime_picks_the_picture_nearest_in_time():
         io_result.retime(0.0, fps=0.0, scene_fps=24.0, n_pictures=3)
 
 
+@pytest.mark.slow  # reconstructs a clip first
 def test_unreadable_results_are_refused_with_a_reason(real_result, tmp_path):
     with pytest.raises(io_result.ResultError, match="does not exist"):
         io_result.read_result(tmp_path / "missing.npz")
@@ -245,6 +248,7 @@ def test_flame_bones_follow_the_expression_and_reproduce_the_vertices(flame_resu
     assert_close(got, world_f32, atol=1e-6, rtol=0, what="posed head vs the model's float32 mesh")
 
 
+@pytest.mark.slow  # reconstructs a clip first
 def test_fixed_joints_key_only_the_root_location(real_result, flame_like_result):
     """The default model (and a FLAME-like result without ``expression_joints``) keeps its
     joints at rest: only the root bone is located, at ``transl``."""
@@ -299,6 +303,7 @@ def test_camera_shift_follows_the_principal_point():
         io_result.camera_settings(np.zeros((3, 3)), 320, 180, np.eye(4))
 
 
+@pytest.mark.slow  # reconstructs a clip first
 def test_real_result_has_its_camera(real_result):
     """The camera read from a reconstruction is the one its meta records."""
     head = io_result.read_result(real_result)

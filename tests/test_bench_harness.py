@@ -20,6 +20,9 @@ from avface.bench.methods import MethodOutput, register_method, unregister_metho
 from avface.cli import main as avface_main
 from avface.core.topology import LIPS
 
+# the benchmark end to end on synthetic clips: `make test`, not `make check`
+pytestmark = pytest.mark.slow
+
 SEED = 3
 CLIP_S = 1.6
 SIZE = 224

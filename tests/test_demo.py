@@ -1,5 +1,5 @@
 """`avface demo` end to end: the synthetic clip is reconstructed and its 3D error against
-ground truth is printed and within the issue's target."""
+ground truth is printed and within the demo's target."""
 from __future__ import annotations
 
 import json
@@ -8,8 +8,12 @@ import sys
 
 import numpy as np
 
+import pytest
+
 from avface.media import probe
 from avface.result import validate
+
+pytestmark = pytest.mark.slow  # the whole demo end to end: `make test`, not `make check`
 
 
 def test_demo_meets_its_accuracy_target(tmp_path):

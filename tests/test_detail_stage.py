@@ -24,7 +24,8 @@ from avface.stages.detail import uvspace
 from avface.stages.detail.fine import read_detail_map
 from avface.stages.detail.run import lower_face_weights, mouth_texels
 
-pytestmark = pytest.mark.usefixtures("torch_one_thread")
+# reconstruct end to end with the detail stage: `make test`, not `make check`
+pytestmark = [pytest.mark.usefixtures("torch_one_thread"), pytest.mark.slow]
 
 MAP = 64
 """Map side in the tests (256 in a real run on the CPU)."""

@@ -144,6 +144,7 @@ def detail_clip(tmp_path_factory):
     return load_detail_clip(out, model, raster, load_default_checkpoint().networks), model, raster
 
 
+@pytest.mark.slow  # renders a detail clip and adapts to it twice
 def test_the_generic_part_explains_an_unseen_face(detail_clip):
     """On a face it never saw, with no adaptation at all, the shipped generic network's
     detail lowers the held-out photometric residual (measured: gain 0.18 and 0.23 on seeds
@@ -163,6 +164,7 @@ def test_the_generic_part_explains_an_unseen_face(detail_clip):
     assert gains["generic"] > 0.08 and abs(gains["fresh"]) < 0.02, gains
 
 
+@pytest.mark.slow  # trains a fine part on a corpus
 def test_corpus_training_writes_a_fine_part(detail_clip, tmp_path):
     """A few steps over a one-clip corpus: the loss falls, the other networks are untouched,
     and the checkpoint reads back with the trained part."""

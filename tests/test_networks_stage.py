@@ -17,7 +17,8 @@ from avface.pipeline import reconstruct
 from avface.result import load_result, validate, write_result
 from avface.train.loop import TrainConfig, train
 
-pytestmark = pytest.mark.usefixtures("torch_one_thread")
+# reconstruct end to end with trained networks: `make test`, not `make check`
+pytestmark = [pytest.mark.usefixtures("torch_one_thread"), pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
