@@ -10,6 +10,7 @@ from conftest import assert_close
 from PIL import Image
 from uv_util import posed_camera_vertices
 
+from avface import result as R
 from avface.errors import SchemaError
 from avface.models.canonical_mesh import load_canonical_mesh
 from avface.stages.detail import fine, shading, uvspace
@@ -186,12 +187,12 @@ def test_detail_maps_round_trip_and_rebuild_a_detailed_vertex_by_hand(tmp_path):
     vt = torch.as_tensor(verts, dtype=torch.float64)[None]
     pts = uvspace.interpolate(r, mesh.faces, vt)
     normals = uvspace.texel_normals(r, mesh.faces, vt)
-    enc = fine.DetailEncoding.for_range(size, 0.004, n_maps=2)
+    enc = R.DetailEncoding.for_range(size, 0.004, n_maps=2)
     uvc = uvspace.texel_centres(size)
     d = np.stack([1.5e-3 * np.sin(12 * uvc[..., 0]) * np.cos(5 * uvc[..., 1]), np.full((size, size), -3.9e-3)])
     d *= r.mask
     paths = fine.write_detail_maps(tmp_path, d, enc)
-    fine.check_detail_maps(tmp_path, enc, 2)
+    R.check_detail_maps(tmp_path, enc, 2)
     # a real PNG reader agrees that these are 16-bit greyscale maps of the stated size
     with Image.open(paths[0]) as im:
         assert im.mode.startswith("I;16") and im.size == (size, size)
@@ -201,7 +202,7 @@ def test_detail_maps_round_trip_and_rebuild_a_detailed_vertex_by_hand(tmp_path):
     meta = enc.to_meta()
     raw = np.asarray(Image.open(paths[0]), np.float64) / 65535.0
     assert_close((raw - meta["midlevel"]) * meta["metres_per_unit"], back, atol=1e-9, what="Blender D")
-    assert fine.DetailEncoding.from_meta(meta) == enc
+    assert R.DetailEncoding.from_meta(meta) == enc
 
     # By hand: texel (row, col) -> (u, v) -> the triangle holding it -> barycentrics -> point
     # and interpolated vertex normal -> V_d = V_c + D N_c, against the module's maps.
@@ -231,19 +232,19 @@ def test_detail_maps_round_trip_and_rebuild_a_detailed_vertex_by_hand(tmp_path):
 
 
 def test_detail_maps_refusals(tmp_path):
-    enc = fine.DetailEncoding.for_range(16, 0.01)
+    enc = R.DetailEncoding.for_range(16, 0.01)
     with pytest.raises(ValueError, match=r"\(T, 16, 16\)"):
         fine.write_detail_maps(tmp_path, np.zeros((2, 8, 8)), enc)
     fine.write_detail_maps(tmp_path, np.zeros((2, 16, 16)), enc)
-    enc = fine.DetailEncoding.for_range(16, 0.01, n_maps=2)
+    enc = R.DetailEncoding.for_range(16, 0.01, n_maps=2)
     with pytest.raises(SchemaError, match="expected 3 maps"):
-        fine.check_detail_maps(tmp_path, enc, 3)
+        R.check_detail_maps(tmp_path, enc, 3)
     # an 8-bit map in place of a 16-bit one
-    Image.fromarray(np.zeros((16, 16), np.uint8)).save(fine.detail_path(tmp_path, 1))
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(R.detail_path(tmp_path, 1))
     with pytest.raises(SchemaError, match="16-bit greyscale"):
-        fine.check_detail_maps(tmp_path, enc, 2)
+        R.check_detail_maps(tmp_path, enc, 2)
     with pytest.raises(SchemaError, match="malformed"):
-        fine.DetailEncoding.from_meta({"map_size": 16})
+        R.DetailEncoding.from_meta({"map_size": 16})
 
 
 def test_unwrap_clip_streams_frames_and_applies_confidence():

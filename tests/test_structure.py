@@ -5,6 +5,7 @@ house"). Pure static analysis plus one subprocess: no Blender, no clips."""
 from __future__ import annotations
 
 import ast
+import functools
 import subprocess
 import sys
 from pathlib import Path
@@ -78,7 +79,9 @@ def _imports(path: Path, module: str, known: set[str]) -> set[str]:
     return edges
 
 
+@functools.lru_cache(maxsize=1)
 def _graph() -> dict[str, set[str]]:
+    """Each module's imports (parsed once for the whole file's tests)."""
     paths = {_module_name(p): p for p in _sources()}
     known = set(paths)
     return {m: _imports(p, m, known) for m, p in paths.items()}

@@ -20,7 +20,7 @@ detail. Their displacement is then carried from the nearest trusted frames
 
 Detail maps: one 16-bit greyscale PNG per frame, ``detail/frame_NNNNNN.png``, row 0 at the
 top (v = 1); displacement along the coarse normal in metres is
-``(value / 65535 - midlevel) * metres_per_unit`` (:class:`DetailEncoding`), as Blender's
+``(value / 65535 - midlevel) * metres_per_unit`` (:class:`avface.result.DetailEncoding`), as Blender's
 Displace modifier reads it.
 """
 from __future__ import annotations
@@ -37,15 +37,7 @@ import torch.nn.functional as F
 
 from avface.errors import OutputError, SchemaError
 from avface.result import ensure_writable
-from avface.result.detail_maps import (  # noqa: F401
-    DETAIL_DIR,
-    DETAIL_FORMAT,
-    DETAIL_PATTERN,
-    DetailEncoding,
-    check_detail_maps,
-    detail_files,
-    detail_path,
-)
+from avface.result.detail_maps import DETAIL_DIR, DetailEncoding, detail_path
 from avface.stages.detail import shading
 from avface.stages.detail.shading import render
 

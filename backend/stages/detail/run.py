@@ -93,7 +93,7 @@ class DetailRun:
     """(T, S, S) float32 metres along the coarse normal, carried over untrusted texels, with a
     gutter around the UV islands."""
     encoding: object
-    """The maps' :class:`~avface.stages.detail.fine.DetailEncoding`."""
+    """The maps' :class:`~avface.result.DetailEncoding`."""
     raster: object
     """The layout's :class:`~avface.stages.detail.uvspace.UVRaster`."""
     adapt: object
