@@ -23,6 +23,7 @@ def _options_from_args(args):
         device=args.device, frame_start=args.start, frame_end=args.end, preview=args.preview or None,
         write_vertices=False if args.no_vertices else None, fov_deg=args.fov, cache_dir=args.cache_dir,
         networks_checkpoint="none" if args.no_networks else args.networks, detail=args.detail,
+        threads=args.threads,
     )
     if args.config:
         return ReconstructOptions.from_yaml(Path(args.config), **overrides)
@@ -37,8 +38,15 @@ def cmd_reconstruct(args) -> int:
     out = Path(args.output)
     bars = StageBars(not args.quiet)
     t0 = time.perf_counter()
+
+    def head_ready(path: Path) -> None:
+        if options.detail:  # the head can be imported now; the detail maps follow
+            bars.close()
+            print(f"head written: {path} after {time.perf_counter() - t0:.1f} s (importable now; "
+                  f"the detail maps follow into {out / 'detail'})", file=sys.stderr, flush=True)
+
     try:
-        path = reconstruct(Path(args.video), out, options, progress=bars)
+        path = reconstruct(Path(args.video), out, options, progress=bars, on_head=head_ready)
     finally:
         bars.close()
     print(summary(load_result(path)))
@@ -108,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--detail", action=argparse.BooleanOptionalAction, default=None,
                    help="run the fine stage: one 16-bit displacement map per frame in OUT/detail (default: on; "
                         "--no-detail saves about 5x the tracking's time on a CPU; see docs/fine_stage.md)")
+    r.add_argument("--threads", type=int, help="torch threads for the stages (default: one per core, or OMP_NUM_THREADS); OpenMP's "
+                   "threads sleep while they wait, so a busy machine slows the job in proportion")
     r.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     r.set_defaults(func=cmd_reconstruct)
 

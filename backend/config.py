@@ -159,6 +159,10 @@ class ReconstructOptions:
     """One past the last frame to reconstruct; None: to the end."""
     preview: bool = False
     """Also write preview.mp4: the fitted mesh over the frames, with the audio."""
+    threads: int = 0
+    """torch's intra-op threads for the job's stages; 0: what the process has (one per core unless
+    ``OMP_NUM_THREADS`` says otherwise; ``avface.core.threads``).
+    The service gives each job its share (``avface serve --threads``)."""
     write_vertices: bool = True
     """Store the final per-frame mesh (T, V, 3) float16 in the result."""
     fov_deg: float | None = None

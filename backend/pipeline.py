@@ -1,6 +1,7 @@
 """The whole reconstruction job, one short function per stage (docs/architecture.md):
-probe -> tracking -> audio -> confidence (-> networks) -> fit (-> lips) (-> detail) -> export (-> preview). Used
-by the CLI, the demo and the service's workers. The networks stage (docs/networks.md) runs
+probe -> tracking -> audio -> confidence -> camera (-> networks) -> fit (-> lips) -> export, which
+writes the head, (-> detail, which adds its maps) (-> preview). Used by the CLI, the demo and the
+service's workers. The networks stage (docs/networks.md) runs
 when a checkpoint is given: it feeds the fit the networks' landmarks where the mouth is not
 seen, and after the fit gives the lips. The fine stage (``detail``, docs/fine_stage.md) writes one
 displacement map per frame into ``detail/``.
@@ -25,6 +26,7 @@ import yaml
 
 from avface import media
 from avface.config import ReconstructOptions
+from avface.core import threads
 from avface.errors import CancelledError, InputError, MediaError
 from avface.models.registry import available_models, load_model  # noqa: F401  (the service's workers ask the pipeline)
 from avface.result import ensure_writable, write_result
@@ -38,7 +40,7 @@ from avface.stages.tracking import Tracking, track
 
 log = logging.getLogger(__name__)
 
-STAGES = ("probe", "tracking", "audio", "confidence", "camera", "networks", "fit", "lips", "detail", "export", "preview")
+STAGES = ("probe", "tracking", "audio", "confidence", "camera", "networks", "fit", "lips", "export", "detail", "preview")
 Progress = Callable[[str, float, str], None]
 
 
@@ -89,10 +91,23 @@ def reconstruct(
     *,
     progress: Progress | None = None,
     should_cancel: Callable[[], bool] | None = None,
+    on_head: Callable[[Path], None] | None = None,
 ) -> Path:
-    """Run the whole job; returns the path of result.npz."""
-    video, out_dir = Path(video), Path(out_dir)
-    run = _Run(progress or (lambda stage, fraction, message: None), should_cancel)
+    """Run the whole job; returns the path of result.npz.
+
+    The head comes first: once the coarse fit, the networks and the lips are done,
+    ``result.npz`` is written complete but for its detail maps (``meta.detail.state`` is
+    ``pending``) and ``on_head(path)`` is called, so that a user can import it while the fine
+    stage runs. The fine stage then writes ``detail/`` and writes ``result.npz`` again with
+    the state ``complete``; a cancelled or failed fine stage leaves the head with the state
+    ``cancelled`` or ``failed`` before the error goes on.
+    """
+    with threads.job_pool(options.threads) as thread_record:
+        return _reconstruct(Path(video), Path(out_dir), options, _Run(progress or (lambda stage, fraction, message: None),
+                                                                       should_cancel), on_head, thread_record)
+
+
+def _reconstruct(video: Path, out_dir: Path, options: ReconstructOptions, run: _Run, on_head, thread_record: dict) -> Path:
     _check_device(options.device)
     ensure_writable(out_dir)
     model = load_model(options.model, options.flame_dir)  # a missing FLAME file stops here, before any work
@@ -100,6 +115,36 @@ def reconstruct(
 
     with run.stage("probe"):
         inputs = _read_inputs(video, options)
+    coarse = _coarse(inputs, model, checkpoint, options, run)
+    with run.stage("export"):
+        arrays, meta = _assemble(inputs, coarse, options, run)
+        meta["threads"] = thread_record
+        (out_dir / "config.yaml").write_text(yaml.safe_dump(options.to_dict(), sort_keys=False))
+        from avface.stages.detail.run import clear_detail
+
+        clear_detail(out_dir)  # never the maps of an earlier job beside this one's head
+        if options.detail:
+            meta["detail"]["state"] = "pending"
+    path = _write(out_dir, arrays, meta, run)
+    if on_head is not None:
+        on_head(path)
+    detail = _detail_after(inputs, coarse, options, run, (out_dir, arrays, meta)) if options.detail else None
+    if options.preview:
+        try:
+            with run.stage("preview"):
+                _preview(inputs, coarse.fit, arrays["occluded"], out_dir, run,
+                         coarse.net.audio_frames if coarse.net is not None else None, detail=detail, device=options.device)
+        finally:
+            # the result again, so that meta records the preview's time too (even when the
+            # preview fails or is cancelled: the result itself is complete)
+            _write(out_dir, arrays, meta, run)
+    (out_dir / "timings.json").write_text(json.dumps({"stage_seconds": run.seconds,
+                                                      "tracker_seconds": coarse.tracking.seconds}))
+    return path
+
+
+def _coarse(inputs: _Inputs, model, checkpoint, options: ReconstructOptions, run: _Run) -> "_Coarse":
+    """Tracking, speech, confidence, camera, networks, fit and lips: everything the head needs."""
     with run.stage("tracking"):
         tracking = _track(inputs, options, run)
     with run.stage("audio"):
@@ -120,39 +165,40 @@ def reconstruct(
     if net is not None and options.networks.lips:
         with run.stage("lips"):
             lips = _lips(net, fit, options)
-    coarse = _Coarse(tracking, features, conf, occluded, camera, fit, metrics, net, lips)
-    detail = None
-    if options.detail:
+    return _Coarse(tracking, features, conf, occluded, camera, fit, metrics, net, lips)
+
+
+def _write(out_dir: Path, arrays: dict, meta: dict, run: _Run) -> Path:
+    """Write result.npz with the stages run so far and their times."""
+    meta["stage_seconds"] = dict(run.seconds)
+    meta["stages_run"] = [s for s in STAGES if s in run.seconds]
+    return write_result(out_dir / "result.npz", arrays, meta)
+
+
+def _detail_after(inputs: _Inputs, coarse: "_Coarse", options: ReconstructOptions, run: _Run, written):
+    """The fine stage after the head: the maps into ``detail/``, then result.npz again with
+    ``meta.detail`` complete (or skipped). A cancel or an error leaves the head readable, its
+    ``meta.detail.state`` saying what happened, and goes on. Returns the DetailRun or None."""
+    from avface.stages.detail.run import clear_detail, write_detail
+
+    out_dir, arrays, meta = written
+    try:
         with run.stage("detail"):
             detail = _detail(inputs, coarse, options, run)
-    with run.stage("export"):
-        arrays, meta = _assemble(inputs, coarse, options, run)
-        (out_dir / "config.yaml").write_text(yaml.safe_dump(options.to_dict(), sort_keys=False))
-        from avface.stages.detail.run import clear_detail, write_detail
-
-        if detail is not None:
-            meta["detail"] = write_detail(out_dir, detail)
-        else:
-            clear_detail(out_dir)
-            if options.detail:
-                meta["detail"]["skipped"] = "no frame had a trusted face texel to learn detail from"
-        if not options.preview:
-            path = write_result(out_dir / "result.npz", arrays, meta)
-    if options.preview:
-        previewed = False
-        try:
-            with run.stage("preview"):
-                _preview(inputs, fit, arrays["occluded"], out_dir, run, net.audio_frames if net is not None else None,
-                         detail=detail, device=options.device)
-            previewed = True
-        finally:
-            # written once, after the preview so that meta records its time too, and even when
-            # the preview fails or is cancelled: the result itself is complete
-            meta["stage_seconds"] = run.seconds
-            meta["stages_run"] = meta["stages_run"] + (["preview"] if previewed else [])
-            path = write_result(out_dir / "result.npz", arrays, meta)
-    (out_dir / "timings.json").write_text(json.dumps({"stage_seconds": run.seconds, "tracker_seconds": tracking.seconds}))
-    return path
+            if detail is not None:
+                meta["detail"] = {**write_detail(out_dir, detail), "state": "complete"}
+            else:
+                meta["detail"].update(state="skipped",
+                                      skipped="no frame had a trusted face texel to learn detail from")
+    except BaseException as e:
+        clear_detail(out_dir)  # no half-written set of maps beside the head
+        cancelled = isinstance(e, (CancelledError, KeyboardInterrupt))
+        meta["detail"].update(state="cancelled" if cancelled else "failed",
+                              reason="cancelled" if cancelled else f"{type(e).__name__}: {e}")
+        _write(out_dir, arrays, meta, run)
+        raise
+    _write(out_dir, arrays, meta, run)
+    return detail
 
 
 def _check_device(device: str) -> str:
@@ -308,7 +354,7 @@ def _assemble(inputs: _Inputs, coarse: _Coarse, options: ReconstructOptions, run
         extra["networks"] = dict(net.meta, lips=lips is not None)
     evidence = ResultEvidence(coarse.conf, coarse.occluded, features.activity if features is not None else None)
     return build_result(fit, tracking, evidence, src,
-                        ResultRun(stages_run=[s for s in STAGES if s in run.seconds] + ["export"],
+                        ResultRun(stages_run=[s for s in STAGES if s in run.seconds],
                                   stage_seconds=run.seconds, extra_meta=extra),
                         write_vertices=options.write_vertices, lips=lips)
 

@@ -43,7 +43,7 @@ def expected_frames(spec: dict) -> np.ndarray:
     return rng.standard_normal((8, 3)).astype(np.float32)
 
 
-def reconstruct(video, out_dir, options, *, progress=None, should_cancel=None) -> Path:
+def reconstruct(video, out_dir, options, *, progress=None, should_cancel=None, on_head=None) -> Path:
     raw = Path(video).read_bytes()
     try:
         spec = json.loads(raw)
@@ -64,6 +64,8 @@ def reconstruct(video, out_dir, options, *, progress=None, should_cancel=None) -
                 time.sleep(step_s)
         if stage == "decode" and fail == "no_face":
             raise NoFaceError("fake: no face was detected in any frame")
+    if spec.get("head"):  # the head first, as the real pipeline writes it before the fine stage
+        on_head(_write_result(Path(out_dir), spec, raw, options, detail="pending"))
     if spec.get("hang_s"):
         time.sleep(float(spec["hang_s"]))  # alive, silent: what the server's hang watchdog is for
     if spec.get("gate"):
@@ -82,9 +84,15 @@ def reconstruct(video, out_dir, options, *, progress=None, should_cancel=None) -
     (out_dir / "detail").mkdir(parents=True, exist_ok=True)
     for i in range(int(spec.get("n_detail", 3))):
         (out_dir / "detail" / f"{i:06d}.png").write_bytes(hashlib.sha256(raw + bytes([i])).digest() * 100)
+    return _write_result(out_dir, spec, raw, options, detail="complete")
+
+
+def _write_result(out_dir: Path, spec: dict, raw: bytes, options, *, detail: str) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
     audio_sha = hashlib.sha256(Path(options.audio).read_bytes()).hexdigest() if options.audio else ""
     meta = {"schema_version": "fake-1", "video_sha256": hashlib.sha256(raw).hexdigest(), "audio_sha256": audio_sha,
-            "options": {"model": options.model, "device": options.device, "preview": options.preview}}
+            "options": {"model": options.model, "device": options.device, "preview": options.preview},
+            "detail": {"state": detail}}
     np.savez(out_dir / "result.npz", meta=np.array(json.dumps(meta)), frames=expected_frames(spec))
     (out_dir / "config.yaml").write_text(f"model: {options.model}\n")
     return out_dir / "result.npz"

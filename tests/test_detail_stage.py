@@ -19,7 +19,7 @@ from avface.core.topology import LIPS
 from avface.errors import SchemaError
 from avface.models.canonical_mesh import load_canonical_mesh
 from avface.pipeline import reconstruct
-from avface.result import DetailEncoding, load_result, validate
+from avface.result import DetailEncoding, detail_state, load_result, validate
 from avface.stages.detail import uvspace
 from avface.stages.detail.fine import read_detail_map
 from avface.stages.detail.run import lower_face_weights, mouth_texels
@@ -47,14 +47,51 @@ def _options(clip, tmp_path, **kw) -> ReconstructOptions:
 @pytest.fixture(scope="module")
 def detailed(clip, tmp_path_factory):
     out = tmp_path_factory.mktemp("detailed")
-    stages = []
+    stages, heads = [], []
+
+    def on_head(path):  # what a user could import at this moment
+        heads.append((load_result(path).meta, sorted(p.name for p in (out / "detail").glob("*")), list(stages)))
+
     path = reconstruct(clip.video_path, out, _options(clip, out, detail=True, preview=True),
-                       progress=lambda stage, f, msg: stages.append(stage))
-    return path, stages
+                       progress=lambda stage, f, msg: stages.append(stage), on_head=on_head)
+    return path, stages, heads
+
+
+def test_the_head_comes_before_the_detail(detailed):
+    """result.npz is written, valid and importable, before the fine stage starts; the maps
+    follow, and the same file then says they are complete."""
+    path, stages, heads = detailed
+    assert len(heads) == 1
+    head, files_then, stages_then = heads[0]
+    assert detail_state(head) == "pending" and head["detail"]["n_maps"] == 0 and files_then == []
+    assert "detail" not in stages_then and "detail" not in head["stages_run"] and head["stages_run"][-1] == "export"
+    assert stages.index("detail") > stages.index("export")
+    final = validate(path)
+    assert detail_state(final) == "complete" and final["detail"]["n_maps"] == final["n_frames"]
+    assert final["stages_run"][-3:] == ["export", "detail", "preview"]
+    # the head's arrays are the final result's: the detail adds maps, it moves no vertex
+    with np.load(path) as z:
+        assert json.loads(str(z["meta"]))["detail"]["state"] == "complete"
+
+
+def test_a_cancelled_detail_keeps_the_head(clip, tmp_path):
+    from avface.errors import CancelledError
+
+    out = tmp_path / "cancelled"
+    seen = []
+    with pytest.raises(CancelledError):
+        reconstruct(clip.video_path, out, _options(clip, tmp_path, detail=True),
+                    progress=lambda stage, f, msg: seen.append(stage), should_cancel=lambda: "detail" in seen)
+    meta = validate(out / "result.npz")
+    assert detail_state(meta) == "cancelled" and meta["detail"]["n_maps"] == 0
+    assert not list((out / "detail").glob("*.png")), "no half-written maps beside the head"
+    from avface.result import load_result, summary
+
+    assert "cancelled: the head is complete" in summary(load_result(out / "result.npz"))
 
 
 def test_detail_maps_validate_and_rebuild_a_detailed_point_by_hand(detailed, clip):
-    path, stages = detailed
+    path, stages, _ = detailed
     meta = validate(path)
     assert "detail" in meta["stages_run"] and "detail" in stages
     d = meta["detail"]
@@ -116,7 +153,7 @@ def test_detail_maps_validate_and_rebuild_a_detailed_point_by_hand(detailed, cli
 def test_preview_shows_the_detail_panel(detailed, clip):
     from avface import media
 
-    path, _ = detailed
+    path = detailed[0]
     info = media.probe(path.parent / "preview.mp4")
     assert (info.width, info.height) == (2 * clip.width, clip.height)
 
@@ -124,19 +161,21 @@ def test_preview_shows_the_detail_panel(detailed, clip):
 def test_rerun_without_detail_leaves_no_stale_maps(detailed, clip, tmp_path):
     import shutil
 
-    path, _ = detailed
+    path = detailed[0]
     out = tmp_path / "again"
     shutil.copytree(path.parent, out)
     again = reconstruct(clip.video_path, out, _options(clip, tmp_path, detail=False, networks_checkpoint="none"))
     meta = validate(again)
-    assert meta["detail"]["n_maps"] == 0 and "detail" not in meta["stages_run"]
+    assert meta["detail"]["n_maps"] == 0 and "detail" not in meta["stages_run"] and detail_state(meta) == "off"
     assert not list((out / "detail").glob("*.png"))
+    # the threads the job ran with (the fixture's one; OpenMP's threads sleep while they wait)
+    assert meta["threads"]["torch_intra_op"] == 1 and meta["threads"]["omp_wait_policy"] == "PASSIVE"
 
 
 def test_a_damaged_or_missing_map_is_a_schema_error(detailed, tmp_path):
     import shutil
 
-    path, _ = detailed
+    path = detailed[0]
     out = tmp_path / "copy"
     shutil.copytree(path.parent, out)
     files = sorted((out / "detail").glob("*.png"))

@@ -189,3 +189,37 @@ def test_uploaded_bytes_that_do_not_match_their_sha256_fail_the_job(make_server,
     job = server.wait_state(client, job_id, P.FAILED)
     assert job["error"]["code"] == "upload_mismatch" and job["attempts"] == 1
     assert os.path.exists(server.data_dir / "jobs" / job_id / "input" / "video.json")
+
+
+def test_the_head_can_be_fetched_before_the_detail_and_outlives_a_cancel(make_server, tmp_path):
+    """A job reports its head (the result but for its detail maps) while it goes on; a client
+    can fetch that head at once, and a cancel in the fine stage keeps it fetchable."""
+    server = make_server()
+    client = server.client()
+    gate = tmp_path / "gate"
+    job = client.submit(fake_clip(tmp_path, "h.json", steps=1, head=True, gate=str(gate), seed=5))
+    wait_for(lambda: client.status(job)["head_ready"], what="the head")
+    assert client.status(job)["state"] == P.RUNNING
+    with pytest.raises(ServiceError) as e:  # a plain fetch still waits for the whole result
+        client.fetch(job, tmp_path / "whole-too-early")
+    assert e.value.code == "not_ready"
+    head = client.fetch(job, tmp_path / "head", head=True)
+    assert validate(head)["detail"]["state"] == "pending" and not (tmp_path / "head" / "detail").exists()
+    assert client.call("fetch", {"job_id": job})["complete"] is False
+    client.cancel(job)
+    server.wait_state(client, job, P.CANCELLED)
+    again = client.fetch(job, tmp_path / "head-after-cancel", head=True)
+    assert validate(again)["detail"]["state"] == "pending"
+    listed = [f["path"] for f in client.call("fetch", {"job_id": job})["manifest"]["files"]]
+    assert "result.npz" in listed and not any(p.startswith("detail/") for p in listed)
+
+    # the same with the gate open: the events say head, then done; the result is whole
+    gate.touch()
+    run = JobRun(client, video=fake_clip(tmp_path, "h2.json", steps=1, head=True, seed=6), out_dir=tmp_path / "whole")
+    events: list[dict] = []
+    client.run(run, on_step=lambda r, evs: events.extend(evs))
+    assert run.phase == "done", run.error
+    marks = [("head" if e.get("head") else e["state"]) for e in events if e["kind"] == "state"]
+    assert marks[-3:] == [P.RUNNING, "head", P.DONE], marks
+    meta = check_result(tmp_path / "whole", {"seed": 6})
+    assert meta["detail"]["state"] == "complete"

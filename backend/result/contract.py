@@ -215,9 +215,41 @@ def load_result(path: Path) -> Result:
     return Result(meta, arrays)
 
 
+DETAIL_STATES = {
+    "off": "not asked for (--no-detail)",
+    "pending": "still being made: the head is complete, its maps are on their way",
+    "complete": "complete",
+    "skipped": "skipped: no frame had a trusted face texel to learn from",
+    "cancelled": "cancelled: the head is complete, without maps",
+    "failed": "failed: the head is complete, without maps",
+}
+"""``meta.detail.state``: where the fine stage's maps stand. The head (``result.npz``) is
+written before the fine stage runs, with ``pending``; the fine stage ends in one of the others."""
+
+
+def detail_state(meta: dict) -> str:
+    """``meta.detail.state``, or for a result written before the head came first: ``complete``
+    with maps, ``skipped`` when the stage said so, else ``off``."""
+    detail = meta.get("detail") or {}
+    state = detail.get("state")
+    if state in DETAIL_STATES:
+        return state
+    if detail.get("n_maps"):
+        return "complete"
+    return "skipped" if detail.get("skipped") else "off"
+
+
 def validate(path: Path) -> dict:
     """Validate a result file; returns its meta or raises SchemaError saying what is wrong."""
     return load_result(path).meta
+
+
+def _detail_line(meta: dict) -> str:
+    state = detail_state(meta)
+    if state == "complete":
+        d = meta["detail"]
+        return f"complete: {d.get('n_maps', 0)} displacement maps of {d.get('map_size', 0)}^2 in {d.get('folder', 'detail')}/"
+    return DETAIL_STATES[state]
 
 
 def summary(result: Result) -> str:
@@ -237,7 +269,7 @@ def summary(result: Result) -> str:
         f"{int(occ.sum())} occluded or undetected frames",
         f"  lips        {a['lip_vertex_ids'].shape[0]} vertices, {a['lip_basis'].shape[0]} components "
         f"(PCA residual {m['lip_pca_residual']:.2e} m)",
-        f"  detail      {m['detail'].get('n_maps', 0)} displacement maps",
+        f"  detail      {_detail_line(m)}",
         "  stages      " + ", ".join(f"{s} {m['stage_seconds'].get(s, 0):.1f}s" for s in m["stages_run"]),
         f"  vertices    {'stored' if 'vertices' in a else 'not stored (--no-vertices)'}",
     ]

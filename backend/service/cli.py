@@ -69,6 +69,11 @@ def register(subparsers) -> None:
     p.add_argument("--curve-clients", type=Path, help="folder of client public keys allowed to connect")
     p.add_argument("--device", default="auto", help="torch device of the jobs: auto, cpu, cuda (default auto)")
     p.add_argument("--flame-dir", help="folder with the FLAME files on this machine")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads each job's stages run with (default 0: this machine's cores shared evenly "
+                   "between the --workers, at least 1). OpenMP's threads sleep while they wait "
+                   "(OMP_WAIT_POLICY=PASSIVE unless the environment sets it), so a busy machine slows a job "
+                   "in proportion; the threads used are in each result's meta.threads")
     p.add_argument("--max-frame-bytes", type=int, default=P.DEFAULT_MAX_FRAME_BYTES)
     p.add_argument("--max-queue", type=int, default=64)
     p.add_argument("--max-upload-bytes", type=int, default=4 << 30)
@@ -107,6 +112,8 @@ def register(subparsers) -> None:
     p.add_argument("job_id")
     p.add_argument("-o", "--out", type=Path, required=True)
     p.add_argument("--wait", action="store_true", help="wait for the job to finish, showing progress")
+    p.add_argument("--head", action="store_true", help="the head as soon as it is ready, before its detail maps "
+                   "(or the head a job kept when its detail was cancelled or failed)")
     _add_client_args(p)
     p.set_defaults(func=cmd_fetch)
 
@@ -136,7 +143,7 @@ def cmd_serve(args) -> int:
     config = ServerConfig(
         data_dir=args.data_dir or default_data_dir(), bind=args.bind, workers=args.workers,
         roots=tuple(args.root), curve_secret_file=args.curve_secret, curve_clients_dir=args.curve_clients,
-        device=args.device, flame_dir=args.flame_dir, max_frame_bytes=args.max_frame_bytes,
+        device=args.device, flame_dir=args.flame_dir, threads=args.threads, max_frame_bytes=args.max_frame_bytes,
         max_queue=args.max_queue, max_upload_bytes=args.max_upload_bytes, max_chunks=args.max_chunks,
         max_duration_s=args.max_duration_s, hang_timeout_s=args.hang_timeout_s, ready_file=args.ready_file,
     )
@@ -250,7 +257,7 @@ def cmd_fetch(args) -> int:
 
     try:
         with _client(args) as client:
-            run = JobRun(client, job_id=args.job_id, out_dir=args.out, wait=args.wait)
+            run = JobRun(client, job_id=args.job_id, out_dir=args.out, wait=args.wait or args.head, head=args.head)
             status = _drive(client, run, "fetch")
     except ServiceError as e:
         return _fail("fetch", e.code, e.message)

@@ -399,9 +399,10 @@ class Client:
             raise run.error
         return run.job_id
 
-    def fetch(self, job_id: str, out_dir, *, wait: bool = False) -> Path:
-        """Download a finished job's result into ``out_dir``; returns the path of result.npz."""
-        run = self.run(JobRun(self, job_id=job_id, out_dir=out_dir, wait=wait))
+    def fetch(self, job_id: str, out_dir, *, wait: bool = False, head: bool = False) -> Path:
+        """Download a finished job's result into ``out_dir``; returns the path of result.npz.
+        ``head``: the head as soon as it is ready (see :class:`JobRun`)."""
+        run = self.run(JobRun(self, job_id=job_id, out_dir=out_dir, wait=wait, head=head))
         if run.error is not None:
             raise run.error
         return run.result_path
@@ -423,10 +424,13 @@ class JobRun:
 
     def __init__(self, client: Client, *, video=None, audio=None, transcript: str | None = None,
                  options: dict | None = None, out_dir=None, upload: bool | str = "auto", job_id: str | None = None,
-                 detach: bool = False, wait: bool = True, fetch: bool = True):
+                 detach: bool = False, wait: bool = True, fetch: bool = True, head: bool = False):
         """``detach``: stop once the job is queued (uploads complete). ``wait``: when attaching
         to ``job_id``, wait for it to finish (else a job that is not done fails with
-        ``not_ready``). ``fetch``: download the result into ``out_dir`` when done."""
+        ``not_ready``). ``fetch``: download the result into ``out_dir`` when done. ``head``:
+        download it as soon as the head is ready (the result but for its detail maps, which
+        the job goes on making), or the head a job kept when it ended without its detail;
+        ``result_meta["detail"]["state"]`` then says ``pending`` (or why the maps never came)."""
         if job_id is None and video is None:
             raise ValueError("JobRun needs a video to submit or the job_id of a submitted job")
         self.client = client
@@ -438,6 +442,7 @@ class JobRun:
         self.path_mode = _is_path_mode(client.address, upload)
         self.auto_upload = upload == "auto"
         self.detach, self.wait_for_job, self.do_fetch = detach, wait, fetch and out_dir is not None
+        self.head = head
         self.job_id = job_id
         self.phase = "running" if job_id else ("submitting" if self.path_mode else "hashing")
         self.state: str | None = None
@@ -634,7 +639,7 @@ class JobRun:
             self._req = None
             self.state = self.job["state"]
             error = self.job.get("error") or {}
-            if self.state == P.DONE:
+            if self.state == P.DONE or (self.head and self.job.get("head_ready")):
                 self._on_done()
             elif self.state in P.FINAL_STATES:
                 self._end(self.state, ServiceError(error.get("code") or self.state, error.get("message") or self.state,
@@ -653,6 +658,9 @@ class JobRun:
         elif ev.get("kind") == "state":
             self.state = ev.get("state")
             self.message = ev.get("message") or ""
+            if ev.get("head") and self.head:  # the head is ready: fetch it, leave the job running
+                self._on_done()
+                return
             if self.state == P.QUEUED:
                 self.stage, self.fraction = None, 0.0
             err = ev.get("error")

@@ -22,9 +22,10 @@ from typing import TYPE_CHECKING
 
 import zmq
 
+from avface.core.threads import job_threads
 from avface.service import protocol as P
 from avface.service import store as S
-from avface.service.worker import WorkerProcess, describe_exit, proc_rss_bytes, start_probe
+from avface.service.worker import WorkerProcess, describe_exit, proc_rss_bytes, start_probe, write_manifest
 
 if TYPE_CHECKING:
     from avface.service.server import ServerConfig
@@ -64,6 +65,10 @@ class WorkerPool:
         self.set_state(job, P.QUEUED, message="waiting for a worker")
 
     def finish(self, job: S.Job, state: str, error: dict | None) -> None:
+        if state != P.DONE and job.head_meta is not None:
+            # the head stays fetchable; its manifest is made again from what is on disk (a
+            # worker stopped in the fine stage may have left part of the maps: not listed)
+            write_manifest(self.store.job_dir(job.job_id) / S.RESULT_DIR, include_detail=False)
         job.error = error
         job.finished = time.time()
         job.worker_pid = None
@@ -119,10 +124,12 @@ class WorkerPool:
             job.attempts += 1
             job.started = time.time()
             job.stage, job.fraction, job.cancel_requested = None, 0.0, False
+            job.head_meta = None  # a new attempt writes its own head
             jdir = self.store.job_dir(job.job_id)
             try:
                 worker = WorkerProcess(job.job_id, jdir, max_duration_s=self.config.max_duration_s,
-                                       device=self.config.device, flame_dir=self.config.flame_dir)
+                                       device=self.config.device, flame_dir=self.config.flame_dir,
+                                       threads=job_threads(self.config.threads, self.config.workers))
             except OSError as e:
                 job.history.append({"attempt": job.attempts, "outcome": "error", "reason": f"cannot start a worker: {e}"})
                 self.finish(job, P.FAILED, {"code": "internal", "message": f"cannot start a worker: {e}", "detail": None})
@@ -195,6 +202,9 @@ class WorkerPool:
         if job is None:
             return
         for line in lines:
+            if line.get("t") == "head" and not job.cancel_requested:
+                self._on_head(job, line.get("meta") or {})
+                continue
             if line.get("t") != "progress" or job.cancel_requested:
                 continue
             stage, fraction, message = str(line.get("stage")), float(line.get("fraction", 0.0)), str(line.get("message", ""))
@@ -205,6 +215,17 @@ class WorkerPool:
             if new_stage:
                 self.store.save(job)
             self.broadcast(job, event)
+
+    def _on_head(self, job: S.Job, meta: dict) -> None:
+        """The worker wrote the head (the result but for its detail maps): it can be fetched
+        now. Clients learn it from a ``state`` event that stays ``running`` with ``head``
+        true, which a client that knows nothing of heads reads as a plain state event."""
+        job.head_meta = meta
+        event = self.store.append_event(job, {"kind": "state", "state": job.state, "attempt": job.attempts,
+                                              "message": "the head is ready; its detail maps follow", "error": None,
+                                              "head": True})
+        self.store.save(job)
+        self.broadcast(job, event)
 
     def _on_worker_exit(self, job_id: str, worker: WorkerProcess, rc: int) -> None:
         if not worker.eof:

@@ -69,7 +69,8 @@ REQUEST_TYPES: dict[str, str] = {
     "watch": "stream a job's events from sequence number `since`; the reply carries the backlog",
     "unwatch": "stop streaming a job's events to this client",
     "cancel": "cancel a queued or running job; a running worker is terminated",
-    "fetch": "without `path`: the result's manifest; with `path`: one chunk of that file",
+    "fetch": "without `path`: the result's manifest (once the job is done, or earlier once its head is ready: "
+             "`complete` says which); with `path`: one chunk of that file",
     "delete": "remove a finished job and its folder",
     "stats": "server counters: memory, jobs by state, errors by code",
 }

@@ -64,6 +64,9 @@ class ServerConfig:
     """Default torch device of the jobs."""
     flame_dir: str | None = None
     """Where the FLAME files are, on this machine."""
+    threads: int = 0
+    """torch threads of each job's stages (a job's own ``threads`` option wins); 0: the
+    cores shared evenly between the ``workers`` (``avface.core.threads``)."""
     max_frame_bytes: int = P.DEFAULT_MAX_FRAME_BYTES
     """Largest binary frame (upload chunk) accepted: ``too_large``."""
     max_queue: int = 64
@@ -491,12 +494,14 @@ class Server:
 
     def _do_fetch(self, msg: P.Message):
         job = self._job_of(msg)
-        if job.state != P.DONE:
+        if job.state != P.DONE and job.head_meta is None:
             why = f": {job.error['code']}: {job.error['message']}" if job.error else ""
             raise RequestError("not_ready", f"job {job.job_id} is {job.state}{why}", state=job.state)
         c = msg.content
-        if c.get("path") is None:
-            return {"job_id": job.job_id, "manifest": self.store.manifest(job), "meta": job.result_meta,
+        if c.get("path") is None:  # done: the whole result; before (or without) its detail: the head
+            done = job.state == P.DONE
+            return {"job_id": job.job_id, "manifest": self.store.manifest(job),
+                    "meta": job.result_meta if done else job.head_meta, "complete": done,
                     "chunk_bytes": self._chunk_bytes()}
         path, size = self.store.result_file(job, c["path"])
         offset = c.get("offset", 0)

@@ -83,6 +83,7 @@ class Job:
     cancel_requested: bool = False
     last_seq: int = 0
     result_meta: dict | None = None
+    head_meta: dict | None = None  # the head's meta once the worker wrote it (its detail maps follow)
 
     @classmethod
     def from_json(cls, data: dict) -> "Job":
@@ -113,6 +114,7 @@ class Job:
             "last_seq": self.last_seq,
             "history": self.history,
             "result_meta": self.result_meta,
+            "head_ready": self.head_meta is not None,
         }
 
 

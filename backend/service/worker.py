@@ -53,7 +53,7 @@ class WorkerProcess:
     """A running worker, seen from the socket loop. Never blocks."""
 
     def __init__(self, job_id: str, job_dir: Path, *, max_duration_s: float | None, device: str | None,
-                 flame_dir: str | None):
+                 flame_dir: str | None, threads: int = 0):
         self.job_id = job_id
         msg_r, msg_w = os.pipe()
         life_r, life_w = os.pipe()
@@ -65,6 +65,8 @@ class WorkerProcess:
             cmd += ["--device", device]
         if flame_dir:
             cmd += ["--flame-dir", flame_dir]
+        if threads:
+            cmd += ["--threads", str(threads)]
         try:
             with open(job_dir / S.LOG_FILE, "ab") as logf:
                 logf.write(f"--- worker started {time.strftime('%Y-%m-%d %H:%M:%S')} ---\n".encode())
@@ -278,11 +280,14 @@ def probe_duration_s(path: Path, frame_start: int | None = None, frame_end: int 
     return (end - start) / info.fps
 
 
-def write_manifest(result_dir: Path) -> dict:
-    """manifest.json: every file under result/ (relative POSIX path, size, sha256)."""
+def write_manifest(result_dir: Path, *, include_detail: bool = True) -> dict:
+    """manifest.json: every file under result/ (relative POSIX path, size, sha256);
+    ``include_detail=False`` leaves out the detail maps (a head whose maps never came)."""
     files = []
     for p in sorted(result_dir.rglob("*")):
-        if p.is_file() and p.name != S.MANIFEST_FILE and not p.name.endswith(".tmp"):
+        if not include_detail and p.relative_to(result_dir).parts[0] == "detail":
+            continue
+        if p.is_file() and p.name != S.MANIFEST_FILE and not p.name.endswith(".tmp") and ".partial." not in p.name:
             files.append({"path": p.relative_to(result_dir).as_posix(), "size": p.stat().st_size, "sha256": P.file_sha256(p)})
     manifest = {"files": files}
     tmp = result_dir / (S.MANIFEST_FILE + ".tmp")
@@ -298,7 +303,7 @@ class _JobFailure(Exception):
 
 
 def run_job(job_dir: Path, messenger: _Messenger, *, max_duration_s: float | None, device: str | None,
-            flame_dir: str | None) -> dict:
+            flame_dir: str | None, threads: int = 0) -> dict:
     """Run one job; returns the result's meta. Raises on failure."""
     job = S.Job.from_json(json.loads((job_dir / S.JOB_FILE).read_text()))
     inputs = {}
@@ -324,6 +329,8 @@ def run_job(job_dir: Path, messenger: _Messenger, *, max_duration_s: float | Non
         opts["flame_dir"] = flame_dir
     if opts.get("device") in (None, "auto"):
         opts["device"] = _resolve_device(device)
+    if not opts.get("threads"):
+        opts["threads"] = threads
     if "audio" in inputs:
         opts["audio"] = str(inputs["audio"])
     if job.transcript:
@@ -333,7 +340,13 @@ def run_job(job_dir: Path, messenger: _Messenger, *, max_duration_s: float | Non
     result_dir = job_dir / S.RESULT_DIR
     result_dir.mkdir(exist_ok=True)
     log.info("job %s: reconstruct %s with %s", job.job_id, inputs["video"], options)
-    result = mod.reconstruct(inputs["video"], result_dir, options, progress=messenger.progress)
+
+    def head_ready(path: Path) -> None:  # the head can be fetched while the detail is made
+        meta = validate(Path(path))
+        write_manifest(result_dir)
+        messenger.send({"t": "head", "meta": json_safe(meta if isinstance(meta, dict) else {})})
+
+    result = mod.reconstruct(inputs["video"], result_dir, options, progress=messenger.progress, on_head=head_ready)
     meta = validate(Path(result))
     write_manifest(result_dir)
     return meta if isinstance(meta, dict) else {}
@@ -347,6 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-duration-s", type=float)
     ap.add_argument("--device")
     ap.add_argument("--flame-dir")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads of the job's stages (0: one per core)")
     ap.add_argument("--probe", action="store_true", help="print hello's model and device report as one JSON line")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -362,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         meta = run_job(args.job_dir, messenger, max_duration_s=args.max_duration_s, device=args.device,
-                       flame_dir=args.flame_dir)
+                       flame_dir=args.flame_dir, threads=args.threads)
     except _JobFailure as e:
         messenger.send({"t": "error", "code": e.code, "message": e.message, "detail": e.detail, "retry": False})
         return 1

@@ -1,0 +1,92 @@
+"""The job's thread pools, sized and configured so that a busy machine slows a job in
+proportion to the CPU the other work takes, not ten times.
+
+Three pools run a job's arithmetic on the CPU:
+
+- torch's intra-op pool (OpenMP, GNU libgomp in the PyPI builds), which also runs oneDNN's
+  convolutions and MKL's matrix products;
+- OpenBLAS's, under numpy and scipy;
+- MediaPipe's (the tracker's TFLite interpreter), which has no setting in its Python API.
+
+By default OpenMP's threads spin for a while after each parallel region, waiting for the
+next one. On a quiet machine that saves a wake-up; when another process wants the cores, a
+spinning thread takes the time slice the working thread needed, and every barrier waits for
+a thread that is not running. Measured on this project's 2-core machine (the fine stage of a
+75-frame clip, two busy processes beside it): 4.3x its quiet time with spinning threads, 2.1x
+with ``OMP_WAIT_POLICY=PASSIVE`` (threads that sleep at once), where a fair share of the CPU
+costs 2x. The policy is read once, when libgomp loads (on ``import torch``), so
+:func:`configure_process` runs on ``import avface``, before any stage imports torch; a value
+the user set in the environment is kept.
+
+The number of intra-op threads stays what the process has (torch's default of one per core, or
+``OMP_NUM_THREADS``) unless the job asks for another (``ReconstructOptions.threads``, ``avface
+serve --threads``, which shares the cores between concurrent jobs): the same count gives the same
+arithmetic, so results do not change with the machine's load.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+
+WAIT_POLICY = "PASSIVE"
+"""OpenMP's wait policy for every avface process (unless the environment sets another)."""
+
+
+def configure_process() -> None:
+    """Set OpenMP's wait policy before torch (and libgomp) load; a value the user set in the
+    environment is left as it is."""
+    os.environ.setdefault("OMP_WAIT_POLICY", WAIT_POLICY)
+
+
+def cpu_count() -> int:
+    """Cores this process may run on (its affinity mask, as a container or ``taskset``
+    limits it), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def job_threads(threads: int, workers: int) -> int:
+    """The torch threads each of ``workers`` concurrent jobs runs with: ``threads`` when set,
+    else this machine's cores shared evenly (at least 1 each), so that a server's own jobs
+    never oversubscribe the cores."""
+    if threads > 0:
+        return threads
+    return max(1, cpu_count() // max(1, workers))
+
+
+@contextlib.contextmanager
+def job_pool(threads: int = 0):
+    """Run a job's stages with ``threads`` torch intra-op threads (capped at the cores), and
+    give the count back afterwards; 0 keeps what the process has (torch's default of one per
+    core, or ``OMP_NUM_THREADS``, or what the caller set). Yields the record for the result's
+    ``meta.threads``."""
+    import torch
+
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
+        from avface.errors import InputError
+
+        raise InputError(f"threads must be 0 (one per core) or a positive count, not {threads!r}")
+    before = torch.get_num_threads()
+    if threads > 0:
+        torch.set_num_threads(min(threads, cpu_count()))
+    try:
+        yield record()
+    finally:
+        torch.set_num_threads(before)
+
+
+def record() -> dict:
+    """What the job's thread pools are: torch's intra-op count, OpenMP's wait policy
+    as the process's environment had it, the cores available, and MediaPipe's pool
+    (not configurable: the tracker runs on its own threads)."""
+    import torch
+
+    return {
+        "torch_intra_op": int(torch.get_num_threads()),
+        "cores": cpu_count(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(libgomp default: spins, then sleeps)"),
+        "openblas_threads": os.environ.get("OPENBLAS_NUM_THREADS", "(one per core)"),
+        "mediapipe": "its own pool (no setting in its Python API)",
+    }
