@@ -16,8 +16,9 @@ from avface.service.client import JobRun
 pytestmark = pytest.mark.slow
 
 DEMO_SECONDS = 2.0
-PIPELINE_STAGES = ["probe", "tracking", "audio", "confidence", "camera", "networks", "fit", "lips", "detail", "export"]
-"""What a job with the default options runs, in order (the fine stage is on by default)."""
+PIPELINE_STAGES = ["probe", "tracking", "audio", "confidence", "camera", "networks", "fit", "lips", "export", "detail"]
+"""What a job with the default options runs, in order (the fine stage is on by default, after
+the head is written)."""
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +40,13 @@ def server(tmp_path_factory, demo):
 def check_real_events(events: list[dict]) -> None:
     seqs = [e["seq"] for e in events]
     assert seqs == list(range(1, len(seqs) + 1))
-    assert [e["state"] for e in events if e["kind"] == "state"][-3:] == [P.QUEUED, P.RUNNING, P.DONE]
+    # the head is reported (a state event that stays running) between the export and the detail
+    marks = [("head" if e.get("head") else e["state"]) for e in events if e["kind"] == "state"]
+    assert marks[-4:] == [P.QUEUED, P.RUNNING, "head", P.DONE], marks
+    head_seq = next(e["seq"] for e in events if e.get("head"))
+    last_export = max(e["seq"] for e in events if e["kind"] == "progress" and e["stage"] == "export")
+    first_detail = min(e["seq"] for e in events if e["kind"] == "progress" and e["stage"] == "detail")
+    assert last_export < head_seq < first_detail
     order: list[str] = []
     for e in events:
         if e["kind"] == "progress" and e["stage"] not in order:
