@@ -12,7 +12,7 @@ never holds a copy. Tests and development import the staged package the build wr
 """
 from __future__ import annotations
 
-_MODULES = ("preferences", "operators", "reconstruct")
+_MODULES = ("preferences", "operators", "render_setup", "reconstruct")
 
 
 def _modules():

@@ -83,16 +83,17 @@ _DATA_COLLECTIONS = {"Object": "objects", "Mesh": "meshes", "Armature": "armatur
 
 def import_result(context, path: str | Path, *, first_frame: float | None = None, collection=None,
                   name: str | None = None, set_frame_range: bool = True, match_camera: bool = True,
-                  set_resolution: bool = True) -> ImportedHead:
+                  set_resolution: bool = True, make_camera_active: bool = True) -> ImportedHead:
     """Import ``path`` into ``collection`` (a new one under the scene's by default).
 
     ``first_frame``: the scene frame of source frame 0 (for a movie strip its ``frame_start``);
     default the scene's start frame minus the result's first source frame, so the result
     starts at the scene's start. ``match_camera``: also make the video's camera, with the
-    source video behind the head in its view (and make it the scene's camera when the scene
-    has none); ``set_resolution``: set the scene's render resolution to the video's, which
-    the match needs. Raises :class:`io_result.ResultError` before creating anything when the
-    file is not a usable result.
+    source video behind the head in its view; ``make_camera_active``: make it the scene's
+    camera (the previous one stays in the scene; without this, only when the scene has none);
+    ``set_resolution``: set the scene's render resolution to the video's, which the match
+    needs. Raises :class:`io_result.ResultError` before creating anything when the file is not
+    a usable result.
     """
     head = io_result.read_result(path)
     scene = context.scene
@@ -123,7 +124,7 @@ def import_result(context, path: str | Path, *, first_frame: float | None = None
             imported.video_size = size
             log.warning("%s: the scene renders at %dx%d, the video is %dx%d: the camera matches the video "
                         "at the video's resolution", path, render.resolution_x, render.resolution_y, *size)
-        if scene.camera is None:
+        if make_camera_active or scene.camera is None:
             scene.camera = imported.camera_object
     imported.created = created.ids
     return imported

@@ -40,12 +40,14 @@ and ``strength = metres_per_unit`` computes.
 """
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from . import footage
 from ._vendor import axes, kinematics
 from ._vendor import result as contract
 from ._vendor.errors import SchemaError
@@ -57,6 +59,11 @@ CONFIDENCE_PROPERTIES = {"visual_conf": "avface_visual_conf", "occluded": "avfac
                          "speech_activity": "avface_speech_activity"}
 EXPRESSION_KEY = "expression_{:02d}"
 LIP_KEY = "lip_{:02d}"
+#: Beside a result the add-on fetched: the user's own video, which ``meta.source.path`` does
+#: not name when the backend read an uploaded copy (``footage.is_uploaded_copy``).
+SOURCE_FILE = "avface_source.json"
+
+
 class ResultError(Exception):
     """The file is not a result this add-on can import; the message says what is wrong."""
 
@@ -134,7 +141,7 @@ class HeadData:
     """The video's camera as Blender's camera settings; None when the result has no
     intrinsics or frame size."""
     video_path: Path | None = None
-    """The video the result was made from (``meta.source.path``), when it was recorded."""
+    """The user's video the result was made from (:func:`source_video`), when it is known."""
 
 
 @dataclass(frozen=True)
@@ -432,8 +439,30 @@ def read_result(path: str | Path) -> HeadData:
         extrinsics=np.asarray(a["extrinsics"], np.float64),
         correctives=_correctives(path, a, joint_names),
         camera=_camera(path, meta, a),
-        video_path=Path(source["path"]) if source.get("path") else None,
+        video_path=source_video(path, source.get("path")),
     )
+
+
+def write_source(folder, video) -> Path:
+    """Record beside the result in ``folder`` that its video is the user's ``video``."""
+    path = Path(folder) / SOURCE_FILE
+    path.write_text(json.dumps({"video": str(video)}))
+    return path
+
+
+def source_video(result_path: Path, meta_path: str | None) -> Path | None:
+    """The video a result was made from: the user's file recorded beside it when the add-on
+    fetched it, else ``meta.source.path``, except the backend's copy of an upload, which must
+    never reach the scene (None then: no backdrop rather than the wrong file)."""
+    try:
+        recorded = json.loads((Path(result_path).parent / SOURCE_FILE).read_text()).get("video")
+    except (OSError, ValueError, AttributeError):
+        recorded = None
+    if recorded:
+        return Path(recorded)
+    if not meta_path or footage.is_uploaded_copy(meta_path):
+        return None
+    return Path(meta_path)
 
 
 def _bone_locations(a: dict, quats: np.ndarray) -> tuple[np.ndarray, tuple[int, ...]]:

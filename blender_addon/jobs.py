@@ -22,7 +22,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from . import io_result
+from . import footage, io_result, local_backend
 from ._vendor import protocol as P
 from ._vendor.client import Client, JobRun, NoAnswer, ServiceError
 
@@ -131,6 +131,18 @@ class Tracked:
     imported: list = field(default_factory=list)
     modal: bool = False
     """a modal operator watches this job and imports it (with a full context)"""
+    backend_note: str = ""
+    """what happened when the add-on tried to start a local backend for this job"""
+    cancelling: bool = False
+    attach: bool = False
+    """the job was submitted in an earlier session: attach to it, do not submit"""
+
+    def user_text(self, text: str) -> str:
+        """``text`` naming the user's own files where the backend named its uploaded copies
+        (a bare ``video.mp4`` only when this run uploaded them)."""
+        files = {"video": self.record.video, "audio": self.submit_kwargs.get("audio")}
+        uploaded = self.run is not None and not self.run.path_mode
+        return footage.user_paths(text, files, bare_names=uploaded)
 
 
 def _hello(client: Client, timeout_s: float):
@@ -197,15 +209,19 @@ class JobManager:
         return tracked
 
     def fetch(self, context, key: str) -> Tracked:
-        """Attach to a job recorded in an earlier session and import it when done."""
+        """Attach to a job recorded in an earlier session and import it when done. The backend
+        is asked first, as for a new job: a local backend stopped when Blender quit is started
+        again (with autostart on), and runs the job again if it was interrupted."""
         old = self.jobs[key]
         rec = old.record
         prefs = self.host.prefs(context)
         rec.state, rec.message = RUNNING, "fetching the job started earlier"
         rec.scene, rec.blend = context.scene.name, self.host.blend_path()
         old.client = Client(rec.address, timeout_s=prefs.timeout_s, retries=prefs.retries)
-        old.run = JobRun(old.client, job_id=rec.job_id, out_dir=rec.out_dir)
-        old.modal = False
+        old.run, old.server, old.backend_note, old.cancelling, old.modal = None, None, "", False, False
+        old.attach = True
+        old.hello = _hello(old.client, prefs.timeout_s)
+        old.deadline = time.monotonic() + prefs.start_timeout_s
         self.save()
         self.ensure_timer()
         return old
@@ -216,6 +232,7 @@ class JobManager:
             return
         if t.run is not None and not t.run.finished:
             t.run.cancel()
+            t.cancelling = True
             t.record.message = "cancelling on the backend"
         elif t.run is None and t.record.state in (STARTING, SUBMITTING):
             self._finish(t, CANCELLED, "cancelled before the job was submitted")
@@ -240,7 +257,7 @@ class JobManager:
 
     def _advance(self, t: Tracked) -> None:
         rec = t.record
-        if rec.state == STARTING and not self._advance_starting(t):
+        if t.run is None and not self._advance_starting(t):
             return
         run = t.run
         run.step(0.0)
@@ -255,6 +272,8 @@ class JobManager:
         if run.phase == FETCHING and run.fetch_total:
             rec.stage, rec.fraction = FETCHING, run.fetch_bytes / run.fetch_total
         if not run.finished:
+            if not t.cancelling:
+                rec.message = t.user_text(_progress_message(run))
             return
         if run.phase == CANCELLED:
             self._finish(t, CANCELLED, "Cancelled")
@@ -264,7 +283,8 @@ class JobManager:
             self._import(t)
 
     def _advance_starting(self, t: Tracked) -> bool:
-        """Wait for the backend's hello, then submit; True once the job is submitting."""
+        """Wait for the backend's hello, then submit (or attach to the job of an earlier
+        session); True once the job has its run."""
         rec = t.record
         t.client.poll(0.0)
         if not t.hello.done:
@@ -272,8 +292,15 @@ class JobManager:
         if t.hello.error is not None:
             if self._autostart(t):
                 return False
-            self._finish(t, FAILED, _unreachable(rec.address, t, self.host.prefs()))
+            # a job of an earlier session stays listed, to fetch once the backend is there
+            self._finish(t, DETACHED if t.attach else FAILED, _unreachable(rec.address, t, self.host.prefs()))
             return False
+        if t.attach:
+            local_backend.adopt(self.host.user_dir(), rec.address)
+            t.run = JobRun(t.client, job_id=rec.job_id, out_dir=rec.out_dir)
+            return True
+        # a backend the add-on started (here or in another Blender): this Blender uses it too
+        local_backend.adopt(self.host.user_dir(), rec.address)
         hello = t.hello.reply.content
         model = t.submit_kwargs["options"].get("model", "default")
         info = (hello.get("models") or {}).get(model)
@@ -294,6 +321,8 @@ class JobManager:
         meta = t.run.result_meta or {}
         if "audio_present" in meta:  # what the backend really used
             rec.audio_present = bool(meta["audio_present"])
+        # the result names the file the backend read, an uploaded copy perhaps: the scene gets the user's
+        io_result.write_source(rec.out_dir, rec.video)
         rec.state, rec.stage, rec.fraction = FETCHED, "", 1.0
         self.save()
         if self.host.background() or not t.modal:
@@ -323,7 +352,7 @@ class JobManager:
 
     def _finish(self, t: Tracked, state: str, message: str) -> None:
         rec = t.record
-        rec.state, rec.message = state, message
+        rec.state, rec.message = state, t.user_text(message)
         if state != IMPORTED:
             rec.stage = ""
         log.info("job %s: %s: %s", rec.job_id or rec.key, state, message)
@@ -334,21 +363,30 @@ class JobManager:
             self.save()
 
     def _autostart(self, t: Tracked) -> bool:
-        """Start a local backend when allowed; True while waiting for it to answer."""
+        """Start a local backend when allowed, or wait for the one the add-on started earlier
+        (here or in another Blender) that has not answered yet; True while waiting for it."""
         prefs = self.host.prefs()
         rec = t.record
         if not (prefs.autostart and P.is_loopback(rec.address)):
             return False
-        if t.server is None:
-            try:
-                t.server = self.host.start_backend(prefs.executable, rec.address, prefs.flame_dir, self.host.user_dir())
-            except OSError as e:
-                rec.message = f"cannot start the backend: {e}"
-                return False
-            rec.message = "starting a local backend"
-        if t.server.poll() is not None:
-            rec.message = (f"the local backend exited with code {t.server.returncode}; "
-                           f"see {self.host.user_dir() / 'backend.log'}")
+        folder = self.host.user_dir()
+        if t.server is None and not t.backend_note:
+            found = local_backend.find(folder, rec.address)
+            if found is not None:
+                t.backend_note = f"the local backend started earlier (process {found.pid}) did not answer in time"
+                rec.message = f"waiting for the local backend (process {found.pid}) to answer"
+            else:
+                try:
+                    t.server = self.host.start_backend(prefs.executable, rec.address, prefs.flame_dir, folder)
+                except OSError as e:
+                    t.backend_note = f"cannot start the backend: {e}"
+                    return False
+                if isinstance(getattr(t.server, "pid", None), int):
+                    local_backend.record_started(folder, t.server.pid, rec.address)
+                t.backend_note = "the local backend started but did not answer in time"
+                rec.message = "starting a local backend"
+        if t.server is not None and t.server.poll() is not None:
+            t.backend_note = f"the local backend exited with code {t.server.returncode}; see {folder / 'backend.log'}"
             return False
         if time.monotonic() > t.deadline:
             return False
@@ -356,8 +394,25 @@ class JobManager:
         return True
 
 
+def _progress_message(run: JobRun) -> str:
+    """What the job is doing now, in a few words: its phase, and once it runs on the backend,
+    its stage and the backend's note on it (``tracking: frame 12/30``)."""
+    if run.phase == "hashing":
+        return "reading the video for the upload"
+    if run.phase == "submitting":
+        return "submitting the job"
+    if run.phase == "uploading":
+        done = run.upload_bytes / run.upload_total if run.upload_total else 0.0
+        return f"uploading the footage to the backend ({100 * done:.0f}%)"
+    if run.phase == FETCHING:
+        return "downloading the result"
+    if run.stage:
+        return f"{run.stage}: {run.message}" if run.message else str(run.stage)
+    return "queued on the backend" if run.state == P.QUEUED else "waiting for the backend"
+
+
 def _unreachable(address: str, t: Tracked, prefs) -> str:
-    extra = f" ({t.record.message})" if t.record.message and "backend" in t.record.message else ""
+    extra = f" ({t.backend_note})" if t.backend_note else ""
     hint = ("switch on 'Start a local backend automatically' in the add-on's preferences, or run `avface serve`"
             if not prefs.autostart else "check the avface executable in the add-on's preferences")
     return f"The AVFace backend is not reachable at {address}{extra}: {hint}"

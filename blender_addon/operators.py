@@ -8,7 +8,7 @@ import numpy as np
 from bpy.props import BoolProperty, IntProperty, StringProperty
 from bpy_extras.io_utils import ExportHelper, ImportHelper
 
-from . import anim, arkit_match, importer, io_result
+from . import anim, arkit_match, importer, io_result, preferences
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,14 @@ class AVFACE_OT_import_result(bpy.types.Operator, ImportHelper):
         name="Match the video's camera", default=True,
         description="Make the camera the video was shot with, the video behind the head in its view, "
                     "and set the render resolution to the video's")
+    make_camera_active: BoolProperty(
+        name="Make it the scene's camera", default=True,
+        description="The video's camera becomes the scene's active camera (the previous camera is kept). "
+                    "Its default is the add-on's preference")
+
+    def invoke(self, context, event):
+        self.make_camera_active = preferences.get(context).make_camera_active
+        return ImportHelper.invoke(self, context, event)
 
     def execute(self, context):
         try:
@@ -53,7 +61,8 @@ class AVFACE_OT_import_result(bpy.types.Operator, ImportHelper):
                 first = self.frame - start * scene_fps / float(meta["fps"])
             head = importer.import_result(context, self.filepath, first_frame=first,
                                           set_frame_range=self.set_frame_range, match_camera=self.match_camera,
-                                          set_resolution=self.match_camera)
+                                          set_resolution=self.match_camera,
+                                          make_camera_active=self.make_camera_active)
         except io_result.ResultError as e:
             self.report({"ERROR"}, str(e))
             return {"CANCELLED"}

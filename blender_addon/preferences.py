@@ -7,13 +7,16 @@ from bpy.props import BoolProperty, EnumProperty, FloatProperty, StringProperty
 from ._vendor import protocol
 
 #: The stages the backend can be asked for (the networks and the lips always run when the
-#: backend has its checkpoint; the detail maps are asked for).
+#: backend has its checkpoint; the detail maps are asked for). Each has its bit (an enum
+#: flag's value), which the scene's setting stores.
 STAGES = (
-    ("coarse", "Coarse", "Head pose, expression, jaw and lips from video and speech (always run)"),
+    ("coarse", "Coarse", "Head pose, expression, jaw and lips from video and speech (always run)", 1),
     ("detail", "Detail maps", "Per-frame UV displacement maps on the skin material and a Displace modifier "
-                              "(the fine stage: about 5x the tracking's time on a CPU)"),
-    ("preview", "Preview", "Also render a preview video on the backend"),
+                              "(the fine stage: about 5x the tracking's time on a CPU)", 2),
+    ("preview", "Preview", "Also render a preview video on the backend", 4),
 )
+STAGE_BITS = {item[0]: item[3] for item in STAGES}
+DEFAULT_STAGES = {"coarse", "detail"}
 
 
 class AVFACE_AP_preferences(bpy.types.AddonPreferences):
@@ -41,8 +44,12 @@ class AVFACE_AP_preferences(bpy.types.AddonPreferences):
         name="FLAME folder", subtype="DIR_PATH", default="",
         description="Folder with generic_model.pkl or flame2023.pkl and mediapipe_landmark_embedding.npz")
     default_stages: EnumProperty(
-        name="Default stages", items=STAGES, options={"ENUM_FLAG"}, default={"coarse", "detail"},
-        description="Stages a new reconstruction runs")
+        name="Default stages", items=STAGES, options={"ENUM_FLAG"}, default=DEFAULT_STAGES,
+        description="Stages a scene's reconstruction runs until they are changed in its AVFace panel")
+    make_camera_active: BoolProperty(
+        name="Make the video's camera the scene's camera", default=True,
+        description="On import, the camera the video was shot with becomes the scene's active camera "
+                    "(the previous camera is kept)")
 
     def draw(self, context):
         layout = self.layout
@@ -58,11 +65,22 @@ class AVFACE_AP_preferences(bpy.types.AddonPreferences):
         col.prop(self, "start_timeout_s")
         layout.prop(self, "flame_dir")
         layout.prop(self, "default_stages")
+        layout.prop(self, "make_camera_active")
 
 
 def get(context=None):
     context = context or bpy.context
     return context.preferences.addons[__package__].preferences
+
+
+def default_stage_bits() -> int:
+    """The preference "Default stages" as enum-flag bits (its default when the add-on's
+    preferences cannot be read)."""
+    try:
+        stages = set(get().default_stages)
+    except (KeyError, AttributeError):
+        stages = DEFAULT_STAGES
+    return sum(STAGE_BITS[s] for s in stages if s in STAGE_BITS)
 
 
 def register():

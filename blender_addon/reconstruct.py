@@ -14,15 +14,16 @@ in the panel again and can be fetched. The modal operator only listens for Esc a
 """
 from __future__ import annotations
 
+import atexit
 import logging
 import shutil
 import subprocess
 from pathlib import Path
 
 import bpy
-from bpy.props import EnumProperty, PointerProperty, StringProperty
+from bpy.props import EnumProperty, IntProperty, PointerProperty, StringProperty
 
-from . import importer, jobs, preferences
+from . import footage, importer, jobs, local_backend, preferences, render_setup
 from ._vendor.client import ServiceError
 from .jobs import (
     ACTIVE,
@@ -91,9 +92,12 @@ def sound_strip(scene, movie):
     return overlap[0] if overlap else None
 
 
-def strip_inputs(scene, movie) -> dict:
+def strip_inputs(scene, movie, *, load: bool = True) -> dict:
     """Paths and frames to submit for ``movie``: video, audio (a separate sound file or None),
-    whether there is sound at all, the source frame range and the scene frame of source frame 0."""
+    whether there is sound at all, the source frame range (``footage.source_range``: the
+    clip's own picture count, read from the file when its rate is not the scene's; ``load``
+    False, as in a panel's draw, only from the cache), the clip's picture count (None while
+    unknown) and the scene frame of source frame 0."""
     video = Path(bpy.path.abspath(movie.filepath)).resolve()
     sound = sound_strip(scene, movie)
     audio = None
@@ -101,14 +105,57 @@ def strip_inputs(scene, movie) -> dict:
         sound_path = Path(bpy.path.abspath(sound.sound.filepath)).resolve()
         if sound_path != video:
             audio = sound_path
-    # The strip shows source frames [offset_start, frame_duration - offset_end); the offsets
-    # count scene frames, so a movie at another rate converts them to its own frames.
     scene_fps = scene.render.fps / scene.render.fps_base
-    to_source = (getattr(movie, "fps", 0.0) or scene_fps) / scene_fps
-    start = int(round(movie.frame_offset_start * to_source))
-    end = int(round((movie.frame_final_duration + movie.frame_offset_start) * to_source))
-    return {"video": video, "audio": audio, "has_sound": sound is not None, "frame_start": start,
-            "frame_end": end, "first_frame": float(movie.frame_start)}
+    fps = getattr(movie, "fps", 0.0) or scene_fps
+    retimed = len(getattr(movie, "retiming_keys", ()) or ()) > 0
+    span = movie.frame_final_duration + movie.frame_offset_start + movie.frame_offset_end
+    # at the scene's rate, one picture per scene frame either way: the span is the picture count
+    pictures = clip_pictures(video, load=load) if retimed or abs(fps - scene_fps) > 1e-3 else int(round(span))
+    r = footage.source_range(offset_start=movie.frame_offset_start, offset_end=movie.frame_offset_end,
+                             final_duration=movie.frame_final_duration, fps=fps, scene_fps=scene_fps, pictures=pictures)
+    return {"video": video, "audio": audio, "has_sound": sound is not None, "frame_start": r.start,
+            "frame_end": r.end, "pictures": pictures, "first_frame": float(movie.frame_start)}
+
+
+#: (path, mtime, size) -> the movie's picture count
+_PICTURES: dict[tuple, int] = {}
+_COUNTING: set = set()
+
+
+def clip_pictures(path: Path, *, load: bool = True) -> int | None:
+    """The movie's own picture count, cached per version of the file; None when unknown (not
+    cached and ``load`` False, or a file Blender cannot read). Reading it loads the movie as a
+    movie clip for a moment, which a panel's draw may not do: with ``load`` False, the count
+    is read on the next timer tick and the panels redrawn."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    key = (str(path), st.st_mtime_ns, st.st_size)
+    if key in _PICTURES:
+        return _PICTURES[key]
+    if not load:
+        if key not in _COUNTING and not bpy.app.background:  # no timer runs there (as ensure_timer)
+            _COUNTING.add(key)
+            bpy.app.timers.register(lambda: _count_later(path, key), first_interval=0.0)
+        return None
+    try:
+        clip = bpy.data.movieclips.load(str(path), check_existing=False)
+    except RuntimeError as e:
+        log.warning("cannot read the picture count of %s: %s", path, e)
+        return None
+    try:
+        _PICTURES[key] = max(int(clip.frame_duration), 1)
+    finally:
+        bpy.data.movieclips.remove(clip)
+    return _PICTURES[key]
+
+
+def _count_later(path: Path, key: tuple):
+    _COUNTING.discard(key)
+    clip_pictures(path)
+    _redraw()
+    return None
 
 
 # ---------------------------------------------------------------------------------------
@@ -153,7 +200,8 @@ class BlenderHost(jobs.Host):
         # frame range and resolution alone
         return importer.import_result(context, Path(rec.out_dir) / "result.npz", first_frame=rec.first_frame,
                                       collection=scene.avface.collection, name=Path(rec.video).stem,
-                                      set_frame_range=False, set_resolution=False)
+                                      set_frame_range=False, set_resolution=False,
+                                      make_camera_active=preferences.get(context).make_camera_active)
 
     def start_backend(self, executable: str, address: str, flame_dir: str, folder: Path) -> subprocess.Popen:
         return start_backend(executable, address, flame_dir, folder)
@@ -194,9 +242,23 @@ def _redraw():
 # ---------------------------------------------------------------------------------------
 # Scene settings, operators, panels
 # ---------------------------------------------------------------------------------------
+def _get_stages(settings) -> int:
+    """The scene's stages: the add-on's "Default stages" until they are changed here."""
+    chosen = settings.stages_chosen
+    return chosen if chosen >= 0 else preferences.default_stage_bits()
+
+
+def _set_stages(settings, value: int) -> None:
+    settings.stages_chosen = value
+
+
 class AVFaceSettings(bpy.types.PropertyGroup):
     model: EnumProperty(name="Face model", items=MODELS, default="default")
-    stages: EnumProperty(name="Stages", options={"ENUM_FLAG"}, default={"coarse", "detail"}, items=preferences.STAGES)
+    stages: EnumProperty(name="Stages", options={"ENUM_FLAG"}, items=preferences.STAGES, get=_get_stages,
+                         set=_set_stages, description="Stages this scene's reconstruction runs (its default: "
+                                                      "the add-on's preference 'Default stages')")
+    stages_chosen: IntProperty(default=-1, options={"HIDDEN"},
+                               description="The stages chosen in this scene (bits), -1 until they are chosen")
     collection: PointerProperty(name="Collection", type=bpy.types.Collection,
                                 description="Where the head goes (a new collection when empty)")
     job_key: StringProperty(name="Job", default="")
@@ -349,18 +411,7 @@ def draw_panel(layout, context):
     scene = context.scene
     settings = scene.avface
     movie = movie_strip(scene)
-    box = layout.box()
-    if movie is None:
-        box.label(text="Select a movie strip in the Sequencer", icon="INFO")
-    else:
-        inputs = strip_inputs(scene, movie)
-        box.label(text=f"Strip: {movie.name}", icon="FILE_MOVIE")
-        sound = sound_strip(scene, movie)
-        if sound is None:
-            box.label(text="No sound strip: video only", icon="ERROR")
-        else:
-            box.label(text=f"Sound: {sound.name}", icon="SOUND")
-        box.label(text=f"Frames {inputs['frame_start']}-{inputs['frame_end']} at scene frame {inputs['first_frame']:g}")
+    _draw_strip(layout.box(), scene, movie)
     layout.prop(settings, "model")
     if settings.model == "flame" and not preferences.get(context).flame_dir:
         layout.label(text="FLAME folder not set: the backend must have FLAME", icon="ERROR")
@@ -385,6 +436,7 @@ def draw_panel(layout, context):
             for line in _wrap(rec.message):
                 layout.label(text=line, icon=icon)
                 icon = "BLANK1"
+    _draw_render_hint(layout, context)
     ready = [t for t in MANAGER.jobs.values() if t.record.state == DONE]
     for t in ready:
         row = layout.row()
@@ -399,6 +451,43 @@ def draw_panel(layout, context):
             row.label(text=f"{Path(t.record.video).name} ({t.record.job_id[:8]})")
             row.operator(AVFACE_OT_fetch.bl_idname, text="Fetch").key = t.record.key
             row.operator(AVFACE_OT_forget.bl_idname, text="", icon="X").key = t.record.key
+
+
+def _draw_strip(box, scene, movie) -> None:
+    if movie is None:
+        box.label(text="Select a movie strip in the Sequencer", icon="INFO")
+        return
+    inputs = strip_inputs(scene, movie, load=False)
+    box.label(text=f"Strip: {movie.name}", icon="FILE_MOVIE")
+    sound = sound_strip(scene, movie)
+    if sound is None:
+        box.label(text="No sound strip: video only", icon="ERROR")
+    else:
+        box.label(text=f"Sound: {sound.name}", icon="SOUND")
+    if inputs["pictures"] is None:
+        box.label(text="Frames: reading the clip's length")
+        return
+    box.label(text=f"Clip frames {inputs['frame_start']}-{inputs['frame_end'] - 1} of {inputs['pictures']}, "
+                   f"from scene frame {movie.frame_final_start}")
+
+
+RENDER_HINT = ("F12 renders the Sequencer's strips (the plain video), not the head. To render the head over the video, "
+               "press Set Up Render (Sequencer off, transparent film, the compositor puts the render over the video), "
+               "or render the head in a scene without strips")
+
+
+def _draw_render_hint(layout, context) -> None:
+    """Where the scene's F12 would render the plain video: say so, and offer the set-up."""
+    if not render_setup.renders_sequencer(context.scene):
+        return
+    box = layout.box()
+    icon = "INFO"
+    for line in _wrap(RENDER_HINT):
+        box.label(text=line, icon=icon)
+        icon = "BLANK1"
+    row = box.row()
+    row.enabled = render_setup.video_camera(context) is not None
+    row.operator(render_setup.AVFACE_OT_setup_render.bl_idname, icon="RENDER_STILL")
 
 
 def _wrap(text: str, width: int = 48) -> list[str]:
@@ -448,10 +537,29 @@ CLASSES = (AVFaceSettings, AVFACE_OT_reconstruct, AVFACE_OT_cancel, AVFACE_OT_fe
            AVFACE_PT_sequencer, AVFACE_PT_view3d)
 
 
+_AT_EXIT = False
+
+
+def _release_backend(folder: Path) -> None:
+    """At Blender's exit: this Blender stops using the local backend the add-on started, and
+    stops it when no other Blender uses it (``local_backend.release``)."""
+    try:
+        local_backend.release(folder)
+    except Exception:  # never in the way of quitting
+        log.exception("cannot stop the local backend")
+
+
 def register():
     for cls in CLASSES:
         bpy.utils.register_class(cls)
     bpy.types.Scene.avface = PointerProperty(type=AVFaceSettings)
+    global _AT_EXIT
+    if not _AT_EXIT:  # once per session (disabling the add-on keeps it: its backend must still stop)
+        try:  # the folder now: at exit, bpy may be gone
+            atexit.register(_release_backend, user_dir())
+            _AT_EXIT = True
+        except OSError:
+            log.exception("no user folder: a local backend the add-on starts will not stop with Blender")
     bpy.app.handlers.load_post.append(_on_load)
     try:
         MANAGER.load()

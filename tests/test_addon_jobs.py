@@ -80,7 +80,7 @@ class FakeHost(jobs.Host):
     def start_backend(self, executable, address, flame_dir, folder):
         if isinstance(self.backend, Exception):
             raise self.backend
-        return self.backend
+        return self.backend(address) if callable(self.backend) else self.backend
 
 
 @pytest.fixture(scope="module")
@@ -354,3 +354,177 @@ def test_load_marks_unfinished_jobs_and_skips_bad_records(tmp_path):
     assert json.loads((host.folder / jobs.JOBS_FILE).read_text())["jobs"][0] == dict(
         base, key="k-submitting", state="detached", message="started in an earlier session; fetch it to import",
         stage="", fraction=0.0, audio_present=True, created=manager.jobs["k-submitting"].record.created)
+
+
+def _free_address() -> str:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"tcp://127.0.0.1:{sock.getsockname()[1]}"
+
+
+def test_unreachable_without_sound_says_one_thing(tmp_path):
+    """No sound strip and no backend, default preferences: the message is about the backend
+    only (the no-sound note, which mentions the backend too, is not pasted into it)."""
+    host = FakeHost(tmp_path / "user", "tcp://127.0.0.1:9", timeout_s=0.3, retries=0)
+    manager = jobs.JobManager(host)
+    rec = start(manager, host, tmp_path / "clip.mp4", has_sound=False).record
+    assert rec.message.startswith("The strip has no sound strip")
+    drive(manager, timeout_s=10)
+    assert rec.state == jobs.FAILED
+    assert rec.message == ("The AVFace backend is not reachable at tcp://127.0.0.1:9: switch on 'Start a local "
+                           "backend automatically' in the add-on's preferences, or run `avface serve`")
+
+
+def test_messages_name_the_users_file_not_the_uploaded_copy(server, host, tmp_path):
+    """Footage outside the server's roots is uploaded; the backend's error then names its copy
+    (jobs/<id>/input/video.mp4): the add-on's message names the user's file."""
+    footage_dir = tmp_path / "footage outside the roots"
+    footage_dir.mkdir()
+    video = footage_dir / "Take 3.MP4"
+    video.write_bytes(b"not a video at all")
+    manager = jobs.JobManager(host)
+    tracked = start(manager, host, video)
+    rec = tracked.record
+    messages = []
+    drive(manager, watch=lambda: messages.append(rec.message))
+    assert tracked.run.path_mode is False  # it was uploaded
+    assert rec.state == jobs.FAILED
+    assert rec.message == f"The backend reports bad_media: {video} is not a readable video", rec.message
+    assert not any("input/video" in m for m in messages), messages
+    assert any(m.startswith("uploading the footage") for m in messages), messages
+
+
+def test_a_finished_upload_records_the_users_video_beside_the_result(server, host, tmp_path):
+    clip = fake_clip(tmp_path / "elsewhere", "upload.json", stages=["decode"], seed=2)
+    manager = jobs.JobManager(host)
+    tracked = start(manager, host, clip)
+    drive(manager)
+    rec = tracked.record
+    assert rec.state == jobs.IMPORTED and tracked.run.path_mode is False, (rec.state, rec.message)
+    assert io_result.source_video(Path(rec.out_dir) / "result.npz", "/srv/jobs/x/input/video.json") == clip
+
+
+def _serve_at(work: Path, started: list):
+    """A host's start_backend that really starts `avface serve` (the fake pipeline) at the address."""
+    def start_backend(address):
+        s = ServerProcess(work, args=("--bind", address)).start()
+        started.append(s)
+        return s.proc
+    return start_backend
+
+
+def test_autostarted_backend_messages_follow_the_stages_and_the_backend_is_shared(tmp_path):
+    """Autostart: the message says the backend is starting, then follows the job's stages from
+    its progress reports (never "starting a local backend" to the end). The backend is recorded
+    as this Blender's, found again instead of a second start, and stopped by its last owner."""
+    local_backend = addon_module("local_backend")
+    address = _free_address()
+    started = []
+    host = FakeHost(tmp_path / "user", address, autostart=True, timeout_s=1.0, retries=0, start_timeout_s=30.0)
+    host.backend = _serve_at(tmp_path / "backend", started)
+    (tmp_path / "backend").mkdir()
+    try:
+        manager = jobs.JobManager(host)
+        spec = {"stages": ["decode", "track", "fit"], "steps": 4, "step_s": 0.05}
+        rec = start(manager, host, fake_clip(tmp_path / "backend" / "in", "auto.json", **spec)).record
+        seen = []
+        drive(manager, watch=lambda: seen.append((rec.state, rec.stage, rec.message)))
+        assert rec.state == jobs.IMPORTED, (rec.state, rec.message)
+        assert len(started) == 1
+        messages = [m for _, _, m in seen]
+        assert "starting a local backend" in messages
+        running = [(stage, m) for state, stage, m in seen if state == jobs.RUNNING and stage]
+        assert running and all(m.startswith(f"{stage}: ") for stage, m in running), running
+        assert {m.split(":")[0] for _, m in running} >= {"decode", "track", "fit"}, running
+        state = local_backend.read(host.folder)
+        assert state.pid == started[0].proc.pid and state.address == address
+
+        # another job, the backend now answering: used as it is, no second start
+        host.backend = OSError("a second backend must not be started")
+        again = start(manager, host, fake_clip(tmp_path / "backend" / "in", "again.json", stages=["decode"])).record
+        drive(manager)
+        assert again.state == jobs.IMPORTED, (again.state, again.message)
+        # the last owner (this process) quits: the backend stops
+        assert local_backend.release(host.folder, wait_s=15) == started[0].proc.pid
+        assert started[0].proc.poll() is not None
+    finally:
+        for s in started:
+            s.stop()
+
+
+def test_a_recorded_backend_that_has_not_answered_yet_is_waited_for(tmp_path):
+    """The backend the add-on started (here or in another Blender) still starting: waited for,
+    never a second one started beside it."""
+    import subprocess
+    import sys
+
+    local_backend = addon_module("local_backend")
+    address = _free_address()
+    starting = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "serve", "--bind", address])
+    try:
+        host = FakeHost(tmp_path / "user", address, autostart=True, timeout_s=0.3, retries=0, start_timeout_s=1.5)
+        host.backend = OSError("a second backend must not be started")
+        local_backend.record_started(host.folder, starting.pid, address, owner=starting.pid)
+        manager = jobs.JobManager(host)
+        rec = start(manager, host, tmp_path / "clip.mp4").record
+        messages = []
+        drive(manager, watch=lambda: messages.append(rec.message))
+        assert f"waiting for the local backend (process {starting.pid}) to answer" in messages
+        assert rec.state == jobs.FAILED
+        assert rec.message.startswith(f"The AVFace backend is not reachable at {address} (the local backend started "
+                                      f"earlier (process {starting.pid}) did not answer in time)"), rec.message
+        assert starting.poll() is None
+    finally:
+        starting.kill()
+        starting.wait(10)
+
+
+def test_a_job_outlives_the_backend_stopped_when_blender_quit(tmp_path):
+    """Blender quits while its job runs on the backend it started: the backend stops with it
+    (the job goes back to the backend's queue). The next session fetches the job: the backend
+    is started again, runs the job and the head is imported."""
+    local_backend = addon_module("local_backend")
+    address = _free_address()
+    started = []
+    (tmp_path / "backend").mkdir()
+    host = FakeHost(tmp_path / "user", address, autostart=True, timeout_s=1.0, retries=0, start_timeout_s=30.0)
+    host.backend = _serve_at(tmp_path / "backend", started)
+    gate = tmp_path / "gate"
+    spec = {"stages": ["decode"], "gate": str(gate), "seed": 4}
+    try:
+        first = jobs.JobManager(host)
+        tracked = start(first, host, fake_clip(tmp_path / "backend" / "in", "outlive.json", **spec))
+        rec = tracked.record
+        drive(first, until=lambda: rec.state == jobs.RUNNING and rec.stage == "wait")
+        tracked.client.close()  # Blender quits ...
+        assert local_backend.release(host.folder, wait_s=15) == started[0].proc.pid  # ... and its backend stops
+        assert started[0].proc.poll() is not None
+        gate.touch()
+
+        second = jobs.JobManager(host)
+        second.load()
+        assert second.jobs[rec.key].record.state == jobs.DETACHED
+        again = second.fetch(host.ctx, rec.key).record
+        drive(second)
+        assert again.state == jobs.IMPORTED, (again.state, again.message)
+        assert len(started) == 2 and local_backend.read(host.folder).pid == started[1].proc.pid
+        [(key, frames)] = host.imports
+        assert key == rec.key and np.array_equal(frames, expected_frames(spec))
+    finally:
+        for s in started:
+            s.stop()
+
+
+def test_fetch_with_no_backend_keeps_the_job_to_fetch_later(tmp_path):
+    host = FakeHost(tmp_path / "user", "tcp://127.0.0.1:9", timeout_s=0.3, retries=0)
+    base = {"address": "tcp://127.0.0.1:9", "video": "/v.mp4", "scene": "Scene", "blend": "", "first_frame": 1.0,
+            "out_dir": str(tmp_path / "out"), "job_id": "j1", "key": "j1", "state": "running"}
+    (host.folder / jobs.JOBS_FILE).write_text(json.dumps({"jobs": [base]}))
+    manager = jobs.JobManager(host)
+    manager.load()
+    rec = manager.fetch(host.ctx, "j1").record
+    drive(manager, timeout_s=10)
+    assert rec.state == jobs.DETACHED and rec.message.startswith("The AVFace backend is not reachable"), rec.message
+    assert persisted(host)["j1"]["state"] == jobs.DETACHED

@@ -52,9 +52,25 @@ def _assert_vertices(report):
 
 
 def test_end_to_end_from_a_movie_strip(blender, server, media, tmp_path):
+    """From a strip whose footage lies outside the server's roots, so it is uploaded: the
+    scene and every message name the user's file, never the backend's copy of it."""
+    import shutil
+
+    outside = tmp_path / "footage outside the roots"
+    outside.mkdir()
+    video = shutil.copy(media["video"], outside / "take 3.mp4")
     report = blender.run("bl_reconstruct.py", "end_to_end", env=isolated_home(tmp_path), address=server.address,
-                         video=media["video"], sound=media["wav"], frames=[0, 10, 29 - TRIM_START], trim_start=TRIM_START)
+                         video=str(video), sound=media["wav"], frames=[0, 10, 29 - TRIM_START], trim_start=TRIM_START)
     _assert_vertices(report)
+    # the backdrop is the user's file (same bytes as the upload: compare the paths), at the strip's frame 0
+    assert report["backdrop"] == str(video) and report["backdrop_start"] == 10
+    bad = report["bad_range"]
+    assert bad["uploaded"] and "is not inside the clip take 3.mp4, which has 30 frames" in bad["message"], bad
+    assert "video.mp4" not in bad["message"] and "/input/" not in bad["message"], bad
+    # the panel's message follows the job's stage
+    assert report["running"] and all(message.startswith(f"{stage}") for stage, message in report["running"]), \
+        report["running"]
+    assert not any("input/video" in message for _, message in report["running"])
     # source frame TRIM_START is the strip's first visible frame, at scene frame 10 + TRIM_START
     assert report["first_key_frame"] == 10 + TRIM_START
     assert report["n_frames"] == 30 - TRIM_START
@@ -70,6 +86,7 @@ def test_end_to_end_from_a_movie_strip(blender, server, media, tmp_path):
     assert "fit" in report["stages"] and len(report["stages"]) >= 3, report["stages"]
     assert len(report["animated_properties"]) == 55
     job = server.client().status(report["job_id"])
+    assert job["video"]["mode"] == "upload" and job["video"]["name"] == "take 3.mp4", job["video"]
     if blender.major_minor >= (5, 0):
         # the separate WAV of the sound strip reached the backend
         assert report["sound_strip"] and job["audio"] is not None and job["audio"]["name"].endswith(".wav")
@@ -79,9 +96,12 @@ def test_end_to_end_from_a_movie_strip(blender, server, media, tmp_path):
 
 
 def test_backend_not_running_and_autostart_off(blender, tmp_path, media):
+    """Default preferences and no sound strip: the message says one thing, what to do about
+    the backend (the no-sound note is not pasted into it)."""
     report = blender.run("bl_reconstruct.py", "not_running", env=isolated_home(tmp_path), address="tcp://127.0.0.1:9",
-                         video=media["video"], sound=media["wav"])
-    assert "not reachable at tcp://127.0.0.1:9" in report["message"] and "avface serve" in report["message"]
+                         video=media["silent"], sound=None)
+    assert report["message"] == ("The AVFace backend is not reachable at tcp://127.0.0.1:9: switch on 'Start a local "
+                                 "backend automatically' in the add-on's preferences, or run `avface serve`")
 
 
 def test_strip_without_sound_reconstructs_video_only(blender, server, media, tmp_path):
@@ -159,34 +179,80 @@ def test_job_that_hangs_times_out_on_the_backend(blender, tmp_path):
     assert "job_timeout" in report["message"] and "no progress" in report["message"]
 
 
-def test_autostart_starts_a_local_backend(blender, media, tmp_path):
+def _backend_at(port):
+    """The pid of an `avface serve` bound to ``port`` (a check failed before saying), or None."""
+    import os
+
+    for d in os.listdir("/proc"):
+        try:
+            cmd = open(f"/proc/{d}/cmdline", "rb").read()
+        except OSError:
+            continue
+        if b"serve" in cmd and f"127.0.0.1:{port}".encode() in cmd:
+            return int(d)
+    return None
+
+
+def test_autostart_starts_a_local_backend_that_stops_with_blender(blender, media, tmp_path):
+    """Blender A starts a local backend and runs a job on it, the panel's message following the
+    job's stages; Blender B, started while A runs, uses that backend (no second start) and
+    quits, which leaves it to A; when A quits, the backend stops."""
     import os
     import signal
     import socket
     import sys
+    import threading
 
     from service_util import pid_gone, wait_for
 
     with socket.socket() as s:  # a free loopback port
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    report = None
+    address = f"tcp://127.0.0.1:{port}"
+    env = isolated_home(tmp_path)
+    ready, go = tmp_path / "a-ready.json", tmp_path / "a-go"
+    first: dict = {}
+
+    def blender_a():
+        try:
+            first["report"] = blender.run("bl_reconstruct.py", "autostart", env=env, address=address,
+                                          video=media["video"], sound=media["wav"], executable=sys.executable,
+                                          ready_file=str(ready), go_file=str(go))
+        except BaseException as e:  # reported by the main thread
+            first["error"] = e
+
+    thread = threading.Thread(target=blender_a)
+    thread.start()
+    pid = None
     try:
-        report = blender.run("bl_reconstruct.py", "autostart", env=isolated_home(tmp_path),
-                             address=f"tcp://127.0.0.1:{port}", video=media["video"], sound=media["wav"],
-                             executable=sys.executable)
+        try:
+            wait_for(lambda: ready.exists() or not thread.is_alive(), timeout_s=600, interval_s=0.5,
+                     what="Blender A's job")
+            if "error" in first:
+                raise first["error"]
+            pid = json.loads(ready.read_text())["pid"]
+            second = blender.run("bl_reconstruct.py", "autostart_reuse", env=env, address=address,
+                                 video=media["video"], sound=media["wav"], executable=sys.executable)
+            assert not second["started"] and second["recorded_pid"] == pid, second
+            assert not pid_gone(pid), "Blender B quit and stopped the backend Blender A still uses"
+        finally:
+            go.touch()
+            thread.join(120)
+        if "error" in first:
+            raise first["error"]
+        report = first["report"]
         assert report["message"].startswith("Imported")
-    finally:
-        pid = (report or {}).get("pid")
-        if pid is None:  # the check failed before returning the pid: find the backend by its port
-            for d in os.listdir("/proc"):
-                try:
-                    cmd = open(f"/proc/{d}/cmdline", "rb").read()
-                except OSError:
-                    continue
-                if b"serve" in cmd and f"127.0.0.1:{port}".encode() in cmd:
-                    pid = int(d)
-        if pid is not None:
+        assert report["recorded_pid"] == pid and report["blender_pid"] in report["owners"]
+        messages = [m for _, _, m in report["seen"]]
+        assert "starting a local backend" in messages, messages
+        running = [(stage, m) for state, stage, m in report["seen"] if state == "running" and stage]
+        assert running and all(m.startswith(stage) for stage, m in running), running
+        assert {"tracking", "fit"} <= {stage for stage, _ in running}, running
+        # Blender A has quit: the backend it started stops with it
+        wait_for(lambda: pid_gone(pid), timeout_s=30, what="the autostarted backend to stop when Blender quit")
+    finally:  # whatever failed, no backend is left behind
+        pid = pid or _backend_at(port)
+        if pid is not None and not pid_gone(pid):
             os.kill(pid, signal.SIGTERM)
             wait_for(lambda: pid_gone(pid), timeout_s=20, what="the autostarted backend to stop")
 

@@ -76,31 +76,50 @@ def end_to_end(address, video, sound, frames, trim_start=0):
     movie = _setup(address, video, sound)
     # a trimmed strip: only the frames it shows are reconstructed, and they land where it shows them
     movie.frame_offset_start = trim_start
+    shot = bpy.data.objects.new("Shot camera", bpy.data.cameras.new("Shot camera"))
+    bpy.context.scene.collection.objects.link(shot)
+    bpy.context.scene.camera = shot
     before = _counts()
     panel = {"before": draw_panels()}
     rec = _reconstruct()
-    stages = []
+    stages, running = [], []
 
     def watch():
         if rec.stage and (not stages or stages[-1] != rec.stage):
             stages.append(rec.stage)
             panel.setdefault("running", draw_panels())
+        if rec.state == "running" and rec.stage:
+            running.append([rec.stage, rec.message])
         return False
 
     _drive(watch)
     assert rec.state == "imported", (rec.state, rec.message)
     assert _counts()["objects"] == before["objects"] + 3  # head, rig and the video's camera
     cams = [o for o in bpy.data.objects if o.get("avface_role") == "camera"]
-    assert len(cams) == 1 and bpy.context.scene.camera == cams[0]
+    # the video's camera is the scene's now; the animator's own camera is still there
+    assert len(cams) == 1 and bpy.context.scene.camera == cams[0] and shot.name in bpy.context.scene.objects
     # the strip's video behind the head in the camera's view, its frame 0 where the strip's is
     clip = cams[0].data.background_images[0].clip
-    assert os.path.samefile(bpy.path.abspath(clip.filepath), video) and clip.frame_start == STRIP_START, clip.frame_start
     report = check_head(os.path.join(rec.out_dir, "result.npz"), first_frame=STRIP_START, frames=frames)
     report.update(stages=stages, message=rec.message, job_id=rec.job_id, audio_present=rec.audio_present,
-                  sound_strip=SOUND_STRIP, first_key_frame=float(_first_key(rec)))
+                  sound_strip=SOUND_STRIP, first_key_frame=float(_first_key(rec)), running=running,
+                  backdrop=bpy.path.abspath(clip.filepath), backdrop_start=clip.frame_start,
+                  bad_range=_bad_range(video))
     panel["after"] = draw_panels()
     report["panel"] = panel
     return report
+
+
+def _bad_range(video):
+    """A job asking for frames the clip does not have: the backend's message on it, as the
+    add-on shows it."""
+    from pathlib import Path
+
+    tracked = _manager().start(bpy.context, video=Path(video), audio=None, has_sound=True,
+                               options={"frame_start": 0, "frame_end": 999}, first_frame=1.0)
+    _drive(lambda: False, timeout_s=120)
+    assert tracked.record.state == "failed", (tracked.record.state, tracked.record.message)
+    return {"message": tracked.record.message, "uploaded": not tracked.run.path_mode}
 
 
 def _first_key(rec):
@@ -232,19 +251,60 @@ def _setup_prefs(address):
     prefs.address, prefs.timeout_s, prefs.retries = address, 2.0, 2
 
 
-def autostart(address, video, sound, executable):
+def autostart(address, video, sound, executable, ready_file, go_file):
     """No backend at the address and autostart on: the add-on starts `python -m avface serve`
-    there and the job runs through it. Returns the backend's pid for the caller to stop."""
+    there and the job runs through it, the panel's message following it. Then this Blender
+    writes the backend's pid to ``ready_file`` and waits for ``go_file`` before it quits."""
+    import json
+
+    from avface_blender import local_backend
+
+    _setup(address, video, sound, timeout_s=2.0, retries=2, autostart=True)
+    prefs = bpy.context.preferences.addons["avface_blender"].preferences
+    prefs.executable, prefs.start_timeout_s = executable, 120.0
+    bpy.context.scene.avface.stages = {"coarse"}  # no detail maps: enough stages to follow, sooner
+    rec = _reconstruct()
+    tracked = _manager().jobs[rec.key]
+    seen = []
+    _drive(lambda: seen.append([rec.state, rec.stage, rec.message]) and False)
+    pid = tracked.server.pid if tracked.server is not None else None
+    assert rec.state == "imported", (rec.state, rec.message)
+    assert pid is not None, "the add-on did not start a backend"
+    state = local_backend.read(_user_dir())
+    with open(ready_file + ".tmp", "w") as f:
+        json.dump({"pid": pid}, f)
+    os.replace(ready_file + ".tmp", ready_file)
+    end = time.monotonic() + DRIVE_TIMEOUT_S
+    while not os.path.exists(go_file) and time.monotonic() < end:
+        time.sleep(0.1)
+    return {"pid": pid, "message": rec.message, "seen": seen, "owners": state.owners, "recorded_pid": state.pid,
+            "blender_pid": os.getpid()}
+
+
+def _user_dir():
+    from avface_blender import reconstruct
+
+    return reconstruct.user_dir()
+
+
+def autostart_reuse(address, video, sound, executable):
+    """Another Blender, autostart on, while the first one's backend runs: it uses that backend
+    (no second start), becomes one of its owners, runs a job there (cancelled once running)
+    and quits."""
+    from avface_blender import local_backend
+
     _setup(address, video, sound, timeout_s=2.0, retries=2, autostart=True)
     prefs = bpy.context.preferences.addons["avface_blender"].preferences
     prefs.executable, prefs.start_timeout_s = executable, 120.0
     rec = _reconstruct()
     tracked = _manager().jobs[rec.key]
-    _drive(lambda: False)
-    pid = tracked.server.pid if tracked.server is not None else None
-    assert rec.state == "imported", (rec.state, rec.message)
-    assert pid is not None, "the add-on did not start a backend"
-    return {"pid": pid, "message": rec.message}
+    _drive(lambda: rec.state == "running" and rec.job_id is not None)
+    assert bpy.ops.avface.cancel() == {"FINISHED"}
+    _drive(lambda: False, timeout_s=60)
+    assert rec.state == "cancelled", (rec.state, rec.message)
+    state = local_backend.read(_user_dir())
+    return {"started": tracked.server is not None, "recorded_pid": state.pid, "owners": state.owners,
+            "blender_pid": os.getpid()}
 
 
 def online_access_refused(video):
