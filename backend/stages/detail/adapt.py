@@ -28,13 +28,6 @@ from avface.stages.detail.fine import (ClipUV, FineLossBatch, FineLossConfig, Te
 log = logging.getLogger(__name__)
 
 
-PREDICT_BATCH = 16
-"""Frames per forward pass when every frame's D is predicted. Inference has no optimiser
-state to hold, and the network's convolutions run about 3x faster per frame in batches of 16
-than in the training's batches of 2 (256^2 on 2 CPU cores); the maps are the same up to
-float rounding."""
-
-
 @dataclass(frozen=True)
 class FineAdaptConfig:
     """Options of the fine stage's per-clip adaptation."""
@@ -304,8 +297,8 @@ def _predict(net: DetailNet, c: _ClipTensors, held: np.ndarray, albedo: torch.Te
     res_c = res_d = w_sum = 0.0
     held_set = set(held.tolist())
     with torch.no_grad():
-        for s0 in range(0, n_frames, PREDICT_BATCH):
-            idx = np.arange(s0, min(s0 + PREDICT_BATCH, n_frames))
+        for s0 in range(0, n_frames, cfg.batch):
+            idx = np.arange(s0, min(s0 + cfg.batch, n_frames))
             ti = torch.as_tensor(idx, device=device)
             points, normals = c.geometry(idx)
             image = clip.frames(torch.as_tensor(idx)).to(device)
