@@ -207,6 +207,10 @@ class BlenderHost(jobs.Host):
         return start_backend(executable, address, flame_dir, folder)
 
 
+BACKEND_IDLE_EXIT_S = 1800
+"""An auto-started backend exits after this many seconds with no job and no request."""
+
+
 def start_backend(executable: str, address: str, flame_dir: str, folder: Path) -> subprocess.Popen:
     """``avface serve --bind ADDRESS`` (or ``PYTHON -m avface serve``) in the background."""
     exe = bpy.path.abspath(executable) if executable else (shutil.which("avface") or "")
@@ -214,7 +218,9 @@ def start_backend(executable: str, address: str, flame_dir: str, folder: Path) -
         raise OSError("no avface executable configured and none on PATH")
     name = Path(exe).name.lower()
     cmd = [exe, "-m", "avface"] if name.startswith("python") else [exe]
-    cmd += ["serve", "--bind", address]
+    # the last Blender to quit stops it (local_backend.release); a Blender that crashed cannot,
+    # so the backend also ends itself after half an hour with no job and no request
+    cmd += ["serve", "--bind", address, "--idle-exit-s", str(BACKEND_IDLE_EXIT_S)]
     if flame_dir:
         cmd += ["--flame-dir", bpy.path.abspath(flame_dir)]
     log_file = open(folder / "backend.log", "ab")

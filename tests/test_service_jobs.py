@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 
 import numpy as np
 import pytest
@@ -223,3 +224,21 @@ def test_the_head_can_be_fetched_before_the_detail_and_outlives_a_cancel(make_se
     assert marks[-3:] == [P.RUNNING, "head", P.DONE], marks
     meta = check_result(tmp_path / "whole", {"seed": 6})
     assert meta["detail"]["state"] == "complete"
+
+
+def test_an_idle_server_exits_on_its_own_but_never_under_a_job(make_server, tmp_path):
+    """``--idle-exit-s``: what a backend started by Blender uses, so that it ends even when the
+    Blender that started it crashed. A running job, however long, keeps it up."""
+    server = make_server(args=("--idle-exit-s", "1.5"))
+    client = server.client()
+    gate = tmp_path / "gate"
+    job = client.submit(fake_clip(tmp_path, "long.json", steps=1, gate=str(gate)))
+    server.wait_state(client, job, P.RUNNING)
+    time.sleep(3.0)  # twice the idle limit, with a job running
+    assert server.proc.poll() is None, server.log()
+    gate.touch()
+    server.wait_state(client, job, P.DONE)
+    client.close()
+    wait_for(lambda: server.proc.poll() is not None, timeout_s=30, what="the idle server to exit")
+    assert server.proc.returncode == 0, server.log()
+    assert "--idle-exit-s" in server.log()

@@ -1,5 +1,5 @@
 """How a reconstruction slows when the machine is busy, as an animator's computer is:
-``python -m avface.bench.load CLIPS_DIR --clip ID -o OUT``.
+``python -m avface.bench.load CLIPS_DIR --clip ID -o OUT [avface reconstruct flags]``.
 
 The same job (``avface reconstruct``, tracking not cached) runs once on a quiet machine and
 once with each count of busy processes asked for (pure-Python loops in subprocesses, started
@@ -82,11 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clip", help="the clip's id (default: the longest)")
     p.add_argument("-o", "--output", default="load_out")
     p.add_argument("--busy", type=int, nargs="+", default=[1, 2], help="busy-process counts besides quiet (default 1 2)")
-    p.add_argument("reconstruct_args", nargs=argparse.REMAINDER, help="after --: extra `avface reconstruct` flags")
-    args = p.parse_args(argv)
+    args, extra = p.parse_known_args(argv)  # any other flag goes to `avface reconstruct` (--no-detail, ...)
     clip = _find_clip(Path(args.clips_dir), args.clip)
     out = Path(args.output)
-    extra = [a for a in args.reconstruct_args if a != "--"]
     runs = {}
     for n in [0, *args.busy]:
         print(f"load: {clip.id} with {n} busy process(es) on {os.cpu_count()} cores ...", flush=True)

@@ -11,12 +11,20 @@ Three pools run a job's arithmetic on the CPU:
 By default OpenMP's threads spin for a while after each parallel region, waiting for the
 next one. On a quiet machine that saves a wake-up; when another process wants the cores, a
 spinning thread takes the time slice the working thread needed, and every barrier waits for
-a thread that is not running. Measured on this project's 2-core machine (the fine stage of a
-75-frame clip, two busy processes beside it): 4.3x its quiet time with spinning threads, 2.1x
-with ``OMP_WAIT_POLICY=PASSIVE`` (threads that sleep at once), where a fair share of the CPU
-costs 2x. The policy is read once, when libgomp loads (on ``import torch``), so
-:func:`configure_process` runs on ``import avface``, before any stage imports torch; a value
-the user set in the environment is kept.
+a thread that is not running. ``python -m avface.bench.load`` on this project's 2-core
+machine, the 20-second clip, the default job:
+
+- spinning (``OMP_WAIT_POLICY=ACTIVE``): 110 s quiet, 339 s beside two busy processes (3.1x;
+  the fine stage 3.4x, the networks 5x);
+- sleeping (``PASSIVE``): 143 s quiet, 180 s beside one busy process (1.26x), 237 s beside two
+  (1.66x; no stage over 2.3x), where a fair share of the CPU costs 2x.
+
+Sleeping costs about a quarter more on a quiet machine (each of the fine stage's many small
+parallel regions wakes its threads again), and saves a third as soon as anything else runs,
+as it does on an animator's computer; so avface sleeps. The policy is read once, when
+libgomp loads (on ``import torch``), so :func:`configure_process` runs on ``import avface``,
+before any stage imports torch; a value the user set in the environment is kept
+(``OMP_WAIT_POLICY=ACTIVE`` for a machine that runs nothing else).
 
 The number of intra-op threads stays what the process has (torch's default of one per core, or
 ``OMP_NUM_THREADS``) unless the job asks for another (``ReconstructOptions.threads``, ``avface

@@ -83,6 +83,9 @@ def register(subparsers) -> None:
     p.add_argument("--hang-timeout-s", type=float, default=1800.0,
                    help="stop a job whose worker reports no progress for this long (job_timeout; default 1800)")
     p.add_argument("--ready-file", type=Path, help="write the bound endpoint here (JSON) once listening")
+    p.add_argument("--idle-exit-s", type=float, default=0.0,
+                   help="exit after this many seconds with no job and no request (default 0: never); what a "
+                   "backend started by a desktop application uses, so that it ends even if the application crashed")
     p.set_defaults(func=cmd_serve)
 
     p = subparsers.add_parser("submit", help="submit a video to a service, show progress, write the result")
@@ -146,6 +149,7 @@ def cmd_serve(args) -> int:
         device=args.device, flame_dir=args.flame_dir, threads=args.threads, max_frame_bytes=args.max_frame_bytes,
         max_queue=args.max_queue, max_upload_bytes=args.max_upload_bytes, max_chunks=args.max_chunks,
         max_duration_s=args.max_duration_s, hang_timeout_s=args.hang_timeout_s, ready_file=args.ready_file,
+        idle_exit_s=args.idle_exit_s,
     )
     try:
         return serve(config)

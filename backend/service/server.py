@@ -82,6 +82,10 @@ class ServerConfig:
     """A worker that reports nothing (no progress) for this long is stopped: ``job_timeout``."""
     ready_file: Path | None = None
     """Written (JSON: endpoint, pid, public_key) once the socket is bound."""
+    idle_exit_s: float = 0.0
+    """Exit after this many seconds with no job queued, uploading or running and no request
+    (0: never). A backend started for a desktop application then ends on its own when the
+    application that started it is gone, crashed or not."""
 
 
 def check_config(config: ServerConfig) -> None:
@@ -94,6 +98,8 @@ def check_config(config: ServerConfig) -> None:
         )
     if config.workers < 1:
         raise InputError(f"--workers must be at least 1, got {config.workers}")
+    if config.idle_exit_s < 0 or config.threads < 0:
+        raise InputError("--idle-exit-s and --threads must be 0 or more")
 
 
 def default_roots(bind: str) -> tuple[Path, ...]:
@@ -134,6 +140,7 @@ class Server:
         self.stats = _Stats()
         self._stop = False
         self._last_sample = 0.0
+        self._last_busy = time.monotonic()
         self._auth = None
         self.ctx = zmq.Context()
         self.socket = self._make_socket()
@@ -213,6 +220,8 @@ class Server:
                 except zmq.Again:
                     break
                 self._on_frames(frames)
+        if events.get(self.socket):
+            self._last_busy = time.monotonic()
         self.pool.read(events)
         self._tick()
 
@@ -225,6 +234,16 @@ class Server:
             self._last_sample = now
             self.pool.sample_memory()
             self._expire_uploads(now)
+        self._exit_when_idle(now)
+
+    def _exit_when_idle(self, now: float) -> None:
+        """``--idle-exit-s``: stop once nothing has been asked or run for that long."""
+        busy = self.pool.workers or self.pool.queue or self.upload_seen
+        if busy:
+            self._last_busy = now
+        elif self.config.idle_exit_s and now - self._last_busy > self.config.idle_exit_s:
+            log.info("no job and no request for %.0f s (--idle-exit-s): stopping", self.config.idle_exit_s)
+            self._stop = True
 
     def _expire_uploads(self, now: float) -> None:
         for job_id, seen in list(self.upload_seen.items()):
