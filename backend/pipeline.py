@@ -60,6 +60,7 @@ class _Run:
     def stage(self, name: str):
         self.check_cancel()
         self.report(name, 0.0, "")
+        self.seconds.setdefault(name, 0.0)  # a stage that has begun is among the stages run
         t0 = time.perf_counter()
         try:
             yield
@@ -125,7 +126,7 @@ def _reconstruct(video: Path, out_dir: Path, options: ReconstructOptions, run: _
         clear_detail(out_dir)  # never the maps of an earlier job beside this one's head
         if options.detail:
             meta["detail"]["state"] = "pending"
-    path = _write(out_dir, arrays, meta, run)
+        path = _write(out_dir, arrays, meta, run)  # the head (its meta gives export's seconds as 0: under way)
     if on_head is not None:
         on_head(path)
     detail = _detail_after(inputs, coarse, options, run, (out_dir, arrays, meta)) if options.detail else None
