@@ -36,6 +36,9 @@ class FineAdaptConfig:
     """Optimiser steps (each one batch of frames)."""
     batch: int = 4
     """Frames per step."""
+    predict_batch: int = 8
+    """Frames per forward pass when every frame is predicted (no gradients: larger batches
+    use the cores better; each frame's D does not depend on its batch)."""
     lr: float = 1e-3
     """Adam learning rate. The paper's 1e-4 is for training on a corpus; per clip from a
     fresh network it barely moves D in a few hundred steps."""
@@ -297,8 +300,8 @@ def _predict(net: DetailNet, c: _ClipTensors, held: np.ndarray, albedo: torch.Te
     res_c = res_d = w_sum = 0.0
     held_set = set(held.tolist())
     with torch.no_grad():
-        for s0 in range(0, n_frames, cfg.batch):
-            idx = np.arange(s0, min(s0 + cfg.batch, n_frames))
+        for s0 in range(0, n_frames, cfg.predict_batch):
+            idx = np.arange(s0, min(s0 + cfg.predict_batch, n_frames))
             ti = torch.as_tensor(idx, device=device)
             points, normals = c.geometry(idx)
             image = clip.frames(torch.as_tensor(idx)).to(device)
