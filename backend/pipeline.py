@@ -202,6 +202,21 @@ def _detail_after(inputs: _Inputs, coarse: "_Coarse", options: ReconstructOption
     return detail
 
 
+def warm_up() -> None:
+    """Import what every job needs before its first frame (torch, MediaPipe, the speech
+    recogniser, the later stages' modules): a few seconds that a spare service worker spends
+    before its job arrives (``avface.service.worker``). Loads no model and reads no file."""
+    import importlib
+
+    for name in ("torch", "cv2", "mediapipe", "mediapipe.tasks.python.vision", "pocketsphinx",
+                 "avface.models.checkpoint", "avface.train.adapt", "avface.stages.detail.run",
+                 "avface.stages.detail.adapt", "avface.stages.preview"):
+        try:
+            importlib.import_module(name)
+        except ImportError:  # the stage that needs it says so, with what to do, when it runs
+            log.debug("warm-up: %s is not importable", name)
+
+
 def _check_device(device: str) -> str:
     if device == "cuda":
         import torch

@@ -83,6 +83,9 @@ def register(subparsers) -> None:
     p.add_argument("--hang-timeout-s", type=float, default=1800.0,
                    help="stop a job whose worker reports no progress for this long (job_timeout; default 1800)")
     p.add_argument("--ready-file", type=Path, help="write the bound endpoint here (JSON) once listening")
+    p.add_argument("--no-spare-worker", dest="spare_worker", action="store_false",
+                   help="start each job's worker when the job starts; by default one worker waits ahead with the "
+                   "pipeline imported, so that a job starts at once (it costs an idle process's memory)")
     p.add_argument("--idle-exit-s", type=float, default=0.0,
                    help="exit after this many seconds with no job and no request (default 0: never); what a "
                    "backend started by a desktop application uses, so that it ends even if the application crashed")
@@ -149,7 +152,7 @@ def cmd_serve(args) -> int:
         device=args.device, flame_dir=args.flame_dir, threads=args.threads, max_frame_bytes=args.max_frame_bytes,
         max_queue=args.max_queue, max_upload_bytes=args.max_upload_bytes, max_chunks=args.max_chunks,
         max_duration_s=args.max_duration_s, hang_timeout_s=args.hang_timeout_s, ready_file=args.ready_file,
-        idle_exit_s=args.idle_exit_s,
+        idle_exit_s=args.idle_exit_s, spare_worker=args.spare_worker,
     )
     try:
         return serve(config)

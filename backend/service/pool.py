@@ -32,6 +32,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: The spare worker's output until it has a job (then it writes into the job's log), in the data dir.
+SPARE_LOG = "spare-worker.log"
+
 
 class WorkerPool:
     def __init__(self, config: ServerConfig, store: S.JobStore, poller: zmq.Poller, stats,
@@ -49,6 +52,9 @@ class WorkerPool:
         self.probe = None
         self.probe_info: dict = {}
         self.probe_state = "pending"
+        #: A worker that has imported the pipeline and waits for the next job (``spare_worker``).
+        self.spare: WorkerProcess | None = None
+        self._spare_failures = 0
 
     # -- job life -------------------------------------------------------------------------
     def set_state(self, job: S.Job, state: str, *, message: str = "") -> None:
@@ -126,10 +132,18 @@ class WorkerPool:
             job.stage, job.fraction, job.cancel_requested = None, 0.0, False
             job.head_meta = None  # a new attempt writes its own head
             jdir = self.store.job_dir(job.job_id)
+            how = dict(max_duration_s=self.config.max_duration_s, device=self.config.device,
+                       flame_dir=self.config.flame_dir, threads=job_threads(self.config.threads, self.config.workers))
+            worker, self.spare = self.spare, None
+            if worker is not None:
+                if worker.assign(job.job_id, jdir, **how):
+                    self._spare_failures = 0
+                else:
+                    self._drop_spare(worker)
+                    worker = None
             try:
-                worker = WorkerProcess(job.job_id, jdir, max_duration_s=self.config.max_duration_s,
-                                       device=self.config.device, flame_dir=self.config.flame_dir,
-                                       threads=job_threads(self.config.threads, self.config.workers))
+                if worker is None:
+                    worker = WorkerProcess(job.job_id, jdir, **how)
             except OSError as e:
                 job.history.append({"attempt": job.attempts, "outcome": "error", "reason": f"cannot start a worker: {e}"})
                 self.finish(job, P.FAILED, {"code": "internal", "message": f"cannot start a worker: {e}", "detail": None})
@@ -140,6 +154,33 @@ class WorkerPool:
             self.stats.peak_workers = max(self.stats.peak_workers, len(self.workers))
             self.set_state(job, P.RUNNING, message=f"attempt {job.attempts} of {S.MAX_ATTEMPTS}")
             log.info("job %s running in worker %d (attempt %d)", job.job_id, worker.pid, job.attempts)
+        self._keep_spare()
+
+    def _keep_spare(self) -> None:
+        """Start a spare worker while a job could start (``ServerConfig.spare_worker``), and
+        notice one that died waiting: three deaths in a row and the server stops making them
+        (jobs then start their own workers, as without spares)."""
+        if self.spare is not None and self.spare.poll() is not None:
+            self._spare_failures += 1
+            log.warning("the spare worker %s before any job; see %s", describe_exit(self.spare.poll()),
+                        self.store.root / SPARE_LOG)
+            self._drop_spare(self.spare)
+            self.spare = None
+        if (self.spare is None and self.config.spare_worker and self._spare_failures < 3
+                and len(self.workers) < self.config.workers):
+            try:
+                self.spare = WorkerProcess.spare(self.store.root / SPARE_LOG)
+            except OSError as e:
+                self._spare_failures += 1
+                log.warning("cannot start a spare worker: %s", e)
+
+    @staticmethod
+    def _drop_spare(worker: WorkerProcess) -> None:
+        worker.close()
+        try:
+            worker.proc.wait(timeout=2.0)
+        except subprocess.TimeoutExpired:
+            pass
 
     def read(self, events: dict) -> None:
         """Take in what the workers with ``events`` (from the poller) wrote."""
@@ -169,8 +210,9 @@ class WorkerPool:
 
     def sample_memory(self) -> None:
         rss = [w.rss_bytes() for w in self.workers.values()]
+        spare = self.spare.rss_bytes() if self.spare is not None else 0
         st = self.stats
-        st.peak_total_rss = max(st.peak_total_rss, proc_rss_bytes() + sum(rss))
+        st.peak_total_rss = max(st.peak_total_rss, proc_rss_bytes() + sum(rss) + spare)
         st.peak_worker_rss = max([st.peak_worker_rss, *rss])
 
     def shutdown(self) -> None:
@@ -193,6 +235,9 @@ class WorkerPool:
                 job.queued_at = job.queued_at or time.time()
                 self.store.save(job)
         self.workers.clear()
+        if self.spare is not None:
+            self._drop_spare(self.spare)
+            self.spare = None
         if self.probe is not None and self.probe.poll() is None:
             self.probe.kill()
             self.probe.wait()
@@ -310,7 +355,13 @@ def _kill_stray_worker(job: S.Job) -> None:
         cmdline = Path(f"/proc/{job.worker_pid}/cmdline").read_bytes()
     except OSError:
         return
-    if job.job_id.encode() in cmdline and b"avface.service.worker" in cmdline:
+    if b"avface.service.worker" not in cmdline:
+        return
+    try:  # a spare that took the job writes into the job's log
+        output = os.readlink(f"/proc/{job.worker_pid}/fd/2")
+    except OSError:
+        output = ""
+    if job.job_id.encode() in cmdline or (b"--spare" in cmdline and job.job_id in output):
         try:
             os.killpg(job.worker_pid, signal.SIGKILL)
         except OSError:

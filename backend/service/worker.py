@@ -50,35 +50,43 @@ TERM_GRACE_S = 1.0
 # Server side: a handle on one worker process
 # ---------------------------------------------------------------------------------------
 class WorkerProcess:
-    """A running worker, seen from the socket loop. Never blocks."""
+    """A running worker, seen from the socket loop. Never blocks.
 
-    def __init__(self, job_id: str, job_dir: Path, *, max_duration_s: float | None, device: str | None,
-                 flame_dir: str | None, threads: int = 0):
+    ``WorkerProcess(job_id, job_dir, ...)`` starts a worker on that job. ``WorkerProcess.spare(log_path)``
+    starts a *spare*: a worker that imports the pipeline (torch, MediaPipe: seconds of a job's
+    start) and then waits, on a third pipe, for the job that :meth:`assign` gives it, so that a
+    job submitted to an idle server starts on its first frame at once."""
+
+    def __init__(self, job_id: str | None, job_dir: Path | None, *, max_duration_s: float | None = None,
+                 device: str | None = None, flame_dir: str | None = None, threads: int = 0,
+                 spare_log: Path | None = None):
         self.job_id = job_id
         msg_r, msg_w = os.pipe()
         life_r, life_w = os.pipe()
-        cmd = [sys.executable, "-m", "avface.service.worker", "--job-dir", str(job_dir),
-               "--msg-fd", str(msg_w), "--life-fd", str(life_r)]
-        if max_duration_s:
-            cmd += ["--max-duration-s", str(max_duration_s)]
-        if device:
-            cmd += ["--device", device]
-        if flame_dir:
-            cmd += ["--flame-dir", flame_dir]
-        if threads:
-            cmd += ["--threads", str(threads)]
+        cmd = [sys.executable, "-m", "avface.service.worker", "--msg-fd", str(msg_w), "--life-fd", str(life_r)]
+        child_fds = [msg_w, life_r]
+        self._job_w = None
+        if spare_log is not None:
+            job_r, self._job_w = os.pipe()
+            cmd += ["--spare", "--job-fd", str(job_r)]
+            child_fds.append(job_r)
+            log_path, banner = spare_log, "spare worker started"
+        else:
+            cmd += ["--job-dir", str(job_dir), *_job_args(max_duration_s, device, flame_dir, threads)]
+            log_path, banner = job_dir / S.LOG_FILE, "worker started"
         try:
-            with open(job_dir / S.LOG_FILE, "ab") as logf:
-                logf.write(f"--- worker started {time.strftime('%Y-%m-%d %H:%M:%S')} ---\n".encode())
+            with open(log_path, "ab") as logf:
+                logf.write(f"--- {banner} {time.strftime('%Y-%m-%d %H:%M:%S')} ---\n".encode())
                 logf.flush()
                 self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
-                                             pass_fds=(msg_w, life_r), start_new_session=True)
+                                             pass_fds=tuple(child_fds), start_new_session=True)
         except BaseException:
-            for fd in (msg_r, msg_w, life_r, life_w):
-                os.close(fd)
+            for fd in (msg_r, life_w, self._job_w, *child_fds):
+                if fd is not None:
+                    os.close(fd)
             raise
-        os.close(msg_w)
-        os.close(life_r)
+        for fd in child_fds:
+            os.close(fd)
         os.set_blocking(msg_r, False)
         self.fd = msg_r
         self._life_w = life_w
@@ -92,6 +100,28 @@ class WorkerProcess:
         self.last_activity = time.monotonic()
         #: The server stopped this worker because it hung (no line for the hang timeout).
         self.hung = False
+
+    @classmethod
+    def spare(cls, log_path: Path) -> "WorkerProcess":
+        """A spare worker (see the class), its output in ``log_path`` until it has a job."""
+        return cls(None, None, spare_log=log_path)
+
+    def assign(self, job_id: str, job_dir: Path, *, max_duration_s: float | None, device: str | None,
+               flame_dir: str | None, threads: int = 0) -> bool:
+        """Give a spare its job; False when it cannot take it (it has exited)."""
+        if self._job_w is None or self.proc.poll() is not None:
+            return False
+        line = json.dumps({"job_dir": str(job_dir), "args": _job_args(max_duration_s, device, flame_dir, threads)})
+        try:
+            os.write(self._job_w, line.encode() + b"\n")  # one short line: never blocks on an empty pipe
+        except OSError:
+            return False
+        finally:
+            os.close(self._job_w)
+            self._job_w = None
+        self.job_id = job_id
+        self.last_activity = time.monotonic()
+        return True
 
     @property
     def pid(self) -> int:
@@ -145,13 +175,27 @@ class WorkerProcess:
     def close(self) -> None:
         """After the worker exited: stop what it left behind (ffmpeg) and free the pipes."""
         self.kill()
-        for fd in (self.fd, self._life_w):
+        for fd in (self.fd, self._life_w, self._job_w):
             if fd is not None:
                 os.close(fd)
-        self.fd = self._life_w = None
+        self.fd = self._life_w = self._job_w = None
 
     def rss_bytes(self) -> int:
         return proc_rss_bytes(self.proc.pid)
+
+
+def _job_args(max_duration_s: float | None, device: str | None, flame_dir: str | None, threads: int) -> list[str]:
+    """The worker's command-line options of one job."""
+    args = []
+    if max_duration_s:
+        args += ["--max-duration-s", str(max_duration_s)]
+    if device:
+        args += ["--device", device]
+    if flame_dir:
+        args += ["--flame-dir", flame_dir]
+    if threads:
+        args += ["--threads", str(threads)]
+    return args
 
 
 def proc_rss_bytes(pid: int | str = "self", field: str = "VmRSS") -> int:
@@ -352,6 +396,35 @@ def run_job(job_dir: Path, messenger: _Messenger, *, max_duration_s: float | Non
     return meta if isinstance(meta, dict) else {}
 
 
+def _wait_for_job(fd: int) -> dict | None:
+    """A spare worker: import what a job needs, then block until the server hands over a job
+    (None when it closes the pipe instead). The worker's output then goes to the job's log."""
+    t0 = time.perf_counter()
+    mod, _ = _pipeline_modules()
+    warm_up = getattr(mod, "warm_up", None)
+    if warm_up is not None:
+        warm_up()
+    log.info("spare worker ready in %.1f s", time.perf_counter() - t0)
+    os.set_inheritable(fd, False)
+    data = b""
+    with os.fdopen(fd, "rb", buffering=0) as f:
+        while not data.endswith(b"\n"):
+            chunk = f.read(4096)
+            if not chunk:
+                return None
+            data += chunk
+    job = json.loads(data)
+    logf = os.open(Path(job["job_dir"]) / S.LOG_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(logf, 1)
+    os.dup2(logf, 2)
+    os.close(logf)
+    banner = f"--- worker started {time.strftime('%Y-%m-%d %H:%M:%S')} (process {os.getpid()}, a spare, ready before the job came) ---"
+    os.write(2, banner.encode() + b"\n")
+    return job
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m avface.service.worker", description=__doc__.split("\n")[0])
     ap.add_argument("--job-dir", type=Path)
@@ -362,15 +435,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--flame-dir")
     ap.add_argument("--threads", type=int, default=0, help="torch threads of the job's stages (0: one per core)")
     ap.add_argument("--probe", action="store_true", help="print hello's model and device report as one JSON line")
+    ap.add_argument("--spare", action="store_true",
+                    help="import the pipeline, then wait for a job on --job-fd (one JSON line: job_dir, args)")
+    ap.add_argument("--job-fd", type=int)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.probe:
         sys.stdout.write(json.dumps(probe(args.flame_dir, args.device), default=str) + "\n")
         sys.stdout.flush()
         return 0
-    if args.job_dir is None or args.msg_fd is None or args.life_fd is None:
-        ap.error("--job-dir, --msg-fd and --life-fd are required")
+    one_job = args.job_dir is not None and not args.spare
+    spare = args.spare and args.job_fd is not None and args.job_dir is None
+    if args.msg_fd is None or args.life_fd is None or not (one_job or spare):
+        ap.error("--msg-fd, --life-fd and either --job-dir or --spare with --job-fd are required")
     _watch_parent(args.life_fd)
+    if spare:
+        job = _wait_for_job(args.job_fd)
+        if job is None:  # the server no longer needs a spare
+            return 0
+        args = ap.parse_args(["--msg-fd", str(args.msg_fd), "--life-fd", str(args.life_fd), "--job-dir", job["job_dir"],
+                              *job["args"]])
     messenger = _Messenger(args.msg_fd)
     from avface.errors import AVFaceError
 
