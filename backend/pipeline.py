@@ -146,10 +146,11 @@ def _reconstruct(video: Path, out_dir: Path, options: ReconstructOptions, run: _
 
 def _coarse(inputs: _Inputs, model, checkpoint, options: ReconstructOptions, run: _Run) -> "_Coarse":
     """Tracking, speech, confidence, camera, networks, fit and lips: everything the head needs."""
+    speech = _SpeechAhead(inputs)  # beside the tracking, which leaves a core's share idle
     with run.stage("tracking"):
         tracking = _track(inputs, options, run)
     with run.stage("audio"):
-        features = _speech(inputs, tracking.n_frames, run)
+        features = speech.result(tracking.n_frames, run)
     with run.stage("confidence"):
         conf, occluded = visual_confidence(tracking)
     with run.stage("camera"):
@@ -208,7 +209,9 @@ def warm_up() -> None:
     before its job arrives (``avface.service.worker``). Loads no model and reads no file."""
     import importlib
 
-    for name in ("torch", "cv2", "mediapipe", "mediapipe.tasks.python.vision", "pocketsphinx",
+    # torch._dynamo: torch imports it on the first optimiser a process makes (2.6 s, inside
+    # the camera stage's first fit)
+    for name in ("torch", "torch._dynamo", "cv2", "mediapipe", "mediapipe.tasks.python.vision", "pocketsphinx",
                  "avface.models.checkpoint", "avface.train.adapt", "avface.stages.detail.run",
                  "avface.stages.detail.adapt", "avface.stages.preview"):
         try:
@@ -265,6 +268,46 @@ def _speech(inputs: _Inputs, n_frames: int, run: _Run):
 
     return audio_mod.extract_features(inputs.wave, media.SAMPLE_RATE_HZ, n_frames, inputs.info.fps,
                                       transcript=inputs.transcript, progress=lambda f: run.report("audio", f, "phones"))
+
+
+class _SpeechAhead:
+    """The speech features computed in a thread while the tracking runs: MediaPipe and the
+    decoder leave part of the cores idle, and the features need only the audio and the
+    frame count the probe expects. The result is the same as :func:`_speech` after the
+    tracking (it is computed again, in the audio stage, if the tracking delivered another
+    frame count)."""
+
+    def __init__(self, inputs: _Inputs):
+        import threading
+
+        self.inputs = inputs
+        self.expected = inputs.end - inputs.start
+        self.seconds = 0.0
+        self._value = self._error = None
+        self._thread = None
+        if inputs.wave is not None:
+            self._thread = threading.Thread(target=self._work, name="speech-features", daemon=True)
+            self._thread.start()
+
+    def _work(self) -> None:
+        from avface.stages import audio as audio_mod
+
+        t0 = time.perf_counter()
+        try:
+            self._value = audio_mod.extract_features(self.inputs.wave, media.SAMPLE_RATE_HZ, self.expected,
+                                                     self.inputs.info.fps, transcript=self.inputs.transcript)
+        except BaseException as e:  # raised in the audio stage, where it belongs
+            self._error = e
+        self.seconds = time.perf_counter() - t0
+
+    def result(self, n_frames: int, run: _Run):
+        if self._thread is None or n_frames != self.expected:
+            return _speech(self.inputs, n_frames, run)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        log.info("speech features computed beside the tracking in %.1f s", self.seconds)
+        return self._value
 
 
 def _load_networks(options: ReconstructOptions):
