@@ -210,7 +210,9 @@ def test_the_head_can_be_fetched_before_the_detail_and_outlives_a_cancel(make_se
     client.cancel(job)
     server.wait_state(client, job, P.CANCELLED)
     again = client.fetch(job, tmp_path / "head-after-cancel", head=True)
-    assert validate(again)["detail"]["state"] == "pending"
+    assert validate(again)["detail"]["state"] == "pending"  # the fake pipeline does not rewrite it
+    said = client.call("fetch", {"job_id": job})["meta"]["detail"]
+    assert said["state"] == "cancelled" and said["reason"] == "cancelled"  # the server says how the job ended
     listed = [f["path"] for f in client.call("fetch", {"job_id": job})["manifest"]["files"]]
     assert "result.npz" in listed and not any(p.startswith("detail/") for p in listed)
 

@@ -653,6 +653,8 @@ class JobRun:
             raise self._watch.error
 
     def _apply(self, ev: dict) -> None:
+        if self.phase == "fetching":  # the head (or the result) is being fetched: a later end of the job
+            return                    # (a failure in the fine stage, a cancel) does not undo that
         if ev.get("kind") == "progress":
             self.stage, self.fraction, self.message = ev.get("stage"), float(ev.get("fraction", 0.0)), ev.get("message", "")
         elif ev.get("kind") == "state":

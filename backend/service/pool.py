@@ -75,6 +75,11 @@ class WorkerPool:
             # the head stays fetchable; its manifest is made again from what is on disk (a
             # worker stopped in the fine stage may have left part of the maps: not listed)
             write_manifest(self.store.job_dir(job.job_id) / S.RESULT_DIR, include_detail=False)
+            detail = job.head_meta.get("detail")
+            if isinstance(detail, dict) and detail.get("state") == "pending":  # what a fetch of the head says now
+                cancelled = state == P.CANCELLED
+                job.head_meta["detail"] = {**detail, "state": "cancelled" if cancelled else "failed",
+                                           "reason": "cancelled" if cancelled else (error or {}).get("message", state)}
         job.error = error
         job.finished = time.time()
         job.worker_pid = None
