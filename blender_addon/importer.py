@@ -409,6 +409,68 @@ def _detail(head, frames, scene_fps, mesh_obj, created, name):
     mod.strength = detail.metres_per_unit
 
 
+def attach_detail(context, mesh_obj, result_path: str | Path, *, first_frame: float, name: str | None = None,
+                  scene=None) -> bool:
+    """Add the detail maps of ``result_path`` (the whole result) to ``mesh_obj``, a head
+    imported earlier from that result's head (the same result without its maps): the
+    material, the Displace modifier and the image sequence's timing exactly as
+    :func:`import_result` makes them, and nothing else. The shape keys, bones, actions and
+    any keyframe the animator added, the selection, the active object and the current frame
+    stay as they are.
+
+    ``first_frame`` and ``name`` are what the head was imported with (the scene frame of
+    source frame 0; the name its data-blocks were named after, by default the mesh object's
+    name without " head"); ``scene``: the scene whose frame rate the maps follow (by default
+    the first the head is in). Returns False, changing nothing, when the head has its detail
+    maps already. Raises :class:`io_result.ResultError` before changing anything when the
+    file is not a usable result, has no detail maps, or is not this head's."""
+    if mesh_obj.modifiers.get(DETAIL_MODIFIER) is not None:
+        return False
+    head = io_result.read_result(result_path)
+    if head.detail is None:
+        raise io_result.ResultError(f"{result_path} has no detail maps")
+    if len(mesh_obj.data.vertices) != len(head.vertices_neutral):
+        raise io_result.ResultError(f"{mesh_obj.name} has {len(mesh_obj.data.vertices)} vertices, the result's head "
+                                    f"{len(head.vertices_neutral)}: it is not the head of {result_path}")
+    if scene is None:
+        scene = next(iter(mesh_obj.users_scene), None) or context.scene
+    scene_fps = scene.render.fps / scene.render.fps_base
+    frames = io_result.scene_frames(head.n_frames, fps=head.fps, scene_fps=scene_fps, first_frame=first_frame,
+                                    source_frame_start=head.source_frame_start)
+    if name is None:
+        name = mesh_obj.name[: -len(" head")] if mesh_obj.name.endswith(" head") else mesh_obj.name
+    materials = mesh_obj.data.materials
+    n_materials = len(materials)
+    created = _Created()
+    try:
+        _detail(head, frames, scene_fps, mesh_obj, created, name)
+    except Exception:  # leave the head as it was
+        mod = mesh_obj.modifiers.get(DETAIL_MODIFIER)
+        if mod is not None:
+            mesh_obj.modifiers.remove(mod)
+        while len(materials) > n_materials:
+            materials.pop()
+        created.remove_all()
+        raise
+    return True
+
+
+def find_result_mesh(name: str, result_path: str | Path):
+    """The head's mesh object imported from ``result_path``: the object called ``name`` if it
+    is that, else any mesh that came from that file (renamed meanwhile); None when none is
+    in a scene any more."""
+    path = Path(result_path)
+
+    def from_result(obj) -> bool:
+        return (obj is not None and obj.get(ROLE_PROPERTY) == "mesh" and HEAD_PROPERTY in obj
+                and Path(str(obj[HEAD_PROPERTY])) == path and len(obj.users_scene) > 0)
+
+    obj = bpy.data.objects.get(name) if name else None
+    if from_result(obj):
+        return obj
+    return next((o for o in bpy.data.objects if from_result(o)), None)
+
+
 def find_head(context):
     """(mesh object, armature object) of the AVFace head the active or a selected object
     belongs to, or (None, None)."""

@@ -11,6 +11,17 @@ A job's ``state`` goes starting -> submitting -> running -> fetching -> fetched,
 imported (or done: the result is on disk and waits for the panel's Import button), or ends in
 failed or cancelled. A job still in flight when Blender closed is
 ``detached`` in the next session, until it is fetched (then ``running`` again).
+
+The head first: a job with the detail stage is submitted with ``JobRun(head=True)``, which
+ends as soon as the backend has the head (the result but for its detail maps, whose
+``meta.detail.state`` is ``pending``). That head is imported as any result (fetched ->
+imported by the modal operator or the timer), and the job goes on as ``detailing``: a second
+``JobRun(job_id=...)`` waits for the job's end and fetches the whole result into the same
+folder, and the timer adds its detail maps to the head already in the scene
+(``Host.attach_detail``), leaving everything else on it as the animator has it by then. A
+cancel or a failure in that second step keeps the head (``cancelled`` or ``failed``, the head
+named in ``JobRecord.head``); a job detailing when Blender closed is ``detached`` in the next
+session, and fetching it adds the detail to that head, found by name.
 """
 from __future__ import annotations
 
@@ -25,6 +36,7 @@ from pathlib import Path
 from . import footage, io_result, local_backend
 from ._vendor import protocol as P
 from ._vendor.client import Client, JobRun, NoAnswer, ServiceError
+from ._vendor.result import detail_state
 
 log = logging.getLogger(__name__)
 
@@ -41,11 +53,21 @@ IMPORTED = "imported"
 FAILED = "failed"
 CANCELLED = "cancelled"
 DETACHED = "detached"      # in flight when an earlier session ended: fetch it to import
+DETAILING = "detailing"    # the head is imported; the job goes on for its detail maps
 
-#: States of a job still in flight: the timer advances these.
+#: States of a job on its way to the scene (the modal operator watches these).
 ACTIVE = frozenset({STARTING, SUBMITTING, RUNNING, FETCHING})
+#: States of a job still in flight: the timer advances these.
+IN_FLIGHT = ACTIVE | {DETAILING}
 #: States a job read from jobs.json cannot still be in: it was in flight when Blender closed.
-UNFINISHED = ACTIVE | {FETCHED}
+UNFINISHED = IN_FLIGHT | {FETCHED}
+
+#: ``meta.detail.state`` of a head whose detail maps are still being made (avface.result.DETAIL_STATES)
+DETAIL_PENDING = "pending"
+DETAIL_COMPLETE = "complete"
+#: Why a result came without detail maps, by its ``meta.detail.state``.
+NO_DETAIL = {"skipped": "no frame had a trusted face texel to learn them from",
+             "cancelled": "their stage was cancelled", "failed": "their stage failed"}
 
 
 class Host:
@@ -94,6 +116,15 @@ class Host:
         ``io_result.ResultError`` when the result cannot be read."""
         raise NotImplementedError
 
+    def attach_detail(self, context, rec: JobRecord):
+        """Add the detail maps of the whole result in ``rec.out_dir`` to the head imported
+        from its head (the mesh object named ``rec.head[0]``, or whichever mesh came from that
+        result file), as a one-step import of the whole result would have made them, touching
+        nothing else. Returns (the mesh object's name, whether the maps were added: False when
+        it had them already), or None when that head is in no scene any more. Raises
+        ``io_result.ResultError`` when the result cannot be read."""
+        raise NotImplementedError
+
     def start_backend(self, executable: str, address: str, flame_dir: str, folder: Path) -> subprocess.Popen:
         raise NotImplementedError
 
@@ -117,6 +148,15 @@ class JobRecord:
     fraction: float = 0.0
     audio_present: bool = True
     created: float = field(default_factory=time.time)
+    """when Reconstruct was pressed (wall clock): the start of head_s and detail_s"""
+    head: list = field(default_factory=list)
+    """[mesh object, armature object] names of the head imported from this job"""
+    detail: str = ""
+    """``meta.detail.state`` of the last result fetched ("" before any)"""
+    head_s: float | None = None
+    """seconds (wall) from Reconstruct to the head in the scene"""
+    detail_s: float | None = None
+    """seconds (wall) from Reconstruct to the detail maps on the head"""
 
 
 @dataclass
@@ -136,6 +176,10 @@ class Tracked:
     cancelling: bool = False
     attach: bool = False
     """the job was submitted in an earlier session: attach to it, do not submit"""
+    note: str = ""
+    """what the head's import had to say besides its name (no sound, the render size)"""
+    head_again: bool = False
+    """the head was asked for again after its run failed"""
 
     def user_text(self, text: str) -> str:
         """``text`` naming the user's own files where the backend named its uploaded copies
@@ -143,6 +187,15 @@ class Tracked:
         files = {"video": self.record.video, "audio": self.submit_kwargs.get("audio")}
         uploaded = self.run is not None and not self.run.path_mode
         return footage.user_paths(text, files, bare_names=uploaded)
+
+
+def _follow(t: Tracked, **kwargs) -> JobRun:
+    """A new run on the job ``t`` runs (the job's id, the same client), which names the files
+    as the one before it did (an upload's copies are the user's files in the messages)."""
+    run = JobRun(t.client, job_id=t.record.job_id, **kwargs)
+    if t.run is not None:
+        run.path_mode = t.run.path_mode
+    return run
 
 
 def _hello(client: Client, timeout_s: float):
@@ -173,7 +226,9 @@ class JobManager:
                 continue
             if record.key not in self.jobs:
                 if record.state in UNFINISHED:
-                    record.state, record.message = DETACHED, "started in an earlier session; fetch it to import"
+                    record.message = ("started in an earlier session; fetch it to import" if not record.head else
+                                      f"started in an earlier session; fetch it to add its detail maps to {record.head[0]}")
+                    record.state = DETACHED
                 self.jobs[record.key] = Tracked(record)
 
     def save(self) -> None:
@@ -215,10 +270,14 @@ class JobManager:
         old = self.jobs[key]
         rec = old.record
         prefs = self.host.prefs(context)
-        rec.state, rec.message = RUNNING, "fetching the job started earlier"
-        rec.scene, rec.blend = context.scene.name, self.host.blend_path()
+        if rec.head:  # its head is in a scene already: the whole result, for the head's detail maps
+            rec.state, rec.message = DETAILING, f"fetching the detail maps of {rec.head[0]}"
+        else:
+            rec.state, rec.message = RUNNING, "fetching the job started earlier"
+            rec.scene, rec.blend = context.scene.name, self.host.blend_path()
         old.client = Client(rec.address, timeout_s=prefs.timeout_s, retries=prefs.retries)
         old.run, old.server, old.backend_note, old.cancelling, old.modal = None, None, "", False, False
+        old.head_again = False
         old.attach = True
         old.hello = _hello(old.client, prefs.timeout_s)
         old.deadline = time.monotonic() + prefs.start_timeout_s
@@ -231,6 +290,10 @@ class JobManager:
         if t is None:
             return
         if t.run is not None and not t.run.finished:
+            if t.run.head and t.run.phase == FETCHING and t.run.job_id is not None:
+                # the head is downloading while the job goes on for its detail: cancel the job
+                t.run.cancel()  # (which stops the download only)
+                t.run = _follow(t, fetch=False)
             t.run.cancel()
             t.cancelling = True
             t.record.message = "cancelling on the backend"
@@ -238,7 +301,8 @@ class JobManager:
             self._finish(t, CANCELLED, "cancelled before the job was submitted")
 
     def active(self) -> list[Tracked]:
-        return [t for t in self.jobs.values() if t.record.state in ACTIVE]
+        """The jobs the timer advances (IN_FLIGHT: the head on its way, or the detail)."""
+        return [t for t in self.jobs.values() if t.record.state in IN_FLIGHT]
 
     def ensure_timer(self) -> None:
         self.host.ensure_timer()
@@ -264,7 +328,8 @@ class JobManager:
         if run.job_id and rec.job_id is None:
             rec.job_id = run.job_id
             self.save()
-        if run.phase in (RUNNING, FETCHING) and rec.state != run.phase:
+        detailing = rec.state == DETAILING
+        if not detailing and run.phase in (RUNNING, FETCHING) and rec.state != run.phase:
             rec.state = run.phase
             self.save()
         if run.stage:
@@ -275,10 +340,21 @@ class JobManager:
             if not t.cancelling:
                 rec.message = t.user_text(_progress_message(run))
             return
-        if run.phase == CANCELLED:
+        if detailing:
+            self._detail_ended(t)
+        elif run.phase == CANCELLED:
             self._finish(t, CANCELLED, "Cancelled")
         elif run.phase == FAILED:
+            if run.head and run.job_id is not None and not t.head_again and not _lost(run.error):
+                # a job that fails after its head keeps that head on the backend, but a run that
+                # reads the head and the failure in one batch of events ends on the failure: ask
+                # once for the head the job kept (its detail then fails, and says why)
+                t.head_again = True
+                t.run = _follow(t, out_dir=rec.out_dir, head=True)
+                return
             self._finish(t, FAILED, _failure(run.error, rec))
+        elif run.result_path is None:  # cancelled while the head downloaded, and the job ended meanwhile
+            self._finish(t, CANCELLED, "Cancelled")
         else:
             self._import(t)
 
@@ -297,7 +373,8 @@ class JobManager:
             return False
         if t.attach:
             local_backend.adopt(self.host.user_dir(), rec.address)
-            t.run = JobRun(t.client, job_id=rec.job_id, out_dir=rec.out_dir)
+            # with its head in a scene already, the whole result; else the head as soon as it is ready
+            t.run = JobRun(t.client, job_id=rec.job_id, out_dir=rec.out_dir, head=not rec.head)
             return True
         # a backend the add-on started (here or in another Blender): this Blender uses it too
         local_backend.adopt(self.host.user_dir(), rec.address)
@@ -308,7 +385,9 @@ class JobManager:
             self._finish(t, FAILED, f"The backend cannot use the {model} model: {info.get('reason') or 'missing files'}"
                          + (" (set the FLAME folder in the add-on's preferences)" if model == "flame" else ""))
             return False
-        t.run = JobRun(t.client, out_dir=rec.out_dir, **t.submit_kwargs)
+        # with the detail stage, the head first (then the detail onto it); without, one step
+        head = bool(t.submit_kwargs["options"].get("detail", True))
+        t.run = JobRun(t.client, out_dir=rec.out_dir, head=head, **t.submit_kwargs)
         rec.state = SUBMITTING
         return True
 
@@ -321,6 +400,7 @@ class JobManager:
         meta = t.run.result_meta or {}
         if "audio_present" in meta:  # what the backend really used
             rec.audio_present = bool(meta["audio_present"])
+        rec.detail = detail_state(meta)
         # the result names the file the backend read, an uploaded copy perhaps: the scene gets the user's
         io_result.write_source(rec.out_dir, rec.video)
         rec.state, rec.stage, rec.fraction = FETCHED, "", 1.0
@@ -344,11 +424,86 @@ class JobManager:
             self._finish(t, FAILED, f"The import failed: {type(e).__name__}: {e}")
             return
         t.imported = [head.mesh_object.name, head.armature_object.name]
+        rec.head = list(t.imported)
         note = "" if rec.audio_present else " (video only: the strip has no sound)"
         if head.video_size is not None:
             note += (f"; the scene renders at another size than the video's {head.video_size[0]}x{head.video_size[1]}:"
                      " set it to that for the camera to match")
-        self._finish(t, IMPORTED, f"Imported {head.mesh_object.name}{note}")
+        t.note = note
+        if rec.detail == DETAIL_PENDING and rec.job_id is not None:
+            self._await_detail(t)
+        elif rec.detail in NO_DETAIL:
+            self._finish(t, IMPORTED, f"Imported {head.mesh_object.name} without detail maps: {NO_DETAIL[rec.detail]}{note}")
+        else:
+            self._finish(t, IMPORTED, f"Imported {head.mesh_object.name}{note}")
+
+    # -- the second step: the detail maps onto the head in the scene ---------------------------
+    def _await_detail(self, t: Tracked) -> None:
+        """The head is in the scene; the job goes on for its detail maps: wait for its end
+        and fetch the whole result into the same folder (the timer adds the maps)."""
+        rec = t.record
+        rec.head_s = time.time() - rec.created
+        rec.state, rec.stage, rec.fraction = DETAILING, "", 0.0
+        rec.message = f"Head imported in {rec.head_s:.0f} s: {rec.head[0]}; its detail maps follow"
+        log.info("job %s: head %s imported in %.1f s; the detail maps follow", rec.job_id, rec.head[0], rec.head_s)
+        if t.client is None:  # imported with the panel's Import button, after the client was closed
+            prefs = self.host.prefs()
+            t.client = Client(rec.address, timeout_s=prefs.timeout_s, retries=prefs.retries)
+        t.run, t.cancelling = _follow(t, out_dir=rec.out_dir), False
+        self.save()
+        self.ensure_timer()
+
+    def _detail_ended(self, t: Tracked) -> None:
+        """The second run has ended: add the detail maps to the head, or say why there are none
+        (the head stays as it is)."""
+        rec, run = t.record, t.run
+        name = rec.head[0] if rec.head else "the head"
+        if run.phase == CANCELLED:
+            rec.detail = "cancelled"
+            self._finish(t, CANCELLED, f"Detail cancelled: the head {name} is kept without detail maps")
+            return
+        if run.phase == FAILED:
+            error = run.error
+            if _lost(error):
+                # the job may well go on: listed as a job of an earlier session, to fetch again
+                self._finish(t, DETACHED, f"Lost the AVFace backend at {rec.address} during the detail maps ({error}); "
+                                          f"fetch the job from the panel once the backend is back to add them to {name}")
+                return
+            rec.detail = "failed"
+            why = f"{error.code}: {error.message}" if error is not None else "the job failed"
+            self._finish(t, FAILED, f"The detail maps failed ({why}); the head {name} is kept without them")
+            return
+        meta = run.result_meta or {}
+        rec.detail = detail_state(meta)
+        io_result.write_source(rec.out_dir, rec.video)
+        if rec.detail != DETAIL_COMPLETE:
+            why = NO_DETAIL.get(rec.detail, "the job was submitted without them")
+            self._finish(t, IMPORTED, f"Imported {name} without detail maps: {why}{t.note}")
+            return
+        try:
+            attached = self.host.attach_detail(self.host.context(), rec)
+        except io_result.ResultError as e:
+            self._finish(t, FAILED, f"The detail maps cannot be added: {e}; the head {name} is kept without them")
+            return
+        except Exception as e:
+            log.exception("adding the detail maps of %s failed", rec.out_dir)
+            self._finish(t, FAILED, f"Adding the detail maps failed ({type(e).__name__}: {e}); "
+                                    f"the head {name} is kept without them")
+            return
+        if attached is None:
+            self._finish(t, DONE, f"The head {name} is no longer in the scene, so its detail maps were not added; "
+                                  f"the whole result is in {rec.out_dir}: press Import, or File > Import > AVFace result")
+            return
+        mesh_name, added = attached
+        rec.head[0] = mesh_name  # renamed meanwhile, perhaps
+        if not added:
+            self._finish(t, IMPORTED, f"{mesh_name} has its detail maps already")
+            return
+        rec.detail_s = time.time() - rec.created
+        log.info("job %s: detail maps added to %s in %.1f s (head in %.1f s)", rec.job_id, mesh_name, rec.detail_s,
+                 rec.head_s or 0.0)
+        self._finish(t, IMPORTED, f"Imported {mesh_name}: the head in {rec.head_s or 0.0:.0f} s, its detail maps in "
+                                  f"{rec.detail_s:.0f} s{t.note}")
 
     def _finish(self, t: Tracked, state: str, message: str) -> None:
         rec = t.record
@@ -418,10 +573,15 @@ def _unreachable(address: str, t: Tracked, prefs) -> str:
     return f"The AVFace backend is not reachable at {address}{extra}: {hint}"
 
 
+def _lost(error: ServiceError | None) -> bool:
+    """The backend stopped answering (the job itself may well go on)."""
+    return error is not None and (isinstance(error, NoAnswer) or error.code == "no_answer")
+
+
 def _failure(error: ServiceError | None, rec: JobRecord) -> str:
     if error is None:
         return "The job failed"
-    if isinstance(error, NoAnswer) or error.code == "no_answer":
+    if _lost(error):
         return (f"Lost the AVFace backend at {rec.address} during the job ({error}); "
                 f"the job {rec.job_id or ''} can be fetched again from the panel once the backend is back")
     return f"The backend reports {error.code}: {error.message}"

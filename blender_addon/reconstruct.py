@@ -11,6 +11,10 @@ gives it :class:`BlenderHost`) lives in this module's ``MANAGER``, is driven by 
 ``bpy.app.timers`` timer, and records every job in ``jobs.json`` under the add-on's user
 folder (``bpy.utils.extension_path_user``), so a job started before Blender was closed appears
 in the panel again and can be fetched. The modal operator only listens for Esc and reports.
+
+With the detail stage, a job comes in two steps (``jobs.py``): the head is imported as soon as
+the backend has it (by the modal operator, which then ends), and the timer adds the detail maps
+to that same head when the job ends (``importer.attach_detail``); the panel shows both.
 """
 from __future__ import annotations
 
@@ -29,10 +33,12 @@ from .jobs import (
     ACTIVE,
     CANCELLED,
     DETACHED,
+    DETAILING,
     DONE,
     FAILED,
     FETCHED,
     IMPORTED,
+    IN_FLIGHT,
     JobManager,
     JobRecord,
     Tracked,  # noqa: F401 (scripts and tests reach the job types through this module)
@@ -203,6 +209,19 @@ class BlenderHost(jobs.Host):
                                       set_frame_range=False, set_resolution=False,
                                       make_camera_active=preferences.get(context).make_camera_active)
 
+    def attach_detail(self, context, rec: JobRecord):
+        path = Path(rec.out_dir) / "result.npz"
+        mesh_obj = importer.find_result_mesh(rec.head[0] if rec.head else "", path)
+        if mesh_obj is None:
+            return None
+        # the scene it was imported into sets the maps' timing, as it set the head's keys
+        scene = bpy.data.scenes.get(rec.scene)
+        if scene is None or mesh_obj.name not in scene.objects:
+            scene = None
+        added = importer.attach_detail(context, mesh_obj, path, first_frame=rec.first_frame,
+                                       name=Path(rec.video).stem, scene=scene)
+        return mesh_obj.name, added
+
     def start_backend(self, executable: str, address: str, flame_dir: str, folder: Path) -> subprocess.Popen:
         return start_backend(executable, address, flame_dir, folder)
 
@@ -337,7 +356,7 @@ class AVFACE_OT_reconstruct(bpy.types.Operator):
         if rec.state in ACTIVE:
             return {"PASS_THROUGH"}
         context.window_manager.event_timer_remove(self._timer)
-        if rec.state in (IMPORTED, DONE):
+        if rec.state in (IMPORTED, DONE, DETAILING):  # detailing: the head is in, the timer adds its detail
             self.report({"INFO"}, rec.message)
             return {"FINISHED"}
         self.report({"ERROR"} if rec.state == FAILED else {"WARNING"}, rec.message)
@@ -362,7 +381,7 @@ class AVFACE_OT_cancel(bpy.types.Operator):
 
 
 class AVFACE_OT_fetch(bpy.types.Operator):
-    """Fetch a job started in an earlier session and import its head"""
+    """Fetch a job started in an earlier session and import its head, or add its detail maps to the head imported earlier"""
 
     bl_idname = "avface.fetch"
     bl_label = "Fetch"
@@ -394,9 +413,9 @@ class AVFACE_OT_import_job(bpy.types.Operator):
             return {"CANCELLED"}
         t.record.scene, t.record.blend = context.scene.name, bpy.data.filepath
         MANAGER.import_job(context, t)
-        level = {IMPORTED: "INFO"}.get(t.record.state, "ERROR")
-        self.report({level}, t.record.message)
-        return {"FINISHED"} if t.record.state == IMPORTED else {"CANCELLED"}
+        ok = t.record.state in (IMPORTED, DETAILING)
+        self.report({"INFO" if ok else "ERROR"}, t.record.message)
+        return {"FINISHED"} if ok else {"CANCELLED"}
 
 
 class AVFACE_OT_forget(bpy.types.Operator):
@@ -424,7 +443,7 @@ def draw_panel(layout, context):
     layout.prop(settings, "stages")
     layout.prop(settings, "collection")
     tracked = MANAGER.jobs.get(settings.job_key)
-    running = tracked is not None and tracked.record.state in ACTIVE
+    running = tracked is not None and tracked.record.state in IN_FLIGHT
     row = layout.row()
     row.enabled = movie is not None and not running
     row.operator(AVFACE_OT_reconstruct.bl_idname, icon="PLAY")
@@ -432,6 +451,10 @@ def draw_panel(layout, context):
         rec = tracked.record
         if running:
             text = f"{rec.stage or rec.state} {100 * rec.fraction:.0f}%"
+            if rec.state == DETAILING:  # the first step is done: say so, and the second one's progress
+                took = f" in {rec.head_s:.0f} s" if rec.head_s is not None else ""
+                layout.label(text=f"Head imported{took} ({rec.head[0] if rec.head else '?'})", icon="CHECKMARK")
+                text = f"detail: {rec.stage or 'waiting'} {100 * rec.fraction:.0f}%"
             if hasattr(layout, "progress"):
                 layout.progress(factor=rec.fraction, type="BAR", text=text)
             else:
@@ -454,7 +477,8 @@ def draw_panel(layout, context):
         box.label(text="Jobs from earlier sessions")
         for t in earlier:
             row = box.row()
-            row.label(text=f"{Path(t.record.video).name} ({t.record.job_id[:8]})")
+            detail_for = f": detail for {t.record.head[0]}" if t.record.head else ""
+            row.label(text=f"{Path(t.record.video).name} ({t.record.job_id[:8]}){detail_for}")
             row.operator(AVFACE_OT_fetch.bl_idname, text="Fetch").key = t.record.key
             row.operator(AVFACE_OT_forget.bl_idname, text="", icon="X").key = t.record.key
 

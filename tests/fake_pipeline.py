@@ -11,6 +11,9 @@ crash exactly when they need to::
      "marker": "/tmp/x/crashed",     # crash_once: crash only while this file is absent
      "ignore_term": true,            # ignore SIGTERM (cancel must escalate to SIGKILL)
      "hang_s": 30,                   # after the stages, sleep this long without any progress
+     "head": true,                   # write the head first (meta.detail.state "pending") and report it
+     "head_state": "off",            # ... with this meta.detail.state instead
+     "result": "/x/result.npz",      # write this real result (its detail/ maps after the head) instead
      "n_detail": 3, "seed": 7}
 
 A file that is not such JSON raises MediaError, as a corrupt video would.
@@ -65,7 +68,7 @@ def reconstruct(video, out_dir, options, *, progress=None, should_cancel=None, o
         if stage == "decode" and fail == "no_face":
             raise NoFaceError("fake: no face was detected in any frame")
     if spec.get("head"):  # the head first, as the real pipeline writes it before the fine stage
-        on_head(_write_result(Path(out_dir), spec, raw, options, detail="pending"))
+        on_head(_write_result(Path(out_dir), spec, raw, options, detail=spec.get("head_state", "pending")))
     if spec.get("hang_s"):
         time.sleep(float(spec["hang_s"]))  # alive, silent: what the server's hang watchdog is for
     if spec.get("gate"):
@@ -81,6 +84,8 @@ def reconstruct(video, out_dir, options, *, progress=None, should_cancel=None, o
             Path(spec["marker"]).touch()
         os.kill(os.getpid(), signal.SIGKILL)
     out_dir = Path(out_dir)
+    if spec.get("result"):
+        return _write_real(out_dir, spec, detail="complete")
     (out_dir / "detail").mkdir(parents=True, exist_ok=True)
     for i in range(int(spec.get("n_detail", 3))):
         (out_dir / "detail" / f"{i:06d}.png").write_bytes(hashlib.sha256(raw + bytes([i])).digest() * 100)
@@ -88,6 +93,8 @@ def reconstruct(video, out_dir, options, *, progress=None, should_cancel=None, o
 
 
 def _write_result(out_dir: Path, spec: dict, raw: bytes, options, *, detail: str) -> Path:
+    if spec.get("result"):
+        return _write_real(out_dir, spec, detail=detail)
     out_dir.mkdir(parents=True, exist_ok=True)
     audio_sha = hashlib.sha256(Path(options.audio).read_bytes()).hexdigest() if options.audio else ""
     meta = {"schema_version": "fake-1", "video_sha256": hashlib.sha256(raw).hexdigest(), "audio_sha256": audio_sha,
@@ -98,8 +105,32 @@ def _write_result(out_dir: Path, spec: dict, raw: bytes, options, *, detail: str
     return out_dir / "result.npz"
 
 
+def _write_real(out_dir: Path, spec: dict, *, detail: str) -> Path:
+    """spec["result"], a real result with detail maps: its head (no maps, ``meta.detail.state``
+    ``detail``), or with ``detail`` "complete" the whole of it, maps included."""
+    import shutil
+
+    from avface.result import load_result, write_result
+
+    src = Path(spec["result"])
+    res = load_result(src)
+    meta = {k: v for k, v in res.meta.items() if k != "conventions"}
+    if detail == "complete":
+        shutil.copytree(src.parent / meta["detail"].get("folder", "detail"), out_dir / "detail", dirs_exist_ok=True)
+        meta["detail"] = dict(meta["detail"], state="complete")
+    else:
+        meta["detail"] = {"n_maps": 0, "folder": "detail", "map_size": 0, "metres_per_unit": 0.0, "format": "png16",
+                          "state": detail}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return write_result(out_dir / "result.npz", dict(res.arrays), meta)
+
+
 def validate(path) -> dict:
     with np.load(path) as z:
-        if "meta" not in z or "frames" not in z:
+        if "meta" not in z:
             raise SchemaError(f"{path}: not a fake result")
+        if "frames" not in z:  # a real result (spec "result")
+            from avface.result import validate as validate_real
+
+            return validate_real(Path(path))
         return json.loads(str(z["meta"]))

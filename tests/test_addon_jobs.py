@@ -39,6 +39,9 @@ class FakeHost(jobs.Host):
         self.import_error: Exception | None = None
         self.video_size = None
         self.backend = None
+        self.attached: list[tuple] = []  # (job key, head's mesh name, detail state of the result, its maps)
+        self.with_detail: set[str] = set()  # heads that have their maps
+        self.deleted: set[str] = set()  # heads the user deleted
 
     def user_dir(self):
         return self.folder
@@ -77,6 +80,17 @@ class FakeHost(jobs.Host):
         return SimpleNamespace(mesh_object=SimpleNamespace(name=name), armature_object=SimpleNamespace(name=name + "_rig"),
                                video_size=self.video_size)
 
+    def attach_detail(self, context, rec):
+        name = rec.head[0]
+        if name in self.deleted:
+            return None
+        meta = _meta(Path(rec.out_dir) / "result.npz")
+        maps = sorted(p.name for p in (Path(rec.out_dir) / "detail").iterdir())
+        self.attached.append((rec.key, name, meta["detail"]["state"], maps))
+        added = name not in self.with_detail
+        self.with_detail.add(name)
+        return name, added
+
     def start_backend(self, executable, address, flame_dir, folder):
         if isinstance(self.backend, Exception):
             raise self.backend
@@ -108,6 +122,11 @@ def drive(manager, until=lambda: False, timeout_s: float = DRIVE_TIMEOUT_S, watc
     raise AssertionError(f"jobs still active after {timeout_s} s: {[t.record for t in manager.active()]}")
 
 
+def _meta(path: Path) -> dict:
+    with np.load(path) as z:
+        return json.loads(str(z["meta"]))
+
+
 def persisted(host) -> dict:
     """jobs.json as the manager wrote it, by key."""
     data = json.loads((host.folder / jobs.JOBS_FILE).read_text())
@@ -121,11 +140,12 @@ def start(manager, host, video: Path, **kw):
 
 def test_states_are_spelled_once():
     assert jobs.ACTIVE == {"starting", "submitting", "running", "fetching"}
-    assert jobs.UNFINISHED == jobs.ACTIVE | {"fetched"}
+    assert jobs.IN_FLIGHT == jobs.ACTIVE | {"detailing"}
+    assert jobs.UNFINISHED == jobs.IN_FLIGHT | {"fetched"}
     assert jobs.JobRecord("k", "a", "v", "s", "b", 1.0, "o").state == jobs.STARTING
     source = (Path(jobs.__file__).parent / "reconstruct.py").read_text()
     for state in ("starting", "submitting", "running", "fetching", "fetched", "done", "imported", "failed",
-                  "cancelled", "detached"):
+                  "cancelled", "detached", "detailing"):
         assert f'"{state}"' not in source, f"reconstruct.py spells the state {state!r} itself"
     assert "import bpy" not in (Path(jobs.__file__)).read_text()
 
@@ -335,25 +355,26 @@ def test_load_marks_unfinished_jobs_and_skips_bad_records(tmp_path):
     base = {"address": "tcp://127.0.0.1:5555", "video": "/v.mp4", "scene": "Scene", "blend": "", "first_frame": 1.0,
             "out_dir": "/out", "job_id": "j"}
     records = [dict(base, key=f"k-{s}", state=s) for s in ("submitting", "running", "fetching", "fetched", "done",
-                                                         "imported", "failed", "cancelled", "detached")]
+                                                         "imported", "failed", "cancelled", "detached", "detailing")]
     records.append(dict(base, key="k-future", state="running", colour="blue"))  # unknown field: skipped
     (host.folder / jobs.JOBS_FILE).write_text(json.dumps({"jobs": records}))
     manager.load()
     states = {k: t.record.state for k, t in manager.jobs.items()}
     assert states == {"k-submitting": "detached", "k-running": "detached", "k-fetching": "detached",
                       "k-fetched": "detached", "k-done": "done", "k-imported": "imported", "k-failed": "failed",
-                      "k-cancelled": "cancelled", "k-detached": "detached"}
+                      "k-cancelled": "cancelled", "k-detached": "detached", "k-detailing": "detached"}
     # loading again keeps the jobs it has; a damaged file changes nothing
     manager.jobs["k-done"].record.message = "kept"
     manager.load()
     assert manager.jobs["k-done"].record.message == "kept"
     (host.folder / jobs.JOBS_FILE).write_text("{not json")
     manager.load()
-    assert len(manager.jobs) == 9
+    assert len(manager.jobs) == 10
     manager.save()
     assert json.loads((host.folder / jobs.JOBS_FILE).read_text())["jobs"][0] == dict(
         base, key="k-submitting", state="detached", message="started in an earlier session; fetch it to import",
-        stage="", fraction=0.0, audio_present=True, created=manager.jobs["k-submitting"].record.created)
+        stage="", fraction=0.0, audio_present=True, created=manager.jobs["k-submitting"].record.created, head=[],
+        detail="", head_s=None, detail_s=None)
 
 
 def _free_address() -> str:
@@ -528,3 +549,183 @@ def test_fetch_with_no_backend_keeps_the_job_to_fetch_later(tmp_path):
     drive(manager, timeout_s=10)
     assert rec.state == jobs.DETACHED and rec.message.startswith("The AVFace backend is not reachable"), rec.message
     assert persisted(host)["j1"]["state"] == jobs.DETACHED
+
+
+# -- the head first, the detail after ------------------------------------------------------------
+HEAD_SPEC = {"stages": ["decode", "track"], "steps": 2, "step_s": 0.02, "head": True, "n_detail": 2}
+
+
+def _head_job(manager, host, server, name: str, **spec):
+    """A job whose fake pipeline reports its head, then waits at ``spec["gate"]`` (if any)
+    before its detail maps: driven until the head is imported and the detail run follows the
+    job's wait."""
+    clip = fake_clip(server.work / "in", f"{name}.json", **{**HEAD_SPEC, **spec})
+    tracked = start(manager, host, clip)
+    rec = tracked.record
+    seen = []
+    drive(manager, until=lambda: rec.state == jobs.DETAILING and rec.stage == "wait",
+          watch=lambda: seen.append((rec.state, rec.message)))
+    assert rec.state == jobs.DETAILING, (rec.state, rec.message)
+    return tracked, seen
+
+
+def test_the_head_is_imported_first_and_the_detail_goes_onto_it(server, host, tmp_path):
+    """Reconstruct with the detail stage: the head is imported as soon as the backend has it,
+    while the job goes on; when the job ends, its detail maps are added to that same head
+    (no second import), and the record has both times."""
+    gate = tmp_path / "gate"
+    manager = jobs.JobManager(host)
+    tracked, seen = _head_job(manager, host, server, "headclip", gate=str(gate), seed=21)
+    rec = tracked.record
+    # the head is in the scene: imported once, from a result whose detail maps are pending
+    [(key, frames)] = host.imports
+    assert key == rec.key and np.array_equal(frames, expected_frames({"seed": 21}))
+    assert rec.head == tracked.imported == ["headclip", "headclip_rig"]
+    assert rec.detail == "pending" and not (Path(rec.out_dir) / "detail").exists()
+    assert _meta(Path(rec.out_dir) / "result.npz")["detail"]["state"] == "pending"
+    assert rec.head_s is not None and 0 < rec.head_s < DRIVE_TIMEOUT_S and rec.detail_s is None
+    head_message = f"Head imported in {rec.head_s:.0f} s: headclip; its detail maps follow"
+    assert (jobs.DETAILING, head_message) in seen, seen
+    # the job goes on, the manager follows it (its message the job's stage), nothing attached yet
+    assert server.client().status(rec.job_id)["state"] == "running"
+    assert manager.active() == [tracked] and tracked.client is not None and host.attached == []
+    assert rec.message == "wait: waiting for the gate"
+    saved = persisted(host)[rec.key]
+    assert saved["state"] == jobs.DETAILING and saved["head"] == ["headclip", "headclip_rig"]
+    assert saved["head_s"] == rec.head_s and saved["detail"] == "pending"
+
+    gate.touch()
+    drive(manager)
+    assert rec.state == jobs.IMPORTED, (rec.state, rec.message)
+    assert host.attached == [(rec.key, "headclip", "complete", ["000000.png", "000001.png"])]
+    assert len(host.imports) == 1  # the detail went onto the head, no second head
+    assert rec.detail == "complete" and rec.detail_s >= rec.head_s
+    assert rec.message == f"Imported headclip: the head in {rec.head_s:.0f} s, its detail maps in {rec.detail_s:.0f} s"
+    assert rec.stage == "" or rec.state == jobs.IMPORTED
+    saved = persisted(host)[rec.key]
+    assert saved["state"] == jobs.IMPORTED and saved["detail_s"] == rec.detail_s and saved["detail"] == "complete"
+    assert tracked.client is None and manager.active() == []
+
+
+def test_cancel_while_detailing_keeps_the_head(server, host, tmp_path):
+    manager = jobs.JobManager(host)
+    tracked, _ = _head_job(manager, host, server, "cancelhead", gate=str(tmp_path / "never"), seed=22)
+    rec = tracked.record
+    manager.cancel(rec.key)
+    assert rec.message == "cancelling on the backend"
+    drive(manager)
+    assert rec.state == jobs.CANCELLED, (rec.state, rec.message)
+    assert rec.message == "Detail cancelled: the head cancelhead is kept without detail maps"
+    assert server.client().status(rec.job_id)["state"] == "cancelled"
+    assert len(host.imports) == 1 and host.attached == [] and rec.head == ["cancelhead", "cancelhead_rig"]
+    saved = persisted(host)[rec.key]
+    assert saved["state"] == jobs.CANCELLED and saved["head"] == rec.head and saved["detail"] == "cancelled"
+
+
+def test_a_detail_that_fails_keeps_the_head_and_says_why(server, host):
+    manager = jobs.JobManager(host)
+    clip = fake_clip(server.work / "in", "failhead.json", **HEAD_SPEC, fail="exception", seed=23)
+    tracked = start(manager, host, clip)
+    rec = tracked.record
+    states = []
+    drive(manager, watch=lambda: states.append(rec.state))
+    assert jobs.DETAILING in states and rec.state == jobs.FAILED, (states, rec.message)
+    assert rec.message.startswith("The detail maps failed (internal: "), rec.message
+    assert "CUDA out of memory" in rec.message, rec.message
+    assert rec.message.endswith("); the head failhead is kept without them"), rec.message
+    assert len(host.imports) == 1 and host.attached == [] and rec.detail == "failed"
+
+
+def test_without_the_detail_stage_it_is_one_step(server, host, tmp_path):
+    """Submitted without the detail stage: the whole result in one import, as before. A head
+    that says its detail is off or skipped is the whole result too: imported, and done."""
+    manager = jobs.JobManager(host)
+    clip = fake_clip(server.work / "in", "nodetail.json", **HEAD_SPEC, seed=24)
+    tracked = start(manager, host, clip, options={"detail": False})
+    rec = tracked.record
+    states = []
+    drive(manager, watch=lambda: states.append(rec.state))
+    assert rec.state == jobs.IMPORTED and rec.message == "Imported nodetail", (rec.state, rec.message)
+    assert jobs.DETAILING not in states and server.client().status(rec.job_id)["state"] == "done"
+    assert tracked.run.head is False and rec.head_s is None and host.attached == []
+
+    gate = tmp_path / "gate"
+    for state, note in (("off", ""), ("skipped", " without detail maps: no frame had a trusted face texel to "
+                                                  "learn them from")):
+        clip = fake_clip(server.work / "in", f"head-{state}.json", **HEAD_SPEC, head_state=state, gate=str(gate))
+        tracked = start(manager, host, clip)
+        rec = tracked.record
+        drive(manager)
+        assert rec.state == jobs.IMPORTED and rec.message == f"Imported head-{state}{note}", (rec.state, rec.message)
+        assert tracked.run.head is True and rec.detail == state and tracked.client is None
+    assert len(host.imports) == 3 and host.attached == []
+    gate.touch()
+
+
+def test_a_detailing_job_outlives_blender_and_fetch_adds_the_detail_to_its_head(server, host, tmp_path):
+    """Blender closes while the detail is made: the next session lists the job, and Fetch
+    adds the detail to the head imported in the first session (by its name) instead of
+    importing a second head. Fetching again adds nothing twice."""
+    gate = tmp_path / "gate"
+    first = jobs.JobManager(host)
+    tracked, _ = _head_job(first, host, server, "outlive", gate=str(gate), seed=25)
+    rec = tracked.record
+    tracked.client.close()  # Blender quits
+    gate.touch()
+    server.wait_state(server.client(), rec.job_id, "done")
+
+    second = jobs.JobManager(host)
+    second.load()
+    again = second.jobs[rec.key].record
+    assert again.state == jobs.DETACHED and again.head == ["outlive", "outlive_rig"]
+    assert again.message == "started in an earlier session; fetch it to add its detail maps to outlive"
+    assert again.head_s == rec.head_s
+    second.fetch(host.ctx, rec.key)
+    assert again.state == jobs.DETAILING and again.message == "fetching the detail maps of outlive"
+    drive(second)
+    assert again.state == jobs.IMPORTED, (again.state, again.message)
+    assert len(host.imports) == 1  # the first session's head only
+    assert host.attached == [(rec.key, "outlive", "complete", ["000000.png", "000001.png"])]
+    assert again.message.startswith("Imported outlive: the head in ")
+    # fetched once more: the head has its maps already (and the time they took stays as it was)
+    detail_s = again.detail_s
+    second.fetch(host.ctx, rec.key)
+    drive(second)
+    assert again.state == jobs.IMPORTED and again.message == "outlive has its detail maps already", again.message
+    assert len(host.imports) == 1 and again.detail_s == detail_s
+
+
+def test_a_head_deleted_before_its_detail_leaves_the_result_to_import(server, host, tmp_path):
+    gate = tmp_path / "gate"
+    manager = jobs.JobManager(host)
+    tracked, _ = _head_job(manager, host, server, "deleted", gate=str(gate), seed=26)
+    rec = tracked.record
+    host.deleted.add("deleted")
+    gate.touch()
+    drive(manager)
+    assert rec.state == jobs.DONE, (rec.state, rec.message)
+    assert rec.message == (f"The head deleted is no longer in the scene, so its detail maps were not added; the whole "
+                           f"result is in {rec.out_dir}: press Import, or File > Import > AVFace result")
+    assert host.attached == [] and (Path(rec.out_dir) / "detail" / "000001.png").is_file()
+    # the panel's Import button imports the whole result, in one step
+    manager.import_job(host.ctx, tracked)
+    assert rec.state == jobs.IMPORTED and rec.message == "Imported deleted" and len(host.imports) == 2
+
+
+def test_backend_lost_while_detailing_keeps_the_job_to_fetch(host, tmp_path):
+    work = tmp_path / "doomed"
+    work.mkdir()
+    doomed = ServerProcess(work).start()
+    try:
+        host.preferences.address, host.preferences.timeout_s, host.preferences.retries = doomed.address, 0.5, 1
+        manager = jobs.JobManager(host)
+        tracked, _ = _head_job(manager, host, doomed, "lostdetail", gate=str(tmp_path / "never"), seed=27)
+        doomed.kill()
+        drive(manager)
+    finally:
+        doomed.stop()
+    rec = tracked.record
+    assert rec.state == jobs.DETACHED, (rec.state, rec.message)
+    assert rec.message.startswith(f"Lost the AVFace backend at {doomed.address} during the detail maps (")
+    assert rec.message.endswith("fetch the job from the panel once the backend is back to add them to lostdetail")
+    assert persisted(host)[rec.key]["state"] == jobs.DETACHED and rec.head == ["lostdetail", "lostdetail_rig"]
