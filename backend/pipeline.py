@@ -153,19 +153,19 @@ def _coarse(inputs: _Inputs, model, checkpoint, options: ReconstructOptions, run
         features = speech.result(tracking.n_frames, run)
     with run.stage("confidence"):
         conf, occluded = visual_confidence(tracking)
-    with run.stage("camera"):
+    with run.stage("camera"), threads.single_thread(options.device):
         camera = clip_camera(tracking, conf, options.fit, options.fov_deg)
     fit_cfg = dataclasses.replace(options.fit, fov_deg=camera.fov_deg)
     net = None
     if checkpoint is not None and tracking.detected.any():  # no face at all: the fit says so
-        with run.stage("networks"):
+        with run.stage("networks"), threads.single_thread(options.device):
             net = _networks(checkpoint, tracking, features, conf, fit_cfg, options, run)
     with run.stage("fit"):
         fit, metrics = _fit(model, tracking, conf, fit_cfg, options, run, net)
     log.info("coarse fit: NME %.2f %% (lips %.2f %%) of the inter-ocular distance", metrics["nme"], metrics["nme_lips"])
     lips = None
     if net is not None and options.networks.lips:
-        with run.stage("lips"):
+        with run.stage("lips"), threads.single_thread(options.device):
             lips = _lips(net, fit, options)
     return _Coarse(tracking, features, conf, occluded, camera, fit, metrics, net, lips)
 

@@ -27,6 +27,20 @@ def test_openmp_threads_sleep_unless_the_user_says_otherwise():
     assert _probe({"OMP_WAIT_POLICY": "ACTIVE"}) == "ACTIVE"
 
 
+def test_numpys_blas_pool_is_one_thread_unless_the_user_says_otherwise():
+    """OpenBLAS reads its count when numpy loads: ``import avface`` must come first and set it."""
+    probe = "import sys, os, avface; print('numpy' in sys.modules, os.environ.get('OPENBLAS_NUM_THREADS'))"
+
+    def run(extra):
+        env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
+        env.update(extra)
+        return subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True,
+                              check=True).stdout.split()
+
+    assert run({}) == ["False", "1"]
+    assert run({"OPENBLAS_NUM_THREADS": "2"}) == ["False", "2"]
+
+
 def test_a_job_runs_with_its_threads_and_gives_them_back():
     before = torch.get_num_threads()
     with threads.job_pool(1) as rec:
@@ -38,6 +52,23 @@ def test_a_job_runs_with_its_threads_and_gives_them_back():
     with threads.job_pool(10_000) as rec:  # never more than the cores
         assert rec["torch_intra_op"] == threads.cpu_count()
     assert torch.get_num_threads() == before
+
+
+def test_the_small_stages_run_on_one_thread_and_give_the_pool_back():
+    """Camera, networks and lips: small tensors, one thread (the record names them); a CUDA
+    job's CPU pool is left alone; an error inside still gives the pool back."""
+    if threads.cpu_count() < 2:
+        pytest.skip("needs two cores to tell one thread from the pool")
+    with threads.job_pool(2) as rec:
+        assert set(threads.SMALL_STAGES) <= set(rec["single_threaded"])
+        with threads.single_thread("cpu"):
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        with threads.single_thread("cuda"):
+            assert torch.get_num_threads() == 2
+        with pytest.raises(RuntimeError), threads.single_thread("cpu"):
+            raise RuntimeError("a stage failed")
+        assert torch.get_num_threads() == 2
 
 
 @pytest.mark.parametrize("bad", [-1, 1.5, "2", True])
