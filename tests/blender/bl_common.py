@@ -6,6 +6,23 @@ import numpy as np
 ADDON = "avface_blender"
 
 
+def drive_jobs(until, timeout_s):
+    """What the add-on's timer does, by hand (headless Blender has no event loop): tick its
+    job manager until ``until()`` or no job is active."""
+    import time
+
+    from avface_blender import reconstruct
+
+    manager = reconstruct.MANAGER
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        active = manager.tick()
+        if until() or not active:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"jobs still active after {timeout_s} s: {[t.record for t in manager.active()]}")
+
+
 def enable_addon():
     module = addon_utils.enable(ADDON, default_set=True, handle_error=_raise)
     if module is None or ADDON not in bpy.context.preferences.addons:

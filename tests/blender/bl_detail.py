@@ -4,12 +4,11 @@ head is imported while the detail is pending, the animator works on it, and the 
 onto that same head, as a one-step import would have made them; a second job cancelled during
 its detail keeps its head."""
 import os
-import time
 from pathlib import Path
 
 import bpy
 import numpy as np
-from bl_common import draw_panels, enable_addon
+from bl_common import drive_jobs, draw_panels, enable_addon
 
 FIRST_FRAME = 10
 USER_FRAME = 17
@@ -24,15 +23,7 @@ def _manager():
 
 
 def _drive(until, timeout_s=DRIVE_TIMEOUT_S):
-    """The add-on's timer by hand (headless Blender has no event loop)."""
-    manager = _manager()
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        active = manager.tick()
-        if until() or not active:
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"jobs still active after {timeout_s} s: {[t.record for t in manager.active()]}")
+    drive_jobs(until, timeout_s)
 
 
 def _start(clip):

@@ -6,7 +6,7 @@ import signal
 import time
 
 import bpy
-from bl_common import check_head, draw_panels, enable_addon
+from bl_common import drive_jobs, check_head, draw_panels, enable_addon
 
 STRIP_START = 10
 DRIVE_TIMEOUT_S = 480
@@ -50,15 +50,7 @@ def _counts():
 
 
 def _drive(until, timeout_s=DRIVE_TIMEOUT_S):
-    """What the add-on's timer does, by hand: tick until ``until()`` or no job is active."""
-    manager = _manager()
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        active = manager.tick()
-        if until() or not active:
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"jobs still active after {timeout_s} s: {[t.record for t in manager.active()]}")
+    drive_jobs(until, timeout_s)
 
 
 def _record():
