@@ -57,6 +57,11 @@ def _client(args):
 
 def register(subparsers) -> None:
     """Add the service's subcommands to ``avface``'s argparse subparsers."""
+    _register_serve(subparsers)
+    _register_clients(subparsers)
+
+
+def _register_serve(subparsers) -> None:
     p = subparsers.add_parser("serve", help="run the reconstruction service (ZeroMQ)",
                               description="Run the reconstruction service. Loopback only unless CurveZMQ keys are given.")
     p.add_argument("--bind", default=P.DEFAULT_ADDRESS, help=f"ZeroMQ endpoint (default {P.DEFAULT_ADDRESS}; "
@@ -91,6 +96,8 @@ def register(subparsers) -> None:
                    "backend started by a desktop application uses, so that it ends even if the application crashed")
     p.set_defaults(func=cmd_serve)
 
+
+def _register_clients(subparsers) -> None:
     p = subparsers.add_parser("submit", help="submit a video to a service, show progress, write the result")
     p.add_argument("video", type=Path)
     p.add_argument("--audio", type=Path, help="a separate audio file (default: the video's own sound)")
