@@ -259,15 +259,17 @@ def _track(inputs: _Inputs, options: ReconstructOptions, run: _Run) -> Tracking:
     return tracking
 
 
-def _speech(inputs: _Inputs, n_frames: int, run: _Run):
-    """The clip's AudioFeatures, or None (video only) without speech."""
+def _speech(inputs: _Inputs, n_frames: int, run: _Run | None):
+    """The clip's AudioFeatures, or None (video only) without speech; ``run``: where the
+    audio stage's progress goes (None: nowhere, for the thread beside the tracking)."""
     if inputs.wave is None:
         log.warning("%s has no audio track and no --audio was given: reconstructing from video only", inputs.video)
         return None
     from avface.stages import audio as audio_mod
 
     return audio_mod.extract_features(inputs.wave, media.SAMPLE_RATE_HZ, n_frames, inputs.info.fps,
-                                      transcript=inputs.transcript, progress=lambda f: run.report("audio", f, "phones"))
+                                      transcript=inputs.transcript,
+                                      progress=None if run is None else lambda f: run.report("audio", f, "phones"))
 
 
 class _SpeechAhead:
@@ -290,12 +292,9 @@ class _SpeechAhead:
             self._thread.start()
 
     def _work(self) -> None:
-        from avface.stages import audio as audio_mod
-
         t0 = time.perf_counter()
         try:
-            self._value = audio_mod.extract_features(self.inputs.wave, media.SAMPLE_RATE_HZ, self.expected,
-                                                     self.inputs.info.fps, transcript=self.inputs.transcript)
+            self._value = _speech(self.inputs, self.expected, None)
         except BaseException as e:  # raised in the audio stage, where it belongs
             self._error = e
         self.seconds = time.perf_counter() - t0

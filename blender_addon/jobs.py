@@ -346,9 +346,9 @@ class JobManager:
             self._finish(t, CANCELLED, "Cancelled")
         elif run.phase == FAILED:
             if run.head and run.job_id is not None and not t.head_again and not _lost(run.error):
-                # a job that fails after its head keeps that head on the backend, but a run that
-                # reads the head and the failure in one batch of events ends on the failure: ask
-                # once for the head the job kept (its detail then fails, and says why)
+                # a job that fails after its head keeps that head on the backend, but this run
+                # may have ended without it (its download failed while the job's end rewrote
+                # result.npz): ask once for the head the job kept (its detail then fails, and says why)
                 t.head_again = True
                 t.run = _follow(t, out_dir=rec.out_dir, head=True)
                 return

@@ -4,6 +4,7 @@ with the fake pipeline (tests/fake_pipeline.py) runs the jobs. The timer is :met
 called by hand, as the headless Blender checks do."""
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -260,20 +261,28 @@ def test_cancel_on_the_backend_and_before_submitting(server, host, tmp_path):
     manager.cancel("no such key")  # ignored
 
 
-def test_lost_backend(host, tmp_path):
+@contextlib.contextmanager
+def doomed_backend(host, tmp_path):
+    """A backend of the test's own, which it kills: the host's preferences point at it, with
+    short timeouts; stopped at the end whatever happened."""
     work = tmp_path / "doomed"
     work.mkdir()
     doomed = ServerProcess(work).start()
     try:
         host.preferences.address, host.preferences.timeout_s, host.preferences.retries = doomed.address, 0.5, 1
-        clip = fake_clip(work / "in", "lost.json", stages=["decode"], gate=str(tmp_path / "never"))
+        yield doomed
+    finally:
+        doomed.stop()
+
+
+def test_lost_backend(host, tmp_path):
+    with doomed_backend(host, tmp_path) as doomed:
+        clip = fake_clip(doomed.work / "in", "lost.json", stages=["decode"], gate=str(tmp_path / "never"))
         manager = jobs.JobManager(host)
         rec = start(manager, host, clip).record
         drive(manager, until=lambda: rec.state == jobs.RUNNING and rec.stage == "wait")
         doomed.kill()
         drive(manager)
-    finally:
-        doomed.stop()
     assert rec.state == jobs.FAILED, (rec.state, rec.message)
     assert rec.message.startswith(f"Lost the AVFace backend at {doomed.address} during the job (")
     assert rec.message.endswith(f"the job {rec.job_id} can be fetched again from the panel once the backend is back")
@@ -713,17 +722,11 @@ def test_a_head_deleted_before_its_detail_leaves_the_result_to_import(server, ho
 
 
 def test_backend_lost_while_detailing_keeps_the_job_to_fetch(host, tmp_path):
-    work = tmp_path / "doomed"
-    work.mkdir()
-    doomed = ServerProcess(work).start()
-    try:
-        host.preferences.address, host.preferences.timeout_s, host.preferences.retries = doomed.address, 0.5, 1
+    with doomed_backend(host, tmp_path) as doomed:
         manager = jobs.JobManager(host)
         tracked, _ = _head_job(manager, host, doomed, "lostdetail", gate=str(tmp_path / "never"), seed=27)
         doomed.kill()
         drive(manager)
-    finally:
-        doomed.stop()
     rec = tracked.record
     assert rec.state == jobs.DETACHED, (rec.state, rec.message)
     assert rec.message.startswith(f"Lost the AVFace backend at {doomed.address} during the detail maps (")

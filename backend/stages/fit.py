@@ -37,6 +37,7 @@ from scipy.spatial.transform import Rotation
 
 from avface.config import FitConfig
 from avface.core.geometry import WORLD_TO_CAMERA, backproject, intrinsics_for, project, rigid, similarity
+from avface.core.threads import single_thread
 from avface.core.timeseries import fill_missing
 from avface.core.topology import LIPS, OUTER_EYE_CORNERS, RIGID, inter_ocular, rigid_weights
 from avface.errors import CancelledError, NoFaceError
@@ -493,13 +494,8 @@ def _data_loss(cam, kt, target, iod, lmk_w, mask, n_det: float, w_depth: float) 
 def _step_single_threaded(opt, closure, dev) -> None:
     # The problem is many tiny tensors: on a CPU, one thread beats several (no hand-offs),
     # and it stays fast when other processes load the cores.
-    threads = torch.get_num_threads()
-    if dev.type == "cpu":
-        torch.set_num_threads(1)
-    try:
+    with single_thread(dev.type):
         opt.step(closure)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def fit_model(
