@@ -70,6 +70,11 @@ class FaceModel(abc.ABC):
     joint_names: tuple  #: (J,)
     parents: np.ndarray  #: (J,) parent index, -1 for the root
     skin_weights: np.ndarray  #: (V, J)
+    #: the jaw joint's rotational freedom in the fit: 3 a ball joint (FLAME), 1 a hinge about x
+    #: (the default model), 0 none (the jaw is in the expression shapes)
+    jaw_dof: int = 3
+    #: (low, high) that every expression weight stays within, or None for free coefficients
+    expression_bounds: tuple | None = None
 
     @property
     @abc.abstractmethod
@@ -104,6 +109,11 @@ class FaceModel(abc.ABC):
         """(E, J, 3) how far one unit of each expression coefficient moves each rest joint,
         or None for a model whose joints do not move with the expression."""
         return None
+
+    def joint_pose(self, params: FaceParams) -> torch.Tensor:
+        """(B, J, 3) axis-angle rotation of each of this model's joints, in
+        :attr:`joint_names` order, from the parameters (FLAME's five by default)."""
+        return params.pose()
 
     def zero_params(self, batch: int, *, device="cpu", dtype=torch.float32) -> FaceParams:
         return FaceParams.zeros(batch, self.n_shape, self.n_expression, device=device, dtype=dtype)

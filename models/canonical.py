@@ -31,6 +31,7 @@ class CanonicalModel(FaceModel):
     name = "mediapipe_canonical"
     joint_names = ("root", "jaw")
     parents = np.array([-1, 0])
+    jaw_dof = 1
 
     def __init__(self, neutral: np.ndarray | None = None, basis: np.ndarray | None = None,
                  *, device="cpu", dtype=torch.float32):
@@ -91,14 +92,17 @@ class CanonicalModel(FaceModel):
     def rest_joints(self, betas=None) -> np.ndarray:
         return self.joints_rest.copy()
 
+    def joint_pose(self, params: FaceParams) -> torch.Tensor:
+        """(B, 2, 3): the root (global_orient) and the jaw."""
+        return torch.stack([params.global_orient, params.jaw_pose], dim=1)
+
     def forward(self, params: FaceParams, *, full: bool = True) -> FaceOutput:
         # Every vertex is a landmark here, so `full` changes nothing: the subset is the mesh.
         b = params.batch
         shaped = self._t_neutral.expand(b, -1, -1)
         if self.n_expression:
             shaped = shaped + (params.expression @ self._t_basis).view(b, N_VERTICES, 3)
-        pose = torch.stack([params.global_orient, params.jaw_pose], dim=1)
-        verts, joints = lbs(shaped, pose, None, self._parents, self._t_weights,
+        verts, joints = lbs(shaped, self.joint_pose(params), None, self._parents, self._t_weights,
                             joints=self._t_joints.expand(b, -1, -1))
         verts = verts + params.transl[:, None]
         joints = joints + params.transl[:, None]

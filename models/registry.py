@@ -14,6 +14,14 @@ def available_models(flame_dir: str | None = None) -> dict[str, dict]:
         out["default"] = {"available": True, "reason": ""}
     except AVFaceError as e:
         out["default"] = {"available": False, "reason": str(e)}
+    try:
+        from avface.models.ict import check_model_file, read_embedding, DATA_DIR, MODEL_FILE
+
+        check_model_file(DATA_DIR / MODEL_FILE)
+        read_embedding()
+        out["ict"] = {"available": True, "reason": ""}
+    except AVFaceError as e:
+        out["ict"] = {"available": False, "reason": str(e)}
     from avface.models.flame import flame_status
 
     ok, reason = flame_status(flame_dir)
@@ -22,11 +30,15 @@ def available_models(flame_dir: str | None = None) -> dict[str, dict]:
 
 
 def load_model(model: str, flame_dir: str | None):
-    """The fixed-basis face model for ``model`` (``flame``), or None for the default model,
-    whose basis the fit learns per clip. A missing FLAME file raises ModelFileError here,
-    before any work."""
+    """The fixed-basis face model for ``model`` (``flame``, ``ict``), or None for the default model,
+    whose basis the fit learns per clip. A missing FLAME file, or a missing or damaged ICT
+    file, raises ModelFileError here, before any work."""
     if model == "flame":
         from avface.models.flame import load_flame
 
         return load_flame(flame_dir)
+    if model == "ict":
+        from avface.models.ict import load_ict
+
+        return load_ict()
     return None

@@ -64,13 +64,7 @@ def _relative_rotations(model, params) -> np.ndarray:
     of the skinning (the root's rotation is the head pose)."""
     from scipy.spatial.transform import Rotation
 
-    names = tuple(model.joint_names)
-    if len(names) == 5:  # FLAME: global, neck, jaw, eyes
-        pose = params.pose().detach().cpu().numpy()
-    elif len(names) == 2:  # the default model: root and jaw
-        pose = np.stack([params.global_orient.detach().cpu().numpy(), params.jaw_pose.detach().cpu().numpy()], 1)
-    else:
-        raise ValueError(f"no joint mapping for a skeleton of {names}")
+    pose = model.joint_pose(params).detach().cpu().numpy()
     t, n_joints = pose.shape[:2]
     local = Rotation.from_rotvec(pose.reshape(-1, 3).astype(np.float64)).as_matrix().reshape(t, n_joints, 3, 3)
     local[:, 0] = np.eye(3)  # relative to the root
