@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from avface import __version__
+from avface.config import MODELS
 from avface.core.progress import StageBars
 from avface.errors import AVFaceError
 
@@ -97,7 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("reconstruct", help="reconstruct a talking face from a video and its speech")
     r.add_argument("video", help="the video file (its own audio track is used unless --audio is given)")
     r.add_argument("-o", "--output", default="out", help="output folder (default: ./out)")
-    r.add_argument("--model", choices=("default", "flame"), default=None, help="face model (default: the embedded canonical face)")
+    r.add_argument("--model", choices=MODELS, default=None,
+                   help="face model: default (the embedded canonical face), ict (the ICT Face Model Light, "
+                        "a whole head with ARKit shapes), flame")
     r.add_argument("--flame-dir", help="folder with FLAME's generic_model.pkl or flame2023.pkl and mediapipe_landmark_embedding.npz")
     r.add_argument("--audio", help="a separate audio file (wav, mp3, or any media file with audio)")
     r.add_argument("--transcript", help="a text file with what is said: forced alignment instead of phone recognition")

@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -402,7 +403,8 @@ def _assemble(inputs: _Inputs, coarse: _Coarse, options: ReconstructOptions, run
                 "vfr": bool(info.vfr), "audio": inputs.audio_source})
     extra = {
         "fit_metrics": coarse.metrics,
-        "expression_explained_variance": fit.explained_variance,
+        # the share of the clip's motion the per-clip basis keeps (None for a fixed-basis model)
+        "expression_explained_variance": None if math.isnan(fit.explained_variance) else fit.explained_variance,
         "transcript_aligned": bool(features.aligned) if features is not None else False,
         "device": options.device,
     }

@@ -51,17 +51,17 @@ def turn_from_camera_deg(forward: np.ndarray, position: np.ndarray) -> np.ndarra
 
 
 def umeyama(src: np.ndarray, dst: np.ndarray, w: np.ndarray | None, with_scale: bool):
-    """Weighted Umeyama/Kabsch of src (N, 3) onto dst (..., N, 3), batched over the leading
-    axes of dst in one SVD call. Returns s (...), R (..., 3, 3), t (..., 3)."""
+    """Weighted Umeyama/Kabsch of src (N, 3) or (..., N, 3) onto dst (..., N, 3), batched over
+    the leading axes in one SVD call. Returns s (...), R (..., 3, 3), t (..., 3)."""
     src = np.asarray(src, np.float64)
     dst = np.asarray(dst, np.float64)
-    w = np.ones(src.shape[0]) if w is None else np.asarray(w, np.float64)
+    w = np.ones(src.shape[-2]) if w is None else np.asarray(w, np.float64)
     w = w / w.sum()
-    mu_s = w @ src  # (3,)
+    mu_s = np.einsum("n,...nk->...k", w, src)  # (3,) or (..., 3)
     mu_d = np.einsum("n,...nk->...k", w, dst)  # (..., 3)
-    a = src - mu_s
+    a = src - mu_s[..., None, :]
     b = dst - mu_d[..., None, :]
-    cov = np.einsum("n,...ni,nj->...ij", w, b, a)  # (..., 3, 3)
+    cov = np.einsum("n,...ni,...nj->...ij", w, b, a)  # (..., 3, 3)
     u, sig, vt = np.linalg.svd(cov)
     d = np.sign(np.linalg.det(u @ vt))
     u = u.copy()
@@ -69,8 +69,8 @@ def umeyama(src: np.ndarray, dst: np.ndarray, w: np.ndarray | None, with_scale: 
     sig = sig.copy()
     sig[..., 2] *= d
     r = u @ vt
-    scale = sig.sum(-1) / (w * (a ** 2).sum(1)).sum() if with_scale else np.ones(d.shape)
-    t = mu_d - scale[..., None] * np.einsum("...ij,j->...i", r, mu_s)
+    scale = sig.sum(-1) / (w * (a ** 2).sum(-1)).sum(-1) if with_scale else np.ones(d.shape)
+    t = mu_d - scale[..., None] * np.einsum("...ij,...j->...i", r, mu_s)
     return scale, r, t
 
 
@@ -82,7 +82,7 @@ def similarity(src: np.ndarray, dst: np.ndarray, w: np.ndarray | None = None):
 
 
 def rigid(src: np.ndarray, dst: np.ndarray, w: np.ndarray):
-    """Weighted Kabsch: R, t minimising sum w |R src + t - dst|^2; dst may be batched
+    """Weighted Kabsch: R, t minimising sum w |R src + t - dst|^2; src and dst may be batched
     (..., N, 3)."""
     _, r, t = umeyama(src, dst, w, False)
     return r, t

@@ -35,7 +35,9 @@ from .detail_maps import DetailEncoding, check_detail_maps
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
-MODELS = ("flame2020", "flame2023", "mediapipe_canonical")
+MODELS = ("flame2020", "flame2023", "mediapipe_canonical", "ict_face_light")
+#: At most this many expression components (the ICT model's 53 ARKit shapes; 50 otherwise).
+MAX_EXPRESSIONS = {"ict_face_light": 53}
 CONVENTIONS = {
     "units": "metres; angles in radians; rotations axis-angle",
     "world": "right-handed, y up, z towards the viewer (the face model's frame)",
@@ -89,6 +91,19 @@ OPTIONAL = {
     # joints of frame t are joints_rest + expression[t] . expression_joints. Absent where the
     # joints do not move with the expression (the default model).
     "expression_joints": ("f", ("E", "J", 3)),
+    # The expression components' names, the shape keys' names in Blender (the ICT model: its
+    # ARKit shapes in Apple's spelling, the split pairs browInnerUp and cheekPuff as
+    # ...Left / ...Right). Absent: the components are numbered.
+    "expression_names": ("U", ("E",)),
+    # Each triangle's material (an index into material_names): a whole head's parts (skin,
+    # mouth, teeth, eyes...). Absent: one material; with it, the detail maps apply to the
+    # triangles of the material named "skin" only.
+    "face_material": ("i", ("F",)),
+    # The model's generic neutral (V, 3) when its identity is a blend of modes (the ICT model):
+    # the add-on's basis shape, with vertices_neutral - vertices_template as an "identity"
+    # shape key at 1. Absent: vertices_neutral is the basis.
+    "vertices_template": ("f", ("V", 3)),
+    "material_names": ("U", ("Mt",)),
 }
 META_KEYS = ("schema_version", "model", "fps", "n_frames", "width", "height", "source", "audio_present",
              "stages_run", "stage_seconds", "backend_version", "lip_pca_residual", "detail")
@@ -133,8 +148,15 @@ def check_arrays(arrays: dict[str, np.ndarray], meta: dict) -> dict[str, int]:
         raise SchemaError(f"result lacks arrays {absent}")
     for name, (kind, shape) in {**SPEC, **{k: v for k, v in OPTIONAL.items() if k in arrays}}.items():
         _check_array(name, np.asarray(arrays[name]), kind, shape, dims)
-    if dims["E"] > 50:
-        raise SchemaError(f"expression_basis has {dims['E']} components, at most 50 allowed")
+    max_e = MAX_EXPRESSIONS.get(meta["model"], 50)
+    if dims["E"] > max_e:
+        raise SchemaError(f"expression_basis has {dims['E']} components, at most {max_e} allowed for {meta['model']}")
+    if ("face_material" in arrays) != ("material_names" in arrays):
+        raise SchemaError("face_material and material_names come together")
+    if "face_material" in arrays:
+        fm = np.asarray(arrays["face_material"])
+        if fm.size and (fm.min() < 0 or fm.max() >= dims["Mt"]):
+            raise SchemaError("face_material indexes materials that material_names does not name")
     if dims["K"] > 16:
         raise SchemaError(f"lip_basis has {dims['K']} components, at most 16 allowed")
     if "P" in dims and dims["P"] != 9 * (dims["J"] - 1):

@@ -377,12 +377,14 @@ class _Problem:
 
 @dataclass
 class _Start:
-    """Where the refinement starts, per frame: rotation, translation, jaw, expression."""
+    """Where the refinement starts, per frame: rotation, translation, jaw, expression (and
+    the clip's identity, zeros when None)."""
 
     rot: np.ndarray
     transl: np.ndarray
     jaw: np.ndarray
     expr: np.ndarray
+    betas: np.ndarray | None = None
 
 
 class _Variables:
@@ -394,15 +396,38 @@ class _Variables:
         self.rot = torch.tensor(start.rot, dtype=dt, device=dev, requires_grad=True)
         self.transl = torch.tensor(start.transl, dtype=dt, device=dev, requires_grad=True)
         self.jaw = torch.tensor(start.jaw[:, :jaw_dof], dtype=dt, device=dev, requires_grad=True)
-        self.expr = torch.tensor(start.expr, dtype=dt, device=dev, requires_grad=True)
-        self.betas = torch.zeros(1, problem.n_betas, dtype=dt, device=dev, requires_grad=True)
+        self.bounds = getattr(problem.model, "expression_bounds", None)
+        self.expr = torch.tensor(self._free(start.expr), dtype=dt, device=dev, requires_grad=True)
+        betas = np.zeros((1, problem.n_betas)) if start.betas is None else np.reshape(start.betas, (1, -1))
+        self.betas = torch.tensor(betas, dtype=dt, device=dev, requires_grad=True)
         self.zeros3 = torch.zeros(n, 3, dtype=dt, device=dev)
-        self.all = [self.rot, self.transl, self.jaw, self.expr] + ([self.betas] if problem.n_betas else [])
+        self.all = ([self.rot, self.transl] + ([self.jaw] if jaw_dof else []) + [self.expr]
+                    + ([self.betas] if problem.n_betas else []))
+
+    #: A bounded weight starts at least this far inside its bounds (as a share of the range):
+    #: on a bound its free variable's gradient is zero.
+    BOUND_MARGIN = 0.02
+
+    def _free(self, expr: np.ndarray) -> np.ndarray:
+        """The free variables whose :meth:`expression` is ``expr``: the weights themselves, or
+        for a bounded model x with weight = low + (high - low) sin^2 x, which keeps every weight
+        within its bounds for any x, so an unconstrained optimiser can solve for it."""
+        if self.bounds is None:
+            return expr
+        lo, hi = self.bounds
+        u = np.clip((np.asarray(expr, np.float64) - lo) / (hi - lo), self.BOUND_MARGIN, 1 - self.BOUND_MARGIN)
+        return np.arcsin(np.sqrt(u))
+
+    def expression(self) -> torch.Tensor:
+        if self.bounds is None:
+            return self.expr
+        lo, hi = self.bounds
+        return lo + (hi - lo) * torch.sin(self.expr).pow(2)
 
     def params(self) -> FaceParams:
         jaw3 = torch.cat([self.jaw, torch.zeros(self.n, 3 - self.jaw_dof, dtype=self.dt, device=self.dev)], dim=1)
         z = self.zeros3
-        return FaceParams(self.betas.expand(self.n, -1), self.expr, self.rot, z, jaw3, z, z, self.transl)
+        return FaceParams(self.betas.expand(self.n, -1), self.expression(), self.rot, z, jaw3, z, z, self.transl)
 
     def local_landmarks(self) -> torch.Tensor:
         """The model's landmarks with no head pose: (T, M, 3) metres."""
@@ -445,6 +470,13 @@ def _refine(problem: _Problem, start: _Start, config: FitConfig) -> FaceParams:
     n_det = float(mask.sum().clamp(min=1.0))
     state = {"it": 0}
     pts = _points_term(problem, v, config, dt, dev)
+    sparse = None
+    if v.bounds is not None and config.w_expression_l1 > 0:
+        # sparse where the evidence is weak: the weight grows as the mouth is less seen
+        conf = np.ones(n) if problem.mouth_conf is None else np.clip(problem.mouth_conf, 0.0, 1.0)
+        sparse = torch.as_tensor(config.w_expression_l1 * (1.0 + config.l1_unseen_boost * (1.0 - conf) * det
+                                                           + config.l1_unseen_boost * ~det),
+                                 dtype=dt, device=dev)
 
     def closure():
         if problem.should_cancel is not None and problem.should_cancel():
@@ -459,9 +491,12 @@ def _refine(problem: _Problem, start: _Start, config: FitConfig) -> FaceParams:
         # smoothness in degrees and millimetres per frame^2
         loss = loss + config.w_smooth_pose * (_second_diff(v.rot * DEG).pow(2).sum()
                                               + _second_diff(v.transl * 1000).pow(2).sum()) / n
-        loss = loss + config.w_smooth_expression * (_second_diff(v.expr).pow(2).sum()
+        expr = v.expression()
+        loss = loss + config.w_smooth_expression * (_second_diff(expr).pow(2).sum()
                                                     + _second_diff(v.jaw * DEG).pow(2).sum()) / n
-        loss = loss + config.w_expression * v.expr.pow(2).sum() / n
+        loss = loss + config.w_expression * expr.pow(2).sum() / n
+        if sparse is not None:  # bounded weights are >= 0: their sum is their L1 norm
+            loss = loss + (expr.sum(1) * sparse).sum() / n
         if problem.n_betas:
             loss = loss + config.w_shape * v.betas.pow(2).sum()
         loss.backward()
@@ -526,21 +561,158 @@ def fit_model(
         rest = model.forward(model.zero_params(1), full=False).landmarks[0].numpy().astype(np.float64)
     w = np.where(np.isin(ids, RIGID), 1.0, 0.1)
     n_all = len(det)
+    conf = _mouth_confidence(mouth_conf, det, config)
+    betas = expr = None
+    if getattr(model, "expression_bounds", None) is not None:
+        model, r, t, betas, expr_det = _linear_start(model, pts[det][:, ids], w, conf[det], config)
+        expr = _spread(expr_det, det, mouth_visible(conf))
+    else:
+        r, t = rigid(rest, pts[det][:, ids], w)
     rot = np.zeros((n_all, 3))
     transl = np.zeros((n_all, 3))
-    j0 = model.rest_joints()[0].astype(np.float64)
-    r, t = rigid(rest, pts[det][:, ids], w)
+    j0 = model.rest_joints(None if betas is None else torch.as_tensor(betas[None]))[0].astype(np.float64)
     rot[det] = Rotation.from_matrix(r).as_rotvec()
     transl[det] = t + r @ j0 - j0
     rot, transl = fill_missing(rot, det), fill_missing(transl, det)
     if progress:
         progress(0.1, "joint refinement")
-    problem = _Problem(model, tracking, k, det, _mouth_confidence(mouth_conf, det, config), net_points,
-                       jaw_dof=3, n_betas=model.n_shape, device=device, p0=0.1, progress=progress,
+    problem = _Problem(model, tracking, k, det, conf, net_points,
+                       jaw_dof=model.jaw_dof, n_betas=model.n_shape, device=device, p0=0.1, progress=progress,
                        should_cancel=should_cancel)
-    start = _Start(rot, transl, np.zeros((n_all, 3)), np.zeros((n_all, model.n_expression)))
+    start = _Start(rot, transl, np.zeros((n_all, 3)),
+                   np.zeros((n_all, model.n_expression)) if expr is None else expr, betas)
     params = _refine(problem, start, config)
     return CoarseFit(model, params, k, ~det, float("nan"), time.perf_counter() - t_start)
+
+
+def _landmark_bases(model: FaceModel) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(rest landmarks (M, 3), identity basis (S, M, 3), expression basis (E, M, 3)) of a
+    model whose landmarks are linear in its coefficients at rest pose."""
+    s, e = model.n_shape, model.n_expression
+    p = model.zero_params(1 + s + e)
+    p = FaceParams(torch.cat([torch.zeros(1, s), torch.eye(s), torch.zeros(e, s)]),
+                   torch.cat([torch.zeros(1 + s, e), torch.eye(e)]), *(getattr(p, f) for f in
+                                                                       ("global_orient", "neck_pose", "jaw_pose",
+                                                                        "leye_pose", "reye_pose", "transl")))
+    with torch.no_grad():
+        lmk = model.forward(p, full=False).landmarks.double().numpy()
+    rest = lmk[0]
+    return rest, lmk[1:1 + s] - rest, lmk[1 + s:] - rest
+
+
+#: Weight of a landmark's depth against its image-plane coordinates in the linear start
+#: (MediaPipe's depth is its own estimate, not a measurement).
+START_DEPTH_WEIGHT = 0.5
+#: Ridge on the start's expression weights and identity, per unit coefficient, against the
+#: landmarks' squared error in metres.
+START_RIDGE_EXPRESSION = 1e-6
+START_RIDGE_IDENTITY = 1e-5
+#: Fewest frames whose mouth is seen for the clip's own shapes (FitConfig.shape_adaptation).
+MIN_ADAPT_FRAMES = 10
+#: Rounds of per-frame pose and expression weights in the start.
+START_POSE_ROUNDS = 3
+#: Rounds of rest shape (identity) and expressions in the start.
+START_ROUNDS = 4
+
+
+def _box_least_squares(a: np.ndarray, b: np.ndarray, lo: float, hi: float, ridge: float, l1: float = 0.0,
+                       iterations: int = 300) -> np.ndarray:
+    """min 1/2 |a x_t - b_t|^2 + ridge/2 |x_t|^2 + l1 sum(x_t) with lo <= x <= hi (lo >= 0
+    for the L1 term to be a norm), for every row b_t of b (T, R) at once (a (R, K) is
+    shared): accelerated projected gradient (FISTA)."""
+    h = a.T @ a + ridge * np.eye(a.shape[1])
+    g = b @ a - l1  # (T, K)
+    step = 1.0 / np.linalg.eigvalsh(h)[-1]
+    x = np.clip(np.zeros_like(g), lo, hi)
+    y, tk = x.copy(), 1.0
+    for _ in range(iterations):
+        x_new = np.clip(y - step * (y @ h - g), lo, hi)
+        t_new = 0.5 * (1.0 + math.sqrt(1.0 + 4.0 * tk * tk))
+        y = x_new + ((tk - 1.0) / t_new) * (x_new - x)
+        x, tk = x_new, t_new
+    return x
+
+
+def _rest_shape(aligned: np.ndarray, ids: np.ndarray, seen: np.ndarray) -> np.ndarray:
+    """(M, 3) the clip's rest shape from its aligned landmarks (Td, M, 3): the median over the
+    frames whose mouth is seen, the lower face's from the frames whose lips are closest
+    (the lowest tenth of the inner-lip gap): bounded expression weights move only away from
+    rest, so the rest must be the closed mouth, not the average one."""
+    from avface.models.canonical_mesh import lower_face_ids
+
+    use = aligned[seen] if seen.sum() >= 3 else aligned
+    rest = np.median(use, axis=0)
+    pos = {int(i): k for k, i in enumerate(ids)}
+    if 13 in pos and 14 in pos:
+        gap = np.linalg.norm(use[:, pos[13]] - use[:, pos[14]], axis=1)
+        closed = gap <= np.quantile(gap, 0.1)
+        lower = np.isin(ids, lower_face_ids())
+        rest[lower] = np.median(use[closed][:, lower], axis=0)
+    return rest
+
+
+def _linear_start(model: FaceModel, points: np.ndarray, rigid_w: np.ndarray, conf: np.ndarray, config: FitConfig):
+    """Where the refinement of a model with bounded expression weights starts, all linear
+    least squares on the back-projected landmarks ``points`` (Td, M, 3) metres:
+
+    1. the clip's rest shape (:func:`_rest_shape`) on per-frame rigid poses (skull points);
+    2. the clip's identity: the modes that best give that shape, and, where the model can take
+       one (``with_landmark_offsets``), a smooth correction for what the modes leave;
+    3. each frame's expression weights within their bounds, sparse (L1), a frame's lower face
+       counting only when its mouth is seen.
+
+    Returns (the model, corrected; rotations (Td, 3, 3), translations (Td, 3), betas (S,),
+    expression (Td, E))."""
+    from avface.models.canonical_mesh import lower_face_ids
+
+    ids = np.asarray(model.landmark_ids)
+    seen = conf >= 0.5
+    base, b_id, b_ex = _landmark_bases(model)
+    n = len(points)
+    lo, hi = model.expression_bounds
+    betas = np.zeros(b_id.shape[0])
+    expr = np.zeros((n, b_ex.shape[0]))
+    axis_w = np.sqrt(np.array([1.0, 1.0, START_DEPTH_WEIGHT]))
+    rows = np.repeat(~np.isin(ids, lower_face_ids()), 3)
+    shaped = base
+    for _ in range(START_ROUNDS):
+        # the rest: what the frames leave once their expressions are taken out
+        r, t = rigid(shaped + np.tensordot(expr, b_ex, 1), points, rigid_w)
+        aligned = np.einsum("tji,tmj->tmi", r, points - t[:, None])
+        target = _rest_shape(aligned - np.tensordot(expr, b_ex, 1), ids, seen)
+        if b_id.shape[0]:
+            a_id = (b_id * axis_w).reshape(len(b_id), -1).T  # (M*3, S)
+            betas = betas + np.linalg.solve(a_id.T @ a_id + START_RIDGE_IDENTITY * np.eye(a_id.shape[1]),
+                                            a_id.T @ ((target - shaped) * axis_w).reshape(-1))
+        shaped = base + np.tensordot(betas, b_id, 1)
+        if hasattr(model, "with_landmark_offsets"):
+            model = model.with_landmark_offsets(target - shaped)
+            base, b_id, b_ex = _landmark_bases(model)
+            shaped = base + np.tensordot(betas, b_id, 1)
+        a_ex = (b_ex * axis_w).reshape(len(b_ex), -1).T  # (M*3, E)
+        for _ in range(START_POSE_ROUNDS):
+            # each frame's pose on its own expression (the skull's points move a little with it)
+            r, t = rigid(shaped + np.tensordot(expr, b_ex, 1), points, rigid_w)
+            aligned = np.einsum("tji,tmj->tmi", r, points - t[:, None])
+            resid = ((aligned - shaped) * axis_w).reshape(n, -1)
+            if seen.any():
+                expr[seen] = _box_least_squares(a_ex, resid[seen], lo, hi, START_RIDGE_EXPRESSION, config.start_l1)
+            if (~seen).any():  # sparser where the evidence is weak
+                expr[~seen] = _box_least_squares(a_ex[rows], resid[~seen][:, rows], lo, hi, START_RIDGE_EXPRESSION,
+                                                 config.start_l1 * (1.0 + config.l1_unseen_boost))
+    lam = config.shape_adaptation
+    if lam > 0 and hasattr(model, "with_shape_offsets") and seen.sum() >= MIN_ADAPT_FRAMES:
+        for _ in range(2):
+            # the clip's own shapes: per landmark coordinate, min |W d - r|^2 + lam n |d|^2 (W the
+            # seen frames' weights (n, E), r what the generic shapes leave), then the weights again
+            e_s = expr[seen]
+            r_s = (aligned[seen] - shaped).reshape(int(seen.sum()), -1) - e_s @ b_ex.reshape(len(b_ex), -1)
+            d = np.linalg.solve(e_s.T @ e_s + lam * len(e_s) * np.eye(e_s.shape[1]), e_s.T @ r_s)
+            model = model.with_shape_offsets(d.reshape(b_ex.shape))
+            _, _, b_ex = _landmark_bases(model)
+            a_ex = (b_ex * axis_w).reshape(len(b_ex), -1).T
+            expr[seen] = _box_least_squares(a_ex, resid[seen], lo, hi, START_RIDGE_EXPRESSION, config.start_l1)
+    return model, r, t, betas, expr
 
 
 def fit_metrics(fit: CoarseFit, tracking: Tracking) -> dict[str, float]:

@@ -33,3 +33,17 @@ def arkit_curves(blendshapes: np.ndarray, names, valid: np.ndarray, fps: float,
     out = fill_missing(out, valid)
     out = lowpass(out, fps, cutoff_hz)
     return np.clip(out, 0.0, 1.0).astype(np.float32)
+
+
+def arkit_from_weights(weights: np.ndarray, shape_names) -> np.ndarray:
+    """(T, 52) ARKit curves that *are* a model's fitted expression weights (T, E) whose shapes
+    are ARKit's (``shape_names`` in Apple's spelling, ``arkit_names.apple_spelling``): each
+    curve its shape's weight, a split pair's mean, zeros for a shape the model lacks."""
+    from avface.result.arkit_names import arkit_sources
+
+    weights = np.asarray(weights, np.float64)
+    out = np.zeros((len(weights), len(ARKIT_NAMES)))
+    for k, src in enumerate(arkit_sources(list(shape_names))):
+        if src:
+            out[:, k] = weights[:, list(src)].mean(1)
+    return np.clip(out, 0.0, 1.0).astype(np.float32)

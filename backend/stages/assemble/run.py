@@ -10,7 +10,8 @@ import numpy as np
 from avface import __version__
 from avface.core.geometry import WORLD_TO_CAMERA
 from avface.result import SCHEMA_VERSION
-from avface.stages.assemble.arkit import ARKIT_NAMES, arkit_curves
+from avface.result.arkit_names import apple_spelling
+from avface.stages.assemble.arkit import ARKIT_NAMES, arkit_curves, arkit_from_weights
 from avface.stages.fit import CoarseFit
 from avface.stages.lips import LipPCA, vertices_with_lips
 from avface.stages.tracking import Tracking
@@ -59,7 +60,13 @@ def build_result(fit: CoarseFit, tracking: Tracking, evidence: ResultEvidence, s
     stages_run, stage_seconds, extra_meta = run.stages_run, run.stage_seconds, run.extra_meta
     n = tracking.n_frames
     occluded = evidence.occluded | fit.filled
-    arkit = arkit_curves(tracking.blendshapes, tracking.blendshape_names, ~occluded, src.fps)
+    shape_names = getattr(fit.model, "expression_names", None)
+    if shape_names is not None:  # the model's shapes are ARKit's: the curves are its weights
+        arkit = arkit_from_weights(fit.params.expression.numpy(), [apple_spelling(n) for n in shape_names])
+        arkit_source = "the fitted weights of the model's ARKit shapes"
+    else:
+        arkit = arkit_curves(tracking.blendshapes, tracking.blendshape_names, ~occluded, src.fps)
+        arkit_source = "MediaPipe's blendshape scores, low-passed"
     activity = activity if activity is not None else np.zeros(n, np.float32)
     arrays = result_arrays(fit, arkit, conf, occluded, activity, write_vertices=write_vertices, lips=lips)
     meta = {
@@ -75,6 +82,7 @@ def build_result(fit: CoarseFit, tracking: Tracking, evidence: ResultEvidence, s
         "stage_seconds": stage_seconds,
         "backend_version": __version__,
         "lip_pca_residual": float(lips.residual_m) if lips is not None else 0.0,
+        "arkit_source": arkit_source,
         "detail": {"n_maps": 0, "folder": "detail", "map_size": 0, "metres_per_unit": 0.0, "format": "png16"},
         **(extra_meta or {}),
     }
@@ -125,6 +133,15 @@ def result_arrays(fit: CoarseFit, arkit: np.ndarray, conf: np.ndarray, occluded:
     posedirs = getattr(getattr(m, "arrays", None), "posedirs", None)
     if posedirs is not None:  # FLAME: (V, 3, P) in the file's layout -> (P, V, 3)
         arrays["pose_correctives"] = np.ascontiguousarray(np.transpose(posedirs, (2, 0, 1)), np.float32)
+    names = getattr(m, "expression_names", None)
+    if names is not None:
+        arrays["expression_names"] = np.asarray([apple_spelling(n) for n in names])
+    template = getattr(m, "template_vertices", None)
+    if template is not None:
+        arrays["vertices_template"] = np.asarray(template(), np.float32)
+    materials = getattr(m, "face_materials", None)
+    if materials is not None:
+        arrays["face_material"], arrays["material_names"] = np.asarray(materials[0], np.int32), np.asarray(materials[1])
     expression_joints = m.expression_joints()
     if expression_joints is not None:  # FLAME: the joints move with the expression
         arrays["expression_joints"] = np.ascontiguousarray(expression_joints, np.float32)
