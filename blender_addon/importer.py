@@ -28,6 +28,27 @@ ROLE_PROPERTY = "avface_role"
 DETAIL_MODIFIER = "AVFace detail"
 ARMATURE_MODIFIER = "AVFace armature"
 UV_LAYER = "UVMap"
+SKIN_GROUP = "skin"
+"""Vertex group of the skin's vertices (results with materials): the detail maps' Displace
+modifier acts on it only (:func:`io_result.skin_weights_for_detail`)."""
+MATERIAL_PROPERTY = "avface_material"
+"""Custom property on each material made for a part of the head: its name in the result's
+``material_names`` (the detail maps go into the ``skin`` one)."""
+DETAIL_NODE_PREFIX = "AVFace detail"
+
+#: Principled BSDF settings of the head's parts (colours linear): name -> input values, plus
+#: ``alpha`` for a see-through part (its material is dithered in EEVEE; Cycles reads the alpha).
+MATERIAL_LOOKS = {
+    "skin": {"Base Color": (0.65, 0.40, 0.30), "Roughness": 0.45, "Subsurface Weight": 0.1,
+             "Subsurface Scale": 0.003},
+    "mouth": {"Base Color": (0.25, 0.03, 0.04), "Roughness": 0.5},
+    "teeth": {"Base Color": (0.80, 0.76, 0.65), "Roughness": 0.25},
+    "sclera": {"Base Color": (0.85, 0.83, 0.80), "Roughness": 0.15},
+    "iris": {"Base Color": (0.12, 0.06, 0.03), "Roughness": 0.15},
+    "eye_wet": {"Base Color": (1.0, 1.0, 1.0), "Roughness": 0.05, "alpha": 0.0},
+    "lashes": {"Base Color": (0.015, 0.010, 0.008), "Roughness": 0.6},
+}
+DEFAULT_LOOK = {"Base Color": (0.5, 0.5, 0.5), "Roughness": 0.5}
 
 
 CAMERA_ROLE = "camera"
@@ -141,6 +162,7 @@ def _build(context, head: io_result.HeadData, frames: np.ndarray, created: _Crea
     mesh_obj.parent = arm_obj
     mesh_obj.matrix_parent_inverse.identity()
     _skin(head, mesh_obj, arm_obj)
+    _skin_group(head, mesh_obj)
     _shape_keys(head, mesh_obj)
     _correctives(head, mesh_obj, arm_obj)
     _animate(head, frames, mesh_obj, arm_obj, created)
@@ -245,18 +267,52 @@ def _mesh(head, created, collection, name):
     mesh.vertices.add(v)
     mesh.loops.add(3 * f)
     mesh.polygons.add(f)
-    mesh.vertices.foreach_set("co", head.vertices_neutral.ravel())
+    mesh.vertices.foreach_set("co", head.vertices_basis.ravel())
     mesh.loops.foreach_set("vertex_index", head.faces.ravel())
     mesh.polygons.foreach_set("loop_start", np.arange(0, 3 * f, 3, dtype=np.int32))
     # (Blender 4.0+ derives each polygon's size from the next loop_start)
     uv = mesh.uv_layers.new(name=UV_LAYER)
     uv.data.foreach_set("uv", head.uv_loops)
+    if head.face_material is not None:
+        for material_name in head.material_names:
+            mesh.materials.append(_part_material(material_name, created))
+        mesh.polygons.foreach_set("material_index", head.face_material)
     mesh.update()
     if mesh.validate(verbose=False):
         log.warning("%s: Blender corrected invalid geometry in the result's mesh", head.path)
     obj = created.add(bpy.data.objects.new(f"{name} head", mesh))
     collection.objects.link(obj)
     return obj
+
+
+def _part_material(part: str, created):
+    """A material for one part of the head (``skin``, ``teeth``, ...): a Principled BSDF with
+    :data:`MATERIAL_LOOKS`; a see-through part (``eye_wet``) has alpha 0, dithered in EEVEE and
+    with transparent shadows, so that the eye behind it shows in EEVEE and Cycles alike."""
+    mat = created.add(bpy.data.materials.new(f"AVFace {part}"))
+    mat[MATERIAL_PROPERTY] = part
+    mat.use_nodes = True
+    look = dict(MATERIAL_LOOKS.get(part, DEFAULT_LOOK))
+    alpha = look.pop("alpha", 1.0)
+    nodes = mat.node_tree.nodes
+    bsdf = next((n for n in nodes if n.type == "BSDF_PRINCIPLED"), None)
+    if bsdf is None:  # a material made without the default node tree
+        bsdf = nodes.new("ShaderNodeBsdfPrincipled")
+        output = next((n for n in nodes if n.type == "OUTPUT_MATERIAL"), None) or nodes.new("ShaderNodeOutputMaterial")
+        mat.node_tree.links.new(bsdf.outputs["BSDF"], output.inputs["Surface"])
+    for socket, value in look.items():
+        if socket in bsdf.inputs:  # (input names of Blender 4.0 and later)
+            bsdf.inputs[socket].default_value = (*value, 1.0) if socket == "Base Color" else value
+    bsdf.inputs["Alpha"].default_value = alpha
+    color = look.get("Base Color", DEFAULT_LOOK["Base Color"])
+    mat.diffuse_color = (*color, alpha)  # the viewport's solid view
+    mat.roughness = float(look.get("Roughness", 0.5))
+    if alpha < 1.0:
+        # EEVEE (4.2+) dithers the alpha, depth-sorted with the opaque parts, and lets light
+        # through to the shadows; Cycles reads the alpha as it is
+        mat.surface_render_method = "DITHERED"
+        mat.use_transparent_shadow = True
+    return mat
 
 
 def _skin(head, mesh_obj, arm_obj):
@@ -275,12 +331,34 @@ def _skin(head, mesh_obj, arm_obj):
     mod.use_bone_envelopes = False
 
 
+def _skin_group(head, mesh_obj):
+    """The vertex group :data:`SKIN_GROUP` (results with materials), which the detail maps'
+    Displace modifier is limited to."""
+    skin = io_result.skin_weights_for_detail(head)
+    if skin is None:
+        return
+    ids, weights = skin
+    group = mesh_obj.vertex_groups.new(name=SKIN_GROUP)
+    for value in (1.0, 0.0):
+        group.add(ids[weights == value].tolist(), value, "REPLACE")
+
+
 def _shape_keys(head, mesh_obj):
     mesh_obj.shape_key_add(name="Basis", from_mix=False)
-    for name, offset in zip(head.shape_key_names, head.shape_key_offsets):
+    basis = head.vertices_basis
+    identity = head.identity_offset
+    if identity is not None:
+        # the clip's identity on the model's template, at 1 and not animated
+        kb = mesh_obj.shape_key_add(name=io_result.IDENTITY_KEY, from_mix=False)
+        kb.data.foreach_set("co", head.vertices_neutral.ravel())
+        kb.slider_min, kb.slider_max = 0.0, 1.0
+        kb.value = 1.0
+    ranges = head.shape_key_ranges
+    for k, (name, offset) in enumerate(zip(head.shape_key_names, head.shape_key_offsets)):
         kb = mesh_obj.shape_key_add(name=name, from_mix=False)
-        kb.data.foreach_set("co", (head.vertices_neutral + offset).ravel())
-        kb.slider_min, kb.slider_max = -1.0, 1.0
+        kb.data.foreach_set("co", (basis + offset).ravel())
+        lo, hi = (-1.0, 1.0) if ranges is None else (float(ranges[k, 0]), float(ranges[k, 1]))
+        kb.slider_min, kb.slider_max = lo, hi
     key = mesh_obj.data.shape_keys
     key.use_relative = True
     key.name = f"{mesh_obj.name} keys"
@@ -292,7 +370,7 @@ def _correctives(head, mesh_obj, arm_obj):
     follows the bones however an animator poses them."""
     for corr in head.correctives:
         kb = mesh_obj.shape_key_add(name=corr.name, from_mix=False)
-        kb.data.foreach_set("co", (head.vertices_neutral + corr.offsets).ravel())
+        kb.data.foreach_set("co", (head.vertices_basis + corr.offsets).ravel())
         kb.slider_min, kb.slider_max = -2.0, 2.0  # entries of R - I lie in [-2, 2]
         driver = kb.driver_add("value").driver
         driver.type = "SCRIPTED"
@@ -376,26 +454,30 @@ def _detail(head, frames, scene_fps, mesh_obj, created, name):
         created.add(keys.action)
         keys.curve(f"{path}image_user.frame_offset", timing.scene, offsets, interpolation="CONSTANT")
 
-    mat = created.add(bpy.data.materials.new(f"{name} skin"))
-    mat.use_nodes = True
+    mat = skin_material(mesh_obj)
+    if mat is None:  # one material for the whole mesh
+        mat = created.add(bpy.data.materials.new(f"{name} skin"))
+        mat.use_nodes = True
+        mesh_obj.data.materials.append(mat)
     nodes, links = mat.node_tree.nodes, mat.node_tree.links
     output = next(n for n in nodes if n.type == "OUTPUT_MATERIAL")
     tex = nodes.new("ShaderNodeTexImage")
-    tex.name = tex.label = "AVFace detail"
+    tex.name = tex.label = DETAIL_NODE_PREFIX
     tex.image = image
     tex.interpolation = "Linear"
     set_user(tex.image_user, mat.node_tree, f'nodes["{tex.name}"].')
     uvmap = nodes.new("ShaderNodeUVMap")
+    uvmap.name = uvmap.label = f"{DETAIL_NODE_PREFIX} UV"
     uvmap.uv_map = UV_LAYER
     links.new(uvmap.outputs["UV"], tex.inputs["Vector"])
     disp = nodes.new("ShaderNodeDisplacement")
+    disp.name = disp.label = f"{DETAIL_NODE_PREFIX} displacement"
     disp.inputs["Midlevel"].default_value = detail.midlevel
     disp.inputs["Scale"].default_value = detail.metres_per_unit
     links.new(tex.outputs["Color"], disp.inputs["Height"])
     links.new(disp.outputs["Displacement"], output.inputs["Displacement"])
     if hasattr(mat, "displacement_method"):
         mat.displacement_method = "BOTH"
-    mesh_obj.data.materials.append(mat)
 
     texture = created.add(bpy.data.textures.new(f"{name} detail", "IMAGE"))
     texture.image = image
@@ -407,6 +489,22 @@ def _detail(head, frames, scene_fps, mesh_obj, created, name):
     mod.direction = "NORMAL"
     mod.mid_level = detail.midlevel
     mod.strength = detail.metres_per_unit
+    if mesh_obj.vertex_groups.get(SKIN_GROUP) is not None:
+        mod.vertex_group = SKIN_GROUP  # the skin only, not the eyes, teeth or lashes
+
+
+def skin_material(mesh_obj):
+    """The material made for the skin of a head with parts (:data:`MATERIAL_PROPERTY`), or None."""
+    return next((m for m in mesh_obj.data.materials if m is not None and m.get(MATERIAL_PROPERTY) == "skin"), None)
+
+
+def _remove_detail_nodes(mat) -> None:
+    """Take the detail maps' nodes out of ``mat`` again (the caller puts its animation back)."""
+    if mat is None or mat.node_tree is None:
+        return
+    nodes = mat.node_tree.nodes
+    for node in [n for n in nodes if n.name.startswith(DETAIL_NODE_PREFIX)]:
+        nodes.remove(node)
 
 
 def attach_detail(context, mesh_obj, result_path: str | Path, *, first_frame: float, name: str | None = None,
@@ -441,6 +539,11 @@ def attach_detail(context, mesh_obj, result_path: str | Path, *, first_frame: fl
         name = mesh_obj.name[: -len(" head")] if mesh_obj.name.endswith(" head") else mesh_obj.name
     materials = mesh_obj.data.materials
     n_materials = len(materials)
+    skin = skin_material(mesh_obj)
+    skin_animation = None
+    if skin is not None and skin.node_tree.animation_data is not None:
+        skin_animation = (skin.node_tree.animation_data.action,
+                          getattr(skin.node_tree.animation_data, "action_slot", None))
     created = _Created()
     try:
         _detail(head, frames, scene_fps, mesh_obj, created, name)
@@ -450,6 +553,15 @@ def attach_detail(context, mesh_obj, result_path: str | Path, *, first_frame: fl
             mesh_obj.modifiers.remove(mod)
         while len(materials) > n_materials:
             materials.pop()
+        if skin is not None:
+            _remove_detail_nodes(skin)
+            if skin_animation is None:
+                if skin.node_tree.animation_data is not None:
+                    skin.node_tree.animation_data_clear()
+            else:
+                skin.node_tree.animation_data.action = skin_animation[0]
+                if skin_animation[1] is not None:
+                    skin.node_tree.animation_data.action_slot = skin_animation[1]
         created.remove_all()
         raise
     return True

@@ -17,13 +17,24 @@ How the head is built in Blender, and why it reproduces the result's ``vertices`
   (``expression_joints``), and their bones then carry location keys too;
 - the mesh is the neutral shape, skinned with ``skin_weights`` (vertex groups named after the
   bones); expression and lip offsets are shape keys, applied before the armature, as the
-  model adds them before skinning.
+  model adds them before skinning. A result with ``vertices_template`` (the ICT model: an
+  identity blended from modes) has the template as its basis and the clip's identity
+  (``vertices_neutral - vertices_template``) as a key ``identity`` at 1, so the same rig takes
+  another identity by that one key.
+
+Named expressions (``expression_names``: the ICT model's 53 ARKit shapes in Apple's spelling)
+name their keys, and their keys hold the shapes as they are (a key's value is the result's
+weight, in [0, 1]), so that an FBX carries ARKit-named morph targets with ARKit's meaning.
+Numbered ones are scaled (below). A whole head's parts (``face_material`` into
+``material_names``) become one material each; the detail maps then displace the skin only
+(:func:`skin_weights_for_detail`).
 
 The posed mesh in Blender's world frame is then ``camera_to_blender(vertices, extrinsics)``.
 
-Shape-key values are kept within [-1, 1]: each key holds its basis vector scaled by the
-largest coefficient magnitude over the clip (``*_scale``), and the keyframes hold the
-coefficients divided by it, so no value is clamped by a slider range and FBX keeps them.
+Shape-key values of numbered components are kept within [-1, 1]: each key holds its basis
+vector scaled by the largest coefficient magnitude over the clip (``*_scale``), and the
+keyframes hold the coefficients divided by it, so no value is clamped by a slider range and
+FBX keeps them. Named ones keep their own scale, with a slider range that holds their values.
 
 The video's camera: the result's camera sits at the world origin looking down the world's -z
 (``extrinsics``), which Blender sees as a camera at its origin looking along +y, rotated +90
@@ -59,6 +70,13 @@ CONFIDENCE_PROPERTIES = {"visual_conf": "avface_visual_conf", "occluded": "avfac
                          "speech_activity": "avface_speech_activity"}
 EXPRESSION_KEY = "expression_{:02d}"
 LIP_KEY = "lip_{:02d}"
+IDENTITY_KEY = "identity"
+"""The key that turns the model's template into the clip's neutral (results with ``vertices_template``)."""
+SKIN_MATERIAL = "skin"
+"""The material (of ``material_names``) whose triangles the detail maps displace."""
+MAX_NAMED_KEY_VALUE = 10.0
+"""Blender's slider range ends at +-10: a named key whose weights go beyond is scaled as the
+numbered ones are."""
 #: Beside a result the add-on fetched: the user's own video, which ``meta.source.path`` does
 #: not name when the backend read an uploaded copy (``footage.is_uploaded_copy``).
 SOURCE_FILE = "avface_source.json"
@@ -142,6 +160,56 @@ class HeadData:
     intrinsics or frame size."""
     video_path: Path | None = None
     """The user's video the result was made from (:func:`source_video`), when it is known."""
+    shape_key_ranges: np.ndarray | None = None
+    """(E + K, 2) each key's slider (min, max): [-1, 1] for a scaled key, for a named one the
+    range of its values widened to [0, 1]. None: [-1, 1] for all."""
+    vertices_template: np.ndarray | None = None
+    """(V, 3) float32 the model's generic neutral, the basis shape (``vertices_template``), or
+    None when ``vertices_neutral`` is the basis."""
+    face_material: np.ndarray | None = None
+    """(F,) int32 each triangle's index into :attr:`material_names`, or None: one material."""
+    material_names: tuple[str, ...] = ()
+
+    @property
+    def vertices_basis(self) -> np.ndarray:
+        """(V, 3) float32 the mesh's basis shape: the template when the result has one, else the neutral."""
+        return self.vertices_neutral if self.vertices_template is None else self.vertices_template
+
+    @property
+    def identity_offset(self) -> np.ndarray | None:
+        """(V, 3) float32 the ``identity`` key's offset from the basis (neutral - template), or None."""
+        if self.vertices_template is None:
+            return None
+        return (self.vertices_neutral.astype(np.float64) - self.vertices_template).astype(np.float32)
+
+    @property
+    def key_names(self) -> tuple[str, ...]:
+        """Every shape key the importer makes after the Basis, in order: ``identity`` (with a
+        template), the expression and lip keys, the pose correctives."""
+        identity = (IDENTITY_KEY,) if self.vertices_template is not None else ()
+        return identity + self.shape_key_names + tuple(c.name for c in self.correctives)
+
+
+def skin_weights_for_detail(head: HeadData) -> tuple[np.ndarray, np.ndarray] | None:
+    """(vertex ids, weights) of the vertex group that limits the detail maps to the skin, or
+    None when the result has no materials (the maps then cover the whole mesh).
+
+    The group holds the vertices of the triangles whose material is ``skin``. The maps cover
+    the UV square [0, 1]^2 (the backend rasterises that square); a skin vertex with a corner
+    outside it (a head whose UV layout spans tiles, such as the ICT model's neck and the back
+    of its head in the second tile) would read the maps wrapped round, another part of the
+    face's detail: its weight is 0, the others' 1."""
+    if head.face_material is None or SKIN_MATERIAL not in head.material_names:
+        return None
+    skin = head.face_material == head.material_names.index(SKIN_MATERIAL)
+    ids = np.unique(head.faces[skin])
+    n = len(head.vertices_neutral)
+    uv = head.uv_loops.reshape(-1, 3, 2)
+    outside_corner = ((uv < 0.0) | (uv > 1.0)).any(axis=-1)  # (F, 3)
+    outside = np.zeros(n, bool)
+    outside[head.faces[outside_corner]] = True
+    weights = np.where(outside[ids], 0.0, 1.0).astype(np.float32)
+    return ids.astype(np.int64), weights
 
 
 @dataclass(frozen=True)
@@ -397,12 +465,25 @@ def read_result(path: str | Path) -> HeadData:
     # one UV per face corner: uv[uv_faces] is (F, 3, 2)
     uv_loops = np.ascontiguousarray(a["uv"][a["uv_faces"]], np.float32).ravel()
 
-    exp_offsets, exp_values, exp_scale = _scaled(a["expression_basis"], a["expression"])
+    named = "expression_names" in a
+    expression = np.asarray(a["expression"])
+    if named and (expression.size == 0 or np.abs(expression).max() <= MAX_NAMED_KEY_VALUE):
+        # the shapes as they are: a key's value is the result's weight
+        exp_offsets = np.asarray(a["expression_basis"], np.float32)
+        exp_values = expression.astype(np.float32)
+        exp_scale = np.ones(exp_offsets.shape[0])
+        lo = np.minimum(0.0, exp_values.min(axis=0)) if len(exp_values) else np.zeros(exp_offsets.shape[0])
+        hi = np.maximum(1.0, exp_values.max(axis=0)) if len(exp_values) else np.ones(exp_offsets.shape[0])
+        exp_ranges = np.stack([lo, hi], axis=1)
+    else:
+        exp_offsets, exp_values, exp_scale = _scaled(a["expression_basis"], expression)
+        exp_ranges = np.tile([-1.0, 1.0], (exp_offsets.shape[0], 1))
     lip_full = np.zeros((a["lip_basis"].shape[0], v, 3), np.float32)
     lip_full[:, a["lip_vertex_ids"]] = a["lip_basis"]  # lip offsets live on the lip vertices only
     lip_offsets, lip_values, lip_scale = _scaled(lip_full, a["lip_coeffs"])
     n_exp, n_lip = exp_offsets.shape[0], lip_offsets.shape[0]
-    names = tuple(EXPRESSION_KEY.format(i) for i in range(n_exp)) + tuple(LIP_KEY.format(i) for i in range(n_lip))
+    exp_names = _expression_names(path, a) if named else tuple(EXPRESSION_KEY.format(i) for i in range(n_exp))
+    names = exp_names + tuple(LIP_KEY.format(i) for i in range(n_lip))
 
     joint_names = tuple(str(s) for s in a["joint_names"])
     rotvecs = np.stack([_joint_pose(name, j, a) for j, name in enumerate(joint_names)], axis=1)  # (T, J, 3)
@@ -440,7 +521,23 @@ def read_result(path: str | Path) -> HeadData:
         correctives=_correctives(path, a, joint_names),
         camera=_camera(path, meta, a),
         video_path=source_video(path, source.get("path")),
+        shape_key_ranges=np.concatenate([exp_ranges, np.tile([-1.0, 1.0], (n_lip, 1))]),
+        vertices_template=(np.ascontiguousarray(a["vertices_template"], np.float32)
+                           if "vertices_template" in a else None),
+        face_material=np.ascontiguousarray(a["face_material"], np.int32) if "face_material" in a else None,
+        material_names=tuple(str(s) for s in a["material_names"]) if "material_names" in a else (),
     )
+
+
+def _expression_names(path: Path, a: dict) -> tuple[str, ...]:
+    """The named expressions' key names, checked to make distinct keys that no other key takes."""
+    names = tuple(str(s) for s in a["expression_names"])
+    reserved = {"Basis", IDENTITY_KEY}
+    bad = [n for n in names if not n or n in reserved or n.startswith(("lip_", "pose_"))]
+    if bad or len(set(names)) != len(names):
+        raise ResultError(f"{path}: expression_names must be distinct names other than Basis, {IDENTITY_KEY} "
+                          f"and the lip and pose keys' (got {bad or 'repeated names'})")
+    return names
 
 
 def write_source(folder, video) -> Path:
