@@ -55,6 +55,9 @@ N_IDENTITY = 100
 #: The model's parts: (name, first vertex, last vertex + 1, first polygon, last polygon + 1),
 #: from the upstream README's tables. Parts share the vertices where they meet (the face with
 #: the head, the mouth socket and the eye sockets), so a polygon's part is read from its index.
+#: Each eye is two meshes, which the README calls sclera and iris: the first is the eye's
+#: clear outer shell (with the cornea's bulge), the second the eyeball itself, iris and pupil
+#: recessed at its front; they are named here for what they are.
 PARTS = (
     ("face", 0, 9409, 0, 9230),
     ("head_neck", 9409, 11248, 9230, 11144),
@@ -63,10 +66,10 @@ PARTS = (
     ("eye_socket_right", 13678, 14062, 13630, 14034),
     ("gums_tongue", 14062, 17039, 14034, 17006),
     ("teeth", 17039, 21451, 17006, 21496),
-    ("sclera_left", 21451, 22221, 21496, 22296),
-    ("iris_left", 22221, 23021, 22296, 23094),
-    ("sclera_right", 23021, 23791, 23094, 23894),
-    ("iris_right", 23791, 24591, 23894, 24692),
+    ("eye_shell_left", 21451, 22221, 21496, 22296),
+    ("eyeball_left", 22221, 23021, 22296, 23094),
+    ("eye_shell_right", 23021, 23791, 23094, 23894),
+    ("eyeball_right", 23791, 24591, 23894, 24692),
     ("lacrimal_left", 24591, 24795, 24692, 24855),
     ("lacrimal_right", 24795, 24999, 24855, 25018),
     ("eye_blend_left", 24999, 25023, 25018, 25033),
@@ -80,12 +83,15 @@ PARTS = (
 MATERIALS = ("skin", "mouth", "teeth", "sclera", "iris", "eye_wet", "lashes")
 PART_MATERIAL = {
     "face": "skin", "head_neck": "skin", "mouth_socket": "mouth", "eye_socket_left": "mouth",
-    "eye_socket_right": "mouth", "gums_tongue": "mouth", "teeth": "teeth", "sclera_left": "sclera",
-    "iris_left": "iris", "sclera_right": "sclera", "iris_right": "iris", "lacrimal_left": "eye_wet",
+    "eye_socket_right": "mouth", "gums_tongue": "mouth", "teeth": "teeth", "eye_shell_left": "eye_wet",
+    "eyeball_left": "sclera", "eye_shell_right": "eye_wet", "eyeball_right": "sclera", "lacrimal_left": "eye_wet",
     "lacrimal_right": "eye_wet", "eye_blend_left": "eye_wet", "eye_blend_right": "eye_wet",
     "eye_occlusion_left": "eye_wet", "eye_occlusion_right": "eye_wet", "eyelashes_left": "lashes",
     "eyelashes_right": "lashes",
 }
+#: Half the angle the iris subtends at the eyeball's centre (an iris of about 11.5 mm on an
+#: eyeball of about 12.5 mm radius).
+IRIS_HALF_ANGLE_DEG = 27.0
 #: The skin: where the detail maps apply and the landmarks lie (face, head and neck).
 SKIN_VERTICES = (0, 11248)
 #: The soft tissue the clip's identity correction reshapes: the skin and the mouth and eye
@@ -229,18 +235,18 @@ def joint_regressor(neutral: np.ndarray, faces: np.ndarray) -> np.ndarray:
     corners_y = neutral[[5708, 6213], 1].mean()  # the Multi-PIE mouth corners (48, 54)
     ring = a + np.flatnonzero(np.abs(neutral[a:b, 1] - corners_y) < 0.01)
     reg[0, ring] = 1.0 / len(ring)
-    for j, (s, i) in enumerate((("sclera_left", "iris_left"), ("sclera_right", "iris_right")), start=1):
+    for j, (s, i) in enumerate((("eye_shell_left", "eyeball_left"), ("eye_shell_right", "eyeball_right")), start=1):
         ids = np.r_[np.arange(*_part_range(s)), np.arange(*_part_range(i))]
         reg[j, ids] = 1.0 / len(ids)
     return reg
 
 
 def skinning_weights(n_vertices: int) -> np.ndarray:
-    """(V, 3): the eyeballs (sclera and iris) follow their eye joint, all else the root."""
+    """(V, 3): the eyes (shell and eyeball) follow their eye joint, all else the root."""
     w = np.zeros((n_vertices, 3), np.float32)
     w[:, 0] = 1.0
     for j, side in ((1, "left"), (2, "right")):
-        for part in (f"sclera_{side}", f"iris_{side}"):
+        for part in (f"eye_shell_{side}", f"eyeball_{side}"):
             a, b = _part_range(part)
             w[a:b] = 0.0
             w[a:b, j] = 1.0
@@ -346,10 +352,30 @@ class ICTModel(FaceModel):
 
     @property
     def face_materials(self) -> tuple[np.ndarray, tuple]:
-        """((F,) each triangle's index into :data:`MATERIALS`, :data:`MATERIALS`)."""
+        """((F,) each triangle's index into :data:`MATERIALS`, :data:`MATERIALS`): by part, and
+        on each eyeball the iris where the triangle lies within :data:`IRIS_HALF_ANGLE_DEG` of
+        the eye's forward axis."""
         part = polygon_parts(len(self.arrays.polygons))[self.arrays.face_polygon]
         lookup = np.array([MATERIALS.index(PART_MATERIAL[p[0]]) for p in PARTS])
-        return lookup[part], MATERIALS
+        material = lookup[part]
+        names = [p[0] for p in PARTS]
+        centres = self.rest_joints()
+        v = self.arrays.neutral
+        for j, side in ((1, "left"), (2, "right")):
+            tris = np.flatnonzero(part == names.index(f"eyeball_{side}"))
+            d = v[self.faces[tris]].mean(1) - centres[j]
+            cos = d[:, 2] / np.maximum(np.linalg.norm(d, axis=1), 1e-12)
+            material[tris[cos > np.cos(np.radians(IRIS_HALF_ANGLE_DEG))]] = MATERIALS.index("iris")
+        return material, MATERIALS
+
+    @property
+    def detail_faces(self) -> np.ndarray:
+        """(F,) bool: the triangles the detail maps cover: the skin's inside the unit UV square
+        (the face; the head and neck lie in the next tile, the eyes and teeth in their own)."""
+        material, names = self.face_materials
+        uv = self.uv[self.uv_faces]  # (F, 3, 2)
+        inside = ((uv >= 0.0) & (uv <= 1.0)).all((1, 2))
+        return (material == names.index("skin")) & inside
 
     def joint_pose(self, params: FaceParams) -> torch.Tensor:
         """(B, 3, 3) axis-angle per joint: the head (global_orient) and the two eyes."""

@@ -87,6 +87,12 @@ def test_units_parts_and_materials(model):
     # the teeth's triangles are the teeth's material, the face's the skin's
     assert (material[model.vertex_parts[model.faces].max(1) == 6] == names.index("teeth")).all()
     assert counts["lashes"] == 2 * 540 * 2  # 2 x 540 quads, 2 triangles each
+    # each eye: a clear shell over an eyeball whose front is the iris
+    eyeball = model.vertex_parts[model.faces].max(1) == [p[0] for p in ict.PARTS].index("eyeball_left")
+    iris = material == names.index("iris")
+    assert iris[eyeball].any() and (iris & eyeball).sum() < 0.5 * eyeball.sum()  # 498 of 1596: the front is dense
+    front = model.arrays.neutral[model.faces[iris & eyeball]].mean(1)[:, 2]
+    assert front.min() > model.rest_joints()[1, 2] + 0.008  # the iris faces forward
 
 
 def test_landmarks_only_match_the_full_mesh_and_the_joints_do_their_parts(model):
@@ -106,8 +112,8 @@ def test_landmarks_only_match_the_full_mesh_and_the_joints_do_their_parts(model)
     with torch.no_grad():
         d = (model.forward(turned).vertices - model.forward(base).vertices)[0].norm(dim=1).numpy()
     left = np.zeros(model.n_vertices, bool)
-    left[slice(*ict._part_range("sclera_left"))] = True
-    left[slice(*ict._part_range("iris_left"))] = True
+    left[slice(*ict._part_range("eye_shell_left"))] = True
+    left[slice(*ict._part_range("eyeball_left"))] = True
     assert d[left].max() > 0.003 and d[~left].max() == 0.0
     centre = model.rest_joints()[1]
     r0 = np.linalg.norm(model.arrays.neutral[left] - centre, axis=1)

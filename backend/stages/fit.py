@@ -405,8 +405,9 @@ class _Variables:
                     + ([self.betas] if problem.n_betas else []))
 
     #: A bounded weight starts at least this far inside its bounds (as a share of the range):
-    #: on a bound its free variable's gradient is zero.
-    BOUND_MARGIN = 0.02
+    #: on a bound its free variable's gradient is zero. Small, so that a shape the start left
+    #: at rest stays there to 1e-4 (the curves' zero), yet the refinement can still raise it.
+    BOUND_MARGIN = 1e-4
 
     def _free(self, expr: np.ndarray) -> np.ndarray:
         """The free variables whose :meth:`expression` is ``expr``: the weights themselves, or

@@ -210,7 +210,7 @@ def run_detail(clip: DetailInputs, config: DetailStageConfig = DetailStageConfig
     n = len(vertices)
     size = config.map_size or uvspace.default_uv_size(device)
     faces = np.asarray(model.faces)
-    raster = uvspace.rasterise_uv(model.uv, model.uv_faces, size)
+    raster = uvspace.rasterise_uv(model.uv, model.uv_faces, size, getattr(model, "detail_faces", None))
     v = torch.as_tensor(np.asarray(vertices, np.float32), device=device)
     weights = lower_face_weights(model.neutral_vertices(None), model.lip_vertex_ids)
     uv, outliers, occluded = _unwrap_trusted(clip, raster, v, weights, device, report, hooks.should_cancel)

@@ -121,10 +121,12 @@ def _barycentric(p: np.ndarray, a: np.ndarray, b: np.ndarray, c: np.ndarray) -> 
     return np.stack([1.0 - w1 - w2, w1, w2], axis=1)
 
 
-def rasterise_uv(uv: np.ndarray, uv_faces: np.ndarray, size: int) -> UVRaster:
+def rasterise_uv(uv: np.ndarray, uv_faces: np.ndarray, size: int, only: np.ndarray | None = None) -> UVRaster:
     """Rasterise the UV layout: the triangle and barycentrics of every covered texel centre.
 
-    uv: (Vt, 2) in [0, 1], v up; uv_faces: (F, 3) ids into uv; size: S texels a side.
+    uv: (Vt, 2) in [0, 1], v up; uv_faces: (F, 3) ids into uv; size: S texels a side; only:
+    (F,) bool, the triangles the maps cover (None: all). A whole head's layout also holds its
+    eyes and teeth, and its skin beyond the unit square: the detail is the face's alone.
 
     Candidates are the texels of each triangle's bounding box, enumerated for all triangles
     at once; a centre inside several triangles (shared edges, overlapping islands) goes to
@@ -149,6 +151,8 @@ def rasterise_uv(uv: np.ndarray, uv_faces: np.ndarray, size: int) -> UVRaster:
     lo = np.clip(np.floor(tri.min(1) - 0.5).astype(np.int64) + 1, 0, size - 1)  # first centre >= min
     hi = np.clip(np.floor(tri.max(1) - 0.5).astype(np.int64), -1, size - 1)  # last centre <= max
     extent = np.maximum(hi - lo + 1, 0)  # (F, 2) columns, rows
+    if only is not None:
+        extent[~np.asarray(only, bool)] = 0
     counts = extent[:, 0] * extent[:, 1]
     owner, k = _ragged_arange(counts)
     col = lo[owner, 0] + k % extent[owner, 0]
@@ -175,7 +179,7 @@ def rasterise_uv(uv: np.ndarray, uv_faces: np.ndarray, size: int) -> UVRaster:
     twice_area = np.abs((tri[:, 1, 0] - tri[:, 0, 0]) * (tri[:, 2, 1] - tri[:, 0, 1])
                         - (tri[:, 2, 0] - tri[:, 0, 0]) * (tri[:, 1, 1] - tri[:, 0, 1]))
     # A loop over the few sliver triangles (none at 512^2 on the canonical layout), not texels.
-    empty = np.nonzero((count == 0) & (twice_area > 0))[0]
+    empty = np.nonzero((count == 0) & (twice_area > 0) & (True if only is None else np.asarray(only, bool)))[0]
     for f in empty:
         # the texel nearest the centroid among those around the triangle whose owner keeps
         # another texel (or that nobody owns)
