@@ -88,6 +88,15 @@ class FitConfig:
     it, fewer shapes combine to make one motion, so the jaw opens with ``jawOpen``. ICT
     model, four real clips: jawOpen's correlation with the lip gap 0.83 -> 0.89 (GRID) and
     0.52 -> 0.65 (20-s clip), landmark NME 0.40 -> 0.45 %."""
+    start_lip_weight: float = 2.0
+    """Weight of the lip landmarks in the start of a bounded fit (the refinement's own is 2).
+    ICT model, four real clips: lips NME 0.52-0.55 -> 0.49-0.51 %."""
+    jawless_l1_scale: float = 20.0
+    """How much more the start's L1 prior weighs on the shapes that part or close the lips
+    without the jaw (the ICT model's ``jawless_mouth_shapes``): speech opens the mouth with
+    the jaw, and left alone the fit parts the lips with ``mouthLowerDown`` and its kin as often.
+    Four real clips: jawOpen's correlation with the lip gap 0.52-0.84 -> 0.88-0.94, lips NME
+    +0.01 %."""
     shape_adaptation: float = 1e-3
     """Ridge of the clip's own expression shapes (the ICT model): each shape's landmark
     offsets are learned from the clip's seen frames, pulled towards the generic shape with

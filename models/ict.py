@@ -100,6 +100,11 @@ SOFT_VERTICES = (0, 14062)
 #: The narrow face area of the upstream README (no ears, no forehead top, no neck).
 NARROW_FACE = (0, 6706)
 
+#: Shapes that move the lips apart or together, or the chin forward, without the jaw's opening
+#: (name prefixes): in speech the jaw does most of that.
+JAWLESS_MOUTH_SHAPES = ("mouthLowerDown", "mouthUpperUp", "mouthClose", "mouthShrugLower", "mouthFunnel",
+                        "mouthStretch", "jawForward")
+
 JOINT_NAMES = ("root", "eye_left", "eye_right")
 JOINT_PARENTS = np.array([-1, 0, 0])
 
@@ -318,8 +323,7 @@ class ICTModel(FaceModel):
         self._t_parents = torch.as_tensor(self.parents, dtype=torch.long)
         self._t = t
         self._full: dict | None = None  # built on first use: 26,719 vertices x 153 shapes
-        self._subset_ids = self.landmark_vertex_ids()
-        self._subset = self._evaluation_set(self._subset_ids)
+        self._subset = self._landmark_set()
 
     def _evaluation_set(self, ids: np.ndarray) -> dict:
         t = self._t
@@ -331,6 +335,24 @@ class ICTModel(FaceModel):
             "lmk_tri": torch.as_tensor(pos, device=self.device, dtype=torch.long),
             "lmk_idx": torch.arange(len(pos), device=self.device),
             "lmk_bary": t(self._bary64),
+        }
+
+    def _landmark_set(self) -> dict:
+        """The landmarks as points of their own: each the barycentric blend of its corners'
+        template and shapes. Skinning is linear in the points and every landmark's corners
+        follow the root alone, so posing the blended points is posing the corners and
+        blending after; the fit's forward passes then touch 468 points instead of 1,400
+        vertices."""
+        t = self._t
+        tri = self.faces[self.landmark_faces]  # (M, 3)
+        w = self.skin_weights[tri]  # (M, 3 corners, J)
+        if not np.allclose(w, w[:, :1]):
+            raise ValueError("a landmark's corners follow different joints")
+        bary = self._bary64
+        return {
+            "template": t(np.einsum("mc,mck->mk", bary, self.arrays.neutral[tri].astype(np.float64))),
+            "dirs": t(np.einsum("mc,mckl->mkl", bary, self._dirs[tri].astype(np.float64))),
+            "weights": t(w[:, 0]),
         }
 
     @property
@@ -369,6 +391,18 @@ class ICTModel(FaceModel):
         return material, MATERIALS
 
     @property
+    def jaw_shapes(self) -> np.ndarray:
+        """(E,) bool: the jaw's shapes (``jaw*``): they alone move the chin as the clip's own
+        shapes are learned."""
+        return np.array([n.startswith("jaw") for n in self.expression_names])
+
+    @property
+    def jawless_mouth_shapes(self) -> np.ndarray:
+        """(E,) bool: the shapes that part, close or push the lips without opening the jaw
+        (:data:`JAWLESS_MOUTH_SHAPES`), which the fit makes costlier than ``jawOpen``."""
+        return np.array([n.startswith(JAWLESS_MOUTH_SHAPES) for n in self.expression_names])
+
+    @property
     def detail_faces(self) -> np.ndarray:
         """(F,) bool: the triangles the detail maps cover: the skin's inside the unit UV square
         (the face; the head and neck lie in the next tile, the eyes and teeth in their own)."""
@@ -391,8 +425,10 @@ class ICTModel(FaceModel):
         verts, joints = lbs(shaped, self.joint_pose(params), None, self._t_parents, s["weights"], joints=joints_rest)
         verts = verts + params.transl[:, None]
         joints = joints + params.transl[:, None]
+        if not full:  # the points are the landmarks (_landmark_set)
+            return FaceOutput(None, verts, joints)
         lmk = vertices2landmarks(verts, s["lmk_tri"], s["lmk_idx"], s["lmk_bary"])
-        return FaceOutput(verts if full else None, lmk, joints)
+        return FaceOutput(verts, lmk, joints)
 
     def neutral_vertices(self, betas: torch.Tensor | None = None) -> np.ndarray:
         v = self.arrays.neutral.astype(np.float64)
@@ -447,26 +483,43 @@ def spread_landmark_offsets(faces: np.ndarray, n_vertices: int, landmark_faces: 
     landmark's surface point is ``offsets`` (M, C) (C = 3: one offset), in the least-squares
     sense: landmark terms plus the graph Laplacian's smoothness plus a small decay; zero on
     the other parts."""
+    interp, solve = _spread_system(np.asarray(faces, np.int64), np.asarray(landmark_faces, np.int64),
+                                   np.asarray(bary, np.float64))
+    a, b = SOFT_VERTICES
+    rhs = interp.T @ np.asarray(offsets, np.float64)
+    out = np.zeros((n_vertices, rhs.shape[1]))
+    out[a:b] = np.stack([solve(rhs[:, c]) for c in range(rhs.shape[1])], 1)
+    return out.astype(np.float32)
+
+
+_SPREAD_CACHE: dict = {}
+
+
+def _spread_system(faces: np.ndarray, landmark_faces: np.ndarray, bary: np.ndarray):
+    """(interpolation (M, n), the factorised normal matrix's solve) of
+    :func:`spread_landmark_offsets`: the same for every clip, so factorised once per process."""
+    import hashlib
+
     import scipy.sparse as sp
     import scipy.sparse.linalg as spla
 
     from avface.models.canonical_mesh import mesh_laplacian
 
+    key = hashlib.sha1(faces.tobytes() + landmark_faces.tobytes() + bary.tobytes()).hexdigest()
+    if key in _SPREAD_CACHE:
+        return _SPREAD_CACHE[key]
     a, b = SOFT_VERTICES
-    f = np.asarray(faces, np.int64)
-    f = f[(f >= a).all(1) & (f < b).all(1)] - a
+    f = faces[(faces >= a).all(1) & (faces < b).all(1)] - a
     n = b - a
     lap = mesh_laplacian(f, n)
-    tri = np.asarray(faces, np.int64)[np.asarray(landmark_faces)] - a  # (M, 3)
+    tri = faces[landmark_faces] - a  # (M, 3)
     m = len(tri)
     rows = np.repeat(np.arange(m), 3)
-    interp = sp.coo_matrix((np.asarray(bary, np.float64).reshape(-1), (rows, tri.reshape(-1))), shape=(m, n)).tocsr()
+    interp = sp.coo_matrix((bary.reshape(-1), (rows, tri.reshape(-1))), shape=(m, n)).tocsr()
     system = (interp.T @ interp + lap.T @ lap + SPREAD_DECAY * sp.identity(n)).tocsc()
-    solve = spla.factorized(system)
-    rhs = interp.T @ np.asarray(offsets, np.float64)
-    out = np.zeros((n_vertices, rhs.shape[1]))
-    out[a:b] = np.stack([solve(rhs[:, c]) for c in range(rhs.shape[1])], 1)
-    return out.astype(np.float32)
+    _SPREAD_CACHE.clear()  # one model's system at a time
+    _SPREAD_CACHE[key] = (interp, spla.factorized(system))
+    return _SPREAD_CACHE[key]
 
 
 def load_ict(*, device="cpu", dtype=torch.float32) -> ICTModel:

@@ -39,7 +39,7 @@ from avface.config import FitConfig
 from avface.core.geometry import WORLD_TO_CAMERA, backproject, intrinsics_for, project, rigid, similarity
 from avface.core.threads import single_thread
 from avface.core.timeseries import fill_missing
-from avface.core.topology import LIPS, OUTER_EYE_CORNERS, RIGID, inter_ocular, rigid_weights
+from avface.core.topology import CHIN, LIPS, OUTER_EYE_CORNERS, RIGID, inter_ocular, rigid_weights
 from avface.errors import CancelledError, NoFaceError
 from avface.models.base import FaceModel, FaceParams
 from avface.models.canonical import CanonicalModel
@@ -673,7 +673,13 @@ def _linear_start(model: FaceModel, points: np.ndarray, rigid_w: np.ndarray, con
     lo, hi = model.expression_bounds
     betas = np.zeros(b_id.shape[0])
     expr = np.zeros((n, b_ex.shape[0]))
-    axis_w = np.sqrt(np.array([1.0, 1.0, START_DEPTH_WEIGHT]))
+    # lips count double, as in the refinement
+    lmk_w = np.where(np.isin(ids, LIPS), config.start_lip_weight, 1.0)
+    axis_w = np.sqrt(lmk_w[:, None] * np.array([1.0, 1.0, START_DEPTH_WEIGHT]))
+    l1 = np.full(b_ex.shape[0], config.start_l1)
+    jawless = getattr(model, "jawless_mouth_shapes", None)
+    if jawless is not None:  # the jaw's shapes open the mouth unless the landmarks say otherwise
+        l1[np.asarray(jawless, bool)] *= config.jawless_l1_scale
     rows = np.repeat(~np.isin(ids, lower_face_ids()), 3)
     shaped = base
     for _ in range(START_ROUNDS):
@@ -697,10 +703,10 @@ def _linear_start(model: FaceModel, points: np.ndarray, rigid_w: np.ndarray, con
             aligned = np.einsum("tji,tmj->tmi", r, points - t[:, None])
             resid = ((aligned - shaped) * axis_w).reshape(n, -1)
             if seen.any():
-                expr[seen] = _box_least_squares(a_ex, resid[seen], lo, hi, START_RIDGE_EXPRESSION, config.start_l1)
+                expr[seen] = _box_least_squares(a_ex, resid[seen], lo, hi, START_RIDGE_EXPRESSION, l1)
             if (~seen).any():  # sparser where the evidence is weak
                 expr[~seen] = _box_least_squares(a_ex[rows], resid[~seen][:, rows], lo, hi, START_RIDGE_EXPRESSION,
-                                                 config.start_l1 * (1.0 + config.l1_unseen_boost))
+                                                 l1 * (1.0 + config.l1_unseen_boost))
     lam = config.shape_adaptation
     if lam > 0 and hasattr(model, "with_shape_offsets") and seen.sum() >= MIN_ADAPT_FRAMES:
         for _ in range(2):
@@ -709,10 +715,19 @@ def _linear_start(model: FaceModel, points: np.ndarray, rigid_w: np.ndarray, con
             e_s = expr[seen]
             r_s = (aligned[seen] - shaped).reshape(int(seen.sum()), -1) - e_s @ b_ex.reshape(len(b_ex), -1)
             d = np.linalg.solve(e_s.T @ e_s + lam * len(e_s) * np.eye(e_s.shape[1]), e_s.T @ r_s)
+            jaw = getattr(model, "jaw_shapes", None)
+            if jaw is not None:
+                # the chin is the jaw's: only the jaw's shapes learn how this chin moves
+                jaw = np.asarray(jaw, bool)
+                cols = np.repeat(np.isin(ids, CHIN), 3)
+                dj = np.linalg.solve(e_s[:, jaw].T @ e_s[:, jaw] + lam * len(e_s) * np.eye(int(jaw.sum())),
+                                     e_s[:, jaw].T @ r_s[:, cols])
+                d[:, cols] = 0.0
+                d[np.ix_(jaw, cols)] = dj
             model = model.with_shape_offsets(d.reshape(b_ex.shape))
             _, _, b_ex = _landmark_bases(model)
             a_ex = (b_ex * axis_w).reshape(len(b_ex), -1).T
-            expr[seen] = _box_least_squares(a_ex, resid[seen], lo, hi, START_RIDGE_EXPRESSION, config.start_l1)
+            expr[seen] = _box_least_squares(a_ex, resid[seen], lo, hi, START_RIDGE_EXPRESSION, l1)
     return model, r, t, betas, expr
 
 
