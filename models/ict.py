@@ -229,6 +229,30 @@ def read_embedding(folder: str | Path = DATA_DIR) -> ICTEmbedding:
                             z["bary"].astype(np.float64))
 
 
+#: MediaPipe's iris-centre landmarks and the eye each is on (468 beside landmark 33, the
+#: person's right eye; the model's x runs to its left, so that eye has x < 0).
+IRIS_LANDMARKS = {468: "right", 473: "left"}
+
+
+def pupil_embedding(arrays: ICTArrays) -> tuple[np.ndarray, np.ndarray]:
+    """(triangles (2,), barycentric coordinates (2, 3)) of the pupils' centres, in
+    :data:`IRIS_LANDMARKS` order: the eyeball's surface point straight ahead of its centre."""
+    from avface.models.surface import closest_points
+
+    part = polygon_parts(len(arrays.polygons))[arrays.face_polygon]
+    names = [p[0] for p in PARTS]
+    faces, bary = [], []
+    for side in IRIS_LANDMARKS.values():
+        tris = np.flatnonzero(part == names.index(f"eyeball_{side}"))
+        ids = np.arange(*_part_range(f"eyeball_{side}"))
+        centre = arrays.neutral[ids].astype(np.float64).mean(0)
+        front = centre + np.array([0.0, 0.0, np.abs(arrays.neutral[ids, 2] - centre[2]).max() + 0.01])
+        f, b, _ = closest_points(front[None], arrays.neutral, arrays.faces[tris])
+        faces.append(tris[f[0]])
+        bary.append(b[0])
+    return np.asarray(faces), np.asarray(bary)
+
+
 def joint_regressor(neutral: np.ndarray, faces: np.ndarray) -> np.ndarray:
     """(3, V) rows that average vertices into the three joints, so that the joints follow the
     identity linearly: root, the mean of the head-and-neck vertices within 1 cm of the mouth
@@ -281,6 +305,7 @@ class ICTModel(FaceModel):
     joint_names = JOINT_NAMES
     parents = JOINT_PARENTS
     expression_bounds = (0.0, 1.0)
+    jaw_dof = 0  # the jaw is in the shapes
 
     def __init__(self, arrays: ICTArrays | None = None, embedding: ICTEmbedding | None = None, *,
                  n_shape: int = N_IDENTITY, neutral_offset: np.ndarray | None = None, device="cpu",
@@ -301,10 +326,13 @@ class ICTModel(FaceModel):
         self.uv = arrays.uv
         self.uv_faces = arrays.uv_faces
         self.expression_names = arrays.expression_names
-        self.landmark_ids = embedding.landmark_ids
-        self.landmark_faces = embedding.face_idx
-        self.landmark_bary = embedding.bary.astype(np.float32)
-        self._bary64 = embedding.bary
+        # the face mesh's landmarks, then the two iris centres on the eyeballs' pupils
+        self.n_mesh_landmarks = len(embedding.landmark_ids)
+        iris_faces, iris_bary = pupil_embedding(arrays)
+        self.landmark_ids = np.r_[embedding.landmark_ids, list(IRIS_LANDMARKS)].astype(np.int64)
+        self.landmark_faces = np.r_[embedding.face_idx, iris_faces].astype(np.int64)
+        self._bary64 = np.concatenate([embedding.bary, iris_bary])
+        self.landmark_bary = self._bary64.astype(np.float32)
         n = len(arrays.neutral)
         self.lip_vertex_ids = lip_vertices(arrays.faces, n, embedding)
         self.skin_weights = skinning_weights(n)
@@ -447,12 +475,14 @@ class ICTModel(FaceModel):
 
 
     def with_shape_offsets(self, offsets: np.ndarray) -> "ICTModel":
-        """This model with each expression shape's landmarks moved by ``offsets`` (E, M, 3)
+        """This model with each expression shape's face-mesh landmarks (the first
+        :attr:`n_mesh_landmarks`) moved by ``offsets`` (E, M, 3)
         metres per unit weight: the clip's own version of the shapes (each offset spread
         smoothly over the skin, :func:`spread_landmark_offsets`)."""
         offsets = np.asarray(offsets, np.float64)
-        fields = spread_landmark_offsets(self.faces, self.n_vertices, self.landmark_faces, self._bary64,
-                                         offsets.transpose(1, 0, 2).reshape(len(self.landmark_faces), -1))
+        k = self.n_mesh_landmarks
+        fields = spread_landmark_offsets(self.faces, self.n_vertices, self.landmark_faces[:k], self._bary64[:k],
+                                         offsets.transpose(1, 0, 2).reshape(k, -1))
         deltas = self.arrays.expression_deltas + fields.reshape(self.n_vertices, -1, 3).transpose(1, 0, 2)
         base = self.arrays.neutral - (0 if self.neutral_offset is None else self.neutral_offset)
         return ICTModel(replace(self.arrays, neutral=base, expression_deltas=deltas.astype(np.float32)),
@@ -460,16 +490,40 @@ class ICTModel(FaceModel):
                         device=self.device, dtype=self.dtype)
 
     def with_landmark_offsets(self, offsets: np.ndarray) -> "ICTModel":
-        """This model with its neutral moved so that its landmarks move by ``offsets`` (M, 3)
+        """This model with its neutral moved so that its face-mesh landmarks move by ``offsets`` (M, 3)
         metres: a per-clip correction of the identity beyond what the identity modes express
         (the offsets spread smoothly over the skin; the eyes, teeth and mouth interior keep
         their shape)."""
         base = self.arrays.neutral - (0 if self.neutral_offset is None else self.neutral_offset)
-        offset = spread_landmark_offsets(self.faces, len(base), self.landmark_faces, self._bary64, offsets)
+        k = self.n_mesh_landmarks
+        offset = spread_landmark_offsets(self.faces, len(base), self.landmark_faces[:k], self._bary64[:k], offsets)
+        offset = offset + eye_offsets(self.landmark_ids[:k], offsets, len(base))
         if self.neutral_offset is not None:
             offset = offset + self.neutral_offset
         return ICTModel(replace(self.arrays, neutral=base), self._embedding, n_shape=self._n_shape,
                         neutral_offset=offset, device=self.device, dtype=self.dtype)
+
+
+#: Each eye's meshes, which move as one with the eye's lids (:func:`eye_offsets`).
+EYE_PARTS = ("eye_shell_{}", "eyeball_{}", "lacrimal_{}", "eye_blend_{}", "eye_occlusion_{}", "eyelashes_{}")
+
+
+def eye_offsets(landmark_ids: np.ndarray, offsets: np.ndarray, n_vertices: int) -> np.ndarray:
+    """(V, 3): each eye's meshes (eyeball, shell, wet and occlusion meshes, lashes) moved by
+    the mean offset of that eye's lid landmarks, so that a correction that moves the lids
+    carries the eye with them (the eye sits in its lids; its centre sets the gaze)."""
+    from avface.core.topology import LEFT_EYE, RIGHT_EYE
+
+    out = np.zeros((n_vertices, 3), np.float32)
+    ids = list(np.asarray(landmark_ids))
+    # MediaPipe's RIGHT_EYE is the person's right eye: the model's x < 0, its "right" parts
+    for side, lids in (("right", RIGHT_EYE), ("left", LEFT_EYE)):
+        rows = [ids.index(i) for i in lids if i in ids]
+        shift = np.asarray(offsets, np.float64)[rows].mean(0)
+        for part in EYE_PARTS:
+            a, b = _part_range(part.format(side))
+            out[a:b] = shift
+    return out
 
 
 #: Pull of the spread offsets towards zero against their smoothness: offsets fade over a few

@@ -135,17 +135,25 @@ def test_landmarks_only_match_the_full_mesh_and_the_joints_do_their_parts(model)
 def test_the_neutral_correction_moves_the_landmarks_by_the_offsets(model):
     rng = np.random.default_rng(0)
     # a smooth offset: a small shear of the face, as an identity the modes miss would be
+    k = model.n_mesh_landmarks  # the face mesh's; the irises, beyond, stay on the eyes
     with torch.no_grad():
         rest = model.forward(model.zero_params(1), full=False).landmarks[0].numpy()
-    offsets = 0.003 * np.stack([rest[:, 1] / 0.1, np.zeros(len(rest)), rest[:, 0] / 0.1], 1)
+    offsets = 0.003 * np.stack([rest[:k, 1] / 0.1, np.zeros(k), rest[:k, 0] / 0.1], 1)
     corrected = model.with_landmark_offsets(offsets)
     with torch.no_grad():
         moved = corrected.forward(corrected.zero_params(1), full=False).landmarks[0].numpy()
-    err = np.linalg.norm(moved - rest - offsets, axis=1)
+    # each iris moves with its eye's lids, as a whole eye
+    from avface.core.topology import RIGHT_EYE
+
+    lids = [list(model.landmark_ids).index(i) for i in RIGHT_EYE]
+    np.testing.assert_allclose(moved[k] - rest[k], offsets[lids].mean(0), atol=1e-6)  # 468: the right iris
+    err = np.linalg.norm(moved[:k] - rest[:k] - offsets, axis=1)
     assert np.median(err) < 2e-4 and err.max() < 1e-3, (np.median(err), err.max())
-    # the eyeballs and teeth keep their shape
+    # the gums and teeth stay; the eyes move without changing shape
     off = corrected.neutral_offset
-    assert np.abs(off[14062:]).max() == 0.0
+    assert np.abs(off[14062:21451]).max() == 0.0
+    eyeball = off[slice(*ict._part_range("eyeball_left"))]
+    assert np.abs(eyeball - eyeball[0]).max() < 1e-7 and np.abs(eyeball[0]).max() > 1e-4
     assert rng is not None
 
 
@@ -194,8 +202,9 @@ def test_the_linear_start_recovers_known_weights_within_bounds(model):
                    p.global_orient, p.neck_pose, p.jaw_pose, p.leye_pose, p.reye_pose, p.transl)
     with torch.no_grad():
         local = model.forward(p, full=False).landmarks.numpy().astype(np.float64)
-    points = np.einsum("tij,tmj->tmi", rot.as_matrix(), local) + np.array([0.0, 0.0, -0.5])
-    w = np.where(np.isin(model.landmark_ids, RIGID), 1.0, 0.1)
+    mesh = model.landmark_ids < 468
+    points = np.einsum("tij,tmj->tmi", rot.as_matrix(), local[:, mesh]) + np.array([0.0, 0.0, -0.5])
+    w = np.where(np.isin(model.landmark_ids[mesh], RIGID), 1.0, 0.1)
     fitted, r, t, b, e = _linear_start(model, points, w, np.ones(n), FitConfig(shape_adaptation=0.0))
     assert e.min() >= 0.0 and e.max() <= 1.0
     err = np.abs(e - true)
@@ -243,3 +252,43 @@ def test_reconstruct_with_the_ict_model_writes_a_whole_head_whose_curves_are_its
     cam = world @ WORLD_TO_CAMERA.T
     err = np.linalg.norm(cam - a["vertices"][:, skull].astype(np.float64), axis=2)
     assert err.max() < 5e-4, err.max()
+
+
+def test_the_fit_turns_the_eyes_to_the_irises(model):
+    """Tracking made from the model itself, posed with a known gaze that sweeps left, right,
+    up and down: the fit's eye rotations follow it (to 2 degrees), the weights stay within
+    their bounds, and the landmarks are reproduced."""
+    from scipy.spatial.transform import Rotation
+
+    from avface.core.geometry import intrinsics_for
+    from avface.stages.fit import FitConfig, fit_metrics, fit_model
+    from test_fit import FOV, H, W, synthetic_tracking
+
+    n = 30
+    s = np.linspace(0, 2 * np.pi, n)
+    gaze = np.stack([0.15 * np.sin(s), 0.25 * np.cos(2 * s)], 1)  # pitch, yaw (radians)
+    names = model.expression_names
+    expr = np.zeros((n, 53))
+    expr[:, names.index("jawOpen")] = 0.15 * (1 + np.sin(3 * s))
+    expr[:4] = 0.0
+    p = model.zero_params(n)
+    eye = torch.as_tensor(np.c_[gaze, np.zeros(n)], dtype=torch.float32)
+    rot = torch.as_tensor(Rotation.from_euler("y", 0.2 * np.sin(s)[:, None]).as_rotvec(), dtype=torch.float32)
+    p = FaceParams(p.betas, torch.as_tensor(expr, dtype=torch.float32), rot, p.neck_pose, p.jaw_pose, eye, eye,
+                   torch.tensor([[0.0, 0.0, -0.45]]).expand(n, 3))
+    with torch.no_grad():
+        lmk = model.forward(p, full=False).landmarks.numpy().astype(np.float64)
+    ids = list(model.landmark_ids)
+    world = np.zeros((n, 478, 3))
+    world[:, :468] = lmk[:, :468]
+    for i in (468, 473):  # the iris centres, and their rings at the centre (unused)
+        world[:, i:i + 5] = lmk[:, [ids.index(i)]]
+    k = intrinsics_for(W, H, FOV)
+    tr = synthetic_tracking(world, k)
+    fit = fit_model(model, tr, FitConfig(fov_deg=FOV, iterations=60))
+    got = np.stack([fit.params.leye_pose.numpy()[:, :2], fit.params.reye_pose.numpy()[:, :2]], 1)
+    err = np.degrees(np.abs(got - gaze[:, None])).max()
+    assert err < 2.0, err
+    e = fit.params.expression.numpy()
+    assert e.min() >= 0.0 and e.max() <= 1.0
+    assert fit_metrics(fit, tr)["nme"] < 0.5
