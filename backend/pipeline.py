@@ -167,7 +167,7 @@ def _coarse(inputs: _Inputs, model, checkpoint, options: ReconstructOptions, run
     lips = None
     if net is not None and options.networks.lips:
         with run.stage("lips"), threads.single_thread(options.device):
-            lips = _lips(net, fit, options)
+            lips = _lips(net, fit, tracking, options)
     return _Coarse(tracking, features, conf, occluded, camera, fit, metrics, net, lips)
 
 
@@ -343,9 +343,10 @@ def gradient_adapter(config):
     return adapt_networks
 
 
-def _lips(net: NetworkRun, fit: CoarseFit, options: ReconstructOptions):
-    """The SIREN's lips for the fitted model, as the result's lip PCA."""
-    return refine_lips(net, fit, device=options.device)
+def _lips(net: NetworkRun, fit: CoarseFit, tracking: Tracking, options: ReconstructOptions):
+    """The SIREN's lips for the fitted model (and, for a model whose shapes cannot follow the
+    tracker's lips, what they leave), as the result's lip PCA."""
+    return refine_lips(net, fit, device=options.device, tracking=tracking)
 
 
 def _fit(model, tracking: Tracking, conf: np.ndarray, fit_cfg, options: ReconstructOptions, run: _Run,

@@ -306,6 +306,9 @@ class ICTModel(FaceModel):
     parents = JOINT_PARENTS
     expression_bounds = (0.0, 1.0)
     jaw_dof = 0  # the jaw is in the shapes
+    #: its 53 shapes, even the clip's own, cannot take every lip shape the tracker sees: the
+    #: lips stage adds the rest where the mouth is seen (avface.stages.lips.tracker_lip_offsets)
+    lip_residual = True
 
     def __init__(self, arrays: ICTArrays | None = None, embedding: ICTEmbedding | None = None, *,
                  n_shape: int = N_IDENTITY, neutral_offset: np.ndarray | None = None, device="cpu",

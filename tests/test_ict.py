@@ -205,7 +205,8 @@ def test_the_linear_start_recovers_known_weights_within_bounds(model):
     mesh = model.landmark_ids < 468
     points = np.einsum("tij,tmj->tmi", rot.as_matrix(), local[:, mesh]) + np.array([0.0, 0.0, -0.5])
     w = np.where(np.isin(model.landmark_ids[mesh], RIGID), 1.0, 0.1)
-    fitted, r, t, b, e = _linear_start(model, points, w, np.ones(n), FitConfig(shape_adaptation=0.0))
+    fitted, r, t, b, e, net_expr = _linear_start(model, points, w, np.ones(n), FitConfig(shape_adaptation=0.0))
+    assert net_expr is None
     assert e.min() >= 0.0 and e.max() <= 1.0
     err = np.abs(e - true)
     # measured 0.12 at most (mouthPucker against mouthFunnel), 0.01 on average
@@ -254,14 +255,14 @@ def test_reconstruct_with_the_ict_model_writes_a_whole_head_whose_curves_are_its
     assert err.max() < 5e-4, err.max()
 
 
-def test_the_fit_turns_the_eyes_to_the_irises(model):
+@pytest.fixture(scope="module")
+def gaze_clip(model):
     """Tracking made from the model itself, posed with a known gaze that sweeps left, right,
-    up and down: the fit's eye rotations follow it (to 2 degrees), the weights stay within
-    their bounds, and the landmarks are reproduced."""
+    up and down, the jaw moving and the head turning; and its fit."""
     from scipy.spatial.transform import Rotation
 
     from avface.core.geometry import intrinsics_for
-    from avface.stages.fit import FitConfig, fit_metrics, fit_model
+    from avface.stages.fit import FitConfig, fit_model
     from test_fit import FOV, H, W, synthetic_tracking
 
     n = 30
@@ -285,10 +286,55 @@ def test_the_fit_turns_the_eyes_to_the_irises(model):
         world[:, i:i + 5] = lmk[:, [ids.index(i)]]
     k = intrinsics_for(W, H, FOV)
     tr = synthetic_tracking(world, k)
-    fit = fit_model(model, tr, FitConfig(fov_deg=FOV, iterations=60))
+    return gaze, tr, fit_model(model, tr, FitConfig(fov_deg=FOV, iterations=60))
+
+
+def test_the_fit_turns_the_eyes_to_the_irises(gaze_clip):
+    """The fit's eye rotations follow the gaze (to 2 degrees), the weights stay within their
+    bounds, and the landmarks are reproduced."""
+    from avface.stages.fit import fit_metrics
+
+    gaze, tr, fit = gaze_clip
     got = np.stack([fit.params.leye_pose.numpy()[:, :2], fit.params.reye_pose.numpy()[:, :2]], 1)
     err = np.degrees(np.abs(got - gaze[:, None])).max()
     assert err < 2.0, err
     e = fit.params.expression.numpy()
     assert e.min() >= 0.0 and e.max() <= 1.0
     assert fit_metrics(fit, tr)["nme"] < 0.5
+
+
+def test_the_lips_stage_adds_what_the_shapes_leave_of_the_trackers_lips(gaze_clip):
+    """Tracked lips moved 1.5 px from where the model can put them: on the frames whose mouth
+    is seen, the lip offsets take the mesh's lip landmarks most of the way there; on the others
+    they add nothing."""
+    import dataclasses
+
+    from avface.core.geometry import project
+    from avface.core.topology import LIPS
+    from avface.stages.lips import lip_pca, rest_frame_offsets, tracker_lip_offsets, vertices_with_lips
+
+    _, tr, fit = gaze_clip
+    lips = list(LIPS)
+    moved = tr.landmarks.copy()
+    moved[:, lips, 0] += 1.5 * np.sign(moved[:, lips, 0] - moved[:, lips, 0].mean(1, keepdims=True))  # wider
+    tr = dataclasses.replace(tr, landmarks=moved)
+    seen = np.ones(tr.n_frames)
+    seen[10:20] = 0.0
+    head = tracker_lip_offsets(fit, tr, seen)
+    assert np.abs(head[10:20]).max() == 0.0
+    pca = lip_pca(rest_frame_offsets(fit.model, fit.params, head))
+    model = fit.model
+    ids = list(model.landmark_ids)
+    cols = [ids.index(i) for i in lips]
+    tri = np.asarray(model.faces)[np.asarray(model.landmark_faces)[cols]]
+    bary = np.asarray(model.landmark_bary)[cols]
+
+    def lip_px(vertices):
+        pts = np.einsum("mc,tmcx->tmx", bary, vertices[:, tri].astype(np.float64))
+        return project(pts, fit.intrinsics)
+
+    before = np.linalg.norm(lip_px(vertices_with_lips(fit, None)) - moved[:, lips, :2], axis=-1)
+    after = np.linalg.norm(lip_px(vertices_with_lips(fit, pca)) - moved[:, lips, :2], axis=-1)
+    on = seen > 0
+    assert after[on].mean() < 0.4 * before[on].mean(), (before[on].mean(), after[on].mean())
+    assert abs(after[~on].mean() - before[~on].mean()) < 0.05

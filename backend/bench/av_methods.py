@@ -17,7 +17,10 @@
   by what a hand over the mouth leaves in them (``detail_occluder_ratio``). The maps change
   no vertex, so the stage runs on the variants those figures read (``DETAIL_VARIANTS``: the
   clean clip and the hand); elsewhere the method is ``av_lips``. Its speed is measured on
-  the clean clip, the fine stage included.
+  the clean clip, the fine stage included;
+* ``ict_av_lips`` and ``ict_audio_only``: ``av_lips`` and ``audio_only`` on the ICT head
+  (``reconstruct --model ict``), measured at the surface points under the tracker's 468
+  landmarks (:func:`mesh_landmarks`), as every method is.
 
 Each runs the very functions ``reconstruct`` runs (avface.stages.networks.run), adaptation included.
 
@@ -94,7 +97,7 @@ def stage_config() -> NetworksStageConfig:
     return cfg
 
 
-def _run(inp: MethodInput, *, video: bool, lips: bool, detail: bool = False) -> MethodOutput:
+def _run(inp: MethodInput, *, video: bool, lips: bool, detail: bool = False, model: str = "default") -> MethodOutput:
     ck = checkpoint()
     cfg = stage_config()
     if not video:  # adaptation learns from the clip's trusted mouths, and there are none
@@ -104,13 +107,32 @@ def _run(inp: MethodInput, *, video: bool, lips: bool, detail: bool = False) -> 
     fit_cfg = dataclasses.replace(inp.fit_config, use_visual_confidence=True)
     net = run_networks(ck, ClipInputs(inp.tracking, inp.features, conf, fit_cfg.fov_deg), config=cfg, video=video,
                        adapter=gradient_adapter(cfg))
-    fit = fit_default(inp.tracking, fit_cfg, mouth_conf=conf, net_points=net.points)
-    pca = refine_lips(net, fit) if lips else None
-    vertices = vertices_with_lips(fit, pca)
+    if model == "ict":
+        from avface.models.ict import load_ict
+        from avface.stages.fit import fit_model
+
+        fit = fit_model(load_ict(), inp.tracking, fit_cfg, mouth_conf=conf, net_points=net.points)
+    else:
+        fit = fit_default(inp.tracking, fit_cfg, mouth_conf=conf, net_points=net.points)
+    pca = refine_lips(net, fit, tracking=inp.tracking) if lips else None
+    vertices = mesh_landmarks(fit.model, vertices_with_lips(fit, pca))
     figures = None
     if detail and inp.variant in DETAIL_VARIANTS and inp.video is not None:
         figures = _detail_figures(inp, fit, vertices, net)
     return MethodOutput(vertices, fit.intrinsics, fit=fit, filled=fit.filled, detail=figures)
+
+
+def mesh_landmarks(model, vertices: np.ndarray) -> np.ndarray:
+    """(T, 468, 3) the points under MediaPipe's 468 face-mesh landmarks of a model's vertices
+    (T, V, 3), which the benchmark measures: the vertices themselves for the default model
+    (vertex i is landmark i), the embedded surface points for another (the ICT head)."""
+    if vertices.shape[1] == 468 and model.name == "mediapipe_canonical":
+        return vertices
+    ids = np.asarray(model.landmark_ids)
+    order = np.array([int(np.flatnonzero(ids == i)[0]) for i in range(468)])
+    tri = np.asarray(model.faces)[np.asarray(model.landmark_faces)[order]]  # (468, 3)
+    bary = np.asarray(model.landmark_bary, np.float64)[order]
+    return np.einsum("mc,tmcx->tmx", bary, vertices[:, tri].astype(np.float64)).astype(np.float32)
 
 
 DETAIL_VARIANTS = ("clean", "hand")
@@ -173,3 +195,15 @@ def av_lips_method(inp: MethodInput) -> MethodOutput:
                  "(what reconstruct --detail does)", stages=STAGES, unavailable=_without_checkpoint)
 def av_full_method(inp: MethodInput) -> MethodOutput:
     return _run(inp, video=True, lips=True, detail=True)
+
+
+@register_method("ict_audio_only", description="audio_only on the ICT head (--model ict)",
+                 stages=STAGES, unavailable=_without_checkpoint, reference="coarse_video")
+def ict_audio_only_method(inp: MethodInput) -> MethodOutput:
+    return _run(inp, video=False, lips=True, model="ict")
+
+
+@register_method("ict_av_lips", description="av_lips on the ICT head (reconstruct --model ict, without the detail)",
+                 stages=STAGES, unavailable=_without_checkpoint)
+def ict_av_lips_method(inp: MethodInput) -> MethodOutput:
+    return _run(inp, video=True, lips=True, model="ict")

@@ -623,8 +623,12 @@ def fit_model(
     conf = _mouth_confidence(mouth_conf, det, config)
     betas = expr = None
     if getattr(model, "expression_bounds", None) is not None:
-        model, r, t, betas, expr_det = _linear_start(model, pts[det][:, ids], w, conf[det], config)
+        net = None if net_points is None or config.w_networks <= 0 else np.asarray(net_points, np.float64)
+        model, r, t, betas, expr_det, net_expr = _linear_start(model, pts[det][:, ids], w, conf[det], config, net, det)
         expr = _spread(expr_det, det, mouth_visible(conf))
+        if net_expr is not None:  # where the mouth is not seen: the networks' lower face
+            given = ~mouth_visible(conf) & np.isfinite(net).all(axis=(1, 2))
+            expr[given] = net_expr[given]
     else:
         r, t = rigid(rest, pts[det][:, ids], w)
     rot = np.zeros((n_all, 3))
@@ -715,7 +719,8 @@ def _rest_shape(aligned: np.ndarray, ids: np.ndarray, seen: np.ndarray) -> np.nd
     return rest
 
 
-def _linear_start(model: FaceModel, points: np.ndarray, rigid_w: np.ndarray, conf: np.ndarray, config: FitConfig):
+def _linear_start(model: FaceModel, points: np.ndarray, rigid_w: np.ndarray, conf: np.ndarray, config: FitConfig,
+                  net_points: np.ndarray | None = None, det: np.ndarray | None = None):
     """Where the refinement of a model with bounded expression weights starts, all linear
     least squares on the back-projected landmarks ``points`` (Td, M, 3) metres:
 
@@ -725,8 +730,13 @@ def _linear_start(model: FaceModel, points: np.ndarray, rigid_w: np.ndarray, con
     3. each frame's expression weights within their bounds, sparse (L1), a frame's lower face
        counting only when its mouth is seen.
 
+    5. with the networks' lower-face points ``net_points`` (T, 97, 3) of every frame (``det``
+       (T,) says which frames ``points`` holds), the weights of every frame that give the
+       clip's median face with the networks' lower face (as :func:`_network_start` does for
+       the default model), for the frames whose mouth is not seen.
+
     Returns (the model, corrected; rotations (Td, 3, 3), translations (Td, 3), betas (S,),
-    expression (Td, E))."""
+    expression (Td, E), the networks' expression (T, E) or None)."""
     from avface.models.canonical_mesh import lower_face_ids
 
     ids = np.asarray(model.landmark_ids)
@@ -793,7 +803,37 @@ def _linear_start(model: FaceModel, points: np.ndarray, rigid_w: np.ndarray, con
             _, _, b_ex = _landmark_bases(model, mesh)
             a_ex = (b_ex * axis_w).reshape(len(b_ex), -1).T
             expr[seen] = _box_least_squares(a_ex, resid[seen], lo, hi, START_RIDGE_EXPRESSION, l1)
-    return model, r, t, betas, expr
+    net_expr = None
+    if net_points is not None:
+        face = _networks_face(aligned, ids, net_points, seen, np.ones(len(points), bool) if det is None else det)
+        net_expr = _box_least_squares(a_ex, ((face - shaped) * axis_w).reshape(len(face), -1), lo, hi,
+                                      START_RIDGE_EXPRESSION, l1 * (1.0 + config.l1_unseen_boost))
+    return model, r, t, betas, expr, net_expr
+
+
+def _networks_face(aligned: np.ndarray, ids: np.ndarray, net_points: np.ndarray, seen: np.ndarray,
+                   det: np.ndarray) -> np.ndarray:
+    """(T, M, 3) the clip's median face on every frame, its lower face the networks' points
+    (T, 97, 3) mapped into the model's frame: the similarity that takes their median over the
+    seen frames onto the aligned landmarks' (Td, M, 3; ``det`` (T,) says which frames), and
+    their motion about it added to the latter. What the tracker saw of a frame whose mouth is
+    hidden is not to be trusted above the mouth either (a hand drags the whole mesh)."""
+    from avface.core.geometry import similarity
+    from avface.models.avnets import LOWER_FACE_LANDMARKS
+
+    pos = {int(i): k for k, i in enumerate(ids)}
+    lower = [pos[i] for i in LOWER_FACE_LANDMARKS if i in pos]
+    cols = [k for k, i in enumerate(LOWER_FACE_LANDMARKS) if i in pos]
+    pts = np.nan_to_num(np.asarray(net_points, np.float64)[:, cols])
+    trusted = seen & np.isfinite(net_points[det]).all(axis=(1, 2))
+    if not trusted.any():
+        trusted = np.ones(len(aligned), bool)
+    src = np.median(pts[det][trusted], axis=0)
+    dst = np.median(aligned[trusted][:, lower], axis=0)
+    s, r, _ = similarity(src, dst)
+    face = np.repeat(np.median(aligned[trusted], axis=0)[None], len(pts), axis=0)
+    face[:, lower] = dst + s * (pts - src) @ r.T
+    return face
 
 
 def fit_metrics(fit: CoarseFit, tracking: Tracking) -> dict[str, float]:

@@ -99,11 +99,58 @@ def posed_displacement(model, params, rest_offsets: np.ndarray) -> np.ndarray:
     return np.einsum("tab,tlbc,tlc->tla", head, b, np.asarray(rest_offsets, np.float64))
 
 
-def refine_lips(net: NetworkRun, fit, *, device: str = "cpu") -> LipPCA:
+#: Spread of a lip landmark's residual over the lip vertices around it (metres).
+RESIDUAL_SIGMA_M = 0.003
+
+
+def tracker_lip_offsets(fit, tracking, seen: np.ndarray) -> np.ndarray:
+    """(T, L, 3) head-frame offsets of the lip vertices that take the fitted lip landmarks onto
+    the tracker's in the image, times ``seen`` (T,) (how much each frame's mouth is seen), for
+    a model whose fixed shapes cannot take every lip shape the tracker sees (the ICT head:
+    ``FaceModel.lip_residual``). Each landmark's target keeps its fitted depth; its residual
+    spreads over the lip vertices near it (Gaussian weights, normalised)."""
+    import torch
+
+    from avface.core.geometry import WORLD_TO_CAMERA
+    from avface.core.topology import LIPS
+    from scipy.spatial.transform import Rotation
+
+    m, p, k = fit.model, fit.params, fit.intrinsics
+    ids = np.asarray(m.landmark_ids)
+    cols = np.flatnonzero(np.isin(ids, LIPS))
+    with torch.no_grad():
+        lmk = m.forward(p, full=False).landmarks.numpy().astype(np.float64)[:, cols]
+    cam = lmk @ WORLD_TO_CAMERA.T
+    z = cam[..., 2:3]
+    uv = np.nan_to_num(tracking.landmarks[:, ids[cols], :2].astype(np.float64))
+    target = np.concatenate([(uv - k[:2, 2]) / np.array([k[0, 0], k[1, 1]]) * z, z], -1)
+    world = (target - cam) @ WORLD_TO_CAMERA  # camera -> world (its own inverse)
+    head = np.einsum("tji,tmj->tmi", Rotation.from_rotvec(p.global_orient.numpy().astype(np.float64)).as_matrix(), world)
+    head *= (np.clip(seen, 0.0, 1.0) * np.asarray(tracking.detected, bool))[:, None, None]
+    betas = p.betas[:1] if p.betas.shape[1] else None
+    with torch.no_grad():
+        rest_lmk = m.forward(m.zero_params(1) if betas is None else _with_betas(m, betas), full=False).landmarks[0].numpy()[cols]
+    verts = m.neutral_vertices(betas)[np.asarray(m.lip_vertex_ids)]
+    d2 = ((verts[:, None] - rest_lmk[None]) ** 2).sum(-1)
+    w = np.exp(-0.5 * d2 / RESIDUAL_SIGMA_M ** 2)
+    w = w / np.maximum(w.sum(1, keepdims=True), 1e-12) * np.clip(w.sum(1, keepdims=True), 0.0, 1.0)
+    return np.einsum("lm,tmc->tlc", w, head)
+
+
+def _with_betas(model, betas):
+    from avface.models.base import FaceParams
+
+    z = model.zero_params(1)
+    return FaceParams(betas, z.expression, z.global_orient, z.neck_pose, z.jaw_pose, z.leye_pose, z.reye_pose, z.transl)
+
+
+def refine_lips(net: NetworkRun, fit, *, device: str = "cpu", tracking=None) -> LipPCA:
     """The SIREN's offsets for the fitted model's lip vertices, weighted by how little the
     mouth is seen (1 - its confidence) and by the gain the clip's adaptation chose, moved
     from the head frame to the rest frame (before skinning, as the result contract wants),
-    as a PCA."""
+    as a PCA. With ``tracking``, a model whose shapes cannot take every lip shape the tracker
+    sees (``lip_residual``) adds, as much as the mouth is seen, what its fit leaves of the
+    tracker's lips (:func:`tracker_lip_offsets`)."""
     from avface.stages.networks.predict import predict_lips
 
     m, p = fit.model, fit.params
@@ -116,7 +163,10 @@ def refine_lips(net: NetworkRun, fit, *, device: str = "cpu") -> LipPCA:
     unseen = 1.0 - np.clip(net.evidence.expression["region_conf"][:, 0].numpy(), 0.0, 1.0)
     # and as much as they helped on the trusted frames the adaptation hid (all without it)
     gain = net.meta["readout"]["lip_gain"] if net.meta.get("readout") else 1.0
-    pca = lip_pca(rest_frame_offsets(m, p, head * (gain * unseen)[:, None, None]))
+    head = head * (gain * unseen)[:, None, None]
+    if tracking is not None and getattr(m, "lip_residual", False):
+        head = head + tracker_lip_offsets(fit, tracking, 1.0 - unseen)
+    pca = lip_pca(rest_frame_offsets(m, p, head))
     log.info("lips: %d components, PCA residual %.2e m", pca.basis.shape[0], pca.residual_m)
     return pca
 
