@@ -728,8 +728,10 @@ def _linear_start(model: FaceModel, points: np.ndarray, rigid_w: np.ndarray, con
     2. the clip's identity: the modes that best give that shape, and, where the model can take
        one (``with_landmark_offsets``), a smooth correction for what the modes leave;
     3. each frame's expression weights within their bounds, sparse (L1), a frame's lower face
-       counting only when its mouth is seen.
-
+       counting only when its mouth is seen;
+    4. where the model can take them (``with_shape_offsets``) and FitConfig.shape_adaptation
+       is on, the clip's own version of the shapes (:func:`_clip_shape_offsets`), and step 3
+       again;
     5. with the networks' lower-face points ``net_points`` (T, 97, 3) of every frame (``det``
        (T,) says which frames ``points`` holds), the weights of every frame that give the
        clip's median face with the networks' lower face (as :func:`_network_start` does for
@@ -748,13 +750,7 @@ def _linear_start(model: FaceModel, points: np.ndarray, rigid_w: np.ndarray, con
     lo, hi = model.expression_bounds
     betas = np.zeros(b_id.shape[0])
     expr = np.zeros((n, b_ex.shape[0]))
-    # lips count double, as in the refinement
-    lmk_w = np.where(np.isin(ids, LIPS), config.start_lip_weight, 1.0)
-    axis_w = np.sqrt(lmk_w[:, None] * np.array([1.0, 1.0, START_DEPTH_WEIGHT]))
-    l1 = np.full(b_ex.shape[0], config.start_l1)
-    jawless = getattr(model, "jawless_mouth_shapes", None)
-    if jawless is not None:  # the jaw's shapes open the mouth unless the landmarks say otherwise
-        l1[np.asarray(jawless, bool)] *= config.jawless_l1_scale
+    axis_w, l1 = _start_weights(model, ids, config)
     rows = np.repeat(~np.isin(ids, lower_face_ids()), 3)
     shaped = base
     for _ in range(START_ROUNDS):
@@ -785,20 +781,9 @@ def _linear_start(model: FaceModel, points: np.ndarray, rigid_w: np.ndarray, con
     lam = config.shape_adaptation
     if lam > 0 and hasattr(model, "with_shape_offsets") and seen.sum() >= MIN_ADAPT_FRAMES:
         for _ in range(2):
-            # the clip's own shapes: per landmark coordinate, min |W d - r|^2 + lam n |d|^2 (W the
-            # seen frames' weights (n, E), r what the generic shapes leave), then the weights again
             e_s = expr[seen]
             r_s = (aligned[seen] - shaped).reshape(int(seen.sum()), -1) - e_s @ b_ex.reshape(len(b_ex), -1)
-            d = np.linalg.solve(e_s.T @ e_s + lam * len(e_s) * np.eye(e_s.shape[1]), e_s.T @ r_s)
-            jaw = getattr(model, "jaw_shapes", None)
-            if jaw is not None:
-                # the chin is the jaw's: only the jaw's shapes learn how this chin moves
-                jaw = np.asarray(jaw, bool)
-                cols = np.repeat(np.isin(ids, CHIN), 3)
-                dj = np.linalg.solve(e_s[:, jaw].T @ e_s[:, jaw] + lam * len(e_s) * np.eye(int(jaw.sum())),
-                                     e_s[:, jaw].T @ r_s[:, cols])
-                d[:, cols] = 0.0
-                d[np.ix_(jaw, cols)] = dj
+            d = _clip_shape_offsets(e_s, r_s, lam, getattr(model, "jaw_shapes", None), np.repeat(np.isin(ids, CHIN), 3))
             model = model.with_shape_offsets(d.reshape(b_ex.shape))
             _, _, b_ex = _landmark_bases(model, mesh)
             a_ex = (b_ex * axis_w).reshape(len(b_ex), -1).T
@@ -809,6 +794,35 @@ def _linear_start(model: FaceModel, points: np.ndarray, rigid_w: np.ndarray, con
         net_expr = _box_least_squares(a_ex, ((face - shaped) * axis_w).reshape(len(face), -1), lo, hi,
                                       START_RIDGE_EXPRESSION, l1 * (1.0 + config.l1_unseen_boost))
     return model, r, t, betas, expr, net_expr
+
+
+def _start_weights(model: FaceModel, ids: np.ndarray, config: FitConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(each landmark coordinate's square-root weight (M, 3), each shape's L1 weight (E,)) in
+    the start: lips count double, as in the refinement, depth less; the jaw's shapes open the
+    mouth unless the landmarks say otherwise (``jawless_mouth_shapes`` cost more)."""
+    lmk_w = np.where(np.isin(ids, LIPS), config.start_lip_weight, 1.0)
+    axis_w = np.sqrt(lmk_w[:, None] * np.array([1.0, 1.0, START_DEPTH_WEIGHT]))
+    l1 = np.full(model.n_expression, config.start_l1)
+    jawless = getattr(model, "jawless_mouth_shapes", None)
+    if jawless is not None:
+        l1[np.asarray(jawless, bool)] *= config.jawless_l1_scale
+    return axis_w, l1
+
+
+def _clip_shape_offsets(weights: np.ndarray, resid: np.ndarray, lam: float, jaw: np.ndarray | None,
+                        chin_cols: np.ndarray) -> np.ndarray:
+    """(E, M*3) the clip's own shapes' landmark offsets: per landmark coordinate, the ridge
+    regression min |W d - r|^2 + lam n |d|^2 of what the generic shapes leave (``resid`` (n,
+    M*3)) on the seen frames' weights W (n, E). The chin is the jaw's: on ``chin_cols`` only
+    the ``jaw`` shapes ((E,) bool, or None for all) learn how this chin moves."""
+    n = len(weights)
+    d = np.linalg.solve(weights.T @ weights + lam * n * np.eye(weights.shape[1]), weights.T @ resid)
+    if jaw is not None:
+        jaw = np.asarray(jaw, bool)
+        wj = weights[:, jaw]
+        d[:, chin_cols] = 0.0
+        d[np.ix_(jaw, chin_cols)] = np.linalg.solve(wj.T @ wj + lam * n * np.eye(int(jaw.sum())), wj.T @ resid[:, chin_cols])
+    return d
 
 
 def _networks_face(aligned: np.ndarray, ids: np.ndarray, net_points: np.ndarray, seen: np.ndarray,

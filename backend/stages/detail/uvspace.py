@@ -180,9 +180,24 @@ def rasterise_uv(uv: np.ndarray, uv_faces: np.ndarray, size: int, only: np.ndarr
                         - (tri[:, 2, 0] - tri[:, 0, 0]) * (tri[:, 1, 1] - tri[:, 0, 1]))
     # A loop over the few sliver triangles (none at 512^2 on the canonical layout), not texels.
     empty = np.nonzero((count == 0) & (twice_area > 0) & (True if only is None else np.asarray(only, bool)))[0]
+    _give_slivers_a_texel(empty, tri, size, face_of, bary_of, count)
+    if len(empty):
+        log.debug("UV raster %d^2: %d triangles smaller than a texel took the texel nearest their centroid",
+                  size, len(empty))
+    flat = np.nonzero(face_of >= 0)[0]
+    return UVRaster(size, flat, face_of[flat], bary_of[flat].astype(np.float32), n_faces)
+
+
+# --------------------------------------------------------------------------- per-texel values
+
+
+
+def _give_slivers_a_texel(empty: np.ndarray, tri: np.ndarray, size: int, face_of: np.ndarray, bary_of: np.ndarray,
+                          count: np.ndarray) -> None:
+    """Give each triangle of ``empty`` (too small to hold a texel centre) the texel nearest its
+    centroid among those around it whose owner keeps another texel (or that nobody owns);
+    updates ``face_of``, ``bary_of`` and ``count`` in place."""
     for f in empty:
-        # the texel nearest the centroid among those around the triangle whose owner keeps
-        # another texel (or that nobody owns)
         c = tri[f].mean(0)
         lo_f = np.clip(np.floor(tri[f].min(0)).astype(np.int64) - 1, 0, size - 1)
         hi_f = np.clip(np.floor(tri[f].max(0)).astype(np.int64) + 1, 0, size - 1)
@@ -198,15 +213,6 @@ def rasterise_uv(uv: np.ndarray, uv_faces: np.ndarray, size: int, only: np.ndarr
             count[face_of[cell]] -= 1
         face_of[cell], bary_of[cell] = f, 1.0 / 3.0
         count[f] = 1
-    if len(empty):
-        log.debug("UV raster %d^2: %d triangles smaller than a texel took the texel nearest their centroid",
-                  size, len(empty))
-    flat = np.nonzero(face_of >= 0)[0]
-    return UVRaster(size, flat, face_of[flat], bary_of[flat].astype(np.float32), n_faces)
-
-
-# --------------------------------------------------------------------------- per-texel values
-
 
 def _to_tensor(a, like: torch.Tensor | None = None, dtype=None) -> torch.Tensor:
     device = like.device if like is not None else None
