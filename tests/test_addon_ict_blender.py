@@ -166,7 +166,9 @@ def test_arkit_named_keys_on_the_template_with_the_identity(ict_run, ict_results
     a = ict_results["arrays"]
     names = [str(n) for n in a["expression_names"]]
     assert len(names) == 53 and "eyeBlinkLeft" in names and "browInnerUpLeft" in names and "cheekPuffRight" in names
-    assert ict_run["keys"] == ["Basis", "identity", *names]
+    # then the lip offsets' keys (the lips stage adds what the shapes leave of the tracker's lips)
+    lips = [f"lip_{k:02d}" for k in range(a["lip_basis"].shape[0])]
+    assert ict_run["keys"] == ["Basis", "identity", *names, *lips]
     assert ict_run["identity"] == {"value": 1.0, "animated": False}
     assert ict_run["basis_is_template"] == 0.0
     for t, err in zip(FRAMES, ict_run["key_error"]):
@@ -231,7 +233,8 @@ def test_fbx_round_trip_keeps_arkit_morph_targets_and_the_rig(ict_run, ict_resul
     names = [str(n) for n in a["expression_names"]]
     fbx = ict_run["fbx"]
     assert fbx["n_vertices"] == N_VERTICES
-    assert fbx["keys"][1:] == ["identity", *names], fbx["keys"]
+    lips = [f"lip_{k:02d}" for k in range(a["lip_basis"].shape[0])]
+    assert fbx["keys"][1:] == ["identity", *names, *lips], fbx["keys"]
     assert fbx["identity_values"] == pytest.approx([1.0] * len(FRAMES), abs=KEY_TOLERANCE)
     for t, err in zip(FRAMES, fbx["key_error"]):
         assert err < KEY_TOLERANCE, f"frame {t}: an FBX morph target is {err:.3g} off the result's weight"
