@@ -57,11 +57,16 @@ def umeyama(src: np.ndarray, dst: np.ndarray, w: np.ndarray | None, with_scale: 
     dst = np.asarray(dst, np.float64)
     w = np.ones(src.shape[-2]) if w is None else np.asarray(w, np.float64)
     w = w / w.sum()
-    mu_s = np.einsum("n,...nk->...k", w, src)  # (3,) or (..., 3)
     mu_d = np.einsum("n,...nk->...k", w, dst)  # (..., 3)
-    a = src - mu_s[..., None, :]
     b = dst - mu_d[..., None, :]
-    cov = np.einsum("n,...ni,...nj->...ij", w, b, a)  # (..., 3, 3)
+    if src.ndim == 2:  # one source shape (kept as it was written: the fits' figures to the bit)
+        mu_s = w @ src  # (3,)
+        a = src - mu_s
+        cov = np.einsum("n,...ni,nj->...ij", w, b, a)  # (..., 3, 3)
+    else:  # a source shape per batch entry
+        mu_s = np.einsum("n,...nk->...k", w, src)  # (..., 3)
+        a = src - mu_s[..., None, :]
+        cov = np.einsum("n,...ni,...nj->...ij", w, b, a)
     u, sig, vt = np.linalg.svd(cov)
     d = np.sign(np.linalg.det(u @ vt))
     u = u.copy()
@@ -70,7 +75,10 @@ def umeyama(src: np.ndarray, dst: np.ndarray, w: np.ndarray | None, with_scale: 
     sig[..., 2] *= d
     r = u @ vt
     scale = sig.sum(-1) / (w * (a ** 2).sum(-1)).sum(-1) if with_scale else np.ones(d.shape)
-    t = mu_d - scale[..., None] * np.einsum("...ij,...j->...i", r, mu_s)
+    if src.ndim == 2:
+        t = mu_d - scale[..., None] * np.einsum("...ij,j->...i", r, mu_s)
+    else:
+        t = mu_d - scale[..., None] * np.einsum("...ij,...j->...i", r, mu_s)
     return scale, r, t
 
 
